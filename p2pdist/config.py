@@ -1,0 +1,239 @@
+"""Typed, frozen configuration for every service, loaded from YAML and overridden by flags.
+
+One dataclass per service. Each field carries its flag name and parser in its metadata, so
+the YAML keys, the command-line flags and the defaults come from one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from p2pdist.errors import P2PError
+
+
+class ConfigError(P2PError):
+    """The configuration file or a flag is invalid."""
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20, "gi": 1 << 30, "gib": 1 << 30,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: object) -> int:
+    """`8MiB`, `500KiB`, `1G`, `1048576` → bytes. Rates use the same syntax (bytes per second)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"size must not be negative: {value}")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower().endswith("/s"):
+            text = text[:-2]
+        m = _SIZE.fullmatch(text)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"invalid size {value!r}: want a number with an optional unit like 8MiB or 500KiB")
+
+
+def parse_rate(value: object) -> int | None:
+    """A rate in bytes per second; 0, `none` or `unlimited` mean no cap."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "unlimited", "")):
+        return None
+    rate = parse_size(value)
+    return rate or None
+
+
+def parse_hostport(value: object) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"invalid address {value!r}: want HOST:PORT")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"invalid address {value!r}: want HOST:PORT")
+    return host, int(port)
+
+
+def parse_url(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ConfigError(f"invalid URL {value!r}: want http://HOST:PORT")
+    return value.rstrip("/")
+
+
+def _opt_url(value: object) -> str | None:
+    return None if value in (None, "") else parse_url(value)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"expected a string, got {value!r}")
+    return value
+
+
+def _float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"expected a number, got {value!r}")
+    try:
+        result = float(value)
+    except ValueError:
+        raise ConfigError(f"expected a number, got {value!r}") from None
+    if result < 0:
+        raise ConfigError(f"expected a non-negative number, got {value!r}")
+    return result
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"expected an integer, got {value!r}")
+    try:
+        result = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise ConfigError(f"expected an integer, got {value!r}") from None
+    if result < 0:
+        raise ConfigError(f"expected a non-negative integer, got {value!r}")
+    return result
+
+
+def _strs(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _hostport_str(value: object) -> str:
+    parse_hostport(value)
+    return str(value)
+
+
+def opt(default: Any, parse: Callable[[object], Any], help: str, *, flag: str | None = None,
+        repeat: bool = False) -> Any:
+    """A config field: default, parser for YAML and flag values, help text, flag name."""
+    meta = {"parse": parse, "help": help, "flag": flag, "repeat": repeat}
+    if isinstance(default, list | dict):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    listen: str = opt("127.0.0.1:8002", _hostport_str, "address of the scheduler API", flag="--listen")
+    candidate_parents: int = opt(4, _int, "parents offered to a peer per answer")
+    parent_sample: int = opt(40, _int, "peers of a task sampled when choosing parents")
+    peer_ttl_s: float = opt(60.0, _float, "forget a peer not heard from for this long")
+    bad_parent_ttl_s: float = opt(30.0, _float, "avoid a parent reported bad for this long")
+    seed_retry_s: float = opt(5.0, _float, "ask another seed when one has shown no progress for this long")
+    log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
+
+
+@dataclass(frozen=True)
+class SeedConfig:
+    listen: str = opt("127.0.0.1:4010", _hostport_str, "address of the piece server", flag="--listen")
+    scheduler: str = opt("http://127.0.0.1:8002", parse_url, "scheduler URL", flag="--scheduler")
+    data_dir: str = opt("/var/lib/p2pdist/seed", _str, "where pieces are stored", flag="--data-dir")
+    advertise: str | None = opt(None, _opt_url, "URL other peers use for this piece server", flag="--advertise")
+    upload_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s served to peers", flag="--upload-rate")
+    origin_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from origins", flag="--origin-rate")
+    upload_slots: int = opt(32, _int, "concurrent piece uploads before answering busy")
+    origin_timeout_s: float = opt(30.0, _float, "give up on an origin that sends nothing for this long")
+    announce_interval_s: float = opt(3.0, _float, "how often to tell the scheduler this seed is alive")
+    insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
+    log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    listen: str = opt("127.0.0.1:4000", _hostport_str, "address of the piece server", flag="--listen")
+    proxy_listen: str = opt("127.0.0.1:4001", _hostport_str, "address local clients pull from", flag="--proxy-listen")
+    scheduler: str = opt("http://127.0.0.1:8002", parse_url, "scheduler URL", flag="--scheduler")
+    data_dir: str = opt("/var/lib/p2pdist/peer", _str, "where pieces are stored", flag="--data-dir")
+    advertise: str | None = opt(None, _opt_url, "URL other peers use for this piece server", flag="--advertise")
+    upload_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s served to peers", flag="--upload-rate")
+    download_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from peers and origin", flag="--download-rate")
+    upload_slots: int = opt(16, _int, "concurrent piece uploads before answering busy")
+    concurrent_pieces: int = opt(8, _int, "pieces in flight per task")
+    per_parent_pieces: int = opt(3, _int, "pieces in flight per parent")
+    piece_timeout_s: float = opt(4.0, _float, "base time allowed for one piece")
+    piece_timeout_per_mib_s: float = opt(2.0, _float, "extra time allowed per MiB of piece")
+    schedule_rounds: int = opt(4, _int, "failed scheduling rounds before going back to source")
+    scheduler_timeout_s: float = opt(3.0, _float, "time allowed for one scheduler call")
+    wait_for_seed_s: float = opt(60.0, _float, "time to wait for the first piece before going back to source")
+    insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
+    registry_mirror: str | None = opt(None, _opt_url, "upstream for requests without ?ns= (docker registry-mirrors)", flag="--registry-mirror")
+    log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
+
+
+C = TypeVar("C")
+
+
+def from_mapping(cls: type[C], data: Mapping[str, object], *, source: str = "config") -> C:
+    """Build a config from a mapping, parsing each value; unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(fields)}")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        try:
+            values[key] = fields[key].metadata["parse"](value)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
+    return cls(**values)
+
+
+def load(cls: type[C], path: str | Path | None, overrides: Mapping[str, object] = {}) -> C:
+    """Read YAML (if given) with yaml.safe_load, then apply flag overrides on top."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(cls, data, source=str(path) if path is not None else "flags")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """One flag per field; flags are left as strings (None when absent) and parsed by load()."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config file; flags override it")
+    for f in dataclasses.fields(cls):
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not None else "none"
+        if isinstance(default, tuple):
+            default = ", ".join(default) or "none"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"{f.metadata['help']} (default: {default})"}
+        if f.metadata["repeat"]:
+            kwargs["action"] = "append"
+        parser.add_argument(flag, **kwargs)
+
+
+def flag_overrides(args: argparse.Namespace, cls: type[Any]) -> dict[str, object]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def flag_names(cls: type[Any]) -> dict[str, str]:
+    """Field name → flag, for tests and the deploy checks."""
+    return {f.name: f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
