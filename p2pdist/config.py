@@ -62,7 +62,7 @@ def parse_hostport(value: object) -> tuple[str, int]:
         raise ConfigError(f"invalid address {value!r}: want HOST:PORT")
     host, _, port = value.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"invalid address {value!r}: want HOST:PORT")
     return host, int(port)
 
@@ -90,6 +90,8 @@ def _float(value: object) -> float:
         result = float(value)
     except ValueError:
         raise ConfigError(f"expected a number, got {value!r}") from None
+    if result != result or result in (float("inf"), float("-inf")):
+        raise ConfigError(f"expected a finite number, got {value!r}")
     if result < 0:
         raise ConfigError(f"expected a non-negative number, got {value!r}")
     return result
@@ -98,8 +100,10 @@ def _float(value: object) -> float:
 def _int(value: object) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"expected an integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"expected an integer, got {value!r}")
     try:
-        result = int(value)  # type: ignore[call-overload]
+        result: int = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise ConfigError(f"expected an integer, got {value!r}") from None
     if result < 0:
@@ -183,7 +187,7 @@ C = TypeVar("C")
 def from_mapping(cls: type[C], data: Mapping[str, object], *, source: str = "config") -> C:
     """Build a config from a mapping, parsing each value; unknown keys are errors."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(fields)}")
     values: dict[str, Any] = {}

@@ -1,0 +1,27 @@
+"""Prometheus metrics of the data-plane daemons (peers and seeds), one registry per daemon.
+
+Names are `p2pdist_<role>_...` so a dashboard can tell peers from seeds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class DaemonMetrics:
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry()
+        r, p = self.registry, f"p2pdist_{role}"
+        self.download_bytes = Counter(f"{p}_download_bytes", "Blob bytes received", ["source"], registry=r)
+        self.upload_bytes = Counter(f"{p}_upload_bytes", "Piece bytes sent to other peers", registry=r)
+        self.pieces = Counter(f"{p}_pieces", "Pieces fetched, by outcome", ["source", "result"], registry=r)
+        self.pieces_served = Counter(f"{p}_pieces_served", "Piece requests answered", ["status"], registry=r)
+        self.tasks = Counter(f"{p}_tasks", "Tasks finished, by outcome", ["result"], registry=r)
+        self.back_to_source = Counter(f"{p}_back_to_source", "Tasks that went to the origin themselves", ["reason"], registry=r)
+        self.task_seconds = Histogram(f"{p}_task_duration_seconds", "Time to hold a whole blob", registry=r, buckets=_SECONDS)
+        self.piece_seconds = Histogram(f"{p}_piece_duration_seconds", "Time to fetch one piece", ["source"], registry=r, buckets=_SECONDS)
+        self.scheduler_errors = Counter(f"{p}_scheduler_errors", "Failed calls to the scheduler", registry=r)
+        self.uploads_active = Gauge(f"{p}_uploads_active", "Piece uploads in progress", registry=r)
+        self.tasks_active = Gauge(f"{p}_tasks_active", "Tasks downloading now", registry=r)

@@ -1,0 +1,96 @@
+"""The piece server every peer and seed runs: GET /v1/tasks/<digest>/pieces/<n>, with Range.
+
+Serves only pieces already verified and renamed into the store, straight from disk with
+sendfile, and answers 503 when its upload slots are all taken so children try elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+from p2pdist.digest import parse_digest
+from p2pdist.errors import BadRequest, NotFound
+from p2pdist.http import FileBody, Request, Response, text_response
+from p2pdist.metrics import DaemonMetrics
+from p2pdist.store import Store
+
+PIECE_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)/pieces/(?P<number>[^/]+)")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str, length: int) -> tuple[int, int] | None:
+    """A single `bytes=a-b` range → half-open (start, end); None if absent. Bad ranges raise."""
+    if not header:
+        return None
+    m = _RANGE.fullmatch(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        raise BadRequest(f"unsupported Range {header[:60]!r}: want one bytes=START-END range")
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiable(length)
+        return max(0, length - n), length
+    start = int(first)
+    end = length if not last else min(length, int(last) + 1)
+    if start >= length or (last and int(last) < start):
+        raise RangeNotSatisfiable(length)
+    return start, end
+
+
+class RangeNotSatisfiable(BadRequest):
+    status = 416
+
+    def __init__(self, length: int) -> None:
+        super().__init__(f"range not satisfiable: the resource has {length} bytes")
+        self.length = length
+
+
+class PieceServer:
+    def __init__(self, store: Store, metrics: DaemonMetrics, upload_slots: int) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.upload_slots = upload_slots
+        self.active = 0
+
+    def match(self, request: Request) -> bool:
+        return request.path.startswith("/v1/tasks/")
+
+    async def handle(self, request: Request) -> Response:
+        m = PIECE_PATH.fullmatch(request.path)
+        if not m:
+            raise NotFound(f"no such endpoint {request.path[:100]}")
+        if request.method not in ("GET", "HEAD"):
+            return text_response(405, "pieces are read-only: use GET", [("allow", "GET, HEAD")])
+        task_id = parse_digest(m.group("task"))
+        if not m.group("number").isdigit() or len(m.group("number")) > 9:
+            raise BadRequest(f"invalid piece number {m.group('number')[:20]!r}")
+        number = int(m.group("number"))
+        task = self.store.get(task_id)
+        if task is None:
+            self.metrics.pieces_served.labels("404").inc()
+            raise NotFound(f"task {task_id[:19]} not held here")
+        if not 0 <= number < task.layout.count:
+            raise BadRequest(f"piece {number} out of range: {task_id[:19]} has {task.layout.count} pieces")
+        if not task.has(number):
+            self.metrics.pieces_served.labels("404").inc()
+            raise NotFound(f"piece {number} of {task_id[:19]} not held here yet")
+        length = task.layout.length(number)
+        try:
+            span = parse_range(request.headers.get("range", ""), length)
+        except RangeNotSatisfiable as exc:
+            return text_response(416, str(exc), [("content-range", f"bytes */{exc.length}")])
+        if self.active >= self.upload_slots:
+            self.metrics.pieces_served.labels("503").inc()
+            return text_response(503, "all upload slots busy", [("retry-after", "1")])
+        status, start, end = (200, 0, length) if span is None else (206, *span)
+        headers = [("content-type", "application/octet-stream"), ("accept-ranges", "bytes")]
+        if status == 206:
+            headers.append(("content-range", f"bytes {start}-{end - 1}/{length}"))
+        self.metrics.pieces_served.labels(str(status)).inc()
+        body = FileBody(task.path(number), start, end - start)
+        return Response(status, headers, body)
+
+    def wrap(self, inner: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        return inner

@@ -1,0 +1,169 @@
+"""The peer daemon: piece server for other peers, proxy for local clients, and its downloads.
+
+`serve(config)` runs both HTTP servers, the announce loop that keeps the scheduler told what
+this host holds, and one TaskDownload per blob being fetched.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pdist import wire
+from p2pdist.config import PeerConfig, parse_hostport
+from p2pdist.digest import parse_digest
+from p2pdist.errors import NotFound, P2PError, UpstreamError
+from p2pdist.http import Request, Response, serve_http
+from p2pdist.metrics import DaemonMetrics
+from p2pdist.origin import OriginClient
+from p2pdist.piececlient import PieceClient
+from p2pdist.pieceserver import PieceServer
+from p2pdist.ratelimit import maybe_bucket
+from p2pdist.schedclient import SchedulerClient
+from p2pdist.service import health_response, metrics_response
+from p2pdist.store import Store
+from peer.download import TaskDownload
+
+log = logging.getLogger("p2pdist.peer")
+
+ANNOUNCE_INTERVAL_S = 3.0
+
+
+def load_host_id(data_dir: Path, prefix: str) -> str:
+    """A stable id for this host, kept in the data dir so a restart is the same host."""
+    path = data_dir / "host-id"
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = f"{prefix}-{secrets.token_hex(6)}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n")
+    return value
+
+
+class PeerDaemon:
+    kind = "peer"
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        data_dir = Path(config.data_dir)
+        self.store = Store(data_dir)
+        kept = self.store.load()
+        if kept:
+            log.info("reusing %d verified piece(s) from %s", kept, data_dir)
+        self.host_id = load_host_id(data_dir, self.kind)
+        self.metrics = DaemonMetrics(self.kind)
+        self.scheduler: SchedulerClient | None = SchedulerClient(config.scheduler, timeout_s=config.scheduler_timeout_s)
+        self.origin = OriginClient(rate=maybe_bucket(config.download_rate_bps))
+        self.download_bucket = maybe_bucket(config.download_rate_bps)
+        self.upload_bucket = maybe_bucket(config.upload_rate_bps)
+        self.piece_client = PieceClient()
+        self.pieces = PieceServer(self.store, self.metrics, config.upload_slots)
+        self.downloads: dict[str, TaskDownload] = {}
+        self.advertise = config.advertise or ""
+        self._nursery: trio.Nursery | None = None
+        self._avoided: dict[str, float] = {}
+        # The origin's own bucket already caps back-to-source bytes; don't take them twice.
+        self.origin.bucket = None
+
+    def avoid(self, host_id: str) -> None:
+        self._avoided[host_id] = time.monotonic()
+
+    # -- downloads ------------------------------------------------------------------------
+
+    def download(self, task_id: str, url: str, headers: dict[str, str]) -> TaskDownload:
+        """The running or finished download of a task, started if needed."""
+        parse_digest(task_id)
+        current = self.downloads.get(task_id)
+        if current is not None and current.error is None:
+            return current
+        held = self.store.get(task_id)
+        dl = TaskDownload(self, task_id, url, dict(headers))
+        if held is not None and held.complete():
+            dl.store = held
+            dl.verified = True
+            dl.finished.set()
+            self.downloads[task_id] = dl
+            return dl
+        self.downloads[task_id] = dl
+        assert self._nursery is not None, "daemon not started"
+        self._nursery.start_soon(self._run_download, dl)
+        return dl
+
+    async def _run_download(self, dl: TaskDownload) -> None:
+        await dl.run()
+        if dl.error is not None and self.downloads.get(dl.task_id) is dl:
+            # Keep the failure visible to readers already waiting, but let the next request retry.
+            del self.downloads[dl.task_id]
+
+    # -- the scheduler --------------------------------------------------------------------
+
+    def holdings(self) -> list[wire.TaskHolding]:
+        return [wire.TaskHolding(task_id=t.task_id, content_length=t.layout.blob_size, pieces=t.pieces.to_bytes(), url=t.url)
+                for t in self.store.tasks.values() if len(t.pieces)]
+
+    async def announce_loop(self) -> None:
+        assert self.scheduler is not None
+        while True:
+            try:
+                await self.scheduler.call("/v1/hosts", wire.AnnounceHost(
+                    host_id=self.host_id, url=self.advertise, kind=self.kind,
+                    upload_slots=self.config.upload_slots, tasks=self.holdings()), wire.Empty)
+            except (UpstreamError, P2PError) as exc:
+                self.metrics.scheduler_errors.inc()
+                log.debug("announce failed: %s", exc)
+            await trio.sleep(ANNOUNCE_INTERVAL_S)
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    async def handle_peer(self, request: Request) -> Response:
+        if request.path == "/healthz":
+            return health_response()
+        if request.path == "/metrics":
+            return metrics_response(self.metrics.registry)
+        if self.pieces.match(request):
+            return await self.pieces.handle(request)
+        raise NotFound(f"no such endpoint {request.path[:100]}")
+
+    def count_upload(self, n: int) -> None:
+        self.metrics.upload_bytes.inc(n)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self.scheduler is not None:
+                await self.scheduler.aclose()
+            await self.origin.aclose()
+            await self.piece_client.aclose()
+
+
+async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    from peer.proxy import Proxy
+
+    daemon = PeerDaemon(config)
+    proxy = Proxy(daemon)
+    host, port = parse_hostport(config.listen)
+    proxy_host, proxy_port = parse_hostport(config.proxy_listen)
+    try:
+        async with trio.open_nursery() as nursery:
+            daemon._nursery = nursery
+            bound = await nursery.start(lambda task_status: serve_http(
+                daemon.handle_peer, host, port, name="peer", upload_bucket=daemon.upload_bucket,
+                on_bytes_sent=daemon.count_upload, task_status=task_status))
+            if not daemon.advertise:
+                daemon.advertise = f"http://{bound[0]}:{bound[1]}"
+            proxy_bound = await nursery.start(lambda task_status: serve_http(
+                proxy.handle, proxy_host, proxy_port, name="proxy", request_timeout_s=3600.0,
+                task_status=task_status))
+            nursery.start_soon(daemon.announce_loop)
+            log.info("peer %s: pieces on %s, proxy on http://%s:%d", daemon.host_id, daemon.advertise, *proxy_bound)
+            task_status.started((bound, proxy_bound))
+    finally:
+        await daemon.aclose()

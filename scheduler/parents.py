@@ -1,0 +1,84 @@
+"""Parent choice: which peers a child should fetch a task's pieces from.
+
+Pure: takes the task's peers and hosts as plain records and returns host ids, so the
+service, the tests and the 5,000-host simulator all run the same policy.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    host_id: str
+    pieces: int  # pieces it holds
+    useful: int  # pieces it holds that the child lacks
+    complete: bool
+    children: int  # children currently assigned to it across all tasks
+    upload_slots: int
+    is_seed: bool
+
+
+def score(c: Candidate, total_pieces: int) -> float:
+    """Higher is better: pieces the child can use, and free upload slots (load counts most)."""
+    free = max(0.0, 1.0 - c.children / max(1, c.upload_slots))
+    have = c.useful / max(1, total_pieces)
+    # Seeds come last among equals: the origin-facing host is the scarcest upload of all.
+    return 0.6 * free + 0.4 * have - (0.05 if c.is_seed else 0.0)
+
+
+def creates_cycle(child: str, parent: str, parents_of: Mapping[str, Iterable[str]]) -> bool:
+    """True if `child` is already an ancestor of `parent` (so child -> parent would close a loop)."""
+    seen: set[str] = set()
+    stack = [parent]
+    while stack:
+        node = stack.pop()
+        if node == child:
+            return True
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(parents_of.get(node, ()))
+    return False
+
+
+def choose_parents(
+    child: str,
+    candidates: list[Candidate],
+    *,
+    keep: Iterable[str],
+    want: int,
+    total_pieces: int,
+    parents_of: Mapping[str, Iterable[str]],
+    sample: int,
+    rng: random.Random,
+) -> list[str]:
+    """Keep the still-useful current parents, then fill up to `want` with the best-scoring others.
+
+    Never returns the child itself, a complete candidate with nothing the child lacks, or one
+    that would make a cycle (peers still downloading, the seed among them, may be offered). Candidates are sampled first so that a task with thousands of peers
+    costs a bounded amount of work per decision.
+    """
+    by_id = {c.host_id: c for c in candidates}
+    chosen = [h for h in keep if h in by_id and (by_id[h].useful > 0 or not by_id[h].complete)]
+    chosen = chosen[:want]
+    pool = [
+        c for c in candidates
+        if c.host_id != child and c.host_id not in chosen and (c.useful > 0 or not c.complete)
+    ]
+    if len(pool) > sample:
+        # Always consider complete peers and the seed; sample the rest.
+        sure = [c for c in pool if c.complete or c.is_seed]
+        rest = [c for c in pool if not (c.complete or c.is_seed)]
+        pool = sure[:sample] + rng.sample(rest, max(0, min(len(rest), sample - len(sure))))
+    rng.shuffle(pool)  # ties broken at random, not by arrival order
+    pool.sort(key=lambda c: score(c, total_pieces), reverse=True)
+    for c in pool:
+        if len(chosen) >= want:
+            break
+        if not creates_cycle(child, c.host_id, parents_of):
+            chosen.append(c.host_id)
+    return chosen

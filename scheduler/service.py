@@ -1,0 +1,157 @@
+"""The scheduler service: the msgpack HTTP API (/v1/...) around the in-memory state machine.
+
+It never carries blob bytes; it tells peers whom to fetch from and wakes seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import httpx
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from p2pdist import wire
+from p2pdist.config import SchedulerConfig, parse_hostport
+from p2pdist.errors import NotFound
+from p2pdist.http import Request, Response, serve_http, text_response
+from p2pdist.service import health_response, metrics_response
+from scheduler.state import Scheduler, WakeSeed
+
+log = logging.getLogger("p2pdist.scheduler")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("p2pdist_scheduler_requests", "API requests", ["endpoint", "status"], registry=r)
+        self.decisions = Counter("p2pdist_scheduler_schedule_decisions", "Parent choices made", registry=r)
+        self.seeds_woken = Counter("p2pdist_scheduler_seeds_woken", "Times a seed was told to fetch a task", registry=r)
+        self.back_to_source = Counter("p2pdist_scheduler_back_to_source", "Replies telling a peer to go to the origin", registry=r)
+        self.bad_reports = Counter("p2pdist_scheduler_bad_parent_reports", "Parents reported for bad pieces", registry=r)
+        self.latency = Histogram("p2pdist_scheduler_request_duration_seconds", "API request handling time",
+                                 ["endpoint"], registry=r, buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+        self.hosts = Gauge("p2pdist_scheduler_hosts", "Hosts known", ["kind"], registry=r)
+        self.tasks = Gauge("p2pdist_scheduler_tasks", "Tasks known", registry=r)
+        self.peers = Gauge("p2pdist_scheduler_peers", "Peers (host, task pairs) known", registry=r)
+
+
+_ENDPOINTS: dict[str, type[Any]] = {
+    "/v1/hosts": wire.AnnounceHost,
+    "/v1/tasks/register": wire.Register,
+    "/v1/tasks/sync": wire.Sync,
+    "/v1/tasks/seed": wire.SeedProgress,
+    "/v1/tasks/leave": wire.Leave,
+}
+
+
+class SchedulerService:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.state = Scheduler(config)
+        self.metrics = Metrics()
+        self._wake_send: trio.MemorySendChannel[WakeSeed]
+        self._wake_recv: trio.MemoryReceiveChannel[WakeSeed]
+        self._wake_send, self._wake_recv = trio.open_memory_channel(1000)
+        self._counted = (0, 0, 0, 0)
+
+    async def handle(self, request: Request) -> Response:
+        if request.path == "/healthz" and request.method in ("GET", "HEAD"):
+            return health_response()
+        if request.path == "/metrics" and request.method in ("GET", "HEAD"):
+            self._refresh_gauges()
+            return metrics_response(self.metrics.registry)
+        cls = _ENDPOINTS.get(request.path)
+        if cls is None:
+            raise NotFound(f"no such endpoint {request.path[:100]}")
+        if request.method != "POST":
+            return text_response(405, f"{request.path} takes POST", [("allow", "POST")])
+        started = time.perf_counter()
+        status = "ok"
+        try:
+            message = wire.decode(cls, await request.body(limit=wire.MAX_BODY_BYTES))
+            reply = self._dispatch(message)
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            self.metrics.requests.labels(request.path, status).inc()
+            self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
+        self._count()
+        return Response(200, [("content-type", wire.CONTENT_TYPE)], wire.encode(reply))
+
+    def _dispatch(self, message: object) -> object:
+        now = trio.current_time()
+        state = self.state
+        wake: WakeSeed | None = None
+        reply: object = wire.Empty()
+        if isinstance(message, wire.AnnounceHost):
+            state.announce(message, now)
+        elif isinstance(message, wire.Register):
+            reply, wake = state.register(message, now)
+        elif isinstance(message, wire.Sync):
+            reply, wake = state.sync(message, now)
+        elif isinstance(message, wire.SeedProgress):
+            state.seed_progress(message, now)
+        elif isinstance(message, wire.Leave):
+            state.leave(message, now)
+        if wake is not None:
+            try:
+                self._wake_send.send_nowait(wake)
+            except trio.WouldBlock:
+                log.warning("seed wake-up queue full; %s will be retried", wake.trigger.task_id)
+        return reply
+
+    def _count(self) -> None:
+        c = self.state.counters
+        now = (c.decisions, c.seeds_woken, c.back_to_source, c.bad_reports)
+        before = self._counted
+        self.metrics.decisions.inc(now[0] - before[0])
+        self.metrics.seeds_woken.inc(now[1] - before[1])
+        self.metrics.back_to_source.inc(now[2] - before[2])
+        self.metrics.bad_reports.inc(now[3] - before[3])
+        self._counted = now
+
+    def _refresh_gauges(self) -> None:
+        for kind in ("peer", "seed"):
+            self.metrics.hosts.labels(kind).set(sum(1 for h in self.state.hosts.values() if h.kind == kind))
+        self.metrics.tasks.set(len(self.state.tasks))
+        self.metrics.peers.set(sum(len(t.peers) for t in self.state.tasks.values()))
+
+    async def wake_seeds(self) -> None:
+        async with httpx.AsyncClient(timeout=5.0) as client, trio.open_nursery() as nursery:
+            async for wake in self._wake_recv:
+                nursery.start_soon(self._wake_one, client, wake)
+
+    async def _wake_one(self, client: httpx.AsyncClient, wake: WakeSeed) -> None:
+        try:
+            response = await client.post(f"{wake.seed_url}/v1/seed/tasks", content=wire.encode(wake.trigger),
+                                         headers={"content-type": wire.CONTENT_TYPE})
+            if response.status_code >= 300:
+                raise httpx.HTTPError(f"HTTP {response.status_code}: {response.text.strip()[:200]}")
+        except httpx.HTTPError as exc:
+            log.warning("could not wake seed %s for %s: %s", wake.seed_id, wake.trigger.task_id[:19], exc)
+            task = self.state.tasks.get(wake.trigger.task_id)
+            if task is not None and task.seed == wake.seed_id:
+                task.tried_seeds.add(wake.seed_id)
+                task.seed = None
+
+    async def expire_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            self.state.expire(trio.current_time())
+
+
+async def serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    service = SchedulerService(config)
+    host, port = parse_hostport(config.listen)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(lambda task_status: serve_http(
+            service.handle, host, port, name="scheduler", task_status=task_status))
+        nursery.start_soon(service.wake_seeds)
+        nursery.start_soon(service.expire_loop)
+        log.info("scheduler listening on http://%s:%d", *bound)
+        task_status.started(bound)

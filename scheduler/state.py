@@ -1,0 +1,345 @@
+"""The scheduler's state machine: hosts, tasks and the peers of each task, all in memory.
+
+Pure: every method takes `now` and returns what the service must do (a reply, a seed to
+wake), so it can be tested and simulated without sockets or trio.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+from p2pdist.config import SchedulerConfig
+from p2pdist.digest import short
+from p2pdist.pieces import Bitmap, PieceLayout
+from p2pdist.wire import (
+    AnnounceHost,
+    Leave,
+    Parent,
+    Register,
+    SeedProgress,
+    SeedTrigger,
+    Sync,
+    SyncReply,
+)
+from scheduler.parents import Candidate, choose_parents
+
+log = logging.getLogger("p2pdist.scheduler")
+
+
+@dataclass
+class Host:
+    host_id: str
+    url: str
+    kind: str
+    upload_slots: int
+    last_seen: float
+
+
+@dataclass
+class PeerTask:
+    """One host's part in one task."""
+
+    host_id: str
+    pieces: Bitmap | None = None  # None until the blob's size is known
+    parents: list[str] = field(default_factory=list)
+    done: bool = False
+    last_seen: float = 0.0
+
+
+@dataclass
+class Task:
+    task_id: str
+    url: str = ""
+    content_length: int | None = None
+    digests: list[bytes] = field(default_factory=list)  # from seeds only
+    peers: dict[str, PeerTask] = field(default_factory=dict)
+    size_from_seed: bool = False
+    seed: str | None = None  # the seed fetching it now
+    seed_progress_at: float = 0.0
+    tried_seeds: set[str] = field(default_factory=set)
+    failed: str = ""
+    headers: dict[str, str] = field(default_factory=dict)  # kept only until a seed is woken
+
+    @property
+    def layout(self) -> PieceLayout | None:
+        return None if self.content_length is None else PieceLayout.for_blob(self.content_length)
+
+
+@dataclass(frozen=True)
+class WakeSeed:
+    """The service must send `trigger` to the seed at `seed_url`."""
+
+    seed_id: str
+    seed_url: str
+    trigger: SeedTrigger
+
+
+@dataclass
+class Counters:
+    """What the service turns into metrics."""
+
+    decisions: int = 0
+    seeds_woken: int = 0
+    back_to_source: int = 0
+    bad_reports: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.hosts: dict[str, Host] = {}
+        self.tasks: dict[str, Task] = {}
+        self.bad_until: dict[str, float] = {}  # host -> time it is trusted again
+        self.counters = Counters()
+        self.rng = rng or random.Random()
+
+    # -- events ---------------------------------------------------------------------------
+
+    def announce(self, msg: AnnounceHost, now: float) -> None:
+        known = msg.host_id in self.hosts
+        self.hosts[msg.host_id] = Host(msg.host_id, msg.url, msg.kind, max(1, msg.upload_slots), now)
+        if not known:
+            log.info("host %s joined as %s at %s holding %d task(s)", msg.host_id, msg.kind, msg.url, len(msg.tasks))
+        for holding in msg.tasks:
+            task = self.tasks.setdefault(holding.task_id, Task(holding.task_id))
+            if holding.url and not task.url:
+                task.url = holding.url
+            if task.content_length is None:
+                task.content_length = holding.content_length
+            elif task.content_length != holding.content_length:
+                log.warning("host %s announced %s with %d bytes, expected %d; ignored",
+                            msg.host_id, short(task.task_id), holding.content_length, task.content_length)
+                continue
+            layout = task.layout
+            assert layout is not None
+            try:
+                bitmap = Bitmap(layout.count, holding.pieces)
+            except ValueError as exc:
+                log.warning("host %s announced a bad bitmap for %s: %s", msg.host_id, short(task.task_id), exc)
+                continue
+            if msg.kind == "seed" and len(holding.piece_digests) > len(task.digests):
+                if holding.piece_digests[: len(task.digests)] == task.digests:
+                    task.digests = list(holding.piece_digests[: layout.count])
+            peer = task.peers.setdefault(msg.host_id, PeerTask(msg.host_id))
+            peer.pieces = bitmap
+            peer.done = bitmap.complete()
+            peer.last_seen = now
+
+    def register(self, msg: Register, now: float) -> tuple[SyncReply, WakeSeed | None]:
+        self._touch(msg.host_id, now)
+        task = self.tasks.setdefault(msg.task_id, Task(msg.task_id))
+        if not task.url:
+            task.url = msg.url
+        if msg.headers:
+            task.headers = dict(msg.headers)
+        peer = task.peers.setdefault(msg.host_id, PeerTask(msg.host_id))
+        peer.last_seen = now
+        if task.failed and not self._holders(task):
+            task.failed = ""  # a new request deserves a new try
+            task.tried_seeds.clear()
+        self._size_bitmap(task, peer)
+        wake = self._maybe_wake_seed(task, now, requester=msg.host_id)
+        return self._reply(task, peer, have_digests=0, now=now), wake
+
+    def sync(self, msg: Sync, now: float) -> tuple[SyncReply, WakeSeed | None]:
+        self._touch(msg.host_id, now)
+        task = self.tasks.get(msg.task_id)
+        if task is None or msg.host_id not in task.peers:
+            return SyncReply(task_id=msg.task_id, state="unknown", reason="register first"), None
+        peer = task.peers[msg.host_id]
+        peer.last_seen = now
+        if task.content_length is None and msg.content_length is not None:
+            task.content_length = msg.content_length  # learnt by a back-to-source peer
+        self._size_bitmap(task, peer)
+        if peer.pieces is not None:
+            for number in msg.new_pieces:
+                if 0 <= number < peer.pieces.size:
+                    peer.pieces.add(number)
+            peer.done = msg.done or peer.pieces.complete()
+        for bad in msg.bad_parents:
+            self.counters.bad_reports += 1
+            self.bad_until[bad] = now + self.config.bad_parent_ttl_s
+            log.warning("peer %s reported parent %s for bad pieces of %s; avoiding it for %.0fs",
+                        msg.host_id, bad, short(task.task_id), self.config.bad_parent_ttl_s)
+        dropped = set(msg.bad_parents) | set(msg.failed_parents)
+        if dropped:
+            peer.parents = [p for p in peer.parents if p not in dropped]
+        if peer.done:
+            peer.parents = []
+        wake = self._maybe_wake_seed(task, now, requester=msg.host_id)
+        return self._reply(task, peer, have_digests=msg.have_digests, now=now), wake
+
+    def seed_progress(self, msg: SeedProgress, now: float) -> None:
+        self._touch(msg.host_id, now)
+        task = self.tasks.setdefault(msg.task_id, Task(msg.task_id))
+        host = self.hosts.get(msg.host_id)
+        if host is None or host.kind != "seed":
+            log.warning("ignoring seed progress from %s, which is not a known seed", msg.host_id)
+            return
+        if msg.error:
+            log.warning("seed %s failed %s: %s", msg.host_id, short(task.task_id), msg.error)
+            task.tried_seeds.add(msg.host_id)
+            if task.seed == msg.host_id:
+                task.seed = None
+                task.failed = msg.error
+            return
+        if task.content_length != msg.content_length:
+            if task.size_from_seed:
+                log.warning("seed %s says %s is %d bytes, another seed said %d; ignored",
+                            msg.host_id, short(task.task_id), msg.content_length, task.content_length)
+                return
+            # A seed's word on the size beats what peers said before any seed spoke.
+            task.content_length = msg.content_length
+            for other in task.peers.values():
+                other.pieces = None
+        task.size_from_seed = True
+        end = msg.first_digest + len(msg.piece_digests)
+        known = task.digests[msg.first_digest:end]
+        if known != msg.piece_digests[: len(known)]:
+            log.warning("seed %s disagrees with known digests of %s; ignored", msg.host_id, short(task.task_id))
+            return
+        if msg.first_digest <= len(task.digests) < end:
+            task.digests.extend(msg.piece_digests[len(task.digests) - msg.first_digest:])
+        elif msg.first_digest > len(task.digests):
+            end = len(task.digests)  # a gap: only what is known counts
+        peer = task.peers.setdefault(msg.host_id, PeerTask(msg.host_id))
+        peer.last_seen = now
+        self._size_bitmap(task, peer)
+        assert peer.pieces is not None
+        for number in range(min(end, peer.pieces.size)):
+            peer.pieces.add(number)
+        peer.done = msg.done or peer.pieces.complete()
+        task.seed_progress_at = now
+        if peer.done and task.seed == msg.host_id:
+            task.seed = None
+            task.headers = {}
+
+    def leave(self, msg: Leave, now: float) -> None:
+        task = self.tasks.get(msg.task_id)
+        if task is not None:
+            task.peers.pop(msg.host_id, None)
+            for other in task.peers.values():
+                if msg.host_id in other.parents:
+                    other.parents.remove(msg.host_id)
+
+    def expire(self, now: float) -> list[str]:
+        """Forget hosts not heard from within the TTL; return their ids."""
+        gone = [h for h, host in self.hosts.items() if now - host.last_seen > self.config.peer_ttl_s]
+        for host_id in gone:
+            del self.hosts[host_id]
+        for task in self.tasks.values():
+            stale = [h for h, p in task.peers.items()
+                     if h in gone or (h not in self.hosts and now - p.last_seen > self.config.peer_ttl_s)]
+            for host_id in stale:
+                self.leave(Leave(host_id=host_id, task_id=task.task_id), now)
+            if task.seed is not None and task.seed not in self.hosts:
+                task.seed = None
+        for task_id in [t for t, task in self.tasks.items() if not task.peers]:
+            del self.tasks[task_id]
+        for host_id in [h for h, until in self.bad_until.items() if until <= now]:
+            del self.bad_until[host_id]
+        if gone:
+            log.info("forgot %d host(s) not heard from in %.0fs", len(gone), self.config.peer_ttl_s)
+        return gone
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _touch(self, host_id: str, now: float) -> None:
+        host = self.hosts.get(host_id)
+        if host is not None:
+            host.last_seen = now
+
+    def _size_bitmap(self, task: Task, peer: PeerTask) -> None:
+        layout = task.layout
+        if layout is not None and peer.pieces is None:
+            peer.pieces = Bitmap(layout.count)
+
+    def _holders(self, task: Task) -> list[PeerTask]:
+        return [p for p in task.peers.values() if p.pieces is not None and len(p.pieces) > 0 and p.host_id in self.hosts]
+
+    def _maybe_wake_seed(self, task: Task, now: float, *, requester: str) -> WakeSeed | None:
+        if task.failed:
+            return None
+        if any(p.done and p.host_id in self.hosts for p in task.peers.values()):
+            return None
+        if task.seed is not None:
+            seed_alive = task.seed in self.hosts
+            stalled = now - task.seed_progress_at > self.config.seed_retry_s
+            if seed_alive and not stalled:
+                return None
+            log.warning("seed %s for %s %s; trying another", task.seed, short(task.task_id),
+                        "is gone" if not seed_alive else f"made no progress for {self.config.seed_retry_s:.0f}s")
+            task.tried_seeds.add(task.seed)
+            task.seed = None
+        seeds = [h for h in self.hosts.values() if h.kind == "seed" and h.host_id not in task.tried_seeds]
+        if not seeds:
+            return None
+        busy = {t.seed for t in self.tasks.values() if t.seed}
+        seeds.sort(key=lambda h: (h.host_id in busy, self.rng.random()))
+        seed = seeds[0]
+        task.seed = seed.host_id
+        task.seed_progress_at = now
+        self.counters.seeds_woken += 1
+        log.info("waking seed %s for %s (asked by %s)", seed.host_id, short(task.task_id), requester)
+        return WakeSeed(seed.host_id, seed.url, SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers))
+
+    def _reply(self, task: Task, peer: PeerTask, *, have_digests: int, now: float) -> SyncReply:
+        if task.failed and not self._holders(task):
+            self.counters.back_to_source += 1
+            return SyncReply(task_id=task.task_id, state="back_to_source", reason=f"seed failed: {task.failed}")
+        has_seed = task.seed is not None or any(
+            self.hosts[p.host_id].kind == "seed" for p in self._holders(task) if p.host_id in self.hosts)
+        if not has_seed and not self._holders(task):
+            if not any(h.kind == "seed" for h in self.hosts.values()):
+                self.counters.back_to_source += 1
+                return SyncReply(task_id=task.task_id, state="back_to_source", reason="no seed peer available")
+        layout = task.layout
+        if layout is None or peer.pieces is None:
+            return SyncReply(task_id=task.task_id, state="waiting", reason="waiting for the seed to learn the blob's size")
+        if not peer.done:
+            peer.parents = self._choose(task, peer, layout.count, now)
+            self.counters.decisions += 1
+        parents = []
+        for host_id in peer.parents:
+            other = task.peers[host_id]
+            assert other.pieces is not None
+            parents.append(Parent(host_id=host_id, url=self.hosts[host_id].url, pieces=other.pieces.to_bytes()))
+        start = min(have_digests, len(task.digests))
+        return SyncReply(
+            task_id=task.task_id,
+            state="running",
+            content_length=task.content_length,
+            piece_size=layout.piece_size,
+            first_digest=start,
+            piece_digests=task.digests[start:],
+            parents=parents,
+        )
+
+    def _choose(self, task: Task, peer: PeerTask, total: int, now: float) -> list[str]:
+        assert peer.pieces is not None
+        children: dict[str, int] = {}
+        for t in self.tasks.values():
+            for p in t.peers.values():
+                if not p.done:
+                    for parent in p.parents:
+                        children[parent] = children.get(parent, 0) + 1
+        candidates = []
+        for other in task.peers.values():
+            host = self.hosts.get(other.host_id)
+            if host is None or other.pieces is None or other.host_id == peer.host_id:
+                continue
+            if self.bad_until.get(other.host_id, 0.0) > now:
+                continue
+            # Only pieces whose digests are known can be verified, so only those count.
+            held = [n for n in other.pieces if n < len(task.digests)]
+            useful = sum(1 for n in held if n not in peer.pieces)
+            mine = children.get(other.host_id, 0) - (1 if other.host_id in peer.parents else 0)
+            candidates.append(Candidate(
+                host_id=other.host_id, pieces=len(held), useful=useful, complete=other.done,
+                children=mine, upload_slots=host.upload_slots, is_seed=host.kind == "seed"))
+        parents_of = {h: p.parents for h, p in task.peers.items()}
+        return choose_parents(
+            peer.host_id, candidates, keep=peer.parents, want=self.config.candidate_parents,
+            total_pieces=total, parents_of=parents_of, sample=self.config.parent_sample, rng=self.rng)

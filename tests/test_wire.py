@@ -1,0 +1,183 @@
+"""The scheduler wire format: round trips and strict validation of every field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from p2pdist import wire
+from p2pdist.errors import BadRequest
+from p2pdist.wire import (
+    AnnounceHost,
+    Empty,
+    Leave,
+    Parent,
+    Register,
+    SeedProgress,
+    SeedTrigger,
+    Sync,
+    SyncReply,
+    TaskHolding,
+    decode,
+    encode,
+)
+
+TASK = "sha256:" + "ab" * 32
+D = bytes(range(32))
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+MESSAGES: list[object] = [
+    TaskHolding(task_id=TASK, content_length=10, pieces=b"\x80", url="http://o/x", piece_digests=[D]),
+    AnnounceHost(host_id="h1", url="http://127.0.0.1:4000", kind="peer", upload_slots=16),
+    AnnounceHost(host_id="s1", url="https://seed:4010", kind="seed", upload_slots=32, tasks=[
+        TaskHolding(task_id=TASK, content_length=9 << 20, pieces=b"\xe0", piece_digests=[D, D, D]),
+    ]),
+    Register(host_id="h1", task_id=TASK, url="http://origin/v2/r/blobs/" + TASK,
+             headers={"Authorization": "Bearer x"}),
+    Sync(host_id="h1", task_id=TASK, new_pieces=[0, 5], have_digests=3, bad_parents=["p"],
+         failed_parents=["q"], done=True, content_length=123),
+    Sync(host_id="h1", task_id=TASK),
+    SeedProgress(host_id="s", task_id=TASK, content_length=0, first_digest=2, piece_digests=[D], done=True,
+                 error=""),
+    Leave(host_id="h", task_id=TASK),
+    Parent(host_id="p", url="http://p:1", pieces=b"\xff\x00"),
+    SyncReply(task_id=TASK, state="running", content_length=5, piece_size=4 << 20, first_digest=1,
+              piece_digests=[D], parents=[Parent(host_id="p", url="http://p:1", pieces=b"\x80")]),
+    SyncReply(task_id=TASK, state="waiting"),
+    SeedTrigger(task_id=TASK, url="http://o/b", headers={"a": "b"}),
+    Empty(),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(message: object) -> None:
+    body = encode(message)
+    assert isinstance(body, bytes)
+    assert decode(type(message), body) == message
+
+
+def test_defaults_filled_when_absent() -> None:
+    sync = decode(Sync, pack({"host_id": "h", "task_id": TASK}))
+    assert sync.new_pieces == [] and sync.have_digests == 0 and sync.done is False
+    assert sync.content_length is None
+    assert decode(Sync, pack({"host_id": "h", "task_id": TASK, "content_length": None})).content_length is None
+
+
+def bad(cls: type, body: bytes, match: str) -> str:
+    with pytest.raises(BadRequest, match=match) as info:
+        decode(cls, body)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("body", [b"", b"\xc1", b"\x92\x01", b"\x81\xa1a", pack({}) + b"\x00", b"\xde\xff\xff"])
+def test_malformed_msgpack(body: bytes) -> None:
+    bad(Leave, body, "malformed msgpack")
+
+
+def test_body_too_large() -> None:
+    bad(Leave, b"\x00" * (wire.MAX_BODY_BYTES + 1), "body over")
+
+
+@pytest.mark.parametrize("raw", [[1, 2], "str", 5, None, b"x"])
+def test_non_map_body(raw: object) -> None:
+    bad(Leave, pack(raw), "Leave: expected a map")
+
+
+def test_non_string_map_key_rejected() -> None:
+    bad(Leave, pack({1: "x"}), "malformed msgpack")
+
+
+def test_unknown_field() -> None:
+    msg = bad(Leave, pack({"host_id": "h", "task_id": TASK, "sneaky": 1}), "unknown field 'sneaky'")
+    assert msg.startswith("Leave")
+
+
+def test_missing_required_field() -> None:
+    bad(Register, pack({"host_id": "h", "task_id": TASK}), r"Register: missing field 'url'")
+    bad(SeedProgress, pack({"host_id": "s", "task_id": TASK, "content_length": 1, "first_digest": 0}),
+        "missing field 'piece_digests'")
+
+
+BASE_SYNC = {"host_id": "h", "task_id": TASK}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("have_digests", "3", "Sync.have_digests: expected a non-negative integer"),
+        ("have_digests", True, "Sync.have_digests: expected a non-negative integer"),
+        ("have_digests", -1, "Sync.have_digests: expected a non-negative integer"),
+        ("have_digests", 1.0, "Sync.have_digests: expected a non-negative integer"),
+        ("have_digests", 1 << 62, "Sync.have_digests: expected a non-negative integer"),
+        ("content_length", -5, "Sync.content_length"),
+        ("content_length", "5", "Sync.content_length"),
+        ("new_pieces", 3, r"Sync.new_pieces: expected a list"),
+        ("new_pieces", [1, "2"], r"Sync.new_pieces\[\]"),
+        ("new_pieces", [1, -2], r"Sync.new_pieces\[\]"),
+        ("new_pieces", [True], r"Sync.new_pieces\[\]"),
+        ("done", 1, "Sync.done: expected a boolean"),
+        ("done", "true", "Sync.done: expected a boolean"),
+        ("bad_parents", [1], r"Sync.bad_parents\[\]: expected a string"),
+        ("host_id", 5, "Sync.host_id: expected a string"),
+        ("host_id", b"h", "Sync.host_id: expected a string"),
+        ("host_id", "x" * 8193, "Sync.host_id: expected a string of at most"),
+    ],
+)
+def test_wrong_types(field: str, value: object, match: str) -> None:
+    bad(Sync, pack({**BASE_SYNC, field: value}), match)
+
+
+def test_wrong_types_bytes_and_maps() -> None:
+    bad(Parent, pack({"host_id": "p", "url": "http://p", "pieces": "not bytes"}), "Parent.pieces: expected bytes")
+    bad(Register, pack({"host_id": "h", "task_id": TASK, "url": "http://o", "headers": ["a"]}),
+        "Register.headers: expected a map")
+    bad(Register, pack({"host_id": "h", "task_id": TASK, "url": "http://o", "headers": {"a": 1}}),
+        "Register.headers")
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    ["sha256:" + "AB" * 32, "sha256:" + "ab" * 31, "ab" * 32, "sha256:" + "ab" * 32 + "a", "", "sha512:" + "ab" * 32],
+)
+def test_invalid_task_id(task_id: str) -> None:
+    bad(Leave, pack({"host_id": "h", "task_id": task_id}), "Leave.task_id: invalid digest")
+
+
+def test_invalid_task_id_nested_in_announce() -> None:
+    body = pack({"host_id": "h", "url": "http://h:1", "kind": "peer", "upload_slots": 1,
+                 "tasks": [{"task_id": "sha256:short", "content_length": 1, "pieces": b"\x80"}]})
+    bad(AnnounceHost, body, r"AnnounceHost.tasks\[\].task_id: invalid digest")
+
+
+def test_piece_digests_wrong_length() -> None:
+    base = {"host_id": "s", "task_id": TASK, "content_length": 1, "first_digest": 0}
+    bad(SeedProgress, pack({**base, "piece_digests": [D, D[:31]]}), "piece_digests: each must be 32 bytes")
+    bad(SeedProgress, pack({**base, "piece_digests": [D + b"x"]}), "piece_digests: each must be 32 bytes")
+    bad(SeedProgress, pack({**base, "piece_digests": ["a" * 32]}), r"piece_digests\[\]: expected bytes")
+    holding = {"task_id": TASK, "content_length": 1, "pieces": b"\x80", "piece_digests": [b"short"]}
+    bad(AnnounceHost, pack({"host_id": "s", "url": "http://s:1", "kind": "seed", "upload_slots": 1,
+                            "tasks": [holding]}), "piece_digests")
+
+
+@pytest.mark.parametrize("kind", ["Peer", "SEED", "origin", ""])
+def test_announce_kind(kind: str) -> None:
+    body = pack({"host_id": "h", "url": "http://h:1", "kind": kind, "upload_slots": 1})
+    bad(AnnounceHost, body, "AnnounceHost.kind: must be one of peer, seed")
+
+
+@pytest.mark.parametrize("url", ["ftp://h:1", "h:1", "file:///etc/passwd", "javascript:alert(1)", "HTTP//x"])
+def test_url_must_be_http(url: str) -> None:
+    bad(AnnounceHost, pack({"host_id": "h", "url": url, "kind": "peer", "upload_slots": 1}),
+        "AnnounceHost.url: must be an http")
+    bad(Register, pack({"host_id": "h", "task_id": TASK, "url": url}), "Register.url: must be an http")
+
+
+def test_encode_is_plain_msgpack() -> None:
+    raw = msgpack.unpackb(encode(Leave(host_id="h", task_id=TASK)), raw=False)
+    assert raw == {"host_id": "h", "task_id": TASK}
