@@ -1,0 +1,99 @@
+"""Piece selection: which missing pieces a peer requests next, and from which parent.
+
+Pure: the downloader (peer/download.py) and the simulator (benchmarks/simulate.py) call the
+same function, so a simulated swarm runs the policy the daemon runs. Piece sets are ints
+with bit n set for piece n, which keeps a decision cheap at thousands of simulated hosts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from p2pdist.pieces import Bitmap
+
+# Bitmap packs piece 0 into the most significant bit of byte 0; reversing the bits of every
+# byte and reading little-endian puts piece n at bit n.
+_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+
+
+def bits_from_bytes(data: bytes) -> int:
+    """A Bitmap's bytes (as in `Bitmap.to_bytes()` and `wire.Parent.pieces`) as a piece set."""
+    return int.from_bytes(data.translate(_REVERSED), "little")
+
+
+def bitmap_bits(bitmap: Bitmap) -> int:
+    return bits_from_bytes(bitmap.to_bytes())
+
+
+def piece_set(numbers: Iterable[int]) -> int:
+    bits = 0
+    for number in numbers:
+        bits |= 1 << number
+    return bits
+
+
+@dataclass(frozen=True)
+class ParentView:
+    """What the downloader knows of one parent when it picks requests."""
+
+    host_id: str
+    pieces: int  # bit n set: the parent holds piece n (as of the scheduler's last answer)
+    inflight: int  # our requests to it in flight now
+    usable: bool = True  # False while it answered busy or is blocked; still counts for rarity
+
+
+def choose_requests(
+    need: int,
+    parents: Sequence[ParentView],
+    *,
+    room: int,
+    per_parent: int,
+    rng: random.Random,
+) -> list[tuple[int, str]]:
+    """Up to `room` (piece, parent host id) requests for the pieces in `need`.
+
+    Rarest first: pieces held by the fewest parents (all parents count, usable or not), earliest
+    first among equals. Each piece goes to the usable parent holding it with the fewest requests
+    in flight (random among equals), never more than `per_parent` in flight to one parent.
+    Pieces no usable parent can serve now are skipped, not waited for.
+    """
+    if room <= 0 or need == 0:
+        return []
+    inflight = {p.host_id: p.inflight for p in parents}
+    open_ = [p for p in parents if p.usable and p.inflight < per_parent]
+    if not open_:
+        return []
+    # at_least[k]: pieces held by more than k parents, counted bitwise without touching pieces.
+    at_least = [0] * (len(parents) + 1)
+    for p in parents:
+        held = p.pieces & need
+        for k in range(len(parents), 0, -1):
+            at_least[k] |= at_least[k - 1] & held
+        at_least[0] |= held
+    avail = 0
+    for p in open_:
+        avail |= p.pieces
+    chosen: list[tuple[int, str]] = []
+    for k in range(len(parents)):
+        layer = at_least[k] & ~at_least[k + 1] & avail  # held by exactly k + 1 parents
+        while layer and room > 0:
+            low = layer & -layer
+            layer ^= low
+            number = low.bit_length() - 1
+            choices = [p for p in open_ if p.pieces & low]
+            fewest = min(inflight[p.host_id] for p in choices)
+            parent = rng.choice([p for p in choices if inflight[p.host_id] == fewest])
+            inflight[parent.host_id] += 1
+            chosen.append((number, parent.host_id))
+            room -= 1
+            if inflight[parent.host_id] >= per_parent:
+                open_.remove(parent)
+                avail = 0
+                for p in open_:
+                    avail |= p.pieces
+                layer &= avail
+        if room <= 0 or not open_:
+            break
+    return chosen
