@@ -7,7 +7,7 @@ service, the tests and the 5,000-host simulator all run the same policy.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -52,16 +52,23 @@ def choose_parents(
     keep: Iterable[str],
     want: int,
     total_pieces: int,
-    parents_of: Mapping[str, Iterable[str]],
+    parents_of: Mapping[str, Iterable[str]] | None = None,
     sample: int,
     rng: random.Random,
+    closes_cycle: Callable[[str, str], bool] | None = None,
 ) -> list[str]:
     """Keep the still-useful current parents, then fill up to `want` with the best-scoring others.
 
     Never returns the child itself, a complete candidate with nothing the child lacks, or one
     that would make a cycle (peers still downloading, the seed among them, may be offered). Candidates are sampled first so that a task with thousands of peers
     costs a bounded amount of work per decision.
+
+    `closes_cycle(child, parent)` replaces the walk over `parents_of` when the caller keeps a
+    cheaper index (the scheduler keeps a topological order); it is called only for a candidate
+    that will be chosen if it answers False.
     """
+    graph = parents_of or {}
+    cycle = closes_cycle or (lambda c, p: creates_cycle(c, p, graph))
     by_id = {c.host_id: c for c in candidates}
     chosen = [h for h in keep if h in by_id and (by_id[h].useful > 0 or not by_id[h].complete)]
     chosen = chosen[:want]
@@ -79,6 +86,6 @@ def choose_parents(
     for c in pool:
         if len(chosen) >= want:
             break
-        if not creates_cycle(child, c.host_id, parents_of):
+        if not cycle(child, c.host_id):
             chosen.append(c.host_id)
     return chosen

@@ -1,7 +1,9 @@
 """The scheduler's state machine: hosts, tasks and the peers of each task, all in memory.
 
 Pure: every method takes `now` and returns what the service must do (a reply, a seed to
-wake), so it can be tested and simulated without sockets or trio.
+wake), so it can be tested and simulated without sockets or trio. Per-task indexes (holders,
+done peers, children, a topological order of the parent graph) keep one decision cheap when a
+task has thousands of peers: nothing on the sync path walks every peer or every piece.
 """
 
 from __future__ import annotations
@@ -37,15 +39,22 @@ class Host:
     last_seen: float
 
 
+# A new parent ordered after its child needs a search of the parent graph to rule out a cycle;
+# past this many peers visited the parent is refused instead (a cycle can't be ruled out cheaply).
+CYCLE_SEARCH_LIMIT = 1000
+
+
 @dataclass
 class PeerTask:
-    """One host's part in one task."""
+    """One host's part in one task. Change pieces and done through Task, parents through Scheduler."""
 
     host_id: str
     pieces: Bitmap | None = None  # None until the blob's size is known
     parents: list[str] = field(default_factory=list)
     done: bool = False
     last_seen: float = 0.0
+    bits: int = 0  # the same pieces as an int, bit n for piece n: `useful` is one popcount
+    order: int = 0  # position in the task's topological order: parents come before children
 
 
 @dataclass
@@ -61,10 +70,77 @@ class Task:
     tried_seeds: set[str] = field(default_factory=set)
     failed: str = ""
     headers: dict[str, str] = field(default_factory=dict)  # kept only until a seed is woken
+    # Indexes over `peers`, kept by the methods below.
+    ids: list[str] = field(default_factory=list)  # to sample from
+    slot: dict[str, int] = field(default_factory=dict)  # host -> index in ids
+    holders: set[str] = field(default_factory=set)  # peers holding at least one piece
+    done_peers: set[str] = field(default_factory=set)
+    seeds: set[str] = field(default_factory=set)  # peers that joined as seeds
+    children: dict[str, set[str]] = field(default_factory=dict)  # parent -> its children here
+    next_order: int = 0
 
     @property
     def layout(self) -> PieceLayout | None:
         return None if self.content_length is None else PieceLayout.for_blob(self.content_length)
+
+    def join(self, host_id: str, *, seed: bool) -> PeerTask:
+        peer = self.peers.get(host_id)
+        if peer is None:
+            self.next_order += 1
+            # Seeds never have parents here: ordering them first makes every edge to them cheap.
+            peer = self.peers[host_id] = PeerTask(host_id, order=-self.next_order if seed else self.next_order)
+            self.slot[host_id] = len(self.ids)
+            self.ids.append(host_id)
+            if seed:
+                self.seeds.add(host_id)
+        return peer
+
+    def drop(self, host_id: str) -> PeerTask | None:
+        peer = self.peers.pop(host_id, None)
+        if peer is None:
+            return None
+        index = self.slot.pop(host_id)
+        last = self.ids.pop()
+        if last != host_id:
+            self.ids[index] = last
+            self.slot[last] = index
+        self.holders.discard(host_id)
+        self.done_peers.discard(host_id)
+        self.seeds.discard(host_id)
+        return peer
+
+    def set_pieces(self, peer: PeerTask, bitmap: Bitmap | None) -> None:
+        peer.pieces = bitmap
+        peer.bits = 0 if bitmap is None else int.from_bytes(bitmap.to_bytes().translate(_REVERSED), "little")
+        if peer.bits:
+            self.holders.add(peer.host_id)
+        else:
+            self.holders.discard(peer.host_id)
+
+    def add_piece(self, peer: PeerTask, number: int) -> None:
+        assert peer.pieces is not None
+        if not peer.bits >> number & 1:
+            peer.pieces.add(number)
+            peer.bits |= 1 << number
+            self.holders.add(peer.host_id)
+
+    def complete(self, peer: PeerTask) -> bool:
+        return peer.pieces is not None and peer.bits.bit_count() == peer.pieces.size
+
+    def set_done(self, peer: PeerTask, done: bool) -> None:
+        peer.done = done
+        if done:
+            self.done_peers.add(peer.host_id)
+        else:
+            self.done_peers.discard(peer.host_id)
+
+    def verifiable(self) -> int:
+        """Pieces whose digests are known: only those can be verified, so only those count."""
+        return (1 << len(self.digests)) - 1
+
+
+# Bitmap packs piece 0 into the top bit of byte 0; reversed bytes read little-endian give bit n.
+_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 
 @dataclass(frozen=True)
@@ -84,6 +160,7 @@ class Counters:
     seeds_woken: int = 0
     back_to_source: int = 0
     bad_reports: int = 0
+    cycle_searches_refused: int = 0  # parents refused because ruling out a cycle cost too much
 
 
 class Scheduler:
@@ -94,6 +171,7 @@ class Scheduler:
         self.bad_until: dict[str, float] = {}  # host -> time it is trusted again
         self.counters = Counters()
         self.rng = rng or random.Random()
+        self.child_count: dict[str, int] = {}  # host -> children it has across all tasks
 
     # -- events ---------------------------------------------------------------------------
 
@@ -122,9 +200,11 @@ class Scheduler:
             if msg.kind == "seed" and len(holding.piece_digests) > len(task.digests):
                 if holding.piece_digests[: len(task.digests)] == task.digests:
                     task.digests = list(holding.piece_digests[: layout.count])
-            peer = task.peers.setdefault(msg.host_id, PeerTask(msg.host_id))
-            peer.pieces = bitmap
-            peer.done = bitmap.complete()
+            peer = task.join(msg.host_id, seed=msg.kind == "seed")
+            task.set_pieces(peer, bitmap)
+            task.set_done(peer, task.complete(peer))
+            if peer.done:
+                self._set_parents(task, peer, [])
             peer.last_seen = now
 
     def register(self, msg: Register, now: float) -> tuple[SyncReply, WakeSeed | None]:
@@ -134,9 +214,9 @@ class Scheduler:
             task.url = msg.url
         if msg.headers:
             task.headers = dict(msg.headers)
-        peer = task.peers.setdefault(msg.host_id, PeerTask(msg.host_id))
+        peer = task.join(msg.host_id, seed=self._is_seed(msg.host_id))
         peer.last_seen = now
-        if task.failed and not self._holders(task):
+        if task.failed and not self._has_holders(task):
             task.failed = ""  # a new request deserves a new try
             task.tried_seeds.clear()
         self._size_bitmap(task, peer)
@@ -156,8 +236,8 @@ class Scheduler:
         if peer.pieces is not None:
             for number in msg.new_pieces:
                 if 0 <= number < peer.pieces.size:
-                    peer.pieces.add(number)
-            peer.done = msg.done or peer.pieces.complete()
+                    task.add_piece(peer, number)
+            task.set_done(peer, msg.done or task.complete(peer))
         for bad in msg.bad_parents:
             self.counters.bad_reports += 1
             self.bad_until[bad] = now + self.config.bad_parent_ttl_s
@@ -165,9 +245,9 @@ class Scheduler:
                         msg.host_id, bad, short(task.task_id), self.config.bad_parent_ttl_s)
         dropped = set(msg.bad_parents) | set(msg.failed_parents)
         if dropped:
-            peer.parents = [p for p in peer.parents if p not in dropped]
+            self._set_parents(task, peer, [p for p in peer.parents if p not in dropped])
         if peer.done:
-            peer.parents = []
+            self._set_parents(task, peer, [])
         wake = self._maybe_wake_seed(task, now, requester=msg.host_id)
         return self._reply(task, peer, have_digests=msg.have_digests, now=now), wake
 
@@ -193,7 +273,7 @@ class Scheduler:
             # A seed's word on the size beats what peers said before any seed spoke.
             task.content_length = msg.content_length
             for other in task.peers.values():
-                other.pieces = None
+                task.set_pieces(other, None)
         task.size_from_seed = True
         end = msg.first_digest + len(msg.piece_digests)
         known = task.digests[msg.first_digest:end]
@@ -204,13 +284,15 @@ class Scheduler:
             task.digests.extend(msg.piece_digests[len(task.digests) - msg.first_digest:])
         elif msg.first_digest > len(task.digests):
             end = len(task.digests)  # a gap: only what is known counts
-        peer = task.peers.setdefault(msg.host_id, PeerTask(msg.host_id))
+        peer = task.join(msg.host_id, seed=True)
         peer.last_seen = now
         self._size_bitmap(task, peer)
         assert peer.pieces is not None
         for number in range(min(end, peer.pieces.size)):
-            peer.pieces.add(number)
-        peer.done = msg.done or peer.pieces.complete()
+            task.add_piece(peer, number)
+        task.set_done(peer, msg.done or task.complete(peer))
+        if peer.done:
+            self._set_parents(task, peer, [])
         task.seed_progress_at = now
         if peer.done and task.seed == msg.host_id:
             task.seed = None
@@ -218,11 +300,24 @@ class Scheduler:
 
     def leave(self, msg: Leave, now: float) -> None:
         task = self.tasks.get(msg.task_id)
-        if task is not None:
-            task.peers.pop(msg.host_id, None)
-            for other in task.peers.values():
-                if msg.host_id in other.parents:
-                    other.parents.remove(msg.host_id)
+        if task is None or msg.host_id not in task.peers:
+            return
+        self._set_parents(task, task.peers[msg.host_id], [])
+        for child in list(task.children.get(msg.host_id, ())):
+            other = task.peers[child]
+            self._set_parents(task, other, [p for p in other.parents if p != msg.host_id])
+        task.children.pop(msg.host_id, None)
+        task.drop(msg.host_id)
+
+    def leave_host(self, host_id: str, now: float) -> None:
+        """A host said goodbye: drop it at once instead of waiting for its TTL."""
+        if self.hosts.pop(host_id, None) is not None:
+            log.info("host %s left", host_id)
+        for task in self.tasks.values():
+            if host_id in task.peers:
+                self.leave(Leave(host_id=host_id, task_id=task.task_id), now)
+            if task.seed == host_id:
+                task.seed = None
 
     def expire(self, now: float) -> list[str]:
         """Forget hosts not heard from within the TTL; return their ids."""
@@ -251,18 +346,73 @@ class Scheduler:
         if host is not None:
             host.last_seen = now
 
+    def _is_seed(self, host_id: str) -> bool:
+        host = self.hosts.get(host_id)
+        return host is not None and host.kind == "seed"
+
     def _size_bitmap(self, task: Task, peer: PeerTask) -> None:
         layout = task.layout
         if layout is not None and peer.pieces is None:
-            peer.pieces = Bitmap(layout.count)
+            task.set_pieces(peer, Bitmap(layout.count))
 
-    def _holders(self, task: Task) -> list[PeerTask]:
-        return [p for p in task.peers.values() if p.pieces is not None and len(p.pieces) > 0 and p.host_id in self.hosts]
+    def _has_holders(self, task: Task) -> bool:
+        return any(h in self.hosts for h in task.holders)
+
+    def _set_parents(self, task: Task, peer: PeerTask, parents: list[str]) -> None:
+        """Replace a peer's parents, keeping the children index and per-host counts in step."""
+        old = set(peer.parents)
+        new = set(parents)
+        for gone in old - new:
+            task.children[gone].discard(peer.host_id)
+            self.child_count[gone] -= 1
+        for added in new - old:
+            task.children.setdefault(added, set()).add(peer.host_id)
+            self.child_count[added] = self.child_count.get(added, 0) + 1
+        peer.parents = parents
+
+    def _closes_cycle(self, task: Task, child: str, parent: str) -> bool:
+        """Would child -> parent close a cycle? If not, reorder so the new edge fits the order.
+
+        The order keeps every parent before its children (Pearce and Kelly's dynamic
+        topological sort), so a parent already ordered before the child is safe at once. Else
+        only peers between the two in the order are searched: the parent's ancestors and the
+        child's descendants there; a cycle exists iff the child is among the former.
+        """
+        peers = task.peers
+        low, high = peers[child].order, peers[parent].order
+        if high < low:
+            return False
+        ancestors = {parent}
+        stack = [parent]
+        while stack:
+            for up in peers[stack.pop()].parents:
+                if up == child:
+                    return True
+                if up not in ancestors and peers[up].order > low:
+                    ancestors.add(up)
+                    stack.append(up)
+                    if len(ancestors) > CYCLE_SEARCH_LIMIT:
+                        self.counters.cycle_searches_refused += 1
+                        return True
+        descendants = {child}
+        stack = [child]
+        while stack:
+            for down in task.children.get(stack.pop(), ()):
+                if down not in descendants and peers[down].order < high:
+                    descendants.add(down)
+                    stack.append(down)
+                    if len(descendants) + len(ancestors) > CYCLE_SEARCH_LIMIT:
+                        self.counters.cycle_searches_refused += 1
+                        return True
+        moved = sorted(ancestors, key=lambda h: peers[h].order) + sorted(descendants, key=lambda h: peers[h].order)
+        for host_id, order in zip(moved, sorted(peers[h].order for h in moved), strict=True):
+            peers[host_id].order = order
+        return False
 
     def _maybe_wake_seed(self, task: Task, now: float, *, requester: str) -> WakeSeed | None:
         if task.failed:
             return None
-        if any(p.done and p.host_id in self.hosts for p in task.peers.values()):
+        if any(h in self.hosts for h in task.done_peers):
             return None
         if task.seed is not None:
             seed_alive = task.seed in self.hosts
@@ -286,12 +436,12 @@ class Scheduler:
         return WakeSeed(seed.host_id, seed.url, SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers))
 
     def _reply(self, task: Task, peer: PeerTask, *, have_digests: int, now: float) -> SyncReply:
-        if task.failed and not self._holders(task):
+        if task.failed and not self._has_holders(task):
             self.counters.back_to_source += 1
             return SyncReply(task_id=task.task_id, state="back_to_source", reason=f"seed failed: {task.failed}")
         has_seed = task.seed is not None or any(
-            self.hosts[p.host_id].kind == "seed" for p in self._holders(task) if p.host_id in self.hosts)
-        if not has_seed and not self._holders(task):
+            self._is_seed(h) for h in task.seeds if h in task.holders)
+        if not has_seed and not self._has_holders(task):
             if not any(h.kind == "seed" for h in self.hosts.values()):
                 self.counters.back_to_source += 1
                 return SyncReply(task_id=task.task_id, state="back_to_source", reason="no seed peer available")
@@ -299,7 +449,7 @@ class Scheduler:
         if layout is None or peer.pieces is None:
             return SyncReply(task_id=task.task_id, state="waiting", reason="waiting for the seed to learn the blob's size")
         if not peer.done:
-            peer.parents = self._choose(task, peer, layout.count, now)
+            self._set_parents(task, peer, self._choose(task, peer, layout.count, now))
             self.counters.decisions += 1
         parents = []
         for host_id in peer.parents:
@@ -319,27 +469,30 @@ class Scheduler:
 
     def _choose(self, task: Task, peer: PeerTask, total: int, now: float) -> list[str]:
         assert peer.pieces is not None
-        children: dict[str, int] = {}
-        for t in self.tasks.values():
-            for p in t.peers.values():
-                if not p.done:
-                    for parent in p.parents:
-                        children[parent] = children.get(parent, 0) + 1
+        sample = self.config.parent_sample
+        if len(task.peers) <= sample + len(peer.parents) + len(task.seeds) + 1:
+            ids: list[str] = list(task.peers)
+        else:
+            # Current parents and seeds are always weighed; the rest is a random sample, so a
+            # decision costs the same at 5,000 peers as at 50.
+            ids = list(dict.fromkeys([*peer.parents, *task.seeds, *self.rng.sample(task.ids, sample)]))
+        verifiable = task.verifiable()
+        mine = peer.bits
         candidates = []
-        for other in task.peers.values():
-            host = self.hosts.get(other.host_id)
-            if host is None or other.pieces is None or other.host_id == peer.host_id:
+        for host_id in ids:
+            other = task.peers[host_id]
+            host = self.hosts.get(host_id)
+            if host is None or other.pieces is None or host_id == peer.host_id:
                 continue
-            if self.bad_until.get(other.host_id, 0.0) > now:
+            if self.bad_until.get(host_id, 0.0) > now:
                 continue
-            # Only pieces whose digests are known can be verified, so only those count.
-            held = [n for n in other.pieces if n < len(task.digests)]
-            useful = sum(1 for n in held if n not in peer.pieces)
-            mine = children.get(other.host_id, 0) - (1 if other.host_id in peer.parents else 0)
+            held = other.bits & verifiable
+            mine_count = self.child_count.get(host_id, 0) - (1 if host_id in peer.parents else 0)
             candidates.append(Candidate(
-                host_id=other.host_id, pieces=len(held), useful=useful, complete=other.done,
-                children=mine, upload_slots=host.upload_slots, is_seed=host.kind == "seed"))
-        parents_of = {h: p.parents for h, p in task.peers.items()}
+                host_id=host_id, pieces=held.bit_count(), useful=(held & ~mine).bit_count(),
+                complete=other.done, children=mine_count, upload_slots=host.upload_slots,
+                is_seed=host.kind == "seed"))
         return choose_parents(
             peer.host_id, candidates, keep=peer.parents, want=self.config.candidate_parents,
-            total_pieces=total, parents_of=parents_of, sample=self.config.parent_sample, rng=self.rng)
+            total_pieces=total, sample=sample, rng=self.rng,
+            closes_cycle=lambda child, parent: self._closes_cycle(task, child, parent))
