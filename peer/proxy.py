@@ -1,8 +1,9 @@
-"""The peer's proxy port: where local clients pull blobs, served through P2P as pieces arrive.
+"""The peer's proxy port: a read-only OCI registry mirror for the host's container runtime.
 
-Blob requests name their registry with `?ns=HOST[:PORT]` (containerd's mirror convention) or
-fall back to the configured default upstream. Bytes are streamed in order as pieces are
-verified; the last byte is held back until the whole blob's sha256 checks out.
+Blobs come through P2P, streamed in order as pieces are verified (the last byte waits for
+the blob's sha256), and only after the registry accepted the client's credentials for them
+(`peer.auth`). Manifests, tags, referrers and `/v2/` go straight to the upstream registry
+that `peer.upstream` picks per request. Requests that change the registry are refused.
 """
 
 from __future__ import annotations
@@ -10,21 +11,44 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
+from urllib.parse import urlencode
 
-from p2pdist.digest import parse_digest, parse_name
+from prometheus_client import Counter, Histogram
+
+from p2pdist.digest import parse_digest, parse_name, parse_reference, short
 from p2pdist.errors import BadRequest, NotFound, OriginError, P2PError, StoreError
-from p2pdist.http import Request, Response
+from p2pdist.http import FileBody, Request, Response
 from p2pdist.oci import SCHEME_HEADER
 from p2pdist.pieceserver import RangeNotSatisfiable, parse_range
 from p2pdist.service import health_response, metrics_response
+from peer.auth import AccessCheck, Verdict
 from peer.daemon import PeerDaemon
 from peer.download import TaskDownload
+from peer.upstream import (
+    MAX_HOPS,
+    Upstream,
+    UpstreamClient,
+    body_of,
+    forwarded_headers,
+    hops_of,
+    redact,
+    relayed_headers,
+    resolve_upstream,
+)
 
 log = logging.getLogger("p2pdist.proxy")
 
 BLOB_PATH = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
-_HOST = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9a-fA-F:]+\](:\d{1,5})?")
+MANIFEST_PATH = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
+TAGS_PATH = re.compile(r"/v2/(?P<name>.+)/tags/list")
+REFERRERS_PATH = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")
+API_VERSION = ("docker-distribution-api-version", "registry/2.0")
+PULL_ONLY = "p2pdist is a pull-only registry mirror: push to the registry itself"
+_FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_ERROR_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND",
+                405: "UNSUPPORTED", 416: "RANGE_INVALID", 429: "TOOMANYREQUESTS"}
 
 
 def oci_error(status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
@@ -32,51 +56,144 @@ def oci_error(status: int, code: str, message: str, headers: Sequence[tuple[str,
     return Response(status, [("content-type", "application/json"), *headers], body)
 
 
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
+
+
+def head_response(status: int, headers: list[tuple[str, str]]) -> Response:
+    """A HEAD answer whose Content-Length (in `headers`) is the GET's, not zero."""
+    return Response(status, headers, _no_body())
+
+
+class MirrorMetrics:
+    def __init__(self, daemon: PeerDaemon) -> None:
+        r, p = daemon.metrics.registry, f"p2pdist_{daemon.kind}_mirror"
+        self.requests = Counter(f"{p}_requests", "Registry API requests answered, by kind and status",
+                                ["kind", "status"], registry=r)
+        self.access_checks = Counter(f"{p}_access_checks", "Access checks of a client's credentials, by result",
+                                     ["result"], registry=r)
+        self.blob_bytes = Counter(f"{p}_blob_bytes", "Blob bytes sent to local clients, by how they were served",
+                                  ["source"], registry=r)
+        self.first_byte = Histogram(f"{p}_first_byte_seconds", "Time from a blob GET to its first byte",
+                                    registry=r, buckets=_FIRST_BYTE_BUCKETS)
+
+
 class Proxy:
     def __init__(self, daemon: PeerDaemon) -> None:
         self.daemon = daemon
         self.config = daemon.config
+        self.metrics = MirrorMetrics(daemon)
+        self.upstream_client = UpstreamClient()
+        self.access = AccessCheck(self.upstream_client,
+                                  on_result=lambda r: self.metrics.access_checks.labels(r).inc())
+
+    async def aclose(self) -> None:
+        await self.upstream_client.aclose()
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/healthz":
             return health_response()
         if request.path == "/metrics":
             return metrics_response(self.daemon.metrics.registry)
-        m = BLOB_PATH.fullmatch(request.path)
-        if m:
-            if request.method not in ("GET", "HEAD"):
-                return oci_error(405, "UNSUPPORTED", "p2pdist is a pull-only mirror", [("allow", "GET, HEAD")])
-            return await self.blob(request, parse_name(m.group("name")), parse_digest(m.group("digest")))
-        raise NotFound(f"no such endpoint {request.path[:100]}")
+        if request.path != "/v2" and not request.path.startswith("/v2/"):
+            raise NotFound(f"no such endpoint {request.path[:100]}")
+        kind = "other"
+        try:
+            kind, response = await self._route(request)
+        except P2PError as exc:
+            status = getattr(exc, "status", None)
+            if not isinstance(status, int):
+                status = 502
+            code = ("NAME_INVALID" if "repository name" in str(exc) else
+                    "DIGEST_INVALID" if "digest" in str(exc) else _ERROR_CODES.get(status, "UNAVAILABLE"))
+            response = oci_error(status, code, str(exc))
+        self.metrics.requests.labels(kind, str(response.status)).inc()
+        return response
 
-    def upstream(self, request: Request) -> str:
-        """Scheme and host of the registry this request is for, e.g. `https://registry.example`."""
-        ns = request.query.get("ns")
-        if ns:
-            if not _HOST.fullmatch(ns):
-                raise BadRequest(f"invalid ns {ns[:80]!r}: want a registry HOST[:PORT]")
-            wanted = request.headers.get(SCHEME_HEADER, "").lower()
-            if wanted not in ("", "http", "https"):
-                raise BadRequest(f"invalid {SCHEME_HEADER} {wanted[:20]!r}: want http or https")
-            insecure = ns in self.config.insecure_registries
-            return f"{wanted or ('http' if insecure else 'https')}://{ns}"
-        if self.config.registry_mirror:
-            return self.config.registry_mirror
-        raise BadRequest("no upstream registry: pass ?ns=HOST or start the peer with --registry-mirror")
+    async def _route(self, request: Request) -> tuple[str, Response]:
+        if request.method not in ("GET", "HEAD"):
+            return "push", oci_error(405, "UNSUPPORTED", PULL_ONLY, [("allow", "GET, HEAD")])
+        path = request.path
+        if path in ("/v2", "/v2/"):
+            return "base", await self.base(request)
+        if m := BLOB_PATH.fullmatch(path):
+            name, digest = parse_name(m.group("name")), parse_digest(m.group("digest"))
+            return "blob", await self.blob(request, name, digest)
+        if m := MANIFEST_PATH.fullmatch(path):
+            name, reference = parse_name(m.group("name")), parse_reference(m.group("reference"))
+            return "manifest", await self.relay(request, f"/v2/{name}/manifests/{reference}")
+        if m := TAGS_PATH.fullmatch(path):
+            return "tags", await self.relay(request, f"/v2/{parse_name(m.group('name'))}/tags/list")
+        if m := REFERRERS_PATH.fullmatch(path):
+            name, digest = parse_name(m.group("name")), parse_digest(m.group("digest"))
+            return "referrers", await self.relay(request, f"/v2/{name}/referrers/{digest}")
+        if path == "/v2/_catalog":
+            return "catalog", await self.relay(request, path)
+        raise NotFound(f"no such registry endpoint {path[:100]}")
+
+    def upstream(self, request: Request) -> Upstream:
+        return resolve_upstream(request.query.get("ns"), request.headers.get(SCHEME_HEADER),
+                                insecure=self.config.insecure_registries, default=self.config.registry_mirror)
+
+    def _hops(self, request: Request) -> int:
+        hops = hops_of(request.headers)
+        if hops >= MAX_HOPS:
+            raise _LoopDetected(f"request passed {hops} p2pdist daemons: the mirrors form a loop")
+        return hops
+
+    # -- straight to the upstream ---------------------------------------------------------
+
+    async def base(self, request: Request) -> Response:
+        """`/v2/`: the upstream's answer, so its auth challenge reaches the client."""
+        if not request.query.get("ns") and not self.config.registry_mirror:
+            return Response(200, [("content-type", "application/json"), API_VERSION], b"{}")
+        return await self.relay(request, "/v2/")
+
+    async def relay(self, request: Request, path: str) -> Response:
+        """Forward a read to the upstream with the client's headers; relay the answer unchanged."""
+        up = self.upstream(request)
+        hops = self._hops(request)
+        query = {k: v for k, v in request.query.items() if k != "ns"}
+        url = f"{up.base}{path}" + (f"?{urlencode(query)}" if query else "")
+        response = await self.upstream_client.send(request.method, url, forwarded_headers(request.headers, hops=hops))
+        headers = [*relayed_headers(response), ("oci-namespace", up.namespace)]
+        log.debug("%s %s → %d", request.method, redact(url), response.status_code)
+        if request.method == "HEAD":
+            await response.aclose()
+            return head_response(response.status_code, headers)
+        return Response(response.status_code, headers, body_of(response))
+
+    # -- blobs ----------------------------------------------------------------------------
 
     async def blob(self, request: Request, name: str, digest: str) -> Response:
-        url = f"{self.upstream(request)}/v2/{name}/blobs/{digest}"
+        up = self.upstream(request)
+        hops = self._hops(request)
+        path = f"/v2/{name}/blobs/{digest}"
+        if hops:
+            # A p2pdist daemon (a seed or peer whose origin is this mirror) is fetching on
+            # P2P's behalf: sending it back into P2P would loop.
+            return await self.relay(request, path)
+        verdict = await self.access.check(up.base, name, "blobs", digest, request.headers, hops=hops)
+        if not verdict.allowed:
+            return _refusal(verdict, digest, up)
+        url = f"{up.base}{path}"
         headers = {"authorization": request.headers["authorization"]} if "authorization" in request.headers else {}
-        dl = self.daemon.download(digest, url, headers)
-        try:
-            store = await dl.wait_sized()
-        except OriginError as exc:
-            return _origin_error(exc, digest)
-        except P2PError as exc:
-            return oci_error(502, "UNAVAILABLE", f"cannot fetch {digest[:19]}: {exc}")
-        size = store.layout.blob_size
+        size = verdict.size
+        held = self.daemon.store.get(digest)
+        if held is not None and held.complete():
+            size = held.layout.blob_size
+        dl: TaskDownload | None = None
+        if request.method == "GET" or size is None:
+            dl = self.daemon.download(digest, url, headers)
+            try:
+                size = (await dl.wait_sized()).layout.blob_size
+            except OriginError as exc:
+                return _origin_error(exc, digest)
+            except P2PError as exc:
+                return oci_error(502, "UNAVAILABLE", f"cannot fetch {short(digest)}: {exc}")
         base = [("content-type", "application/octet-stream"), ("docker-content-digest", digest),
-                ("accept-ranges", "bytes"), ("etag", f'"{digest}"')]
+                ("accept-ranges", "bytes"), ("etag", f'"{digest}"'), ("oci-namespace", up.namespace)]
         try:
             span = parse_range(request.headers.get("range", ""), size)
         except RangeNotSatisfiable as exc:
@@ -88,13 +205,41 @@ class Proxy:
             status = 206
             reply.append(("content-range", f"bytes {start}-{end - 1}/{size}"))
         if request.method == "HEAD":
-            return Response(status, reply, b"")
-        return Response(status, reply, stream_blob(dl, start, end))
+            return head_response(status, reply)
+        assert dl is not None
+        source = "local" if dl.finished.is_set() and dl.verified else "p2p"
+        return Response(status, reply, self._timed(stream_blob(dl, start, end), dl, source, end - start))
+
+    async def _timed(self, body: AsyncIterator[bytes | FileBody], dl: TaskDownload, source: str,
+                     length: int) -> AsyncIterator[bytes | FileBody]:
+        started = time.monotonic()
+        first = True
+        sent = 0
+        try:
+            async for chunk in body:
+                if first:
+                    self.metrics.first_byte.observe(time.monotonic() - started)
+                    first = False
+                yield chunk
+                n = chunk.length if isinstance(chunk, FileBody) else len(chunk)
+                sent += n
+                self.metrics.blob_bytes.labels(source).inc(n)
+        finally:
+            await body.aclose()  # type: ignore[attr-defined]
+            log.info("blob %s: sent %d of %d bytes (%s) in %.2fs", short(dl.task_id), sent, length, source,
+                     time.monotonic() - started)
 
 
-async def stream_blob(dl: TaskDownload, start: int, end: int) -> AsyncIterator[bytes]:
-    """Bytes [start, end) of the blob as its pieces arrive; the end waits for the sha256 check.
+class _LoopDetected(BadRequest):
+    status = 508
 
+
+async def stream_blob(dl: TaskDownload, start: int, end: int) -> AsyncIterator[bytes | FileBody]:
+    """Bytes [start, end) of the blob as its pieces arrive.
+
+    A response that reaches the blob's end is held back before its last piece until the
+    whole blob's sha256 checks out, so a client never sees a complete-looking wrong blob; a
+    range inside the blob is served from its verified pieces without waiting for the rest.
     If the local disk fails (full), the rest comes straight from the origin, uncached.
     """
     store = await dl.wait_sized()
@@ -105,19 +250,32 @@ async def stream_blob(dl: TaskDownload, start: int, end: int) -> AsyncIterator[b
             await dl.wait_piece(number)
             piece_start, piece_end = layout.span(number)
             first, last = max(start, piece_start) - piece_start, min(end, piece_end) - piece_start
-            if piece_end >= end:
+            if piece_end >= end and end == layout.blob_size:
                 await dl.finished.wait()
                 if dl.error is not None or not dl.verified:
                     raise dl.error or P2PError("download did not verify")
-            for chunk in store.read_chunks(number, first, last):
-                yield chunk
-                offset += len(chunk)
+            # Each piece goes out with sendfile, straight from the page cache.
+            yield FileBody(store.path(number), first, last - first)
+            offset += last - first
     except StoreError as exc:
         log.warning("blob %s: %s; passing the rest through from the origin uncached", dl.task_id[:19], exc)
         async with dl.daemon.origin.open_blob(dl.url, dl.headers, start=offset, end=end) as body:
             async for chunk in body.chunks():
                 dl.daemon.metrics.download_bytes.labels("origin").inc(len(chunk))
                 yield chunk
+
+
+def _refusal(verdict: Verdict, digest: str, up: Upstream) -> Response:
+    """The registry's no, as the registry said it (its WWW-Authenticate challenge included)."""
+    headers = [(k, v) for k, v in verdict.headers if k.lower() not in ("content-length", "content-type")]
+    headers.append(("oci-namespace", up.namespace))
+    if verdict.body:
+        kept = [(k, v) for k, v in verdict.headers if k.lower() == "content-type"]
+        return Response(verdict.status, [*headers, *kept], verdict.body)
+    if verdict.status == 404:
+        return oci_error(404, "BLOB_UNKNOWN", f"blob {digest} unknown to the registry", headers)
+    code = _ERROR_CODES.get(verdict.status, "UNAVAILABLE")
+    return oci_error(verdict.status, code, f"the registry answered {verdict.status} for {short(digest)}", headers)
 
 
 def _origin_error(exc: OriginError, digest: str) -> Response:

@@ -1,0 +1,139 @@
+"""Which registry a mirror request is for, and talking to it on the client's behalf.
+
+`resolve_upstream` is the pure rule (containerd's `?ns=`, docker's default upstream, plain
+HTTP only where configured). `UpstreamClient` forwards a request with the client's own
+credentials and hands back the registry's answer unchanged, for the proxy to relay.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from p2pdist.errors import BadRequest, OriginError
+from p2pdist.oci import DAEMON_HEADER
+
+# containerd names Docker Hub `docker.io`; its registry API lives on another host.
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_API = "https://registry-1.docker.io"
+MAX_REDIRECTS = 5
+# Mirrors that forward to mirrors: give up after this many p2pdist hops (a loop).
+MAX_HOPS = 3
+
+_HOST = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9a-fA-F:]+\](:\d{1,5})?")
+# What the client may tell the registry, and what of the registry's answer the client sees.
+FORWARDED_REQUEST_HEADERS = ("authorization", "accept", "range", "if-none-match", "user-agent")
+RELAYED_RESPONSE_HEADERS = (
+    "content-type", "content-length", "content-range", "content-encoding", "accept-ranges",
+    "docker-content-digest", "docker-distribution-api-version", "www-authenticate", "etag",
+    "last-modified", "link", "retry-after", "oci-subject", "oci-filters-applied",
+)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A registry: `base` is scheme://host[:port] of its API, `namespace` its name for clients."""
+
+    base: str
+    namespace: str
+
+
+def resolve_upstream(ns: str | None, scheme: str | None, *, insecure: Collection[str],
+                     default: str | None) -> Upstream:
+    """The registry a request is for.
+
+    `ns` is containerd's `?ns=HOST[:PORT]`; `scheme` is the scheme `p2pdist get` read from its
+    URL (`x-p2pdist-origin-scheme`). Without `ns` the request is docker's (registry-mirrors
+    mirror Docker Hub only) and goes to `default`. HTTPS unless the host is listed insecure or
+    the client's URL said http.
+    """
+    if ns:
+        if not _HOST.fullmatch(ns):
+            raise BadRequest(f"invalid ns {ns[:80]!r}: want a registry HOST[:PORT]")
+        wanted = (scheme or "").lower()
+        if wanted not in ("", "http", "https"):
+            raise BadRequest(f"invalid x-p2pdist-origin-scheme {wanted[:20]!r}: want http or https")
+        if ns == DOCKER_HUB and not wanted:
+            return Upstream(DOCKER_HUB_API, ns)
+        return Upstream(f"{wanted or ('http' if ns in insecure else 'https')}://{ns}", ns)
+    if default:
+        return Upstream(default.rstrip("/"), urlsplit(default).netloc)
+    raise BadRequest("no upstream registry: the request has no ?ns= and the peer no --registry-mirror")
+
+
+def hops_of(headers: Mapping[str, str]) -> int:
+    """How many p2pdist daemons this request has passed (0: it comes from a real client)."""
+    value = headers.get(DAEMON_HEADER)
+    if value is None:
+        return 0
+    value = value.strip()
+    return int(value) if value.isdigit() and len(value) < 4 else 1
+
+
+def forwarded_headers(headers: Mapping[str, str], *, hops: int) -> dict[str, str]:
+    out = {k: headers[k] for k in FORWARDED_REQUEST_HEADERS if k in headers}
+    # Bytes are relayed raw: ask for them unencoded so the client sees what the registry stores.
+    out["accept-encoding"] = "identity"
+    out[DAEMON_HEADER] = str(hops + 1)
+    return out
+
+
+def relayed_headers(response: httpx.Response) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in response.headers.multi_items() if k.lower() in RELAYED_RESPONSE_HEADERS]
+
+
+def redact(url: str) -> str:
+    """A URL fit for a log line: no user info, no query."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
+class UpstreamClient:
+    """Sends one request to a registry with the client's headers; never adds credentials."""
+
+    def __init__(self, *, timeout_s: float = 30.0) -> None:
+        self.client = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def send(self, method: str, url: str, headers: dict[str, str], *,
+                   follow_redirects: bool = True) -> httpx.Response:
+        """The registry's response, its body not yet read: the caller must close it.
+
+        Redirects (registries send blob GETs to storage) are followed, and `authorization`
+        is dropped when one leads to another host. Unreachable: OriginError.
+        """
+        origin_host = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            request = self.client.build_request(method, url, headers=headers)
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise OriginError(f"registry {urlsplit(url).netloc} unreachable: {type(exc).__name__}") from None
+            if not (follow_redirects and response.status_code in (301, 302, 303, 307, 308)
+                    and "location" in response.headers):
+                return response
+            await response.aclose()
+            url = str(response.url.join(response.headers["location"]))
+            if urlsplit(url).netloc != origin_host:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        raise OriginError(f"too many redirects from {redact(url)}")
+
+
+async def body_of(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response body as it arrives; the response is closed when the iteration ends."""
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    finally:
+        await response.aclose()
