@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from p2pdist.errors import OriginError
+from p2pdist.oci import DAEMON_HEADER
 from p2pdist.ratelimit import TokenBucket
 
 log = logging.getLogger("p2pdist.origin")
@@ -70,6 +71,8 @@ class OriginClient:
                         end: int | None = None) -> AsyncIterator[OriginResponse]:
         """GET bytes [start, end) of a blob, following auth challenges and redirects."""
         request_headers = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+        # A p2pdist mirror as origin then relays instead of sending it back into P2P.
+        request_headers[DAEMON_HEADER] = "1"
         if start or end is not None:
             request_headers["range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
         response = await self._send(url, request_headers)
@@ -93,6 +96,8 @@ class OriginClient:
 
     async def head(self, url: str, headers: dict[str, str]) -> httpx.Response:
         request_headers = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+        # A p2pdist mirror as origin then relays instead of sending it back into P2P.
+        request_headers[DAEMON_HEADER] = "1"
         response = await self._send(url, request_headers, method="HEAD")
         await response.aclose()
         return response
