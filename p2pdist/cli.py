@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--user", help="USER:PASSWORD for the registry (passed to it, never stored)")
     get.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the whole download")
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from p2pdist import mirrorconfig
+
+    mirrorconfig.add_arguments(sub.add_parser(
+        "mirror-config", help="print or install the containerd/docker settings that pull through the peer"))
     return parser
 
 
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (P2PError, OSError) as exc:
+    except (P2PError, OSError, ValueError) as exc:
         print(f"p2pdist {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -45,6 +49,10 @@ def _run(args: argparse.Namespace) -> int:
 
         get(args.url, args.output, args.peer, user=args.user, timeout_s=args.timeout, quiet=args.quiet)
         return 0
+    if args.command == "mirror-config":
+        from p2pdist import mirrorconfig
+
+        return mirrorconfig.run(args)
     classes: dict[str, Any] = {"scheduler": cfg.SchedulerConfig, "seed": cfg.SeedConfig, "peer": cfg.PeerConfig}
     cls = classes[args.command]
     config = cfg.load(cls, args.config, cfg.flag_overrides(args, cls))
