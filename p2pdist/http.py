@@ -52,9 +52,11 @@ class FileBody:
     path: str | os.PathLike[str]
     offset: int
     length: int
+    # Called once the body has been sent or has failed (e.g. to free an upload slot).
+    on_done: Callable[[], None] | None = field(default=None, compare=False)
 
 
-ResponseBody = bytes | FileBody | AsyncIterable[bytes]
+ResponseBody = bytes | FileBody | AsyncIterable[bytes] | AsyncIterable[bytes | FileBody]
 
 
 @dataclass
@@ -527,6 +529,8 @@ class _Connection:
         finally:
             if fd is not None:
                 os.close(fd)
+            if isinstance(response.body, FileBody) and response.body.on_done is not None:
+                response.body.on_done()
 
     async def _send_events(self, events: list[h11.Event]) -> None:
         try:
@@ -538,11 +542,22 @@ class _Connection:
             self.conn.send_failed()
             raise
 
-    async def _send_iterable(self, body: AsyncIterable[bytes]) -> None:
+    async def _send_iterable(self, body: AsyncIterable[bytes | FileBody]) -> None:
         bucket = self.server.upload_bucket
         iterator = aiter(body)
         try:
             async for chunk in iterator:
+                if isinstance(chunk, FileBody):
+                    # A file region inside a streamed body still goes out with sendfile.
+                    fd = self._open_file(chunk)
+                    try:
+                        span = _FileSpan(fd, chunk.offset, chunk.length)
+                        await self._send_events([h11.Data(data=cast(bytes, span))])
+                    finally:
+                        os.close(fd)
+                        if chunk.on_done is not None:
+                            chunk.on_done()
+                    continue
                 if bucket is None:
                     await self._send(h11.Data(data=chunk))
                     self._count_sent(len(chunk))

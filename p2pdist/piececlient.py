@@ -42,15 +42,21 @@ class PieceResponse:
         view = memoryview(buf)
         sock = self._conn.stream.socket
         while self.received < self.length:
+            # Fill the whole buffer before handing it on: one write and one hash update per
+            # MiB instead of one per socket read.
             want = min(len(buf), self.length - self.received)
-            try:
-                n = await sock.recv_into(view[:want])
-            except OSError as exc:
-                raise UpstreamError(f"connection to parent failed: {exc.strerror or exc}") from None
-            if n == 0:
-                raise UpstreamError(f"parent closed the connection after {self.received} of {self.length} bytes")
-            self.received += n
-            yield view[:n]
+            filled = 0
+            while filled < want:
+                try:
+                    n = await sock.recv_into(view[filled:want])
+                except OSError as exc:
+                    raise UpstreamError(f"connection to parent failed: {exc.strerror or exc}") from None
+                if n == 0:
+                    raise UpstreamError(
+                        f"parent closed the connection after {self.received + filled} of {self.length} bytes")
+                filled += n
+            self.received += filled
+            yield view[:filled]
 
     async def read(self) -> bytes:
         out = bytearray()

@@ -7,7 +7,6 @@ sendfile, and answers 503 when its upload slots are all taken so children try el
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 
 from p2pdist.digest import parse_digest
 from p2pdist.errors import BadRequest, NotFound
@@ -89,8 +88,11 @@ class PieceServer:
         if status == 206:
             headers.append(("content-range", f"bytes {start}-{end - 1}/{length}"))
         self.metrics.pieces_served.labels(str(status)).inc()
-        body = FileBody(task.path(number), start, end - start)
+        self.active += 1
+        self.metrics.uploads_active.set(self.active)
+        body = FileBody(task.path(number), start, end - start, on_done=self._upload_done)
         return Response(status, headers, body)
 
-    def wrap(self, inner: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        return inner
+    def _upload_done(self) -> None:
+        self.active -= 1
+        self.metrics.uploads_active.set(self.active)

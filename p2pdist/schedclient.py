@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TypeVar
 
 import httpx
+import trio
 
 from p2pdist import wire
 from p2pdist.errors import UpstreamError
@@ -29,6 +31,11 @@ class SchedulerClient:
         if response.status_code != 200:
             raise UpstreamError(f"scheduler answered {response.status_code}: {response.text.strip()[:200]}")
         return wire.decode(reply, response.content)
+
+    async def say_goodbye(self, host_id: str) -> None:
+        """Best effort, on shutdown: tell the scheduler to stop offering this host."""
+        with trio.move_on_after(1.0), contextlib.suppress(UpstreamError):
+            await self.call("/v1/hosts/leave", wire.LeaveHost(host_id=host_id), wire.Empty)
 
     async def aclose(self) -> None:
         await self.client.aclose()

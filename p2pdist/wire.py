@@ -92,6 +92,13 @@ class Leave:
 
 
 @dataclass(frozen=True)
+class LeaveHost:
+    """POST /v1/hosts/leave — a host is shutting down: forget it and everything it held."""
+
+    host_id: str
+
+
+@dataclass(frozen=True)
 class Parent:
     host_id: str
     url: str

@@ -139,6 +139,7 @@ class PeerDaemon:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             if self.scheduler is not None:
+                await self.scheduler.say_goodbye(self.host_id)
                 await self.scheduler.aclose()
             await self.origin.aclose()
             await self.piece_client.aclose()

@@ -41,6 +41,7 @@ class Metrics:
 
 _ENDPOINTS: dict[str, type[Any]] = {
     "/v1/hosts": wire.AnnounceHost,
+    "/v1/hosts/leave": wire.LeaveHost,
     "/v1/tasks/register": wire.Register,
     "/v1/tasks/sync": wire.Sync,
     "/v1/tasks/seed": wire.SeedProgress,
@@ -98,6 +99,8 @@ class SchedulerService:
             state.seed_progress(message, now)
         elif isinstance(message, wire.Leave):
             state.leave(message, now)
+        elif isinstance(message, wire.LeaveHost):
+            state.leave_host(message.host_id, now)
         if wake is not None:
             try:
                 self._wake_send.send_nowait(wake)

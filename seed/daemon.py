@@ -272,5 +272,6 @@ async def serve(config: SeedConfig, *, task_status: trio.TaskStatus[Any] = trio.
             task_status.started(bound)
     finally:
         with trio.CancelScope(shield=True):
+            await seed.scheduler.say_goodbye(seed.host_id)
             await seed.scheduler.aclose()
             await seed.origin.aclose()

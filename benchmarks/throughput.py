@@ -1,0 +1,103 @@
+"""One peer pulling one large blob from one parent on loopback, beside curl from the origin.
+
+    .venv/bin/python -m benchmarks.throughput --blob-size 1GiB
+
+Starts the real Distribution origin, a scheduler, a seed and two peers (separate
+processes). Peer A pulls the blob first (warming itself); the seed then leaves, so
+peer B's only parent is A. Reports B's download (pieces verified into its store) and
+its `p2pdist get` wall time (which also streams the blob to a file and checks the
+sha256), beside curl fetching the same blob from the origin to /dev/null and to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from p2pdist.config import parse_size
+from p2pdist.lab.image import make_oci_layout, push_image
+from p2pdist.lab.origin import Origin
+from p2pdist.lab.procs import p2pdist_executable, start_peer, start_scheduler, start_seed
+
+REPO = "bench/throughput"
+
+
+def curl(url: str, out: str) -> float:
+    started = time.monotonic()
+    subprocess.run(["curl", "-sf", "-o", out, url], check=True)
+    return time.monotonic() - started
+
+
+def metric_sum(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def run(blob_size: int, workdir: Path) -> dict[str, float]:
+    image = make_oci_layout(workdir / "layout", [blob_size], seed=7)
+    layer = image.layers[0]
+    size = layer.size
+    results: dict[str, float] = {"blob_bytes": size}
+    with Origin(workdir=workdir / "origin") as origin:
+        push_image(image, origin.host, REPO)
+        url = f"{origin.url}/v2/{REPO}/blobs/{layer.digest}"
+        curl(url, "/dev/null")  # warm the origin's page cache
+        results["curl_devnull_s"] = min(curl(url, "/dev/null") for _ in range(3))
+        results["curl_file_s"] = min(curl(url, str(workdir / "curl.out")) for _ in range(3))
+        (workdir / "curl.out").unlink()
+        insecure = ["--insecure-registry", origin.host]
+        scheduler = start_scheduler(workdir)
+        seed = start_seed(workdir, scheduler.url, extra_args=insecure)
+        peer_a = start_peer(workdir, scheduler.url, "peer-a", insecure)
+        peer_b = start_peer(workdir, scheduler.url, "peer-b", insecure)
+        try:
+            get = [str(p2pdist_executable()), "get", url, "-q", "--peer"]
+            subprocess.run([*get, str(peer_a.proxy_url), "-o", str(workdir / "a.out")], check=True)
+            (workdir / "a.out").unlink()
+            seed.stop()  # B's only parent is now A
+            started = time.monotonic()
+            subprocess.run([*get, str(peer_b.proxy_url), "-o", str(workdir / "b.out")], check=True)
+            results["p2p_get_s"] = time.monotonic() - started
+            results["p2p_download_s"] = metric_sum(peer_b.url, "p2pdist_peer_task_duration_seconds_sum")
+            from_peers = metric_sum(peer_b.url, 'p2pdist_peer_download_bytes_total{source="peer"}')
+            assert from_peers == size, f"B fetched {from_peers} of {size} bytes from its parent"
+            h = hashlib.sha256()
+            with open(workdir / "b.out", "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            assert "sha256:" + h.hexdigest() == layer.digest
+        finally:
+            for service in (peer_b, peer_a, seed, scheduler):
+                if service.poll() is None:
+                    service.stop()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blob-size", default="1GiB")
+    parser.add_argument("--out", type=Path, help="write result.json here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="p2pdist-throughput-") as tmp:
+        r = run(parse_size(args.blob_size), Path(tmp))
+    mib = r["blob_bytes"] / (1 << 20)
+    print(f"blob: {mib:.0f} MiB")
+    for key, label in (("curl_devnull_s", "curl from origin to /dev/null"), ("curl_file_s", "curl from origin to a file"),
+                       ("p2p_download_s", "peer B from parent A, into its store (verified)"),
+                       ("p2p_get_s", "p2pdist get through peer B to a file (sha256 checked)")):
+        print(f"  {label:56s} {r[key]:6.2f} s  {mib / r[key]:7.0f} MiB/s")
+    print(f"  ratio p2p download / curl to file: {r['curl_file_s'] / r['p2p_download_s']:.2f}x of curl's speed")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "result.json").write_text(json.dumps(r, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
