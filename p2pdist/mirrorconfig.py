@@ -122,7 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"docker's daemon.json (default: {DOCKER_DAEMON_JSON})")
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
     proxy = parse_proxy(args.proxy)
     registries: Sequence[str] = args.registry or DEFAULT_REGISTRIES
     stamp = time.strftime("%Y%m%d%H%M%S")
