@@ -1,0 +1,195 @@
+"""A cluster rollout on one machine: N peer daemons pull one image at once through their
+mirror ports, then N clients pull it directly from the origin, both under the same origin cap.
+
+    .venv/bin/python -m benchmarks.rollout --peers 16 --blob-size 128MiB --layers 1 \\
+        --peer-upload-rate 8MiB --origin-rate 32MiB --out out/rollout
+
+Everything is real and on loopback: the Distribution registry as origin behind a counting
+relay capped at the origin rate, one scheduler, one seed (its upload also capped at the
+origin rate, so seed and origin together are the server side u_s of the lower bound), and N
+peers with `--upload-rate`. Each host's completion time is when its last layer's last byte
+arrived through its mirror port; every blob is checked against its digest. Results are
+scored against Kumar & Ross's lower bound T_min (see benchmarks/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from benchmarks.report import lower_bound_s, summarize, write_results
+from p2pdist.config import parse_size
+from p2pdist.lab.image import ImageInfo, make_oci_layout, push_image
+from p2pdist.lab.origin import Origin
+from p2pdist.lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
+
+REPO = "bench/rollout"
+MiB = 1 << 20
+
+
+class RolloutError(Exception):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+async def pull_image(client: httpx.AsyncClient, base: str, image: ImageInfo, params: dict[str, str],
+                     started: float) -> float:
+    """Fetch the manifest and every layer (layers at once, as runtimes do); return seconds since `started`."""
+    manifest = await client.get(f"{base}/v2/{REPO}/manifests/{image.tag}", params=params,
+                                headers={"accept": "application/vnd.oci.image.manifest.v1+json"})
+    if manifest.status_code != 200:
+        raise RolloutError(f"manifest from {base}: HTTP {manifest.status_code}")
+
+    async def layer(digest: str) -> None:
+        sha = hashlib.sha256()
+        async with client.stream("GET", f"{base}/v2/{REPO}/blobs/{digest}", params=params) as response:
+            if response.status_code != 200:
+                raise RolloutError(f"{digest[:19]} from {base}: HTTP {response.status_code}")
+            async for chunk in response.aiter_raw():
+                sha.update(chunk)
+        if "sha256:" + sha.hexdigest() != digest:
+            raise RolloutError(f"{digest[:19]} from {base} does not match its digest")
+
+    async with trio.open_nursery() as nursery:
+        for blob in image.layers:
+            nursery.start_soon(layer, blob.digest)
+    return time.monotonic() - started
+
+
+async def pull_everywhere(bases: Sequence[str], image: ImageInfo, params: dict[str, str],
+                          timeout_s: float) -> list[float]:
+    times: list[float] = [0.0] * len(bases)
+    limits = httpx.Limits(max_connections=len(bases) * (len(image.layers) + 1) + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        started = time.monotonic()
+
+        async def one(i: int, base: str) -> None:
+            times[i] = await pull_image(client, base, image, params, started)
+
+        with trio.fail_after(timeout_s):
+            async with trio.open_nursery() as nursery:
+                for i, base in enumerate(bases):
+                    nursery.start_soon(one, i, base)
+    return times
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    blob_bytes = parse_size(args.blob_size)
+    origin_bps = parse_size(args.origin_rate)
+    upload_bps = parse_size(args.peer_upload_rate)
+    per_layer = blob_bytes // args.layers
+    log(f"generating an image of {args.layers} layer(s), {blob_bytes / MiB:.0f} MiB in all")
+    image = make_oci_layout(workdir / "layout", [per_layer] * args.layers, seed=args.seed)
+    total = image.total_layer_bytes
+    with ExitStack() as stack:
+        origin = stack.enter_context(Origin(workdir=workdir / "origin"))
+        push_image(image, origin.host, REPO)
+        relay = stack.enter_context(RelayProcess(workdir, origin.host, rate_bps=origin_bps))
+        insecure = ["--insecure-registry", relay.host]
+        services: list[Service] = []
+        stack.callback(lambda: [s.stop() for s in reversed(services) if s.poll() is None])
+        scheduler = start_scheduler(workdir)
+        services.append(scheduler)
+        services.append(start_seed(workdir, scheduler.url, extra_args=[
+            *insecure, "--upload-rate", args.origin_rate, "--log-level", "warning"]))
+        peer_args = [*insecure, "--upload-rate", args.peer_upload_rate, "--log-level", "warning", *shlex.split(args.peer_args)]
+        if args.peer_download_rate:
+            peer_args += ["--download-rate", args.peer_download_rate]
+        peers = [start_peer(workdir, scheduler.url, f"peer-{i:03d}", peer_args, wait=False) for i in range(args.peers)]
+        services.extend(peers)
+        for peer in peers:
+            peer.wait_healthy()
+        log(f"{args.peers} peers up; p2p rollout starts")
+        before = relay.downstream_bytes()
+        p2p = trio.run(pull_everywhere, [str(p.proxy_url) for p in peers], image, {"ns": relay.host}, args.timeout)
+        p2p_origin = relay.downstream_bytes() - before
+        log(f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB")
+        direct: list[float] = []
+        direct_origin = 0
+        if not args.skip_direct:
+            before = relay.downstream_bytes()
+            direct = trio.run(pull_everywhere, [relay.url] * args.peers, image, {}, args.timeout)
+            direct_origin = relay.downstream_bytes() - before
+            log(f"direct: p50 {sorted(direct)[len(direct) // 2]:.2f}s, slowest {max(direct):.2f}s, "
+                f"origin sent {direct_origin / MiB:.1f} MiB")
+    download_bps = parse_size(args.peer_download_rate) if args.peer_download_rate else float("inf")
+    bound = lower_bound_s(args.peers, total, origin_bps, upload_bps, download_bps)
+    result: dict[str, Any] = {
+        "title": f"Rollout: {args.peers} hosts, {total / MiB:.0f} MiB image in {args.layers} layer(s)",
+        "command": "python -m benchmarks.rollout " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "machine": f"{platform.node()} {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+        "peers": args.peers,
+        "layers": args.layers,
+        "blob_bytes": total,
+        "origin_rate_bps": origin_bps,
+        "peer_upload_rate_bps": upload_bps,
+        "lower_bound_s": bound,
+        "direct_lower_bound_s": max(args.peers * total / origin_bps, total / download_bps),
+        "p2p": summarize(p2p, p2p_origin),
+    }
+    if direct:
+        result["direct"] = summarize(direct, direct_origin)
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--peers", type=int, default=16)
+    parser.add_argument("--blob-size", default="128MiB", help="total bytes of the image's layers")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--peer-upload-rate", default="8MiB")
+    parser.add_argument("--peer-download-rate", default="", help="cap on each peer's download (default none)")
+    parser.add_argument("--origin-rate", default="32MiB")
+    parser.add_argument("--peer-args", default="", help="extra flags for every peer daemon")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the generated image's bytes")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--skip-direct", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.peers < 1 or args.layers < 1:
+        parser.error("--peers and --layers must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    if args.keep:
+        tmp = tempfile.mkdtemp(prefix="p2pdist-rollout-")
+        log(f"keeping logs and data in {tmp}")
+        result = run(args, Path(tmp))
+    else:
+        with tempfile.TemporaryDirectory(prefix="p2pdist-rollout-") as tmp:
+            result = run(args, Path(tmp))
+    result["runtime_s"] = round(time.monotonic() - started, 1)
+    write_results(args.out, result)
+    bound = result["lower_bound_s"]
+    p2p = result["p2p"]
+    print(f"T_min {bound:.2f}s | p2p p50 {p2p['p50_s']:.2f}s ({p2p['p50_s'] / bound:.2f}x) "
+          f"p99 {p2p['p99_s']:.2f}s ({p2p['p99_s'] / bound:.2f}x) origin {p2p['origin_bytes'] / result['blob_bytes']:.2f}F")
+    if "direct" in result:
+        d = result["direct"]
+        print(f"direct p50 {d['p50_s']:.2f}s p99 {d['p99_s']:.2f}s origin {d['origin_bytes'] / result['blob_bytes']:.2f}F; "
+              f"p2p p50 is {d['p50_s'] / p2p['p50_s']:.1f}x faster")
+    print(f"wrote {args.out}/result.json, report.md, cdf.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
