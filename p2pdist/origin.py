@@ -45,11 +45,18 @@ class OriginResponse:
     counter: list[int]
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.response.aiter_raw():
-            if self.bucket is not None:
-                await self.bucket.take(len(chunk))
-            self.counter[0] += len(chunk)
-            yield chunk
+        received = 0
+        try:
+            async for chunk in self.response.aiter_raw():
+                if self.bucket is not None:
+                    await self.bucket.take(len(chunk))
+                self.counter[0] += len(chunk)
+                received += len(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            # A reset or a stall mid-body is the origin failing: callers retry and resume.
+            raise OriginError(f"origin {self.response.url.netloc.decode()} failed after {received} of "
+                              f"{self.length} bytes: {type(exc).__name__}") from None
 
 
 class OriginClient:
