@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -124,13 +125,45 @@ def _hostport_str(value: object) -> str:
     return str(value)
 
 
+CLUSTER_SECRET_ENV = "P2PDIST_CLUSTER_SECRET"
+MIN_SECRET_CHARS = 16
+
+
+def _opt_secret(value: object) -> str | None:
+    """The cluster secret: printable ASCII without spaces (it travels in a header). Errors
+    never repeat the value."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.isascii() or not value.isprintable() or " " in value:
+        raise ConfigError("must be printable ASCII without spaces (value not shown)")
+    if len(value) < MIN_SECRET_CHARS:
+        raise ConfigError(f"must be at least {MIN_SECRET_CHARS} characters (value not shown)")
+    return value
+
+
+def _opt_path(value: object) -> str | None:
+    return None if value in (None, "") else _str(value)
+
+
 def opt(default: Any, parse: Callable[[object], Any], help: str, *, flag: str | None = None,
-        repeat: bool = False) -> Any:
-    """A config field: default, parser for YAML and flag values, help text, flag name."""
+        repeat: bool = False, secret: bool = False) -> Any:
+    """A config field: default, parser for YAML and flag values, help text, flag name.
+    A `secret` field is left out of the config's repr, so logging a config cannot leak it."""
     meta = {"parse": parse, "help": help, "flag": flag, "repeat": repeat}
     if isinstance(default, list | dict):
         raise TypeError("use tuples for defaults")
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not secret)
+
+
+def _secret_opt() -> Any:
+    return opt(None, _opt_secret, f"shared secret every scheduler and piece request carries as a Bearer "
+               f"token (or env {CLUSTER_SECRET_ENV}; prefer the env var or the config file to a flag)",
+               secret=True)
+
+
+_TLS_CERT_HELP = "PEM certificate chain: serve TLS on this port (with tls_key)"
+_TLS_KEY_HELP = "PEM private key of tls_cert"
+_TLS_CA_HELP = "PEM CA bundle trusted for https:// scheduler, seed and parent URLs"
 
 
 @dataclass(frozen=True)
@@ -142,6 +175,10 @@ class SchedulerConfig:
     bad_parent_ttl_s: float = opt(30.0, _float, "avoid a parent reported bad for this long")
     seed_retry_s: float = opt(5.0, _float, "ask another seed when one has shown no progress for this long")
     log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
+    cluster_secret: str | None = _secret_opt()
+    tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
+    tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
+    tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
 
 
 @dataclass(frozen=True)
@@ -157,6 +194,10 @@ class SeedConfig:
     announce_interval_s: float = opt(3.0, _float, "how often to tell the scheduler this seed is alive")
     insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
     log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
+    cluster_secret: str | None = _secret_opt()
+    tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
+    tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
+    tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
 
 
 @dataclass(frozen=True)
@@ -179,6 +220,10 @@ class PeerConfig:
     insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
     registry_mirror: str | None = opt(None, _opt_url, "upstream for requests without ?ns= (docker registry-mirrors)", flag="--registry-mirror")
     log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
+    cluster_secret: str | None = _secret_opt()
+    tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
+    tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
+    tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
 
 
 C = TypeVar("C")
@@ -217,7 +262,17 @@ def load(cls: type[C], path: str | Path | None, overrides: Mapping[str, object] 
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    from_env = os.environ.get(CLUSTER_SECRET_ENV)
+    if not data.get("cluster_secret") and from_env and _has_field(cls, "cluster_secret"):
+        try:
+            data["cluster_secret"] = _opt_secret(from_env)
+        except ConfigError as exc:
+            raise ConfigError(f"{CLUSTER_SECRET_ENV}: {exc}") from None
     return from_mapping(cls, data, source=str(path) if path is not None else "flags")
+
+
+def _has_field(cls: type[Any], name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(cls))
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type[Any]) -> None:

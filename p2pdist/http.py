@@ -1,6 +1,7 @@
 """The small HTTP/1.1 server every p2pdist service speaks: h11 on trio, keep-alive, and file
 bodies sent with os.sendfile straight from the page cache to the socket (optionally through
-the daemon's upload TokenBucket). Handlers are `async def handler(Request) -> Response`.
+the daemon's upload TokenBucket); with an ssl_context, TLS, and file bodies read and sent as
+bytes. Handlers are `async def handler(Request) -> Response`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +134,7 @@ async def serve_http(
     idle_timeout_s: float = 60.0,
     max_header_bytes: int = 16 * 1024,
     on_bytes_sent: Callable[[int], None] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` on host:port until cancelled; reports the bound (host, port).
@@ -139,6 +142,8 @@ async def serve_http(
     `request_timeout_s` bounds reading a request head plus running the handler, and how long
     any single write of the response may stall; a slow but moving download is not cut off.
     `idle_timeout_s` bounds how long a kept-alive connection may wait for its next request.
+    With `ssl_context`, every connection is TLS; the handshake must finish within
+    `request_timeout_s`.
     """
     server = _Server(
         handler=handler,
@@ -148,10 +153,11 @@ async def serve_http(
         idle_timeout_s=idle_timeout_s,
         max_header_bytes=max_header_bytes,
         on_bytes_sent=on_bytes_sent,
+        ssl_context=ssl_context,
     )
     listener = await _open_listener(host, port)
     bound_host, bound_port = listener.socket.getsockname()[:2]
-    log.info("%s: serving HTTP on %s:%d", name, bound_host, bound_port)
+    log.info("%s: serving %s on %s:%d", name, "HTTPS" if ssl_context else "HTTP", bound_host, bound_port)
     task_status.started((bound_host, bound_port))
     try:
         await trio.serve_listeners(server.serve_connection, [listener])
@@ -186,10 +192,21 @@ class _Server:
     idle_timeout_s: float
     max_header_bytes: int
     on_bytes_sent: Callable[[int], None] | None
+    ssl_context: ssl.SSLContext | None = None
 
-    async def serve_connection(self, stream: trio.SocketStream) -> None:
-        connection = _Connection(self, stream)
+    async def serve_connection(self, socket_stream: trio.SocketStream) -> None:
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = socket_stream
+        if self.ssl_context is not None:
+            stream = trio.SSLStream(socket_stream, self.ssl_context, server_side=True, https_compatible=True)
+        connection = _Connection(self, stream, socket_stream)
         try:
+            if isinstance(stream, trio.SSLStream):
+                try:
+                    with trio.fail_after(self.request_timeout_s):
+                        await stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    # A plain-HTTP client, a scanner, an untrusted certificate: not our error.
+                    raise _ClientGone(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
             await connection.run()
         except _ClientGone as exc:
             log.debug("%s: client %s went away: %s", self.name, connection.client_label, exc)
@@ -247,11 +264,14 @@ def _reason(status: int) -> bytes:
 class _Connection:
     """One client connection: a keep-alive loop of request, handler, response."""
 
-    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
+    def __init__(self, server: _Server, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+                 socket_stream: trio.SocketStream) -> None:
         self.server = server
         self.stream = stream
+        # The TCP stream under `stream` (the same one without TLS): its socket for sendfile.
+        self.socket_stream = socket_stream
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_header_bytes)
-        self.client = _peer(stream)
+        self.client = _peer(socket_stream)
         self.client_label = f"{self.client[0]}:{self.client[1]}"
         self._request_headers: Sequence[tuple[bytes, bytes]] = ()
         # Set once a request body was refused as too large: what is left of it is no body.
@@ -270,7 +290,8 @@ class _Connection:
 
     async def _receive(self) -> bytes:
         try:
-            return await self.stream.receive_some(RECEIVE_BYTES)
+            # bytes() is a no-op on a socket's bytes; SSLStream may hand back a bytearray.
+            return bytes(await self.stream.receive_some(RECEIVE_BYTES))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone(str(exc) or type(exc).__name__) from exc
 
@@ -310,7 +331,10 @@ class _Connection:
         await self._send_bytes(b"".join(small))
 
     async def _sendfile(self, span: _FileSpan) -> None:
-        sock = self.stream.socket
+        if self.stream is not self.socket_stream:
+            await self._send_file_bytes(span)  # TLS: the kernel cannot encrypt for us
+            return
+        sock = self.socket_stream.socket
         out_fd = sock.fileno()
         bucket = self.server.upload_bucket
         on_sent = self.server.on_bytes_sent
@@ -337,6 +361,22 @@ class _Connection:
                 offset += sent
                 if on_sent is not None:
                     on_sent(sent)
+
+    async def _send_file_bytes(self, span: _FileSpan) -> None:
+        """A file span read with pread and sent as bytes, for streams sendfile cannot serve."""
+        bucket = self.server.upload_bucket
+        step = LIMITED_CHUNK_BYTES if bucket is None else min(LIMITED_CHUNK_BYTES, bucket.burst_bytes)
+        offset = span.offset
+        end = span.offset + span.length
+        while offset < end:
+            data = os.pread(span.fd, min(step, end - offset), offset)
+            if not data:
+                raise OSError(errno.EIO, "file ended before the promised length")
+            if bucket is not None:
+                await bucket.take(len(data))
+            await self._send_bytes(data)
+            offset += len(data)
+            self._count_sent(len(data))
 
     # --- the request/response cycle -------------------------------------------------------
 
@@ -630,7 +670,9 @@ class _Connection:
 
     async def _close_gracefully(self) -> None:
         try:
-            await self.stream.send_eof()
+            # Under TLS this skips close_notify: our responses are length-framed, and the
+            # client's https_compatible reading accepts a bare EOF.
+            await self.socket_stream.send_eof()
             with trio.move_on_after(CLOSE_GRACE_S):
                 while await self.stream.receive_some(RECEIVE_BYTES):
                     pass

@@ -2,6 +2,7 @@
 
 Serves only pieces already verified and renamed into the store, straight from disk with
 sendfile, and answers 503 when its upload slots are all taken so children try elsewhere.
+With a cluster secret, a request without it is a 401.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from p2pdist.errors import BadRequest, NotFound
 from p2pdist.http import FileBody, Request, Response, text_response
 from p2pdist.metrics import DaemonMetrics
 from p2pdist.store import Store
+from p2pdist.trust import refuse_unauthorized
 
 PIECE_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)/pieces/(?P<number>[^/]+)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -47,16 +49,21 @@ class RangeNotSatisfiable(BadRequest):
 
 
 class PieceServer:
-    def __init__(self, store: Store, metrics: DaemonMetrics, upload_slots: int) -> None:
+    def __init__(self, store: Store, metrics: DaemonMetrics, upload_slots: int, *,
+                 secret: str | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.upload_slots = upload_slots
+        self.secret = secret
         self.active = 0
 
     def match(self, request: Request) -> bool:
         return request.path.startswith("/v1/tasks/")
 
     async def handle(self, request: Request) -> Response:
+        if (refused := refuse_unauthorized(request, self.secret)) is not None:
+            self.metrics.pieces_served.labels("401").inc()
+            return refused
         m = PIECE_PATH.fullmatch(request.path)
         if not m:
             raise NotFound(f"no such endpoint {request.path[:100]}")

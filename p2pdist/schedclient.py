@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
 from typing import TypeVar
 
 import httpx
@@ -10,15 +11,18 @@ import trio
 
 from p2pdist import wire
 from p2pdist.errors import UpstreamError
+from p2pdist.trust import bearer_headers
 
 R = TypeVar("R")
 
 
 class SchedulerClient:
-    def __init__(self, url: str, *, timeout_s: float = 3.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 3.0, secret: str | None = None,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.url = url.rstrip("/")
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s),
-                                        limits=httpx.Limits(max_connections=16))
+                                        limits=httpx.Limits(max_connections=16),
+                                        headers=bearer_headers(secret), verify=verify)
 
     async def call(self, path: str, message: object, reply: type[R]) -> R:
         """POST a message; raise UpstreamError with a one-line reason on any failure."""

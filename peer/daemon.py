@@ -27,6 +27,7 @@ from p2pdist.ratelimit import maybe_bucket
 from p2pdist.schedclient import SchedulerClient
 from p2pdist.service import health_response, metrics_response
 from p2pdist.store import Store
+from p2pdist.trust import client_context, server_context
 from peer.download import TaskDownload
 
 log = logging.getLogger("p2pdist.peer")
@@ -61,12 +62,14 @@ class PeerDaemon:
             log.info("reusing %d verified piece(s) from %s", kept, data_dir)
         self.host_id = load_host_id(data_dir, self.kind)
         self.metrics = DaemonMetrics(self.kind)
-        self.scheduler: SchedulerClient | None = SchedulerClient(config.scheduler, timeout_s=config.scheduler_timeout_s)
+        tls_client = client_context(config.tls_ca)
+        self.scheduler: SchedulerClient | None = SchedulerClient(
+            config.scheduler, timeout_s=config.scheduler_timeout_s, secret=config.cluster_secret, verify=tls_client)
         self.origin = OriginClient(rate=maybe_bucket(config.download_rate_bps))
         self.download_bucket = maybe_bucket(config.download_rate_bps)
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
-        self.piece_client = PieceClient()
-        self.pieces = PieceServer(self.store, self.metrics, config.upload_slots)
+        self.piece_client = PieceClient(secret=config.cluster_secret, ssl_context=tls_client)
+        self.pieces = PieceServer(self.store, self.metrics, config.upload_slots, secret=config.cluster_secret)
         self.downloads: dict[str, TaskDownload] = {}
         self.advertise = config.advertise or ""
         self._nursery: trio.Nursery | None = None
@@ -148,6 +151,7 @@ class PeerDaemon:
 async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     from peer.proxy import Proxy
 
+    tls = server_context(config.tls_cert, config.tls_key)
     daemon = PeerDaemon(config)
     proxy = Proxy(daemon)
     host, port = parse_hostport(config.listen)
@@ -157,9 +161,9 @@ async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Any] = trio.
             daemon._nursery = nursery
             bound = await nursery.start(lambda task_status: serve_http(
                 daemon.handle_peer, host, port, name="peer", upload_bucket=daemon.upload_bucket,
-                on_bytes_sent=daemon.count_upload, task_status=task_status))
+                on_bytes_sent=daemon.count_upload, ssl_context=tls, task_status=task_status))
             if not daemon.advertise:
-                daemon.advertise = f"http://{bound[0]}:{bound[1]}"
+                daemon.advertise = f"{'https' if tls else 'http'}://{bound[0]}:{bound[1]}"
             proxy_bound = await nursery.start(lambda task_status: serve_http(
                 proxy.handle, proxy_host, proxy_port, name="proxy", request_timeout_s=3600.0,
                 task_status=task_status))

@@ -1,6 +1,7 @@
 """The scheduler service: the msgpack HTTP API (/v1/...) around the in-memory state machine.
 
-It never carries blob bytes; it tells peers whom to fetch from and wakes seeds.
+It never carries blob bytes; it tells peers whom to fetch from and wakes seeds. With a
+cluster secret, every API call must carry it (and the wake-up to a seed carries it too).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from p2pdist.config import SchedulerConfig, parse_hostport
 from p2pdist.errors import NotFound
 from p2pdist.http import Request, Response, serve_http, text_response
 from p2pdist.service import health_response, metrics_response
+from p2pdist.trust import bearer_headers, client_context, refuse_unauthorized, server_context
 from scheduler.state import Scheduler, WakeSeed
 
 log = logging.getLogger("p2pdist.scheduler")
@@ -65,6 +67,9 @@ class SchedulerService:
         if request.path == "/metrics" and request.method in ("GET", "HEAD"):
             self._refresh_gauges()
             return metrics_response(self.metrics.registry)
+        if (refused := refuse_unauthorized(request, self.config.cluster_secret)) is not None:
+            self.metrics.requests.labels("unauthorized", "error").inc()
+            return refused
         cls = _ENDPOINTS.get(request.path)
         if cls is None:
             raise NotFound(f"no such endpoint {request.path[:100]}")
@@ -125,7 +130,9 @@ class SchedulerService:
         self.metrics.peers.set(sum(len(t.peers) for t in self.state.tasks.values()))
 
     async def wake_seeds(self) -> None:
-        async with httpx.AsyncClient(timeout=5.0) as client, trio.open_nursery() as nursery:
+        async with httpx.AsyncClient(timeout=5.0, verify=client_context(self.config.tls_ca),
+                                     headers=bearer_headers(self.config.cluster_secret)) as client, \
+                trio.open_nursery() as nursery:
             async for wake in self._wake_recv:
                 nursery.start_soon(self._wake_one, client, wake)
 
@@ -151,10 +158,11 @@ class SchedulerService:
 async def serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     service = SchedulerService(config)
     host, port = parse_hostport(config.listen)
+    tls = server_context(config.tls_cert, config.tls_key)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(lambda task_status: serve_http(
-            service.handle, host, port, name="scheduler", task_status=task_status))
+            service.handle, host, port, name="scheduler", ssl_context=tls, task_status=task_status))
         nursery.start_soon(service.wake_seeds)
         nursery.start_soon(service.expire_loop)
-        log.info("scheduler listening on http://%s:%d", *bound)
+        log.info("scheduler listening on %s://%s:%d", "https" if tls else "http", *bound)
         task_status.started(bound)

@@ -28,6 +28,7 @@ from p2pdist.ratelimit import maybe_bucket
 from p2pdist.schedclient import SchedulerClient
 from p2pdist.service import health_response, metrics_response
 from p2pdist.store import PieceWriter, Store, TaskStore
+from p2pdist.trust import client_context, refuse_unauthorized, server_context
 from peer.daemon import load_host_id
 
 log = logging.getLogger("p2pdist.seed")
@@ -187,10 +188,11 @@ class SeedDaemon:
             log.info("reusing %d verified piece(s) from %s", kept, data_dir)
         self.host_id = load_host_id(data_dir, self.kind)
         self.metrics = DaemonMetrics(self.kind)
-        self.scheduler = SchedulerClient(config.scheduler)
+        self.scheduler = SchedulerClient(config.scheduler, secret=config.cluster_secret,
+                                         verify=client_context(config.tls_ca))
         self.origin = OriginClient(rate=maybe_bucket(config.origin_rate_bps), timeout_s=config.origin_timeout_s)
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
-        self.pieces = PieceServer(self.store, self.metrics, config.upload_slots)
+        self.pieces = PieceServer(self.store, self.metrics, config.upload_slots, secret=config.cluster_secret)
         self.fetches: dict[str, SeedFetch] = {}
         self.advertise = config.advertise or ""
         self._nursery: trio.Nursery | None = None
@@ -201,6 +203,8 @@ class SeedDaemon:
         if request.path == "/metrics":
             return metrics_response(self.metrics.registry)
         if request.path == "/v1/seed/tasks":
+            if (refused := refuse_unauthorized(request, self.config.cluster_secret)) is not None:
+                return refused
             if request.method != "POST":
                 return text_response(405, "/v1/seed/tasks takes POST", [("allow", "POST")])
             trigger = wire.decode(wire.SeedTrigger, await request.body(limit=wire.MAX_BODY_BYTES))
@@ -257,6 +261,7 @@ class SeedDaemon:
 
 
 async def serve(config: SeedConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    tls = server_context(config.tls_cert, config.tls_key)
     seed = SeedDaemon(config)
     host, port = parse_hostport(config.listen)
     try:
@@ -264,9 +269,9 @@ async def serve(config: SeedConfig, *, task_status: trio.TaskStatus[Any] = trio.
             seed._nursery = nursery
             bound = await nursery.start(lambda task_status: serve_http(
                 seed.handle, host, port, name="seed", upload_bucket=seed.upload_bucket,
-                on_bytes_sent=seed.count_upload, task_status=task_status))
+                on_bytes_sent=seed.count_upload, ssl_context=tls, task_status=task_status))
             if not seed.advertise:
-                seed.advertise = f"http://{bound[0]}:{bound[1]}"
+                seed.advertise = f"{'https' if tls else 'http'}://{bound[0]}:{bound[1]}"
             nursery.start_soon(seed.announce_loop)
             log.info("seed %s serving pieces on %s", seed.host_id, seed.advertise)
             task_status.started(bound)
