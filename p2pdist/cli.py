@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (P2PError, OSError, ValueError) as exc:
+    except (P2PError, OSError) as exc:
         print(f"p2pdist {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from p2pdist.errors import P2PError
+
 DEFAULT_PROXY = "http://127.0.0.1:4001"
 DEFAULT_REGISTRIES = ("docker.io",)
 CONTAINERD_HOSTS_DIR = "/etc/containerd/certs.d"
@@ -29,8 +31,8 @@ _REGISTRY = re.compile(r"(?:(?P<scheme>https?)://)?(?P<host>[A-Za-z0-9.-]+(?::\d
 _PROXY = re.compile(r"https?://[A-Za-z0-9.-]+(?::\d{1,5})?|https?://\[[0-9a-fA-F:]+\](?::\d{1,5})?")
 
 
-class MirrorConfigError(ValueError):
-    pass
+class MirrorConfigError(P2PError):
+    """A flag or an existing runtime config file is unusable."""
 
 
 def parse_registry(value: str) -> tuple[str, str]:
