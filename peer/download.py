@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from p2pdist import wire
-from p2pdist.digest import PieceHasher, short
+from p2pdist.digest import PIECE_DIGEST_BYTES, PieceHasher, short
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.pieces import Bitmap
 from p2pdist.store import TaskStore
@@ -176,12 +176,13 @@ class TaskDownload:
             if self._waiting_since is None:
                 self._waiting_since = time.monotonic()
         elif reply.state == "running" and reply.content_length is not None:
-            if self.store is None:
-                self.store = self.daemon.store.open(self.task_id, reply.content_length, self.url)
-                self._notify()
+            store = self.store if self.store is not None else self._open_store(reply.content_length)
             if reply.first_digest <= len(self.digests):
+                known = len(self.digests)
                 self.digests.extend(reply.piece_digests[len(self.digests) - reply.first_digest:])
-            count = self.store.layout.count
+                if len(self.digests) > known:
+                    self._save_digests()
+            count = store.layout.count
             fresh: dict[str, ParentState] = {}
             for p in reply.parents:
                 if p.host_id == self.daemon.host_id or self.blocked.get(p.host_id, 0) > time.monotonic():
@@ -237,6 +238,29 @@ class TaskDownload:
             self._bad -= bad
             self._failed -= failed
             self._apply(reply)
+
+    def _open_store(self, content_length: int) -> TaskStore:
+        store = self.store = self.daemon.store.open(self.task_id, content_length, self.url)
+        if not self.digests and len(store.pieces):
+            # Pieces kept from an earlier run were verified against these when the store loaded.
+            self.digests = store.load_digests()[: store.layout.count]
+        self._notify()
+        return store
+
+    def _save_digests(self) -> None:
+        """Keep the known digests beside the pieces as they arrive, so that after a crash the
+        verified pieces of an unfinished download can be checked and reused, not refetched."""
+        if self.store is None:
+            return
+        known = []
+        for digest in self.digests:
+            if len(digest) != PIECE_DIGEST_BYTES:
+                break  # a gap: later digests would be read against the wrong pieces
+            known.append(digest)
+        try:
+            self.store.save_digests(known)
+        except StoreError as exc:
+            log.info("task %s: piece digests not saved: %s", short(self.task_id), exc)
 
     def _complete(self) -> bool:
         return self.store is not None and self.store.complete()
@@ -432,8 +456,7 @@ class TaskDownload:
             try:
                 async with origin.open_blob(self.url, self.headers, start=start) as body:
                     if store is None:
-                        store = self.store = self.daemon.store.open(self.task_id, body.blob_size, self.url)
-                        self._notify()
+                        store = self._open_store(body.blob_size)
                     elif body.blob_size != store.layout.blob_size:
                         raise IntegrityError(f"origin says the blob has {body.blob_size} bytes, "
                                              f"expected {store.layout.blob_size}")
@@ -482,6 +505,7 @@ class TaskDownload:
                             if number >= len(self.digests):
                                 self.digests.extend([b""] * (number - len(self.digests) + 1))
                             self.digests[number] = digest
+                            self._save_digests()
                             metrics.pieces.labels("origin", "verified").inc()
                             self._to_report.append(number)
                             self._notify()
