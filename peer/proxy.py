@@ -47,7 +47,7 @@ REFERRERS_PATH = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")
 API_VERSION = ("docker-distribution-api-version", "registry/2.0")
 PULL_ONLY = "p2pdist is a pull-only registry mirror: push to the registry itself"
 _FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_ERROR_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED", 404: "NOT_FOUND",
+_ERROR_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED", 404: "UNSUPPORTED",
                 405: "UNSUPPORTED", 416: "RANGE_INVALID", 429: "TOOMANYREQUESTS"}
 
 
@@ -167,6 +167,7 @@ class Proxy:
     # -- blobs ----------------------------------------------------------------------------
 
     async def blob(self, request: Request, name: str, digest: str) -> Response:
+        started = time.monotonic()
         up = self.upstream(request)
         hops = self._hops(request)
         path = f"/v2/{name}/blobs/{digest}"
@@ -208,11 +209,12 @@ class Proxy:
             return head_response(status, reply)
         assert dl is not None
         source = "local" if dl.finished.is_set() and dl.verified else "p2p"
-        return Response(status, reply, self._timed(stream_blob(dl, start, end), dl, source, end - start))
+        body = self._timed(stream_blob(dl, start, end), dl, source, end - start, started)
+        return Response(status, reply, body)
 
     async def _timed(self, body: AsyncIterator[bytes | FileBody], dl: TaskDownload, source: str,
-                     length: int) -> AsyncIterator[bytes | FileBody]:
-        started = time.monotonic()
+                     length: int, started: float) -> AsyncIterator[bytes | FileBody]:
+        """`body`, counted: time to its first byte (from the request) and bytes by source."""
         first = True
         sent = 0
         try:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +272,30 @@ def test_credentials_never_reach_logs_or_metrics(private: tuple[Mirror, ImageInf
             exposed = httpx.get(f"{service.proxy_url}/metrics").text
             assert not [s for s in secrets if s in exposed]
     assert json.dumps(metric(mirror.peer.url, "p2pdist_peer_mirror_access_checks_total", 'result="denied"')) != "0.0"
+
+
+@pytest.mark.slow
+def test_blob_streams_as_pieces_arrive_so_the_first_byte_does_not_wait_for_the_whole_blob(
+        origin: Origin, push_to_origin: PushToOrigin, tmp_path: Path) -> None:
+    image = push_to_origin((24 * MiB,), 34, "mirror/stream")
+    layer = image.layers[0]
+    # The origin link is slow (12 MiB/s): the whole blob takes about 2 s to reach the seed.
+    cluster = Cluster(tmp_path, origin.host, relay_rate_bps=12 * MiB)
+    try:
+        cluster.add_peers(1, ("--insecure-registry", cluster.relay.host))
+        mirror = Mirror(cluster)
+        started = time.monotonic()
+        first_byte = None
+        sha = hashlib.sha256()
+        with httpx.stream("GET", f"{mirror.url}/v2/mirror/stream/blobs/{layer.digest}", params=mirror.ns,
+                          timeout=60) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_raw():
+                if first_byte is None:
+                    first_byte = time.monotonic() - started
+                sha.update(chunk)
+        total = time.monotonic() - started
+    finally:
+        cluster.stop()
+    assert "sha256:" + sha.hexdigest() == layer.digest
+    assert first_byte is not None and first_byte < 0.5 * total, (first_byte, total)
