@@ -50,10 +50,11 @@ def main() -> None:
                 ref = f"{relay.host}/{REPO}:latest"
 
                 def pull(label: str, mirror: str | None) -> float:
-                    hosts_dir = workdir / f"certs-{label}"
+                    slug = "-".join(label.split()[:4]).replace(",", "")
+                    hosts_dir = workdir / f"certs-{slug}"
                     write_hosts_toml(hosts_dir, relay.host, relay.url, mirror)
                     before = relay.downstream_bytes()
-                    with Containerd(workdir, f"containerd-{label}") as containerd:
+                    with Containerd(workdir, f"containerd-{slug}") as containerd:
                         took = containerd.pull(ref, hosts_dir, timeout=1200)
                     sent = relay.downstream_bytes() - before
                     print(f"{label:<34} {took:7.2f} s   origin sent {sent / MiB:7.1f} MiB", flush=True)
