@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
+
+# A child fetches up to this many pieces at once from one parent (the peer's per_parent_pieces),
+# so a parent with `upload_slots` slots serves about slots / 3 children at full speed.
+SLOTS_PER_CHILD = 3
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):  # a tuple: the scheduler builds dozens per decision
     host_id: str
     pieces: int  # pieces it holds
     useful: int  # pieces it holds that the child lacks
@@ -22,12 +25,27 @@ class Candidate:
     is_seed: bool
 
 
+def capacity(c: Candidate) -> float:
+    """Children a candidate can serve at full speed."""
+    return max(1.0, c.upload_slots / SLOTS_PER_CHILD)
+
+
+def worth_keeping(c: Candidate) -> bool:
+    """A current parent stays while it has pieces the child lacks and is not overloaded."""
+    return c.useful > 0 and c.children < max(1, c.upload_slots)
+
+
 def score(c: Candidate, total_pieces: int) -> float:
-    """Higher is better: pieces the child can use, and free upload slots (load counts most)."""
-    free = max(0.0, 1.0 - c.children / max(1, c.upload_slots))
+    """Higher is better: pieces the child can use, and free upload slots (load counts most).
+
+    A candidate with nothing the child can use now ranks below every one that has something:
+    free slots on an empty peer move no bytes, and at the start of a rollout nearly every
+    peer is empty and idle.
+    """
+    free = max(0.0, 1.0 - c.children / capacity(c))
     have = c.useful / max(1, total_pieces)
     # Seeds come last among equals: the origin-facing host is the scarcest upload of all.
-    return 0.6 * free + 0.4 * have - (0.05 if c.is_seed else 0.0)
+    return (1.0 if c.useful else 0.0) + 0.6 * free + 0.4 * have - (0.05 if c.is_seed else 0.0)
 
 
 def creates_cycle(child: str, parent: str, parents_of: Mapping[str, Iterable[str]]) -> bool:
@@ -57,7 +75,9 @@ def choose_parents(
     rng: random.Random,
     closes_cycle: Callable[[str, str], bool] | None = None,
 ) -> list[str]:
-    """Keep the still-useful current parents, then fill up to `want` with the best-scoring others.
+    """Keep the current parents that still hold pieces the child lacks, then fill up to `want` with
+    the best-scoring others (a parent with nothing useful now is dropped: the child re-asks every
+    sync, and a slot held by an idle parent is download bandwidth lost).
 
     Never returns the child itself, a complete candidate with nothing the child lacks, or one
     that would make a cycle (peers still downloading, the seed among them, may be offered). Candidates are sampled first so that a task with thousands of peers
@@ -70,7 +90,7 @@ def choose_parents(
     graph = parents_of or {}
     cycle = closes_cycle or (lambda c, p: creates_cycle(c, p, graph))
     by_id = {c.host_id: c for c in candidates}
-    chosen = [h for h in keep if h in by_id and (by_id[h].useful > 0 or not by_id[h].complete)]
+    chosen = [h for h in keep if h in by_id and worth_keeping(by_id[h])]
     chosen = chosen[:want]
     pool = [
         c for c in candidates

@@ -25,7 +25,7 @@ from p2pdist.wire import (
     Sync,
     SyncReply,
 )
-from scheduler.parents import Candidate, choose_parents
+from scheduler.parents import Candidate, choose_parents, worth_keeping
 
 log = logging.getLogger("p2pdist.scheduler")
 
@@ -40,8 +40,8 @@ class Host:
 
 
 # A new parent ordered after its child needs a search of the parent graph to rule out a cycle;
-# past this many peers visited the parent is refused instead (a cycle can't be ruled out cheaply).
-CYCLE_SEARCH_LIMIT = 1000
+# past this many peers visited the search gives up and treats it as a cycle.
+CYCLE_SEARCH_LIMIT = 50
 
 
 @dataclass
@@ -161,6 +161,7 @@ class Counters:
     back_to_source: int = 0
     bad_reports: int = 0
     cycle_searches_refused: int = 0  # parents refused because ruling out a cycle cost too much
+    children_shed: int = 0  # child -> parent edges dropped so a peer that fell behind could catch up
 
 
 class Scheduler:
@@ -371,7 +372,31 @@ class Scheduler:
         peer.parents = parents
 
     def _closes_cycle(self, task: Task, child: str, parent: str) -> bool:
-        """Would child -> parent close a cycle? If not, reorder so the new edge fits the order.
+        """Would child -> parent close a cycle? If not, make it fit the order (see _cycle_or_costly).
+
+        A cycle means the child is an ancestor of the parent. When the parent is ahead (holds
+        more pieces), the child sheds its own children instead of being refused: a peer that fell
+        behind while others fetch from it could otherwise only fetch from the few peers that are
+        not its descendants (in a swarm with four parents each, nearly all are), and it became
+        the tail. Its children lose one parent and get another at their next sync.
+        """
+        if not self._cycle_or_costly(task, child, parent):
+            return False
+        peers = task.peers
+        ahead, behind = peers[parent], peers[child]
+        if not (ahead.done or ahead.bits.bit_count() > behind.bits.bit_count()):
+            return True
+        for host_id in list(task.children.get(child, ())):
+            other = peers[host_id]
+            self._set_parents(task, other, [p for p in other.parents if p != child])
+            self.counters.children_shed += 1
+        # Without children it may go last in the order, after every parent it has or gets.
+        task.next_order += 1
+        behind.order = task.next_order
+        return False
+
+    def _cycle_or_costly(self, task: Task, child: str, parent: str) -> bool:
+        """True if child -> parent closes a cycle or that is too costly to rule out; else reorder.
 
         The order keeps every parent before its children (Pearce and Kelly's dynamic
         topological sort), so a parent already ordered before the child is safe at once. Else
@@ -467,31 +492,40 @@ class Scheduler:
             parents=parents,
         )
 
+    def _candidate(self, task: Task, peer: PeerTask, host_id: str, verifiable: int) -> Candidate:
+        other = task.peers[host_id]
+        host = self.hosts[host_id]
+        held = other.bits & verifiable
+        children = self.child_count.get(host_id, 0) - (1 if host_id in peer.parents else 0)
+        return Candidate(
+            host_id=host_id, pieces=held.bit_count(), useful=(held & ~peer.bits).bit_count(),
+            complete=other.done, children=children, upload_slots=host.upload_slots,
+            is_seed=host.kind == "seed")
+
+    def _eligible(self, task: Task, host_id: str, now: float) -> bool:
+        return (host_id in self.hosts and task.peers[host_id].pieces is not None
+                and self.bad_until.get(host_id, 0.0) <= now)
+
     def _choose(self, task: Task, peer: PeerTask, total: int, now: float) -> list[str]:
         assert peer.pieces is not None
         sample = self.config.parent_sample
+        verifiable = task.verifiable()
+        # Most syncs change nothing: every current parent is still worth keeping.
+        kept = [h for h in peer.parents
+                if self._eligible(task, h, now) and worth_keeping(self._candidate(task, peer, h, verifiable))]
+        if len(kept) >= self.config.candidate_parents:
+            return kept[: self.config.candidate_parents]
         if len(task.peers) <= sample + len(peer.parents) + len(task.seeds) + 1:
             ids: list[str] = list(task.peers)
         else:
             # Current parents and seeds are always weighed; the rest is a random sample, so a
             # decision costs the same at 5,000 peers as at 50.
             ids = list(dict.fromkeys([*peer.parents, *task.seeds, *self.rng.sample(task.ids, sample)]))
-        verifiable = task.verifiable()
-        mine = peer.bits
         candidates = []
         for host_id in ids:
-            other = task.peers[host_id]
-            host = self.hosts.get(host_id)
-            if host is None or other.pieces is None or host_id == peer.host_id:
+            if host_id == peer.host_id or not self._eligible(task, host_id, now):
                 continue
-            if self.bad_until.get(host_id, 0.0) > now:
-                continue
-            held = other.bits & verifiable
-            mine_count = self.child_count.get(host_id, 0) - (1 if host_id in peer.parents else 0)
-            candidates.append(Candidate(
-                host_id=host_id, pieces=held.bit_count(), useful=(held & ~mine).bit_count(),
-                complete=other.done, children=mine_count, upload_slots=host.upload_slots,
-                is_seed=host.kind == "seed"))
+            candidates.append(self._candidate(task, peer, host_id, verifiable))
         return choose_parents(
             peer.host_id, candidates, keep=peer.parents, want=self.config.candidate_parents,
             total_pieces=total, sample=sample, rng=self.rng,
