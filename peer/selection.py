@@ -54,8 +54,9 @@ def choose_requests(
 ) -> list[tuple[int, str]]:
     """Up to `room` (piece, parent host id) requests for the pieces in `need`.
 
-    Rarest first: pieces held by the fewest parents (all parents count, usable or not), earliest
-    first among equals. Each piece goes to the usable parent holding it with the fewest requests
+    Rarest first: pieces held by the fewest parents (all parents count, usable or not); among
+    equally rare pieces, from a random starting piece onwards (not always the earliest: children
+    that all ask for the earliest piece make their common parents send the same piece to all). Each piece goes to the usable parent holding it with the fewest requests
     in flight (random among equals), never more than `per_parent` in flight to one parent.
     Pieces no usable parent can serve now are skipped, not waited for.
     """
@@ -79,9 +80,14 @@ def choose_requests(
     for k in range(len(parents)):
         layer = at_least[k] & ~at_least[k + 1] & avail  # held by exactly k + 1 parents
         while layer and room > 0:
-            low = layer & -layer
+            # A random starting piece, then the next equally rare one after it (wrapping):
+            # children asking the same parents for the same earliest piece waste the scarce
+            # upload of a parent that holds what nobody else does.
+            start = rng.randrange(layer.bit_length())
+            after = layer >> start
+            number = start + (after & -after).bit_length() - 1 if after else (layer & -layer).bit_length() - 1
+            low = 1 << number
             layer ^= low
-            number = low.bit_length() - 1
             choices = [p for p in open_ if p.pieces & low]
             fewest = min(inflight[p.host_id] for p in choices)
             parent = rng.choice([p for p in choices if inflight[p.host_id] == fewest])
