@@ -109,6 +109,8 @@ def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str,
             if probe in container:
                 assert container[probe]["httpGet"]["port"] in ports, (role, probe)
         env = {e["name"] for e in container.get("env", [])}
+        secret = [e for e in container["env"] if e["name"] == cfg.CLUSTER_SECRET_ENV]
+        assert secret and secret[0]["valueFrom"]["secretKeyRef"]["name"] == "p2pdist-cluster-secret", role
         assert set(re.findall(r"\$\((\w+)\)", " ".join(container["args"]))) <= env
         if role != "scheduler":
             # Other peers must be able to reach the piece server, and find it at the advertised URL.
