@@ -22,6 +22,7 @@ from p2pdist.digest import PIECE_DIGEST_BYTES, PieceHasher, short
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.pieces import Bitmap
 from p2pdist.store import TaskStore
+from peer.selection import ParentView, bitmap_bits, choose_requests, piece_set
 
 if TYPE_CHECKING:
     from peer.daemon import PeerDaemon
@@ -299,33 +300,20 @@ class TaskDownload:
         store = self.store
         assert store is not None
         config = self.daemon.config
-        now = time.monotonic()
         room = config.concurrent_pieces - len(self.inflight)
-        if room <= 0:
+        if room <= 0 or not self.parents:
             return
-        usable = [p for p in self.parents.values()
-                  if p.busy_until <= now and p.inflight < config.per_parent_pieces and self.blocked.get(p.host_id, 0) <= now]
-        if not usable:
-            return
-        wanted: list[tuple[int, int]] = []
-        for number in range(min(len(self.digests), store.layout.count)):
-            if number in store.pieces or number in self.inflight:
-                continue
-            holders = sum(1 for p in self.parents.values() if number in p.pieces)
-            if holders:
-                wanted.append((holders, number))
-        wanted.sort()
-        for _, number in wanted:
-            if room <= 0:
-                break
-            choices = [p for p in usable if number in p.pieces and p.inflight < config.per_parent_pieces]
-            if not choices:
-                continue
-            low = min(p.inflight for p in choices)
-            parent = self.rng.choice([p for p in choices if p.inflight == low])
+        now = time.monotonic()
+        known = min(len(self.digests), store.layout.count)  # only pieces we can verify
+        need = ((1 << known) - 1) & ~bitmap_bits(store.pieces) & ~piece_set(self.inflight)
+        views = [ParentView(p.host_id, bitmap_bits(p.pieces), p.inflight,
+                            usable=p.busy_until <= now and self.blocked.get(p.host_id, 0) <= now)
+                 for p in self.parents.values()]
+        for number, host_id in choose_requests(need, views, room=room, per_parent=config.per_parent_pieces,
+                                               rng=self.rng):
+            parent = self.parents[host_id]
             parent.inflight += 1
             self.inflight.add(number)
-            room -= 1
             nursery.start_soon(self._fetch_piece, number, parent)
 
     async def _fetch_piece(self, number: int, parent: ParentState) -> None:
@@ -434,9 +422,13 @@ class TaskDownload:
             return
         assert self.store is not None
         try:
+            # Bad parents found in the last moments are reported too, not lost with the sync loop.
             await sched.call("/v1/tasks/sync", wire.Sync(
                 host_id=self.daemon.host_id, task_id=self.task_id, new_pieces=list(self.store.pieces),
-                have_digests=len(self.digests), done=True, content_length=self.content_length), wire.SyncReply)
+                have_digests=len(self.digests), bad_parents=sorted(self._bad),
+                failed_parents=sorted(self._failed), done=True, content_length=self.content_length), wire.SyncReply)
+            self._bad.clear()
+            self._failed.clear()
         except (UpstreamError, P2PError):
             pass  # the periodic announce will tell it
 
