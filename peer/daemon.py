@@ -171,4 +171,6 @@ async def serve(config: PeerConfig, *, task_status: trio.TaskStatus[Any] = trio.
             log.info("peer %s: pieces on %s, proxy on http://%s:%d", daemon.host_id, daemon.advertise, *proxy_bound)
             task_status.started((bound, proxy_bound))
     finally:
+        with trio.CancelScope(shield=True):
+            await proxy.aclose()
         await daemon.aclose()
