@@ -262,7 +262,10 @@ class Scheduler:
         if msg.error:
             log.warning("seed %s failed %s: %s", msg.host_id, short(task.task_id), msg.error)
             task.tried_seeds.add(msg.host_id)
-            if task.seed == msg.host_id:
+            if msg.host_id in task.peers:
+                self.leave(Leave(host_id=msg.host_id, task_id=task.task_id), now)  # it dropped its pieces
+            # Also when it had already been given up on as stalled and no other seed took over.
+            if task.seed in (msg.host_id, None):
                 task.seed = None
                 task.failed = msg.error
             return
@@ -356,6 +359,9 @@ class Scheduler:
         if layout is not None and peer.pieces is None:
             task.set_pieces(peer, Bitmap(layout.count))
 
+    def _has_complete_holder(self, task: Task) -> bool:
+        return any(h in self.hosts for h in task.done_peers)
+
     def _has_holders(self, task: Task) -> bool:
         return any(h in self.hosts for h in task.holders)
 
@@ -437,7 +443,9 @@ class Scheduler:
     def _maybe_wake_seed(self, task: Task, now: float, *, requester: str) -> WakeSeed | None:
         if task.failed:
             return None
-        if any(h in self.hosts for h in task.done_peers):
+        if self._has_complete_holder(task) and task.layout is not None and len(task.digests) >= task.layout.count:
+            # Only a seed's digests make pieces verifiable: a peer claiming the whole blob
+            # without them (a liar, or before the seeds re-announce) stands in for no seed.
             return None
         if task.seed is not None:
             seed_alive = task.seed in self.hosts
@@ -461,7 +469,8 @@ class Scheduler:
         return WakeSeed(seed.host_id, seed.url, SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers))
 
     def _reply(self, task: Task, peer: PeerTask, *, have_digests: int, now: float) -> SyncReply:
-        if task.failed and not self._has_holders(task):
+        if task.failed and not self._has_complete_holder(task):
+            # Partial holders cannot finish anyone: fetch the rest from the origin.
             self.counters.back_to_source += 1
             return SyncReply(task_id=task.task_id, state="back_to_source", reason=f"seed failed: {task.failed}")
         has_seed = task.seed is not None or any(
