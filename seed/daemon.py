@@ -81,7 +81,9 @@ class SeedFetch:
     async def _fetch(self) -> None:
         origin = self.seed.origin
         attempts = 0
-        sha = hashlib.sha256()
+        # The blob's sha256 over committed pieces only: a piece cut off mid-body is fetched
+        # again from its start, and its first, partial bytes must not be hashed twice.
+        sha = [hashlib.sha256()]
         rng = random.Random()
         while True:
             start = 0 if self.store is None else len(self.digests) * self.store.layout.piece_size
@@ -103,17 +105,18 @@ class SeedFetch:
                 log.warning("origin failed for %s (%s); resuming at piece %d in %.1fs",
                             short(self.task_id), exc, len(self.digests), delay)
                 await trio.sleep(delay)
-        actual = "sha256:" + sha.hexdigest()
+        actual = "sha256:" + sha[0].hexdigest()
         if actual != self.task_id:
             raise IntegrityError(f"origin sent {short(actual)} for {short(self.task_id)}")
         self.store.save_digests(self.digests)
 
-    async def _write(self, store: TaskStore, chunks: Any, sha: Any) -> None:
+    async def _write(self, store: TaskStore, chunks: Any, sha: list[Any]) -> None:
         layout = store.layout
         metrics = self.seed.metrics
         number = len(self.digests)
         writer: PieceWriter | None = store.new_piece(number)
         hasher = PieceHasher()
+        piece_sha = sha[0].copy()
         try:
             async for chunk in chunks:
                 metrics.download_bytes.labels("origin").inc(len(chunk))
@@ -124,9 +127,11 @@ class SeedFetch:
                     assert writer is not None
                     writer.write(part)
                     hasher.update(part)
-                    sha.update(part)
+                    piece_sha.update(part)
                     if hasher.length == layout.length(number):
                         writer.commit()
+                        sha[0] = piece_sha
+                        piece_sha = piece_sha.copy()
                         self.digests.append(hasher.digest())
                         metrics.pieces.labels("origin", "verified").inc()
                         self._changed()
