@@ -33,6 +33,7 @@ SYNC_INTERVAL_S = 0.2
 IDLE_SYNC_INTERVAL_S = 1.0
 STALL_S = 30.0
 PARENT_FAILURES = 2
+PARENT_ABSENT = 3  # 404s for pieces a parent claims before it is treated as failing
 BLOCK_S = 30.0
 
 
@@ -50,6 +51,7 @@ class ParentState:
     inflight: int = 0
     failures: int = 0
     busy_until: float = 0.0
+    absent: int = 0  # pieces it was said to hold but answered 404 for
 
 
 @dataclass
@@ -333,6 +335,13 @@ class TaskDownload:
                     if response.status == 404:
                         parent.pieces.discard(number)  # the scheduler's view was ahead of the parent's
                         outcome = "absent"
+                        parent.absent += 1
+                        if parent.absent >= PARENT_ABSENT:
+                            # Its claims keep coming back with the next sync: a liar, or a parent
+                            # that lost its store. Either way, stop asking it.
+                            log.warning("task %s: %s answered 404 for %d pieces it claims; avoiding it",
+                                        short(self.task_id), parent.host_id, parent.absent)
+                            self._block(parent, bad=False)
                         return
                     if response.status == 503:
                         parent.busy_until = time.monotonic() + 0.5
