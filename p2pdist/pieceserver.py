@@ -70,7 +70,8 @@ class PieceServer:
         if request.method not in ("GET", "HEAD"):
             return text_response(405, "pieces are read-only: use GET", [("allow", "GET, HEAD")])
         task_id = parse_digest(m.group("task"))
-        if not m.group("number").isdigit() or len(m.group("number")) > 9:
+        # isascii: str.isdigit() is also true of "²" and "٣", which int() refuses or misreads.
+        if not (m.group("number").isascii() and m.group("number").isdigit()) or len(m.group("number")) > 9:
             raise BadRequest(f"invalid piece number {m.group('number')[:20]!r}")
         number = int(m.group("number"))
         task = self.store.get(task_id)
