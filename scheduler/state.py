@@ -41,7 +41,7 @@ class Host:
 
 # A new parent ordered after its child needs a search of the parent graph to rule out a cycle;
 # past this many peers visited the search gives up and treats it as a cycle.
-CYCLE_SEARCH_LIMIT = 50
+CYCLE_SEARCH_LIMIT = 8
 
 
 @dataclass
