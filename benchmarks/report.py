@@ -1,0 +1,116 @@
+"""Benchmark results on disk: result.json, a Markdown table and a completion-time CDF plot.
+
+Shared by the benchmarks that compare p2p against direct pulls (simulate, rollout) so their
+outputs have one shape: every time is also given as a ratio to the lower bound T_min.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMES = ("p2p", "direct")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between ranks, like numpy's default."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    below = math.floor(rank)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (rank - below)
+
+
+def summarize(completion_s: Sequence[float], origin_bytes: int) -> dict[str, Any]:
+    """The per-scheme fields: every completion time, p50, p99, max and bytes taken from the origin."""
+    return {
+        "completion_s": [round(t, 4) for t in completion_s],
+        "p50_s": percentile(completion_s, 50),
+        "p99_s": percentile(completion_s, 99),
+        "max_s": max(completion_s),
+        "origin_bytes": origin_bytes,
+    }
+
+
+def lower_bound_s(peers: int, blob_bytes: int, origin_bps: float, upload_bps: float, download_bps: float) -> float:
+    """Kumar & Ross (2006): no scheme finishes N hosts before max(F/u_s, F/d, N·F/(u_s + N·u))."""
+    return max(blob_bytes / origin_bps, blob_bytes / download_bps,
+               peers * blob_bytes / (origin_bps + peers * upload_bps))
+
+
+def write_results(out_dir: Path, result: dict[str, Any]) -> None:
+    """Write result.json, report.md and cdf.png for `result`.
+
+    `result` needs `peers`, `blob_bytes`, `lower_bound_s` and, for "p2p" and "direct", a dict
+    with `completion_s`, `p50_s`, `p99_s`, `origin_bytes` (see `summarize`). Optional: `title`,
+    `command`, `machine`, `runtime_s`, `notes` (list of lines) and anything else worth keeping.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "report.md").write_text(markdown(result))
+    plot_cdf(out_dir / "cdf.png", result)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    bound = result["lower_bound_s"]
+    blob = result["blob_bytes"]
+    lines = [f"# {result.get('title', 'p2p against direct pull')}", ""]
+    lines.append(f"{result['peers']} hosts, blob {blob / (1 << 20):.0f} MiB, "
+                 f"lower bound T_min = {bound:.2f} s.")
+    lines += ["", "| scheme | hosts done | p50 | p99 | max | origin bytes |",
+              "|---|---|---|---|---|---|"]
+    for scheme in SCHEMES:
+        r = result.get(scheme)
+        if r is None:
+            continue
+        times = r["completion_s"]
+        worst = r.get("max_s", max(times))
+        lines.append(
+            f"| {scheme} | {len(times)} | {r['p50_s']:.2f} s ({r['p50_s'] / bound:.2f}·T_min) "
+            f"| {r['p99_s']:.2f} s ({r['p99_s'] / bound:.2f}·T_min) "
+            f"| {worst:.2f} s ({worst / bound:.2f}·T_min) "
+            f"| {r['origin_bytes'] / blob:.2f}·F |")
+    lines.append("")
+    for key in ("command", "machine", "runtime_s", "cpu_s"):
+        if key in result:
+            lines.append(f"- {key}: `{result[key]}`")
+    for note in result.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_cdf(path: Path, result: dict[str, Any]) -> None:
+    """Completion-time CDFs of both schemes on a log time axis, T_min marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bound = result["lower_bound_s"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=90)
+    for scheme, style in zip(SCHEMES, ("-", "--"), strict=True):
+        r = result.get(scheme)
+        if r is None or not r["completion_s"]:
+            continue
+        times = sorted(r["completion_s"])
+        n = len(times)
+        ax.step(times, [(i + 1) / n for i in range(n)], style, where="post",
+                label=f"{scheme}: p50 {r['p50_s'] / bound:.2f}, p99 {r['p99_s'] / bound:.2f} ·T_min")
+    ax.axvline(bound, color="grey", linestyle=":", label=f"T_min = {bound:.2f} s")
+    ax.set_xscale("log")
+    ax.set_xlabel("completion time per host (s, log scale)")
+    ax.set_ylabel("fraction of hosts done")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{result['peers']} hosts, {result['blob_bytes'] / (1 << 20):.0f} MiB blob")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

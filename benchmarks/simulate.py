@@ -1,0 +1,497 @@
+"""Thousands of hosts pulling one blob, simulated: the real scheduler and piece selection over a model network.
+
+    .venv/bin/python -m benchmarks.simulate --peers 5000 --blob-size 1GiB \\
+        --peer-rate 100MiB --origin-rate 1GiB --out benchmarks/results/simulate
+
+The control plane is the real code: `scheduler.state.Scheduler` receives the wire messages a
+daemon sends (AnnounceHost, Register, Sync every 0.2 s with new pieces, SeedProgress every
+50 ms) at simulated times, and each peer picks requests with `peer.selection.choose_requests`
+under the daemon's limits (8 pieces in flight, 3 per parent, 503 beyond a parent's upload
+slots). Only the data plane is modelled: every piece transfer is a flow between two hosts,
+rates shared max-min fairly (approximated by a few rounds of progressive filling) over each
+host's upload and download capacity, recomputed every tick. The seed fetches from the origin
+at the origin rate and uploads at that rate too (seed and origin together are the server).
+Direct pull is the same start times against the origin alone, shared fairly, each capped at d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import logging
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.report import lower_bound_s, summarize, write_results
+from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
+from p2pdist.pieces import PieceLayout
+from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync, SyncReply
+from peer.download import SYNC_INTERVAL_S
+from peer.selection import ParentView, bits_from_bytes, choose_requests
+from scheduler.state import Scheduler
+from seed.daemon import REPORT_INTERVAL_S
+
+TASK = "sha256:" + "5e" * 32
+URL = "http://origin.sim/v2/sim/blob/blobs/" + TASK
+log = logging.getLogger("p2pdist.simulate")
+
+BUSY_S = 0.5  # a parent that answered 503 is left alone this long (peer/download.py)
+FILL_ROUNDS = 3  # progressive-filling rounds per tick: enough to hand out nearly all spare capacity
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    peers: int
+    blob_bytes: int
+    peer_upload_bps: float
+    peer_download_bps: float
+    origin_bps: float
+    start_spread_s: float = 0.2  # hosts start uniformly within this window
+    tick_s: float = 0.005
+    seed: int = 1
+    max_time_s: float = 3600.0
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
+    seed_upload_slots: int = field(default_factory=lambda: SeedConfig().upload_slots)
+
+
+class ParentState:
+    """A child's view of one parent, as peer/download.py keeps it."""
+
+    __slots__ = ("host", "pieces", "inflight", "busy_until")
+
+    def __init__(self, host: int, pieces: int) -> None:
+        self.host = host
+        self.pieces = pieces
+        self.inflight = 0
+        self.busy_until = 0.0
+
+
+class SimPeer:
+    __slots__ = ("index", "host_id", "start_s", "rng", "have", "inflight_bits", "inflight", "parents",
+                 "known", "sized", "to_report", "done_s", "back_to_source")
+
+    def __init__(self, index: int, start_s: float, rng: random.Random) -> None:
+        self.index = index
+        self.host_id = f"peer-{index:05d}"
+        self.start_s = start_s
+        self.rng = rng
+        self.have = 0  # pieces stored, bit n for piece n
+        self.inflight_bits = 0
+        self.inflight = 0
+        self.parents: dict[str, ParentState] = {}
+        self.known = 0  # piece digests received
+        self.sized = False
+        self.to_report: list[int] = []
+        self.done_s: float | None = None
+        self.back_to_source = False
+
+
+class Simulation:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.layout = PieceLayout.for_blob(config.blob_bytes)
+        self.lengths = [self.layout.length(n) for n in range(self.layout.count)]
+        self.all_pieces = (1 << self.layout.count) - 1
+        rng = random.Random(config.seed)
+        self.sched = Scheduler(config.scheduler, rng=random.Random(rng.random()))
+        n = config.peers
+        self.peers = [SimPeer(i + 1, rng.uniform(0, config.start_spread_s), random.Random(rng.random()))
+                      for i in range(n)]
+        self.seed_id = "seed-0"
+        self.index = {self.seed_id: 0} | {p.host_id: p.index for p in self.peers}
+        hosts = n + 1
+        self.up_cap = np.full(hosts, float(config.peer_upload_bps))
+        self.up_cap[0] = config.origin_bps
+        self.down_cap = np.full(hosts, float(config.peer_download_bps))
+        self.down_cap[0] = np.inf  # the seed's download is its origin stream, modelled apart
+        self.slots = [config.seed_upload_slots] + [config.peer.upload_slots] * n
+        self.uploads = [0] * hosts
+        # Flows: fixed-size arrays indexed by slot; a free list hands slots out.
+        cap = n * config.peer.concurrent_pieces + 16
+        self.f_parent = np.zeros(cap, dtype=np.int64)
+        self.f_child = np.zeros(cap, dtype=np.int64)
+        self.f_left = np.zeros(cap)
+        self.f_live = np.zeros(cap, dtype=bool)
+        self.f_piece = [0] * cap
+        self.f_state: list[ParentState | None] = [None] * cap
+        self.free = list(range(cap - 1, -1, -1))
+        # Events at simulated times: (time, order, kind, peer index).
+        self.events: list[tuple[float, int, str, int]] = []
+        self.order = 0
+        self.seed_woken_s: float | None = None
+        self.seed_reported = 0
+        self.seed_next_report = float("inf")
+        self.origin_bytes = 0
+        self.stats = {"requests": 0, "busy": 0, "syncs": 0, "registers": 0, "back_to_source": 0}
+        self.utilization: list[tuple[float, float]] = []
+        self.origin_start = 0.0
+
+    # -- control plane: the real scheduler --------------------------------------------------
+
+    def _at(self, when: float, kind: str, peer: int) -> None:
+        self.order += 1
+        heapq.heappush(self.events, (when, self.order, kind, peer))
+
+    def start(self) -> None:
+        seed_slots = self.config.seed_upload_slots
+        self.sched.announce(AnnounceHost(host_id=self.seed_id, url="http://seed-0.sim:4010", kind="seed",
+                                         upload_slots=seed_slots), 0.0)
+        for p in self.peers:
+            self.sched.announce(AnnounceHost(host_id=p.host_id, url=f"http://{p.host_id}.sim:4000", kind="peer",
+                                             upload_slots=self.config.peer.upload_slots), 0.0)
+            self._at(p.start_s, "register", p.index)
+
+    def _register(self, p: SimPeer, now: float) -> None:
+        self.stats["registers"] += 1
+        reply, wake = self.sched.register(Register(host_id=p.host_id, task_id=TASK, url=URL), now)
+        if wake is not None:
+            self._wake_seed(now)
+        self._apply(p, reply, now)
+        self._at(now + SYNC_INTERVAL_S, "sync", p.index)
+
+    def _sync(self, p: SimPeer, now: float, *, done: bool = False) -> None:
+        self.stats["syncs"] += 1
+        new = list(range(self.layout.count)) if done else p.to_report
+        p.to_report = []
+        reply, wake = self.sched.sync(Sync(
+            host_id=p.host_id, task_id=TASK, new_pieces=new, have_digests=p.known, done=done,
+            content_length=self.config.blob_bytes if p.sized else None), now)
+        if wake is not None:
+            self._wake_seed(now)
+        if not done:
+            self._apply(p, reply, now)
+            self._at(now + SYNC_INTERVAL_S, "sync", p.index)
+
+    def _apply(self, p: SimPeer, reply: SyncReply, now: float) -> None:
+        """What TaskDownload._apply does with a reply."""
+        if reply.state in ("back_to_source", "failed"):
+            p.back_to_source = True
+            self.stats["back_to_source"] += 1
+            return
+        if reply.state != "running" or reply.content_length is None:
+            return
+        p.sized = True
+        if reply.first_digest <= p.known:
+            p.known = max(p.known, reply.first_digest + len(reply.piece_digests))
+        fresh: dict[str, ParentState] = {}
+        for parent in reply.parents:
+            if parent.host_id == p.host_id:
+                continue
+            bits = bits_from_bytes(parent.pieces)
+            old = p.parents.get(parent.host_id)
+            if old is not None:
+                old.pieces = bits
+                fresh[parent.host_id] = old
+            else:
+                fresh[parent.host_id] = ParentState(self.index[parent.host_id], bits)
+        for host_id, old in p.parents.items():
+            if host_id not in fresh and old.inflight:
+                fresh[host_id] = old
+        p.parents = fresh
+
+    def _wake_seed(self, now: float) -> None:
+        if self.seed_woken_s is not None:
+            return
+        self.seed_woken_s = now
+        self.origin_start = now
+        self.origin_bytes += self.config.blob_bytes
+        self.seed_next_report = now  # the first report (size only) goes out as the stream opens
+
+    def _seed_pieces_at(self, now: float) -> int:
+        """Pieces the seed has stored from the origin stream by `now`."""
+        if self.seed_woken_s is None:
+            return 0
+        fetched = (now - self.origin_start) * self.config.origin_bps
+        return min(self.layout.count, int(fetched // self.layout.piece_size)) if fetched < self.config.blob_bytes \
+            else self.layout.count
+
+    def _seed_report(self, now: float) -> None:
+        have = self._seed_pieces_at(now)
+        done = have == self.layout.count
+        digests = [n.to_bytes(32, "big") for n in range(self.seed_reported, have)]
+        self.sched.seed_progress(SeedProgress(
+            host_id=self.seed_id, task_id=TASK, content_length=self.config.blob_bytes,
+            first_digest=self.seed_reported, piece_digests=digests, done=done), now)
+        self.seed_reported = have
+        self.seed_next_report = float("inf") if done else now + REPORT_INTERVAL_S
+
+    # -- peers: the daemon's piece selection ------------------------------------------------
+
+    def _launch(self, p: SimPeer, now: float) -> None:
+        """What TaskDownload._launch does, a 503 from a full parent answered at once."""
+        limits = self.config.peer
+        for _ in range(4):
+            room = limits.concurrent_pieces - p.inflight
+            if room <= 0 or not p.parents or p.done_s is not None:
+                return
+            need = ((1 << p.known) - 1) & ~p.have & ~p.inflight_bits
+            views = [ParentView(h, s.pieces, s.inflight, s.busy_until <= now) for h, s in p.parents.items()]
+            requests = choose_requests(need, views, room=room, per_parent=limits.per_parent_pieces, rng=p.rng)
+            refused = False
+            for number, host_id in requests:
+                state = p.parents[host_id]
+                self.stats["requests"] += 1
+                if self.uploads[state.host] >= self.slots[state.host]:
+                    self.stats["busy"] += 1
+                    state.busy_until = now + BUSY_S
+                    refused = True
+                    continue
+                self._start_flow(p, state, number)
+            if not refused:
+                return
+
+    def _start_flow(self, p: SimPeer, state: ParentState, number: int) -> None:
+        slot = self.free.pop()
+        self.f_parent[slot] = state.host
+        self.f_child[slot] = p.index
+        self.f_left[slot] = self.lengths[number]
+        self.f_live[slot] = True
+        self.f_piece[slot] = number
+        self.f_state[slot] = state
+        state.inflight += 1
+        p.inflight += 1
+        p.inflight_bits |= 1 << number
+        self.uploads[state.host] += 1
+
+    def _finish_flow(self, slot: int, now: float) -> SimPeer:
+        p = self.peers[int(self.f_child[slot]) - 1]
+        state = self.f_state[slot]
+        assert state is not None
+        number = self.f_piece[slot]
+        self.f_live[slot] = False
+        self.f_state[slot] = None
+        self.free.append(slot)
+        state.inflight -= 1
+        p.inflight -= 1
+        p.inflight_bits &= ~(1 << number)
+        self.uploads[state.host] -= 1
+        p.have |= 1 << number
+        p.to_report.append(number)
+        if p.have == self.all_pieces:
+            p.done_s = now
+            self._sync(p, now, done=True)
+        return p
+
+    # -- data plane: flows sharing capacity --------------------------------------------------
+
+    def _rates(self, live: np.ndarray) -> np.ndarray:
+        """Max-min fair rates, approximated by progressive filling over upload and download links."""
+        parent = self.f_parent[live]
+        child = self.f_child[live]
+        hosts = len(self.up_cap)
+        up = self.up_cap.copy()
+        down = self.down_cap.copy()
+        rate = np.zeros(len(live))
+        open_ = np.ones(len(live), dtype=bool)
+        for _ in range(FILL_ROUNDS):
+            n_up = np.bincount(parent[open_], minlength=hosts)
+            n_down = np.bincount(child[open_], minlength=hosts)
+            share = np.minimum(up[parent] / np.maximum(n_up[parent], 1), down[child] / np.maximum(n_down[child], 1))
+            share[~open_] = 0.0
+            rate += share
+            up -= np.bincount(parent, share, minlength=hosts)
+            down -= np.bincount(child, share, minlength=hosts)
+            open_ &= (up[parent] > 1.0) & (down[child] > 1.0)
+            if not open_.any():
+                break
+        return rate
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.start()
+        dt = self.config.tick_s
+        now = 0.0
+        waiting = len(self.peers)
+        touched: set[int] = set()
+        next_sample = 0.0
+        up_total = float(self.up_cap.sum())
+        next_expire = 1.0
+        while waiting and now < self.config.max_time_s:
+            while self.events and self.events[0][0] <= now:
+                when, _, kind, index = heapq.heappop(self.events)
+                p = self.peers[index - 1]
+                if p.done_s is not None or p.back_to_source:
+                    continue
+                if kind == "register":
+                    self._register(p, when)
+                else:
+                    self._sync(p, when)
+                touched.add(index)
+            if self.seed_next_report <= now:
+                self._seed_report(now)
+            if now >= next_expire:
+                self.sched.expire(now)
+                next_expire += 1.0
+                log.info("t=%.0fs: %d of %d hosts still pulling, %d transfers, %.0fs of CPU",
+                         now, waiting, len(self.peers), int(self.f_live.sum()), time.process_time())
+            for index in sorted(touched):
+                self._launch(self.peers[index - 1], now)
+            touched.clear()
+            live = np.flatnonzero(self.f_live)
+            if len(live):
+                rate = self._rates(live)
+                left = self.f_left[live]
+                moved = rate * dt
+                over = moved >= left
+                self.f_left[live] = left - moved
+                if now >= next_sample:
+                    self.utilization.append((round(now, 3), float(rate.sum()) / up_total))
+                    next_sample += 0.25
+                if over.any():
+                    done = live[over]
+                    ends = now + left[over] / rate[over]
+                    for k in np.argsort(ends, kind="stable"):
+                        p = self._finish_flow(int(done[k]), float(ends[k]))
+                        if p.done_s is None:
+                            touched.add(p.index)
+                        else:
+                            waiting -= 1
+            now = round(now + dt, 9)
+        self.end_s = now
+
+    def result(self, runtime_s: float) -> dict[str, Any]:
+        cfg = self.config
+        done = [p for p in self.peers if p.done_s is not None]
+        p2p_times = [p.done_s - p.start_s for p in done if p.done_s is not None]
+        direct_times = direct_pull([p.start_s for p in self.peers], cfg.blob_bytes, cfg.origin_bps,
+                                   cfg.peer_download_bps)
+        bound = lower_bound_s(cfg.peers, cfg.blob_bytes, cfg.origin_bps, cfg.peer_upload_bps, cfg.peer_download_bps)
+        p2p = summarize(p2p_times or [float("inf")], self.origin_bytes)
+        p2p["hosts_complete"] = len(done)
+        p2p["hosts_with_all_pieces"] = sum(1 for p in self.peers if p.have == self.all_pieces)
+        p2p["back_to_source"] = self.stats["back_to_source"]
+        counters = asdict(self.sched.counters)
+        return {
+            "title": "Simulated swarm: real scheduler and piece selection, flow-level network",
+            "peers": cfg.peers,
+            "blob_bytes": cfg.blob_bytes,
+            "piece_bytes": self.layout.piece_size,
+            "pieces": self.layout.count,
+            "peer_upload_bps": cfg.peer_upload_bps,
+            "peer_download_bps": cfg.peer_download_bps,
+            "origin_bps": cfg.origin_bps,
+            "start_spread_s": cfg.start_spread_s,
+            "tick_s": cfg.tick_s,
+            "rng_seed": cfg.seed,
+            "lower_bound_s": bound,
+            "direct_bound_s": max(cfg.peers * cfg.blob_bytes / cfg.origin_bps, cfg.blob_bytes / cfg.peer_download_bps),
+            "p2p": p2p,
+            "direct": summarize(direct_times, cfg.peers * cfg.blob_bytes),
+            "scheduler": {"candidate_parents": cfg.scheduler.candidate_parents,
+                          "parent_sample": cfg.scheduler.parent_sample, **counters},
+            "peer_limits": {"concurrent_pieces": cfg.peer.concurrent_pieces,
+                            "per_parent_pieces": cfg.peer.per_parent_pieces,
+                            "upload_slots": cfg.peer.upload_slots, "seed_upload_slots": cfg.seed_upload_slots},
+            "requests": self.stats["requests"],
+            "busy_answers": self.stats["busy"],
+            "syncs": self.stats["syncs"],
+            "upload_utilization": self.utilization,
+            "runtime_s": round(runtime_s, 1),
+            "machine": machine(),
+        }
+
+
+def direct_pull(starts: list[float], blob_bytes: int, origin_bps: float, download_bps: float) -> list[float]:
+    """Completion times of hosts pulling straight from the origin: u_s shared fairly, each capped at d.
+
+    Every active transfer runs at the same rate, so they finish in arrival order; the loop walks
+    arrivals and departures in time order.
+    """
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    left: dict[int, float] = {}
+    times = [0.0] * len(starts)
+    now = 0.0
+    k = 0
+    while k < len(order) or left:
+        rate = min(download_bps, origin_bps / len(left)) if left else 0.0
+        next_arrival = starts[order[k]] if k < len(order) else float("inf")
+        first = next(iter(left)) if left else -1
+        next_departure = now + left[first] / rate if left else float("inf")
+        step_to = min(next_arrival, next_departure)
+        if left:
+            sent = rate * (step_to - now)
+            for i in left:
+                left[i] -= sent
+        now = step_to
+        if next_departure <= next_arrival:
+            del left[first]
+            times[first] = now - starts[first]
+        else:
+            left[order[k]] = float(blob_bytes)
+            k += 1
+    return times
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def simulate(config: SimConfig) -> tuple[dict[str, Any], Simulation]:
+    started = time.perf_counter()
+    cpu = time.process_time()
+    sim = Simulation(config)
+    sim.run()
+    result = sim.result(time.perf_counter() - started)
+    result["cpu_s"] = round(time.process_time() - cpu, 1)
+    return result, sim
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--peers", type=int, default=5000)
+    parser.add_argument("--blob-size", default="1GiB")
+    parser.add_argument("--peer-rate", default="100MiB", help="upload and download per host, bytes/s")
+    parser.add_argument("--peer-upload", default=None, help="upload per host (default: --peer-rate)")
+    parser.add_argument("--peer-download", default=None, help="download per host (default: --peer-rate)")
+    parser.add_argument("--origin-rate", default="1GiB", help="origin upload, bytes/s")
+    parser.add_argument("--start-spread", type=float, default=0.2, help="hosts start within this many seconds")
+    parser.add_argument("--tick", type=float, default=0.005, help="seconds between rate recomputations")
+    parser.add_argument("--seed", type=int, default=1, help="random seed")
+    parser.add_argument("--out", type=Path, required=True, help="directory for result.json, report.md, cdf.png")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not args.quiet:
+        log.setLevel(logging.INFO)
+    rate = parse_size(args.peer_rate)
+    config = SimConfig(
+        peers=args.peers, blob_bytes=parse_size(args.blob_size),
+        peer_upload_bps=parse_size(args.peer_upload) if args.peer_upload else rate,
+        peer_download_bps=parse_size(args.peer_download) if args.peer_download else rate,
+        origin_bps=parse_size(args.origin_rate), start_spread_s=args.start_spread, tick_s=args.tick,
+        seed=args.seed)
+    result, _ = simulate(config)
+    result["command"] = shlex.join([".venv/bin/python", "-m", "benchmarks.simulate", *(argv or sys.argv[1:])])
+    write_results(args.out, result)
+    bound = result["lower_bound_s"]
+    for scheme in ("p2p", "direct"):
+        r = result[scheme]
+        print(f"{scheme:6s} p50 {r['p50_s']:9.2f} s ({r['p50_s'] / bound:6.2f}·T_min)  "
+              f"p99 {r['p99_s']:9.2f} s ({r['p99_s'] / bound:6.2f}·T_min)  "
+              f"origin {r['origin_bytes'] / config.blob_bytes:7.2f}·F")
+    print(f"T_min {bound:.2f} s; {result['p2p']['hosts_complete']}/{config.peers} hosts done; "
+          f"ran {result['runtime_s']:.0f} s ({result['cpu_s']:.0f} s CPU); wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
