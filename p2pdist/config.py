@@ -98,6 +98,13 @@ def _float(value: object) -> float:
     return result
 
 
+def _fraction(value: object) -> float:
+    result = _float(value)
+    if not 0.0 < result <= 1.0:
+        raise ConfigError(f"expected a fraction in (0, 1], got {value!r}")
+    return result
+
+
 def _int(value: object) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"expected an integer, got {value!r}")
@@ -192,6 +199,9 @@ class SeedConfig:
     upload_slots: int = opt(32, _int, "concurrent piece uploads before answering busy")
     origin_timeout_s: float = opt(30.0, _float, "give up on an origin that sends nothing for this long")
     announce_interval_s: float = opt(3.0, _float, "how often to tell the scheduler this seed is alive")
+    cache_quota_bytes: int | None = opt(None, parse_rate, "disk quota for cached pieces; past the high watermark the least recently used blobs go", flag="--cache-quota")
+    cache_high_watermark: float = opt(0.9, _fraction, "fraction of the quota that starts eviction")
+    cache_low_watermark: float = opt(0.7, _fraction, "fraction of the quota eviction brings usage down to")
     insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
     log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
     cluster_secret: str | None = _secret_opt()
@@ -217,6 +227,9 @@ class PeerConfig:
     schedule_rounds: int = opt(4, _int, "failed scheduling rounds before going back to source")
     scheduler_timeout_s: float = opt(3.0, _float, "time allowed for one scheduler call")
     wait_for_seed_s: float = opt(60.0, _float, "time to wait for the first piece before going back to source")
+    cache_quota_bytes: int | None = opt(None, parse_rate, "disk quota for cached pieces; past the high watermark the least recently used blobs go", flag="--cache-quota")
+    cache_high_watermark: float = opt(0.9, _fraction, "fraction of the quota that starts eviction")
+    cache_low_watermark: float = opt(0.7, _fraction, "fraction of the quota eviction brings usage down to")
     insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
     registry_mirror: str | None = opt(None, _opt_url, "upstream for requests without ?ns= (docker registry-mirrors)", flag="--registry-mirror")
     log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
@@ -241,7 +254,11 @@ def from_mapping(cls: type[C], data: Mapping[str, object], *, source: str = "con
             values[key] = fields[key].metadata["parse"](value)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from None
-    return cls(**values)
+    config = cls(**values)
+    high, low = getattr(config, "cache_high_watermark", 1.0), getattr(config, "cache_low_watermark", 0.0)
+    if low > high:
+        raise ConfigError(f"{source}: cache_low_watermark ({low}) is above cache_high_watermark ({high})")
+    return config
 
 
 def load(cls: type[C], path: str | Path | None, overrides: Mapping[str, object] = {}) -> C:

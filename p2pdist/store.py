@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class TaskStore:
     layout: PieceLayout
     pieces: Bitmap
     url: str = ""
+    last_used: float = 0.0  # wall-clock time, for the cache quota's LRU order
 
     def path(self, number: int) -> Path:
         self.layout.check(number)
@@ -156,6 +158,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise _store_error(exc, f"cannot write {path.name}") from None
 
 
+def _last_used(root: Path) -> float:
+    """Across restarts, the newest piece's time stands in for the last use."""
+    try:
+        return max(p.stat().st_mtime for p in root.iterdir())
+    except (OSError, ValueError):
+        return 0.0
+
+
 class Store:
     """All tasks on this host, under `data_dir/tasks/<hex digest>/`."""
 
@@ -166,9 +176,30 @@ class Store:
         except OSError as exc:
             raise _store_error(exc, f"cannot create {self.root}") from None
         self.tasks: dict[str, TaskStore] = {}
+        self._pins: dict[str, int] = {}
 
     def get(self, task_id: str) -> TaskStore | None:
-        return self.tasks.get(parse_digest(task_id))
+        task = self.tasks.get(parse_digest(task_id))
+        if task is not None:
+            task.last_used = time.time()
+        return task
+
+    def pin(self, task_id: str) -> None:
+        """Mark a task as being read (a piece or blob being sent): the cache quota keeps it."""
+        self._pins[task_id] = self._pins.get(task_id, 0) + 1
+        task = self.tasks.get(task_id)
+        if task is not None:
+            task.last_used = time.time()
+
+    def unpin(self, task_id: str) -> None:
+        left = self._pins.get(task_id, 0) - 1
+        if left > 0:
+            self._pins[task_id] = left
+        else:
+            self._pins.pop(task_id, None)
+
+    def in_use(self, task_id: str) -> bool:
+        return task_id in self._pins
 
     def open(self, task_id: str, content_length: int, url: str = "") -> TaskStore:
         """The task's store, created if new. A size different from the one on disk starts afresh."""
@@ -183,7 +214,7 @@ class Store:
         except OSError as exc:
             raise _store_error(exc, "cannot create task directory") from None
         layout = PieceLayout.for_blob(content_length)
-        task = TaskStore(task_id, root, layout, Bitmap(layout.count), url)
+        task = TaskStore(task_id, root, layout, Bitmap(layout.count), url, time.time())
         _atomic_write(root / _META, json.dumps(
             {"task_id": task_id, "content_length": content_length, "url": url}).encode())
         self.tasks[task_id] = task
@@ -214,7 +245,8 @@ class Store:
                 shutil.rmtree(root, ignore_errors=True)
                 continue
             layout = PieceLayout.for_blob(content_length)
-            task = TaskStore(task_id, root, layout, Bitmap(layout.count), str(meta.get("url", "")))
+            task = TaskStore(task_id, root, layout, Bitmap(layout.count), str(meta.get("url", "")),
+                             _last_used(root))
             digests = task.load_digests()
             for number in range(layout.count):
                 path = task.path(number)

@@ -18,6 +18,7 @@ from p2pdist import wire
 from p2pdist.config import PeerConfig, parse_hostport
 from p2pdist.digest import parse_digest
 from p2pdist.errors import NotFound, P2PError, UpstreamError
+from p2pdist.evict import CacheQuota, pin_piece_response
 from p2pdist.http import Request, Response, serve_http
 from p2pdist.metrics import DaemonMetrics
 from p2pdist.origin import OriginClient
@@ -71,6 +72,9 @@ class PeerDaemon:
         self.piece_client = PieceClient(secret=config.cluster_secret, ssl_context=tls_client)
         self.pieces = PieceServer(self.store, self.metrics, config.upload_slots, secret=config.cluster_secret)
         self.downloads: dict[str, TaskDownload] = {}
+        self.cache = CacheQuota(self.store, config.cache_quota_bytes, config.cache_high_watermark,
+                                config.cache_low_watermark, busy=self._downloading,
+                                registry=self.metrics.registry, role=self.kind)
         self.advertise = config.advertise or ""
         self._nursery: trio.Nursery | None = None
         self._avoided: dict[str, float] = {}
@@ -106,6 +110,22 @@ class PeerDaemon:
         if dl.error is not None and self.downloads.get(dl.task_id) is dl:
             # Keep the failure visible to readers already waiting, but let the next request retry.
             del self.downloads[dl.task_id]
+        await self.enforce_quota()
+
+    def _downloading(self, task_id: str) -> bool:
+        dl = self.downloads.get(task_id)
+        return dl is not None and not dl.finished.is_set()
+
+    async def enforce_quota(self) -> None:
+        """Evict least recently used blobs past the high watermark, and tell the scheduler."""
+        for task_id in self.cache.enforce():
+            self.downloads.pop(task_id, None)
+            if self.scheduler is not None:
+                try:
+                    await self.scheduler.call("/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id),
+                                              wire.Empty)
+                except (UpstreamError, P2PError) as exc:
+                    log.debug("leave for an evicted task not sent: %s", exc)  # children stop at its 404s
 
     # -- the scheduler --------------------------------------------------------------------
 
@@ -116,6 +136,7 @@ class PeerDaemon:
     async def announce_loop(self) -> None:
         assert self.scheduler is not None
         while True:
+            await self.enforce_quota()
             try:
                 await self.scheduler.call("/v1/hosts", wire.AnnounceHost(
                     host_id=self.host_id, url=self.advertise, kind=self.kind,
@@ -133,7 +154,7 @@ class PeerDaemon:
         if request.path == "/metrics":
             return metrics_response(self.metrics.registry)
         if self.pieces.match(request):
-            return await self.pieces.handle(request)
+            return pin_piece_response(self.store, request, await self.pieces.handle(request))
         raise NotFound(f"no such endpoint {request.path[:100]}")
 
     def count_upload(self, n: int) -> None:

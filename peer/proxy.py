@@ -217,6 +217,7 @@ class Proxy:
         """`body`, counted: time to its first byte (from the request) and bytes by source."""
         first = True
         sent = 0
+        self.daemon.store.pin(dl.task_id)  # the cache quota never evicts a blob being sent
         try:
             async for chunk in body:
                 if first:
@@ -227,6 +228,7 @@ class Proxy:
                 sent += n
                 self.metrics.blob_bytes.labels(source).inc(n)
         finally:
+            self.daemon.store.unpin(dl.task_id)
             await body.aclose()  # type: ignore[attr-defined]
             log.info("blob %s: sent %d of %d bytes (%s) in %.2fs", short(dl.task_id), sent, length, source,
                      time.monotonic() - started)

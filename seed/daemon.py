@@ -20,6 +20,7 @@ from p2pdist import wire
 from p2pdist.config import SeedConfig, parse_hostport
 from p2pdist.digest import PieceHasher, short
 from p2pdist.errors import IntegrityError, NotFound, OriginError, P2PError, UpstreamError
+from p2pdist.evict import CacheQuota, pin_piece_response
 from p2pdist.http import Request, Response, serve_http, text_response
 from p2pdist.metrics import DaemonMetrics
 from p2pdist.origin import OriginClient
@@ -73,6 +74,7 @@ class SeedFetch:
             metrics.tasks_active.dec()
             self.done = True
             self._changed()
+        await self.seed.enforce_quota()
 
     def _changed(self) -> None:
         self.changed.set()
@@ -199,6 +201,9 @@ class SeedDaemon:
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
         self.pieces = PieceServer(self.store, self.metrics, config.upload_slots, secret=config.cluster_secret)
         self.fetches: dict[str, SeedFetch] = {}
+        self.cache = CacheQuota(self.store, config.cache_quota_bytes, config.cache_high_watermark,
+                                config.cache_low_watermark, busy=self._fetching,
+                                registry=self.metrics.registry, role=self.kind)
         self.advertise = config.advertise or ""
         self._nursery: trio.Nursery | None = None
 
@@ -216,7 +221,7 @@ class SeedDaemon:
             self.start(trigger)
             return Response(202, [("content-type", wire.CONTENT_TYPE)], wire.encode(wire.Empty()))
         if self.pieces.match(request):
-            return await self.pieces.handle(request)
+            return pin_piece_response(self.store, request, await self.pieces.handle(request))
         raise NotFound(f"no such endpoint {request.path[:100]}")
 
     def start(self, trigger: wire.SeedTrigger) -> None:
@@ -251,8 +256,23 @@ class SeedDaemon:
                                             pieces=t.pieces.to_bytes(), url=t.url, piece_digests=list(digests)))
         return out
 
+    def _fetching(self, task_id: str) -> bool:
+        fetch = self.fetches.get(task_id)
+        return fetch is not None and not fetch.done
+
+    async def enforce_quota(self) -> None:
+        """Evict least recently used blobs past the high watermark, and tell the scheduler."""
+        for task_id in self.cache.enforce():
+            self.fetches.pop(task_id, None)
+            try:
+                await self.scheduler.call("/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id),
+                                          wire.Empty)
+            except (UpstreamError, P2PError) as exc:
+                log.debug("leave for an evicted task not sent: %s", exc)
+
     async def announce_loop(self) -> None:
         while True:
+            await self.enforce_quota()
             try:
                 await self.scheduler.call("/v1/hosts", wire.AnnounceHost(
                     host_id=self.host_id, url=self.advertise, kind=self.kind,
