@@ -1,0 +1,285 @@
+"""Load on one daemon and one scheduler: many clients pulling one blob through one peer's
+mirror port at once, and many simulated peers registering and syncing with one scheduler.
+Prints latency percentiles, errors and the daemon's peak RSS (VmHWM from /proc/PID/status).
+
+    .venv/bin/python -m benchmarks.load --pulls 200 --blob-size 8MiB --peers 1000
+
+Everything is real and on loopback: the Distribution registry as origin, a scheduler, a seed
+and a peer as separate processes. The simulated peers are msgpack calls from this process
+over a pool of kept-alive sockets (httpx would be the bottleneck, not the scheduler): each
+announces itself, registers the task, reports its pieces in a few syncs and finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from p2pdist import wire
+from p2pdist.config import parse_size
+from p2pdist.lab.image import make_oci_layout, push_image
+from p2pdist.lab.origin import Origin
+from p2pdist.lab.procs import Service, start_peer, start_scheduler, start_seed
+from p2pdist.oci import SCHEME_HEADER
+from p2pdist.pieces import PieceLayout
+
+REPO = "load/blob"
+MiB = 1 << 20
+
+
+@dataclass
+class LoadResult:
+    what: str
+    latencies_s: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    peak_rss_kib: int = 0
+    cpu_s: float = math.nan  # the daemon's CPU time during the run
+
+    def measure(self, pid: int, cpu_before: float) -> None:
+        """Record the daemon's peak RSS and the CPU it used since `cpu_before`."""
+        self.peak_rss_kib = rss_kib(pid)["VmHWM"]
+        self.cpu_s = cpu_seconds(pid) - cpu_before
+
+    def percentile(self, p: float) -> float:
+        """Nearest-rank percentile of the latencies, in seconds."""
+        ordered = sorted(self.latencies_s)
+        if not ordered:
+            return math.nan
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+    def summary(self) -> str:
+        rate = len(self.latencies_s) / self.wall_s if self.wall_s else math.nan
+        return (f"{self.what}: {len(self.latencies_s)} ok, {len(self.errors)} errors in {self.wall_s:.2f} s "
+                f"({rate:.0f}/s); "
+                f"latency p50 {self.percentile(50) * 1000:.1f} ms, p99 {self.percentile(99) * 1000:.1f} ms, "
+                f"max {max(self.latencies_s, default=math.nan) * 1000:.1f} ms; "
+                f"daemon CPU {self.cpu_s:.1f} s, peak RSS {self.peak_rss_kib / 1024:.1f} MiB")
+
+
+class _Connections:
+    """A pool of kept-alive HTTP/1.1 connections to one scheduler, speaking just enough HTTP
+    for msgpack POSTs with Content-Length answers."""
+
+    def __init__(self, url: str, size: int, headers: dict[str, str]) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.size = size
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.send, self.receive = trio.open_memory_channel[tuple[trio.SocketStream, bytearray] | None](size)
+        for _ in range(size):
+            self.send.send_nowait(None)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes, float]:
+        """Status, body and seconds from sending the request to the end of the answer."""
+        conn = await self.receive.receive()
+        started = time.perf_counter()
+        try:
+            if conn is None:
+                conn = (await trio.open_tcp_stream(self.host, self.port), bytearray())
+            stream, buffered = conn
+            head = (f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{self.extra}"
+                    f"content-length: {len(body)}\r\n\r\n").encode()
+            await stream.send_all(head + body)
+            while (end := buffered.find(b"\r\n\r\n")) < 0:
+                buffered += await _receive(stream)
+            lines = bytes(buffered[:end]).decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            length = next(int(line.split(":", 1)[1]) for line in lines[1:]
+                          if line.lower().startswith("content-length:"))
+            del buffered[:end + 4]
+            while len(buffered) < length:
+                buffered += await _receive(stream)
+            reply = bytes(buffered[:length])
+            del buffered[:length]
+        except BaseException:
+            if conn is not None:
+                await trio.aclose_forcefully(conn[0])
+            self.send.send_nowait(None)
+            raise
+        self.send.send_nowait(conn)
+        return status, reply, time.perf_counter() - started
+
+    async def aclose(self) -> None:
+        for _ in range(self.size):
+            conn = await self.receive.receive()
+            if conn is not None:
+                await conn[0].aclose()
+
+
+async def _receive(stream: trio.SocketStream) -> bytes:
+    data = await stream.receive_some(65536)
+    if not data:
+        raise ConnectionError("the scheduler closed the connection")
+    return data
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of a process, in KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+async def pull_through_mirror(proxy_url: str, origin_host: str, digest: str, clients: int) -> LoadResult:
+    """`clients` GETs of one blob at once through the mirror; each checks the blob's sha256."""
+    result = LoadResult(f"{clients} concurrent pulls of {digest[:19]}")
+    url = f"{proxy_url}/v2/{REPO}/blobs/{digest}"
+    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
+    go = trio.Event()
+
+    async def one(client: httpx.AsyncClient) -> None:
+        await go.wait()
+        started = time.perf_counter()
+        sha = hashlib.sha256()
+        try:
+            async with client.stream("GET", url, params={"ns": origin_host}, headers={SCHEME_HEADER: "http"}) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise RuntimeError(f"HTTP {resp.status_code}: {resp.text.strip()[:200]}")
+                async for chunk in resp.aiter_raw():
+                    sha.update(chunk)
+        except (httpx.HTTPError, RuntimeError) as exc:
+            result.errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        if "sha256:" + sha.hexdigest() != digest:
+            result.errors.append("wrong bytes")
+            return
+        result.latencies_s.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=60), limits=limits) as client:
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(one, client)
+            go.set()
+        result.wall_s = time.perf_counter() - started
+    return result
+
+
+async def simulate_peers(scheduler_url: str, peers: int, *, blob_size: int = 512 * MiB, syncs: int = 3,
+                         concurrency: int = 200, secret: str | None = None) -> LoadResult:
+    """`peers` simulated hosts against one scheduler: announce, register, `syncs` syncs that
+    report pieces, a last sync that says done. A simulated seed holds the whole task first."""
+    result = LoadResult(f"{peers} simulated peers registering and syncing over {concurrency} connections")
+    layout = PieceLayout.for_blob(blob_size)
+    task_id = "sha256:" + hashlib.sha256(b"p2pdist load task").hexdigest()
+    blob_url = f"http://registry.invalid/v2/{REPO}/blobs/{task_id}"
+    every_piece = bytes([0xFF]) * ((layout.count + 7) // 8)
+    headers = {"content-type": wire.CONTENT_TYPE, **({"authorization": f"Bearer {secret}"} if secret else {})}
+    client = _Connections(scheduler_url, concurrency, headers)
+    try:
+
+        async def call(path: str, message: object) -> bytes | None:
+            # Latency counts from the request's turn on a connection: waiting for one of
+            # the pool's sockets is this load generator's queue, not the scheduler's.
+            try:
+                status, reply, seconds = await client.post(path, wire.encode(message))
+            except (OSError, ValueError, StopIteration, trio.BrokenResourceError) as exc:
+                result.errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                return None
+            if status != 200:
+                result.errors.append(f"{path}: HTTP {status} {reply.strip()[:100]!r}")
+                return None
+            result.latencies_s.append(seconds)
+            return reply
+
+        seed = wire.AnnounceHost(host_id="load-seed", url="http://seed.invalid:4010", kind="seed", upload_slots=64,
+                                 tasks=[wire.TaskHolding(task_id=task_id, content_length=blob_size, pieces=every_piece,
+                                                         url=blob_url, piece_digests=[b"\x00" * 32] * layout.count)])
+        await call("/v1/hosts", seed)
+
+        async def peer(i: int) -> None:
+            host_id = f"load-peer-{i:05d}"
+            await call("/v1/hosts", wire.AnnounceHost(host_id=host_id, url=f"http://peer-{i}.invalid:4000",
+                                                      kind="peer", upload_slots=16))
+            reply = await call("/v1/tasks/register", wire.Register(host_id=host_id, task_id=task_id, url=blob_url))
+            if reply is None:
+                return
+            if not wire.decode(wire.SyncReply, reply).parents:
+                result.errors.append(f"{host_id}: registered without parents")
+            per_sync = max(1, layout.count // syncs)
+            for n in range(syncs + 1):
+                pieces = list(range(n * per_sync, min(layout.count, (n + 1) * per_sync))) if n < syncs else []
+                await call("/v1/tasks/sync", wire.Sync(host_id=host_id, task_id=task_id, new_pieces=pieces,
+                                                      have_digests=layout.count, done=n == syncs))
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(peers):
+                nursery.start_soon(peer, i)
+        result.wall_s = time.perf_counter() - started
+    finally:
+        await client.aclose()
+    return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.load", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pulls", type=int, default=200, help="concurrent clients pulling one blob (0: skip)")
+    parser.add_argument("--blob-size", default="8MiB", help="size of the pulled blob")
+    parser.add_argument("--peers", type=int, default=1000, help="simulated peers against the scheduler (0: skip)")
+    parser.add_argument("--connections", type=int, default=200, help="sockets the simulated peers share")
+    args = parser.parse_args(argv)
+    blob_size = parse_size(args.blob_size)
+    with tempfile.TemporaryDirectory(prefix="p2pdist-load-") as tmp:
+        workdir = Path(tmp)
+        services: list[Service] = []
+        try:
+            scheduler = start_scheduler(workdir)
+            services.append(scheduler)
+            if args.peers:
+                log(f"{args.peers} simulated peers against scheduler pid {scheduler.pid}")
+                before = cpu_seconds(scheduler.pid)
+                regs = trio.run(lambda: simulate_peers(scheduler.url, args.peers, concurrency=args.connections))
+                regs.measure(scheduler.pid, before)
+                print(regs.summary())
+            if args.pulls:
+                with Origin() as origin:
+                    image = make_oci_layout(workdir / "image", [blob_size], 7)
+                    push_image(image, origin.host, REPO)
+                    digest = image.layers[0].digest
+                    services.append(start_seed(workdir, scheduler.url))
+                    peer = start_peer(workdir, scheduler.url, "peer")
+                    services.append(peer)
+                    assert peer.proxy_url is not None
+                    log(f"{args.pulls} pulls of {blob_size / MiB:.0f} MiB through peer pid {peer.pid}")
+                    before = cpu_seconds(peer.pid)
+                    pulls = trio.run(pull_through_mirror, peer.proxy_url, origin.host, digest, args.pulls)
+                    pulls.measure(peer.pid, before)
+                    print(pulls.summary())
+                    for error in sorted(set(pulls.errors))[:10]:
+                        print(f"  error: {error}")
+        finally:
+            for service in reversed(services):
+                service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
