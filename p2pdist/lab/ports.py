@@ -1,15 +1,39 @@
 """Loopback port allocation for lab processes.
 
-The port is free when returned; a process started right after binds it. The small race with
-other programs on the machine is accepted: everything here runs on 127.0.0.1.
+Ports come from below the kernel's ephemeral range, so the source port of some outgoing
+connection cannot take a port between our check and the service's bind (with dozens of
+processes connecting to each other, that race was real). The choice is random so that
+concurrent test runs rarely pick the same port; the remaining race is accepted.
 """
 
+import random
 import socket
+
+# Linux hands out ephemeral ports from 32768 up by default (net.ipv4.ip_local_port_range).
+LAB_PORTS = range(12000, 32000)
+_rng = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is currently free."""
+    """Return a TCP port on 127.0.0.1 that is currently free and outside the ephemeral range."""
+    top = min(LAB_PORTS.stop, _ephemeral_low())
+    for _ in range(200):
+        port = _rng.randrange(LAB_PORTS.start, top)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
