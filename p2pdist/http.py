@@ -426,6 +426,10 @@ class _Connection:
         method = event.method.decode("ascii")
         self._request_headers = event.headers
         self._body_refused = False
+        if method == "CONNECT":
+            # h11 takes any 2xx to CONNECT as a switch to a tunnel, after which no body can go out.
+            await self._send_response(method, text_response(405, "CONNECT is not supported: this is not a proxy"))
+            return
         try:
             request = self._make_request(event)
         except BadRequest as exc:
