@@ -88,6 +88,28 @@ async def pull_everywhere(bases: Sequence[str], image: ImageInfo, params: dict[s
     return times
 
 
+_SCRAPED = ("upload_bytes_total", 'download_bytes_total{source="peer"}', 'download_bytes_total{source="origin"}',
+            'pieces_total{result="busy",source="peer"}', 'pieces_total{result="failed",source="peer"}',
+            'pieces_total{result="verified",source="peer"}', "back_to_source_total")
+
+
+def scrape(services: Sequence[Service]) -> dict[str, dict[str, float]]:
+    """Per host, the counters that explain a result: who uploaded, busy answers, failures."""
+    out: dict[str, dict[str, float]] = {}
+    for service in services:
+        text = httpx.get(f"{service.url}/metrics", timeout=10).text
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            key, value = line.rsplit(" ", 1)
+            name = key.split("_", 2)[-1] if key.startswith("p2pdist_") else key
+            if name in _SCRAPED or any(name.startswith(s.split("{")[0]) and s in name for s in _SCRAPED):
+                values[name] = values.get(name, 0.0) + float(value)
+        out[service.name] = values
+    return out
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     blob_bytes = parse_size(args.blob_size)
     origin_bps = parse_size(args.origin_rate)
@@ -118,6 +140,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         before = relay.downstream_bytes()
         p2p = trio.run(pull_everywhere, [str(p.proxy_url) for p in peers], image, {"ns": relay.host}, args.timeout)
         p2p_origin = relay.downstream_bytes() - before
+        detail = scrape([services[1], *peers])
         log(f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB")
         direct: list[float] = []
         direct_origin = 0
@@ -141,6 +164,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "lower_bound_s": bound,
         "direct_lower_bound_s": max(args.peers * total / origin_bps, total / download_bps),
         "p2p": summarize(p2p, p2p_origin),
+        "p2p_detail": detail,
     }
     if direct:
         result["direct"] = summarize(direct, direct_origin)

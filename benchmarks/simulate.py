@@ -17,6 +17,7 @@ Direct pull is the same start times against the origin alone, shared fairly, eac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import logging
 import os
@@ -61,7 +62,14 @@ class SimConfig:
     max_time_s: float = 3600.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
-    seed_upload_slots: int = field(default_factory=lambda: SeedConfig().upload_slots)
+    seed_upload_slots: int = 0  # 0: what a seed whose upload is capped at the origin rate uses
+
+    def peer_slots(self) -> int:
+        """The upload slots a real peer with this upload cap would use."""
+        return dataclasses.replace(self.peer, upload_rate_bps=int(self.peer_upload_bps)).effective_upload_slots()
+
+    def seed_slots(self) -> int:
+        return self.seed_upload_slots or SeedConfig(upload_rate_bps=int(self.origin_bps)).effective_upload_slots()
 
 
 class ParentState:
@@ -114,7 +122,7 @@ class Simulation:
         self.up_cap[0] = config.origin_bps
         self.down_cap = np.full(hosts, float(config.peer_download_bps))
         self.down_cap[0] = np.inf  # the seed's download is its origin stream, modelled apart
-        self.slots = [config.seed_upload_slots] + [config.peer.upload_slots] * n
+        self.slots = [config.seed_slots()] + [config.peer_slots()] * n
         self.uploads = [0] * hosts
         # Flows: fixed-size arrays indexed by slot; a free list hands slots out.
         cap = n * config.peer.concurrent_pieces + 16
@@ -143,12 +151,12 @@ class Simulation:
         heapq.heappush(self.events, (when, self.order, kind, peer))
 
     def start(self) -> None:
-        seed_slots = self.config.seed_upload_slots
+        seed_slots = self.config.seed_slots()
         self.sched.announce(AnnounceHost(host_id=self.seed_id, url="http://seed-0.sim:4010", kind="seed",
                                          upload_slots=seed_slots), 0.0)
         for p in self.peers:
             self.sched.announce(AnnounceHost(host_id=p.host_id, url=f"http://{p.host_id}.sim:4000", kind="peer",
-                                             upload_slots=self.config.peer.upload_slots), 0.0)
+                                             upload_slots=self.config.peer_slots()), 0.0)
             self._at(p.start_s, "register", p.index)
 
     def _register(self, p: SimPeer, now: float) -> None:
@@ -392,7 +400,7 @@ class Simulation:
                           "parent_sample": cfg.scheduler.parent_sample, **counters},
             "peer_limits": {"concurrent_pieces": cfg.peer.concurrent_pieces,
                             "per_parent_pieces": cfg.peer.per_parent_pieces,
-                            "upload_slots": cfg.peer.upload_slots, "seed_upload_slots": cfg.seed_upload_slots},
+                            "upload_slots": cfg.peer_slots(), "seed_upload_slots": cfg.seed_slots()},
             "requests": self.stats["requests"],
             "busy_answers": self.stats["busy"],
             "syncs": self.stats["syncs"],

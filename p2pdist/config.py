@@ -176,7 +176,7 @@ _TLS_CA_HELP = "PEM CA bundle trusted for https:// scheduler, seed and parent UR
 @dataclass(frozen=True)
 class SchedulerConfig:
     listen: str = opt("127.0.0.1:8002", _hostport_str, "address of the scheduler API", flag="--listen")
-    candidate_parents: int = opt(4, _int, "parents offered to a peer per answer")
+    candidate_parents: int = opt(8, _int, "parents offered to a peer per answer")
     parent_sample: int = opt(40, _int, "peers of a task sampled when choosing parents")
     peer_ttl_s: float = opt(60.0, _float, "forget a peer not heard from for this long")
     bad_parent_ttl_s: float = opt(30.0, _float, "avoid a parent reported bad for this long")
@@ -188,6 +188,16 @@ class SchedulerConfig:
     tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
 
 
+def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, highest: int) -> int:
+    """Concurrent uploads for an upload cap: few enough that each piece goes out fast (a
+    piece is of use to others only once complete), enough to fill the link. Tuned with
+    benchmarks/simulate.py: 16 hosts at 8 MiB/s did best with 2 per peer and 4-6 per seed,
+    500 hosts at 100 MiB/s with 4-6 per peer."""
+    if rate_bps is None:
+        return highest
+    return max(lowest, min(highest, round(rate_bps / per_slot_bps)))
+
+
 @dataclass(frozen=True)
 class SeedConfig:
     listen: str = opt("127.0.0.1:4010", _hostport_str, "address of the piece server", flag="--listen")
@@ -196,7 +206,7 @@ class SeedConfig:
     advertise: str | None = opt(None, _opt_url, "URL other peers use for this piece server", flag="--advertise")
     upload_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s served to peers", flag="--upload-rate")
     origin_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from origins", flag="--origin-rate")
-    upload_slots: int = opt(32, _int, "concurrent piece uploads before answering busy")
+    upload_slots: int = opt(0, _int, "concurrent piece uploads before answering busy; 0: from the upload rate")
     origin_timeout_s: float = opt(30.0, _float, "give up on an origin that sends nothing for this long")
     announce_interval_s: float = opt(3.0, _float, "how often to tell the scheduler this seed is alive")
     cache_quota_bytes: int | None = opt(None, parse_rate, "disk quota for cached pieces; past the high watermark the least recently used blobs go", flag="--cache-quota")
@@ -209,6 +219,10 @@ class SeedConfig:
     tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
     tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
 
+    def effective_upload_slots(self) -> int:
+        # A seed feeds the whole swarm early on: more slots than a peer has.
+        return self.upload_slots or upload_slots_for(self.upload_rate_bps, per_slot_bps=8 << 20, lowest=4, highest=16)
+
 
 @dataclass(frozen=True)
 class PeerConfig:
@@ -219,9 +233,9 @@ class PeerConfig:
     advertise: str | None = opt(None, _opt_url, "URL other peers use for this piece server", flag="--advertise")
     upload_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s served to peers", flag="--upload-rate")
     download_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from peers and origin", flag="--download-rate")
-    upload_slots: int = opt(16, _int, "concurrent piece uploads before answering busy")
+    upload_slots: int = opt(0, _int, "concurrent piece uploads before answering busy; 0: from the upload rate")
     concurrent_pieces: int = opt(8, _int, "pieces in flight per task")
-    per_parent_pieces: int = opt(3, _int, "pieces in flight per parent")
+    per_parent_pieces: int = opt(1, _int, "pieces in flight per parent")
     piece_timeout_s: float = opt(4.0, _float, "base time allowed for one piece")
     piece_timeout_per_mib_s: float = opt(2.0, _float, "extra time allowed per MiB of piece")
     schedule_rounds: int = opt(4, _int, "failed scheduling rounds before going back to source")
@@ -237,6 +251,9 @@ class PeerConfig:
     tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
     tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
     tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
+
+    def effective_upload_slots(self) -> int:
+        return self.upload_slots or upload_slots_for(self.upload_rate_bps, per_slot_bps=25 << 20, lowest=2, highest=8)
 
 
 C = TypeVar("C")

@@ -70,7 +70,7 @@ class PeerDaemon:
         self.download_bucket = maybe_bucket(config.download_rate_bps)
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
         self.piece_client = PieceClient(secret=config.cluster_secret, ssl_context=tls_client)
-        self.pieces = PieceServer(self.store, self.metrics, config.upload_slots, secret=config.cluster_secret)
+        self.pieces = PieceServer(self.store, self.metrics, config.effective_upload_slots(), secret=config.cluster_secret)
         self.downloads: dict[str, TaskDownload] = {}
         self.cache = CacheQuota(self.store, config.cache_quota_bytes, config.cache_high_watermark,
                                 config.cache_low_watermark, busy=self._downloading,
@@ -140,7 +140,7 @@ class PeerDaemon:
             try:
                 await self.scheduler.call("/v1/hosts", wire.AnnounceHost(
                     host_id=self.host_id, url=self.advertise, kind=self.kind,
-                    upload_slots=self.config.upload_slots, tasks=self.holdings()), wire.Empty)
+                    upload_slots=self.config.effective_upload_slots(), tasks=self.holdings()), wire.Empty)
             except (UpstreamError, P2PError) as exc:
                 self.metrics.scheduler_errors.inc()
                 log.debug("announce failed: %s", exc)

@@ -199,7 +199,7 @@ class SeedDaemon:
                                          verify=client_context(config.tls_ca))
         self.origin = OriginClient(rate=maybe_bucket(config.origin_rate_bps), timeout_s=config.origin_timeout_s)
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
-        self.pieces = PieceServer(self.store, self.metrics, config.upload_slots, secret=config.cluster_secret)
+        self.pieces = PieceServer(self.store, self.metrics, config.effective_upload_slots(), secret=config.cluster_secret)
         self.fetches: dict[str, SeedFetch] = {}
         self.cache = CacheQuota(self.store, config.cache_quota_bytes, config.cache_high_watermark,
                                 config.cache_low_watermark, busy=self._fetching,
@@ -276,7 +276,7 @@ class SeedDaemon:
             try:
                 await self.scheduler.call("/v1/hosts", wire.AnnounceHost(
                     host_id=self.host_id, url=self.advertise, kind=self.kind,
-                    upload_slots=self.config.upload_slots, tasks=self.holdings()), wire.Empty)
+                    upload_slots=self.config.effective_upload_slots(), tasks=self.holdings()), wire.Empty)
             except (UpstreamError, P2PError) as exc:
                 log.debug("announce failed: %s", exc)
             await trio.sleep(self.config.announce_interval_s)
