@@ -48,7 +48,7 @@ def log(message: str) -> None:
 
 
 async def pull_image(client: httpx.AsyncClient, base: str, image: ImageInfo, params: dict[str, str],
-                     started: float) -> float:
+                     started: float, verified: list[str]) -> float:
     """Fetch the manifest and every layer (layers at once, as runtimes do); return seconds since `started`."""
     manifest = await client.get(f"{base}/v2/{REPO}/manifests/{image.tag}", params=params,
                                 headers={"accept": "application/vnd.oci.image.manifest.v1+json"})
@@ -64,6 +64,7 @@ async def pull_image(client: httpx.AsyncClient, base: str, image: ImageInfo, par
                 sha.update(chunk)
         if "sha256:" + sha.hexdigest() != digest:
             raise RolloutError(f"{digest[:19]} from {base} does not match its digest")
+        verified.append(digest)
 
     async with trio.open_nursery() as nursery:
         for blob in image.layers:
@@ -72,20 +73,22 @@ async def pull_image(client: httpx.AsyncClient, base: str, image: ImageInfo, par
 
 
 async def pull_everywhere(bases: Sequence[str], image: ImageInfo, params: dict[str, str],
-                          timeout_s: float) -> list[float]:
+                          timeout_s: float) -> tuple[list[float], int]:
+    """Every host's completion time, and how many blobs came out matching their digests."""
     times: list[float] = [0.0] * len(bases)
+    verified: list[str] = []
     limits = httpx.Limits(max_connections=len(bases) * (len(image.layers) + 1) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
         started = time.monotonic()
 
         async def one(i: int, base: str) -> None:
-            times[i] = await pull_image(client, base, image, params, started)
+            times[i] = await pull_image(client, base, image, params, started, verified)
 
         with trio.fail_after(timeout_s):
             async with trio.open_nursery() as nursery:
                 for i, base in enumerate(bases):
                     nursery.start_soon(one, i, base)
-    return times
+    return times, len(verified)
 
 
 _SCRAPED = ("upload_bytes_total", 'download_bytes_total{source="peer"}', 'download_bytes_total{source="origin"}',
@@ -138,15 +141,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             peer.wait_healthy()
         log(f"{args.peers} peers up; p2p rollout starts")
         before = relay.downstream_bytes()
-        p2p = trio.run(pull_everywhere, [str(p.proxy_url) for p in peers], image, {"ns": relay.host}, args.timeout)
+        p2p, p2p_verified = trio.run(pull_everywhere, [str(p.proxy_url) for p in peers], image, {"ns": relay.host},
+                                     args.timeout)
         p2p_origin = relay.downstream_bytes() - before
         detail = scrape([services[1], *peers])
         log(f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB")
         direct: list[float] = []
-        direct_origin = 0
+        direct_origin = direct_verified = 0
         if not args.skip_direct:
             before = relay.downstream_bytes()
-            direct = trio.run(pull_everywhere, [relay.url] * args.peers, image, {}, args.timeout)
+            direct, direct_verified = trio.run(pull_everywhere, [relay.url] * args.peers, image, {}, args.timeout)
             direct_origin = relay.downstream_bytes() - before
             log(f"direct: p50 {sorted(direct)[len(direct) // 2]:.2f}s, slowest {max(direct):.2f}s, "
                 f"origin sent {direct_origin / MiB:.1f} MiB")
@@ -163,11 +167,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "peer_upload_rate_bps": upload_bps,
         "lower_bound_s": bound,
         "direct_lower_bound_s": max(args.peers * total / origin_bps, total / download_bps),
-        "p2p": summarize(p2p, p2p_origin),
+        "p2p": summarize(p2p, p2p_origin) | {"blobs_verified": p2p_verified},
         "p2p_detail": detail,
     }
     if direct:
-        result["direct"] = summarize(direct, direct_origin)
+        result["direct"] = summarize(direct, direct_origin) | {"blobs_verified": direct_verified}
     return result
 
 

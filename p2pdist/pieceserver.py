@@ -7,7 +7,10 @@ With a cluster secret, a request without it is a 401.
 
 from __future__ import annotations
 
+import collections
 import re
+
+import trio
 
 from p2pdist.digest import parse_digest
 from p2pdist.errors import BadRequest, NotFound
@@ -16,6 +19,7 @@ from p2pdist.metrics import DaemonMetrics
 from p2pdist.store import Store
 from p2pdist.trust import refuse_unauthorized
 
+QUEUE_WAIT_S = 0.5
 PIECE_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)/pieces/(?P<number>[^/]+)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -56,6 +60,7 @@ class PieceServer:
         self.upload_slots = upload_slots
         self.secret = secret
         self.active = 0
+        self._queue: collections.deque[trio.Event] = collections.deque()
 
     def match(self, request: Request) -> bool:
         return request.path.startswith("/v1/tasks/")
@@ -88,7 +93,7 @@ class PieceServer:
             span = parse_range(request.headers.get("range", ""), length)
         except RangeNotSatisfiable as exc:
             return text_response(416, str(exc), [("content-range", f"bytes */{exc.length}")])
-        if self.active >= self.upload_slots:
+        if not await self._take_slot():
             self.metrics.pieces_served.labels("503").inc()
             return text_response(503, "all upload slots busy", [("retry-after", "1")])
         status, start, end = (200, 0, length) if span is None else (206, *span)
@@ -96,11 +101,31 @@ class PieceServer:
         if status == 206:
             headers.append(("content-range", f"bytes {start}-{end - 1}/{length}"))
         self.metrics.pieces_served.labels(str(status)).inc()
-        self.active += 1
-        self.metrics.uploads_active.set(self.active)
         body = FileBody(task.path(number), start, end - start, on_done=self._upload_done)
         return Response(status, headers, body)
 
+    async def _take_slot(self) -> bool:
+        """An upload slot, waiting briefly in line for one: a request already waiting when an
+        upload ends starts at once, so the link does not idle while a refused child backs off.
+        Past a short line, or after the wait, the answer is busy and the child asks elsewhere."""
+        if self.active < self.upload_slots:
+            self.active += 1
+            self.metrics.uploads_active.set(self.active)
+            return True
+        if len(self._queue) >= self.upload_slots:
+            return False
+        turn = trio.Event()
+        self._queue.append(turn)
+        with trio.move_on_after(QUEUE_WAIT_S):
+            await turn.wait()
+        if turn.is_set():
+            return True  # the finishing upload handed its slot over
+        self._queue.remove(turn)
+        return False
+
     def _upload_done(self) -> None:
+        if self._queue:
+            self._queue.popleft().set()  # the slot passes straight to the next in line
+            return
         self.active -= 1
         self.metrics.uploads_active.set(self.active)
