@@ -24,7 +24,8 @@ MAX_REDIRECTS = 5
 # Mirrors that forward to mirrors: give up after this many p2pdist hops (a loop).
 MAX_HOPS = 3
 
-_HOST = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9a-fA-F:]+\](:\d{1,5})?")
+# [0-9], not \d: \d also matches other scripts' digits, which would then be dialled.
+_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9a-fA-F:]+\](:[0-9]{1,5})?")
 # What the client may tell the registry, and what of the registry's answer the client sees.
 FORWARDED_REQUEST_HEADERS = ("authorization", "accept", "range", "if-none-match", "user-agent")
 RELAYED_RESPONSE_HEADERS = (
@@ -71,7 +72,7 @@ def hops_of(headers: Mapping[str, str]) -> int:
     if value is None:
         return 0
     value = value.strip()
-    return int(value) if value.isdigit() and len(value) < 4 else 1
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 4 else 1
 
 
 def forwarded_headers(headers: Mapping[str, str], *, hops: int) -> dict[str, str]:

@@ -385,8 +385,6 @@ def test_mirror_headers_never_break_a_blob_request(services: Services, headers: 
     services.assert_healthy()
 
 
-@pytest.mark.xfail(strict=True, reason="bug in peer/upstream.py hops_of: int() of a non-ASCII digit raises; "
-                                       "reported to the mirror's owner")
 def test_mirror_refuses_a_non_ascii_hop_count(services: Services) -> None:
     response = services.client.get(f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
                                    params={"ns": "127.0.0.1:1"}, headers={"x-p2pdist": b"\xb2"})  # latin-1 "²"
@@ -394,8 +392,6 @@ def test_mirror_refuses_a_non_ascii_hop_count(services: Services) -> None:
     assert response.status_code != 500, response.text
 
 
-@pytest.mark.xfail(strict=True, reason="bug in peer/upstream.py _HOST: \\d matches any Unicode digit, so an "
-                                       "ns port like ٣ passes and is dialled; reported to the mirror's owner")
 def test_mirror_refuses_a_namespace_with_a_non_ascii_port(services: Services) -> None:
     response = services.client.get(f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
                                    params={"ns": "127.0.0.1:\u0663"}, headers={"x-p2pdist-origin-scheme": "http"})
