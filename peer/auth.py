@@ -115,7 +115,7 @@ class AccessCheck:
 
 def _content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("content-length")
-    return int(value) if value is not None and value.isdigit() else None
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
 
 async def _limited_body(response: httpx.Response) -> bytes:

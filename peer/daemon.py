@@ -77,6 +77,7 @@ class PeerDaemon:
                                 registry=self.metrics.registry, role=self.kind)
         self.advertise = config.advertise or ""
         self._nursery: trio.Nursery | None = None
+        self._last_announce_error = ""
         self._avoided: dict[str, float] = {}
         # The origin's own bucket already caps back-to-source bytes; don't take them twice.
         self.origin.bucket = None
@@ -143,7 +144,12 @@ class PeerDaemon:
                     upload_slots=self.config.effective_upload_slots(), tasks=self.holdings()), wire.Empty)
             except (UpstreamError, P2PError) as exc:
                 self.metrics.scheduler_errors.inc()
-                log.debug("announce failed: %s", exc)
+                # Once at warning (a wrong cluster secret shows up here), then at debug.
+                said = str(exc) == self._last_announce_error
+                (log.debug if said else log.warning)("announce to the scheduler failed: %s", exc)
+                self._last_announce_error = str(exc)
+            else:
+                self._last_announce_error = ""
             await trio.sleep(ANNOUNCE_INTERVAL_S)
 
     # -- HTTP -----------------------------------------------------------------------------

@@ -206,6 +206,7 @@ class SeedDaemon:
                                 registry=self.metrics.registry, role=self.kind)
         self.advertise = config.advertise or ""
         self._nursery: trio.Nursery | None = None
+        self._last_announce_error = ""
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/healthz":
@@ -278,7 +279,12 @@ class SeedDaemon:
                     host_id=self.host_id, url=self.advertise, kind=self.kind,
                     upload_slots=self.config.effective_upload_slots(), tasks=self.holdings()), wire.Empty)
             except (UpstreamError, P2PError) as exc:
-                log.debug("announce failed: %s", exc)
+                # Once at warning (a wrong cluster secret shows up here), then at debug.
+                said = str(exc) == self._last_announce_error
+                (log.debug if said else log.warning)("announce to the scheduler failed: %s", exc)
+                self._last_announce_error = str(exc)
+            else:
+                self._last_announce_error = ""
             await trio.sleep(self.config.announce_interval_s)
 
     def count_upload(self, n: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 from scheduler.parents import Candidate, choose_parents, creates_cycle, score
 
@@ -130,12 +129,11 @@ def test_sampling_bounds_with_thousands_of_candidates() -> None:
     cands.append(cand("done", useful=10, complete=True))
     # a long chain for cycle checks to walk
     parents_of = {f"p{i}": [f"p{i - 1}"] for i in range(1, 5000)}
-    started = time.perf_counter()
+    # Speed belongs in benchmarks (benchmarks/simulate.py drives this at 5,000 hosts).
     for s in range(50):
         got = choose("child", cands, want=4, sample=40, parents_of=parents_of, seed=s)
         assert len(got) == 4
         assert "child" not in got
-    assert time.perf_counter() - started < 2.0
     # complete peers and the seed are always considered, so the complete full peer wins a slot
     got = choose("child", cands, want=1, sample=40, seed=3)
     assert got == ["done"]
