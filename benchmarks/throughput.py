@@ -7,6 +7,8 @@ processes). Peer A pulls the blob first (warming itself); the seed then leaves, 
 peer B's only parent is A. Reports B's download (pieces verified into its store) and
 its `p2pdist get` wall time (which also streams the blob to a file and checks the
 sha256), beside curl fetching the same blob from the origin to /dev/null and to a file.
+Then (`--children 8`) A serves the blob to 8 new peers at once, and its peak resident
+memory is read from /proc.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ def metric_sum(url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-def run(blob_size: int, workdir: Path) -> dict[str, float]:
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM) so far, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def run(blob_size: int, workdir: Path, children: int = 0) -> dict[str, float]:
     image = make_oci_layout(workdir / "layout", [blob_size], seed=7)
     layer = image.layers[0]
     size = layer.size
@@ -73,6 +83,22 @@ def run(blob_size: int, workdir: Path) -> dict[str, float]:
                 while chunk := f.read(1 << 22):
                     h.update(chunk)
             assert "sha256:" + h.hexdigest() == layer.digest
+            (workdir / "b.out").unlink()
+            if children:
+                # A serves the blob to `children` new peers at once (B leaves first, so A is
+                # everyone's only parent); its peak memory must not grow with the blob.
+                peer_b.stop()
+                kids = [start_peer(workdir, scheduler.url, f"child-{i}", insecure) for i in range(children)]
+                started = time.monotonic()
+                jobs = [subprocess.Popen([*get, str(k.proxy_url), "-o", "/dev/null"]) for k in kids]
+                codes = [job.wait() for job in jobs]
+                results["children"] = children
+                results["children_s"] = time.monotonic() - started
+                results["parent_peak_rss_mib"] = peak_rss_mib(peer_a.pid)
+                results["parent_upload_mib"] = metric_sum(peer_a.url, "p2pdist_peer_upload_bytes_total") / (1 << 20)
+                for kid in kids:
+                    kid.stop()
+                assert codes == [0] * children, f"child pulls exited with {codes}"
         finally:
             for service in (peer_b, peer_a, seed, scheduler):
                 if service.poll() is None:
@@ -83,10 +109,12 @@ def run(blob_size: int, workdir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blob-size", default="1GiB")
+    parser.add_argument("--children", type=int, default=8,
+                        help="then serve the blob from peer A to this many peers at once, measuring A's memory")
     parser.add_argument("--out", type=Path, help="write result.json here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="p2pdist-throughput-") as tmp:
-        r = run(parse_size(args.blob_size), Path(tmp))
+        r = run(parse_size(args.blob_size), Path(tmp), args.children)
     mib = r["blob_bytes"] / (1 << 20)
     print(f"blob: {mib:.0f} MiB")
     for key, label in (("curl_devnull_s", "curl from origin to /dev/null"), ("curl_file_s", "curl from origin to a file"),
@@ -94,6 +122,9 @@ def main() -> None:
                        ("p2p_get_s", "p2pdist get through peer B to a file (sha256 checked)")):
         print(f"  {label:56s} {r[key]:6.2f} s  {mib / r[key]:7.0f} MiB/s")
     print(f"  ratio p2p download / curl to file: {r['curl_file_s'] / r['p2p_download_s']:.2f}x of curl's speed")
+    if args.children:
+        print(f"  A served {r['children']} children at once ({r['parent_upload_mib']:.0f} MiB uploaded in all, "
+              f"{r['children_s']:.1f} s); A's peak RSS {r['parent_peak_rss_mib']:.1f} MiB")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(r, indent=2) + "\n")
