@@ -6,6 +6,7 @@ then renames; on any failure exits non-zero with one line on stderr and leaves n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -72,7 +73,10 @@ def get(url: str, output: str, peer: str, *, user: str | None = None, timeout_s:
         username, _, password = user.partition(":")
         headers["authorization"] = basic_auth(username, password)
     out = Path(output)
-    tmp = out.with_name(f".{out.name}.part")
+    # A device or pipe (-o /dev/null, -o -) is written to as it is: renaming a temporary
+    # file over it would replace the device with a regular file.
+    in_place = output == "-" or (out.exists() and not out.is_file())
+    tmp = None if in_place else out.with_name(f".{out.name}.part")
     sha = hashlib.sha256()
     received = 0
     peer_parts = urlsplit(peer)
@@ -90,7 +94,8 @@ def get(url: str, output: str, peer: str, *, user: str | None = None, timeout_s:
         progress = Progress(total, sys.stderr, enabled=not quiet)
         buf = bytearray(1 << 20)
         view = memoryview(buf)
-        with open(tmp, "wb") as f:
+        sink = contextlib.nullcontext(sys.stdout.buffer) if output == "-" else open(tmp or out, "wb")
+        with sink as f:
             while True:
                 n = response.readinto(buf)
                 if not n:
@@ -103,20 +108,26 @@ def get(url: str, output: str, peer: str, *, user: str | None = None, timeout_s:
         if total is not None and received != total:
             raise GetError(f"transfer from {peer} ended after {received} of {total} bytes")
     except (OSError, http.client.HTTPException) as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         what = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
         raise GetError(f"transfer from {peer} failed: {what}") from None
     except GetError:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     finally:
         conn.close()
     actual = "sha256:" + sha.hexdigest()
     if actual != digest:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise GetError(f"digest mismatch: got {actual}, want {digest}")
-    os.replace(tmp, out)
+    if tmp is not None:
+        os.replace(tmp, out)
     return received
+
+
+def _discard(tmp: Path | None) -> None:
+    if tmp is not None:
+        tmp.unlink(missing_ok=True)
 
 
 def _reason(body: bytes) -> str:

@@ -3,6 +3,10 @@ leaves the service serving. Real processes, real origin."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +149,27 @@ def test_seed_rejects_malformed_trigger(held: tuple[Cluster, str]) -> None:
         one_line_4xx(httpx.post(f"{seed.url}/v1/seed/tasks", content=body))
     assert files_under(data_dir) == before
     assert httpx.get(f"{seed.url}/healthz").status_code == 200
+
+
+def test_get_writes_into_a_pipe_and_leaves_it_a_pipe(held: tuple[Cluster, str], tmp_path: Path) -> None:
+    """`-o /dev/null` or a FIFO is written in place: renaming a temp file over a device
+    would replace it with a regular file."""
+    cluster, digest = held
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    sha = hashlib.sha256()
+
+    def drain() -> None:
+        with open(fifo, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    job = cluster.start_get(cluster.peers[0], cluster.blob_url("bad/input", digest), fifo)
+    _, err = job.communicate(timeout=60)
+    reader.join(timeout=60)
+    assert job.returncode == 0, err
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert "sha256:" + sha.hexdigest() == digest
+    assert not list(tmp_path.glob(".*.part"))
