@@ -311,8 +311,10 @@ class TaskDownload:
         views = [ParentView(p.host_id, bitmap_bits(p.pieces), p.inflight,
                             usable=p.busy_until <= now and self.blocked.get(p.host_id, 0) <= now)
                  for p in self.parents.values()]
+        whole = (1 << store.layout.count) - 1
+        in_order = all(v.pieces == whole for v in views)
         for number, host_id in choose_requests(need, views, room=room, per_parent=config.per_parent_pieces,
-                                               rng=self.rng):
+                                               rng=self.rng, in_order=in_order):
             parent = self.parents[host_id]
             parent.inflight += 1
             self.inflight.add(number)

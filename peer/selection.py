@@ -51,6 +51,7 @@ def choose_requests(
     room: int,
     per_parent: int,
     rng: random.Random,
+    in_order: bool = False,
 ) -> list[tuple[int, str]]:
     """Up to `room` (piece, parent host id) requests for the pieces in `need`.
 
@@ -59,6 +60,10 @@ def choose_requests(
     that all ask for the earliest piece make their common parents send the same piece to all). Each piece goes to the usable parent holding it with the fewest requests
     in flight (random among equals), never more than `per_parent` in flight to one parent.
     Pieces no usable parent can serve now are skipped, not waited for.
+
+    `in_order`: among equally rare pieces take the earliest. The downloader asks for it when
+    every parent already holds the whole blob: rarity then protects nobody, and a client
+    streaming the blob gets its bytes as they arrive instead of after the last piece.
     """
     if room <= 0 or need == 0:
         return []
@@ -83,7 +88,7 @@ def choose_requests(
             # A random starting piece, then the next equally rare one after it (wrapping):
             # children asking the same parents for the same earliest piece waste the scarce
             # upload of a parent that holds what nobody else does.
-            start = rng.randrange(layer.bit_length())
+            start = 0 if in_order else rng.randrange(layer.bit_length())
             after = layer >> start
             number = start + (after & -after).bit_length() - 1 if after else (layer & -layer).bit_length() - 1
             low = 1 << number
