@@ -7,8 +7,10 @@ the wrong type are a BadRequest with a one-line reason, never a crash deeper in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -150,7 +152,7 @@ def decode(cls: type[M], body: bytes) -> M:
 
 def _to_plain(value: object) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: _to_plain(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, list | tuple):
         return [_to_plain(v) for v in value]
     if isinstance(value, dict):
@@ -158,71 +160,105 @@ def _to_plain(value: object) -> Any:
     return value
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _build(cls: type[M], raw: object, where: str) -> M:
-    if not isinstance(raw, dict):
-        raise BadRequest(f"{where}: expected a map, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = [k for k in raw if k not in fields]
-    if unknown:
-        raise BadRequest(f"{where}: unknown field {str(unknown[0])[:40]!r}")
-    hints = _hints(cls)
-    values = {}
-    for name, f in fields.items():
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+    return _builder(cls, where)(raw)  # type: ignore[no-any-return, arg-type]
+
+
+# Validators are compiled once per message class (the scheduler decodes every sync): reading
+# type hints per message cost more than the scheduling decision itself.
+Check = Callable[[object], Any]
+
+
+@functools.cache
+def _builder(cls: type, where: str) -> Check:
+    fields = dataclasses.fields(cls)
+    hints = typing.get_type_hints(cls)
+    names = frozenset(f.name for f in fields)
+    required = [f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    checks = {f.name: _checker(hints[f.name], f"{where}.{f.name}") for f in fields}
+
+    def build(raw: object) -> Any:
+        if not isinstance(raw, dict):
+            raise BadRequest(f"{where}: expected a map, got {type(raw).__name__}")
+        for key in raw:
+            if key not in names:
+                raise BadRequest(f"{where}: unknown field {str(key)[:40]!r}")
+        for name in required:
+            if name not in raw:
                 raise BadRequest(f"{where}: missing field {name!r}")
-            continue
-        values[name] = _check(hints[name], raw[name], f"{where}.{name}")
-    message = cls(**values)
-    _validate(message, where)
-    return message
+        message = cls(**{key: checks[key](value) for key, value in raw.items()})
+        _validate(message, where)
+        return message
+
+    return build
 
 
-def _check(hint: Any, value: object, where: str) -> Any:
+@functools.cache
+def _checker(hint: Any, where: str) -> Check:
     origin = typing.get_origin(hint)
     if origin is types.UnionType or origin is typing.Union:
         args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _check(inner, value, where)
+        check_inner = _checker(inner, where)
+        if type(None) not in args:
+            return check_inner
+        return lambda value: None if value is None else check_inner(value)
     if origin is list:
-        (inner,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise BadRequest(f"{where}: expected a list")
-        return [_check(inner, v, f"{where}[]") for v in value]
+        (item,) = typing.get_args(hint)
+        check_item = _checker(item, f"{where}[]")
+
+        def check_list(value: object) -> Any:
+            if not isinstance(value, list):
+                raise BadRequest(f"{where}: expected a list")
+            return [check_item(v) for v in value]
+
+        return check_list
     if origin is dict:
         key_t, val_t = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise BadRequest(f"{where}: expected a map")
-        return {_check(key_t, k, where): _check(val_t, v, where) for k, v in value.items()}
+        check_key, check_val = _checker(key_t, where), _checker(val_t, where)
+
+        def check_dict(value: object) -> Any:
+            if not isinstance(value, dict):
+                raise BadRequest(f"{where}: expected a map")
+            return {check_key(k): check_val(v) for k, v in value.items()}
+
+        return check_dict
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)  # type: ignore[arg-type]
+        return _builder(hint, where)  # type: ignore[arg-type]
     if hint is bool:
-        if not isinstance(value, bool):
-            raise BadRequest(f"{where}: expected a boolean")
-        return value
+        def check_bool(value: object) -> Any:
+            if not isinstance(value, bool):
+                raise BadRequest(f"{where}: expected a boolean")
+            return value
+
+        return check_bool
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
-            raise BadRequest(f"{where}: expected a non-negative integer")
-        return value
+        def check_int(value: object) -> Any:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
+                raise BadRequest(f"{where}: expected a non-negative integer")
+            return value
+
+        return check_int
     if hint is str:
-        if not isinstance(value, str) or len(value) > 8192:
-            raise BadRequest(f"{where}: expected a string of at most 8192 characters")
-        return value
+        def check_str(value: object) -> Any:
+            if not isinstance(value, str) or len(value) > 8192:
+                raise BadRequest(f"{where}: expected a string of at most 8192 characters")
+            return value
+
+        return check_str
     if hint is bytes:
-        if not isinstance(value, bytes):
-            raise BadRequest(f"{where}: expected bytes")
-        return value
+        def check_bytes(value: object) -> Any:
+            if not isinstance(value, bytes):
+                raise BadRequest(f"{where}: expected bytes")
+            return value
+
+        return check_bytes
     raise TypeError(f"unsupported hint {hint!r}")  # a bug in this module, not bad input
 
 
