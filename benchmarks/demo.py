@@ -38,6 +38,9 @@ MiB = 1 << 20
 REPO = "demo/app"
 DEFAULT_LAYERS_MIB = "160,96,48"
 DEFAULT_PEERS = 8
+# An origin shared by a cluster is the scarce thing P2P exists to spare. On loopback it is
+# nearly free, so the demo caps it (both runs alike); --origin-rate-bps 0 shows the uncapped case.
+DEFAULT_ORIGIN_RATE_BPS = 50 * MiB
 PULL_TIMEOUT_S = 600.0
 _T0 = time.monotonic()
 
@@ -206,10 +209,12 @@ def report(
     p2p_origin_bytes: int | None,
     direct: list[PullResult],
     direct_origin_bytes: int,
+    origin_rate_bps: int | None = None,
 ) -> None:
     size = image.total_layer_bytes
     print()
-    print(f"image {REPO}:{image.tag}  {len(image.layers)} layers, {mib(size)}")
+    cap = f"origin capped at {mib(origin_rate_bps)}/s" if origin_rate_bps else "origin uncapped"
+    print(f"image {REPO}:{image.tag}  {len(image.layers)} layers, {mib(size)}; {cap}")
     rows = max(len(direct), len(p2p or []))
     print(f"{'#':>3}  {'p2p host':<10} {'p2p s':>8}   {'direct host':<11} {'direct s':>8}")
     for row in range(rows):
@@ -245,7 +250,7 @@ def run(args: argparse.Namespace) -> None:
         origin = stack.enter_context(Origin(workdir=workdir / "origin"))
         step(f"origin registry up at {origin.url} (pid {origin.pid})")
         relay = stack.enter_context(
-            RelayProcess(workdir, origin.host, rate_bps=args.origin_rate_bps)
+            RelayProcess(workdir, origin.host, rate_bps=args.origin_rate_bps or None)
         )
         rate = f", capped at {mib(args.origin_rate_bps)}/s" if args.origin_rate_bps else ""
         step(f"counting relay {relay.url} -> origin{rate}")
@@ -281,7 +286,8 @@ def run(args: argparse.Namespace) -> None:
         verify_and_remove(direct_results)
         step(f"direct: done, every file matches its digest; origin sent {mib(direct_origin_bytes)}")
 
-        report(image, p2p_results, p2p_origin_bytes, direct_results, direct_origin_bytes)
+        report(image, p2p_results, p2p_origin_bytes, direct_results, direct_origin_bytes,
+               args.origin_rate_bps)
         step("stopping processes")
 
 
@@ -292,7 +298,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--layers-mib", default=DEFAULT_LAYERS_MIB, help="layer sizes, comma-separated"
     )
     parser.add_argument("--seed", type=int, default=1, help="image content seed")
-    parser.add_argument("--origin-rate-bps", type=int, default=None, help="cap the origin's upload")
+    parser.add_argument(
+        "--origin-rate-bps", type=int, default=DEFAULT_ORIGIN_RATE_BPS,
+        help="cap the origin's upload, as a registry a whole cluster pulls from is capped "
+        "(default 50 MiB/s; 0: uncapped, where loopback makes the origin nearly free)")
     parser.add_argument(
         "--peer-args", default="", help="extra peer flags, e.g. '--upload-rate 8MiB'"
     )
