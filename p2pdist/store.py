@@ -261,3 +261,27 @@ class Store:
                     path.unlink(missing_ok=True)
             self.tasks[task_id] = task
         return kept
+
+
+def load_host_id(data_dir: Path, prefix: str) -> str:
+    """A stable id for this host, kept in the data dir so a restart is the same host."""
+    path = data_dir / "host-id"
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = f"{prefix}-{secrets.token_hex(6)}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n")
+    return value
+
+
+def open_host(data_dir: Path, kind: str) -> tuple[Store, str]:
+    """A daemon's store, with the verified pieces of an earlier run reloaded, and its host id."""
+    store = Store(data_dir)
+    kept = store.load()
+    if kept:
+        log.info("reusing %d verified piece(s) from %s", kept, data_dir)
+    return store, load_host_id(data_dir, kind)

@@ -7,7 +7,6 @@ this host holds, and one TaskDownload per blob being fetched.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from p2pdist.pieceserver import PieceServer
 from p2pdist.ratelimit import maybe_bucket
 from p2pdist.schedclient import SchedulerClient
 from p2pdist.service import health_response, metrics_response
-from p2pdist.store import Store
+from p2pdist.store import open_host
 from p2pdist.trust import client_context, server_context
 from peer.download import TaskDownload
 
@@ -36,32 +35,12 @@ log = logging.getLogger("p2pdist.peer")
 ANNOUNCE_INTERVAL_S = 3.0
 
 
-def load_host_id(data_dir: Path, prefix: str) -> str:
-    """A stable id for this host, kept in the data dir so a restart is the same host."""
-    path = data_dir / "host-id"
-    try:
-        value = path.read_text().strip()
-        if value:
-            return value
-    except FileNotFoundError:
-        pass
-    value = f"{prefix}-{secrets.token_hex(6)}"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(value + "\n")
-    return value
-
-
 class PeerDaemon:
     kind = "peer"
 
     def __init__(self, config: PeerConfig) -> None:
         self.config = config
-        data_dir = Path(config.data_dir)
-        self.store = Store(data_dir)
-        kept = self.store.load()
-        if kept:
-            log.info("reusing %d verified piece(s) from %s", kept, data_dir)
-        self.host_id = load_host_id(data_dir, self.kind)
+        self.store, self.host_id = open_host(Path(config.data_dir), self.kind)
         self.metrics = DaemonMetrics(self.kind)
         tls_client = client_context(config.tls_ca)
         self.scheduler: SchedulerClient | None = SchedulerClient(

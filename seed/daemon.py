@@ -28,9 +28,8 @@ from p2pdist.pieceserver import PieceServer
 from p2pdist.ratelimit import maybe_bucket
 from p2pdist.schedclient import SchedulerClient
 from p2pdist.service import health_response, metrics_response
-from p2pdist.store import PieceWriter, Store, TaskStore
+from p2pdist.store import PieceWriter, TaskStore, open_host
 from p2pdist.trust import client_context, refuse_unauthorized, server_context
-from peer.daemon import load_host_id
 
 log = logging.getLogger("p2pdist.seed")
 
@@ -188,12 +187,7 @@ class SeedDaemon:
 
     def __init__(self, config: SeedConfig) -> None:
         self.config = config
-        data_dir = Path(config.data_dir)
-        self.store = Store(data_dir)
-        kept = self.store.load()
-        if kept:
-            log.info("reusing %d verified piece(s) from %s", kept, data_dir)
-        self.host_id = load_host_id(data_dir, self.kind)
+        self.store, self.host_id = open_host(Path(config.data_dir), self.kind)
         self.metrics = DaemonMetrics(self.kind)
         self.scheduler = SchedulerClient(config.scheduler, secret=config.cluster_secret,
                                          verify=client_context(config.tls_ca))

@@ -26,7 +26,7 @@ import httpx
 import trio
 
 from p2pdist.lab.ports import free_port
-from p2pdist.lab.relay import TokenBucket
+from p2pdist.ratelimit import TokenBucket
 
 RECEIVE_BYTES = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import trio
 
+from p2pdist.ratelimit import TokenBucket
+
 RECEIVE_BYTES = 1024 * 1024
 STATS_INTERVAL_S = 0.2
 
@@ -30,28 +32,6 @@ class RelayStats:
     connections: int = 0
     active_connections: int = 0
     failed_connects: int = 0
-
-
-class TokenBucket:
-    """A rate cap shared by all connections of a relay.
-
-    Each send books the next `n / rate` seconds of the link; a sender waits until its slot,
-    less a small burst allowance, has come.
-    """
-
-    def __init__(self, rate_bps: int, burst_s: float = 0.05) -> None:
-        if rate_bps <= 0:
-            raise ValueError(f"rate_bps must be positive, got {rate_bps}")
-        self.rate_bps = rate_bps
-        self.burst_s = burst_s
-        self._free_at = 0.0
-
-    async def take(self, nbytes: int) -> None:
-        now = trio.current_time()
-        self._free_at = max(self._free_at, now) + nbytes / self.rate_bps
-        wait_s = self._free_at - now - self.burst_s
-        if wait_s > 0:
-            await trio.sleep(wait_s)
 
 
 async def _pump(
