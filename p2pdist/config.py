@@ -181,6 +181,7 @@ class SchedulerConfig:
     peer_ttl_s: float = opt(60.0, _float, "forget a peer not heard from for this long")
     bad_parent_ttl_s: float = opt(30.0, _float, "avoid a parent reported bad for this long")
     seed_retry_s: float = opt(5.0, _float, "ask another seed when one has shown no progress for this long")
+    startup_grace_s: float = opt(5.0, _float, "after a (re)start, wait this long for seeds to announce before sending peers to the origin")
     log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
     cluster_secret: str | None = _secret_opt()
     tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)

@@ -54,7 +54,7 @@ _ENDPOINTS: dict[str, type[Any]] = {
 class SchedulerService:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.state = Scheduler(config)
+        self.state = Scheduler(config, started_at=trio.current_time())
         self.metrics = Metrics()
         self._wake_send: trio.MemorySendChannel[WakeSeed]
         self._wake_recv: trio.MemoryReceiveChannel[WakeSeed]

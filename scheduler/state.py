@@ -165,8 +165,12 @@ class Counters:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, *, rng: random.Random | None = None,
+                 started_at: float | None = None) -> None:
         self.config = config
+        # A scheduler that just (re)started knows no seeds until they announce again; until
+        # then "no seed" means "not heard from yet", not "go to the origin".
+        self.started_at = started_at
         self.hosts: dict[str, Host] = {}
         self.tasks: dict[str, Task] = {}
         self.bad_until: dict[str, float] = {}  # host -> time it is trusted again
@@ -477,6 +481,9 @@ class Scheduler:
             self._is_seed(h) for h in task.seeds if h in task.holders)
         if not has_seed and not self._has_holders(task):
             if not any(h.kind == "seed" for h in self.hosts.values()):
+                if self.started_at is not None and now - self.started_at < self.config.startup_grace_s:
+                    return SyncReply(task_id=task.task_id, state="waiting",
+                                     reason="scheduler just started; waiting for seeds to announce")
                 self.counters.back_to_source += 1
                 return SyncReply(task_id=task.task_id, state="back_to_source", reason="no seed peer available")
         layout = task.layout

@@ -448,3 +448,26 @@ def assert_acyclic(s: Scheduler) -> None:
 
     for node in graph:
         visit(node, [])
+
+
+def test_restarted_scheduler_waits_for_seeds_before_sending_peers_to_the_origin() -> None:
+    from p2pdist.config import SchedulerConfig
+    from p2pdist.wire import AnnounceHost, Register
+    from scheduler.state import Scheduler
+
+    task = "sha256:" + "c" * 64
+    url = "http://origin.test/v2/a/blobs/" + task
+    sched = Scheduler(SchedulerConfig(startup_grace_s=5.0), started_at=100.0)
+    sched.announce(AnnounceHost(host_id="p1", url="http://p1", kind="peer", upload_slots=2), 100.5)
+    reply, wake = sched.register(Register(host_id="p1", task_id=task, url=url), 101.0)
+    assert reply.state == "waiting" and wake is None
+    # The seed announces within the grace period: it is woken, nobody went to the origin.
+    sched.announce(AnnounceHost(host_id="s1", url="http://s1", kind="seed", upload_slots=4), 102.0)
+    reply, wake = sched.register(Register(host_id="p1", task_id=task, url=url), 102.5)
+    assert wake is not None and wake.seed_id == "s1"
+    assert sched.counters.back_to_source == 0
+    # With no seed at all, past the grace period the answer is the origin.
+    lonely = Scheduler(SchedulerConfig(startup_grace_s=5.0), started_at=0.0)
+    lonely.announce(AnnounceHost(host_id="p1", url="http://p1", kind="peer", upload_slots=2), 6.0)
+    reply, _ = lonely.register(Register(host_id="p1", task_id=task, url=url), 6.0)
+    assert reply.state == "back_to_source"
