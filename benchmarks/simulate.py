@@ -34,10 +34,10 @@ import numpy as np
 
 from benchmarks.report import lower_bound_s, summarize, write_results
 from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
-from p2pdist.pieces import PieceLayout
+from p2pdist.pieces import PieceLayout, bits_from_bytes
 from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync, SyncReply
 from peer.download import SYNC_INTERVAL_S
-from peer.selection import ParentView, bits_from_bytes, choose_requests
+from peer.selection import ParentView, choose_requests
 from scheduler.state import Scheduler
 from seed.daemon import REPORT_INTERVAL_S
 

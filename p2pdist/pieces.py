@@ -71,6 +71,16 @@ class PieceLayout:
         return range(start // self.piece_size, (end - 1) // self.piece_size + 1)
 
 
+# Bitmap packs piece 0 into the most significant bit of byte 0; reversing the bits of every
+# byte and reading little-endian puts piece n at bit n of an int.
+_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+
+
+def bits_from_bytes(data: bytes) -> int:
+    """A Bitmap's bytes (as in `Bitmap.to_bytes()` and `wire.Parent.pieces`) as an int, piece n at bit n."""
+    return int.from_bytes(data.translate(_REVERSED), "little")
+
+
 class Bitmap:
     """A set of piece numbers packed into bytes (bit i of byte i//8, most significant first)."""
 
@@ -117,6 +127,10 @@ class Bitmap:
 
     def to_bytes(self) -> bytes:
         return bytes(self._bits)
+
+    def to_int(self) -> int:
+        """The set as an int with bit n set for piece n."""
+        return bits_from_bytes(bytes(self._bits))
 
     def _check(self, number: int) -> None:
         if not 0 <= number < self.size:

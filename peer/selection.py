@@ -13,18 +13,9 @@ from dataclasses import dataclass
 
 from p2pdist.pieces import Bitmap
 
-# Bitmap packs piece 0 into the most significant bit of byte 0; reversing the bits of every
-# byte and reading little-endian puts piece n at bit n.
-_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
-
-
-def bits_from_bytes(data: bytes) -> int:
-    """A Bitmap's bytes (as in `Bitmap.to_bytes()` and `wire.Parent.pieces`) as a piece set."""
-    return int.from_bytes(data.translate(_REVERSED), "little")
-
 
 def bitmap_bits(bitmap: Bitmap) -> int:
-    return bits_from_bytes(bitmap.to_bytes())
+    return bitmap.to_int()
 
 
 def piece_set(numbers: Iterable[int]) -> int:

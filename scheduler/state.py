@@ -111,7 +111,7 @@ class Task:
 
     def set_pieces(self, peer: PeerTask, bitmap: Bitmap | None) -> None:
         peer.pieces = bitmap
-        peer.bits = 0 if bitmap is None else int.from_bytes(bitmap.to_bytes().translate(_REVERSED), "little")
+        peer.bits = 0 if bitmap is None else bitmap.to_int()
         if peer.bits:
             self.holders.add(peer.host_id)
         else:
@@ -137,10 +137,6 @@ class Task:
     def verifiable(self) -> int:
         """Pieces whose digests are known: only those can be verified, so only those count."""
         return (1 << len(self.digests)) - 1
-
-
-# Bitmap packs piece 0 into the top bit of byte 0; reversed bytes read little-endian give bit n.
-_REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from p2pdist.pieces import Bitmap
-from peer.selection import ParentView, bitmap_bits, bits_from_bytes, choose_requests, piece_set
+from p2pdist.pieces import Bitmap, bits_from_bytes
+from peer.selection import ParentView, bitmap_bits, choose_requests, piece_set
 
 
 def test_bitmap_bits_puts_piece_n_at_bit_n() -> None:
