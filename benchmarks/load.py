@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from benchmarks.report import cpu_seconds
 from p2pdist import wire
 from p2pdist.config import parse_size
 from p2pdist.lab.image import make_oci_layout, push_image
@@ -227,12 +227,6 @@ async def simulate_peers(scheduler_url: str, peers: int, *, blob_size: int = 512
     finally:
         await client.aclose()
     return result
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def log(message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ def summarize(completion_s: Sequence[float], origin_bytes: int) -> dict[str, Any
         "max_s": max(completion_s),
         "origin_bytes": origin_bytes,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def lower_bound_s(peers: int, blob_bytes: int, origin_bps: float, upload_bps: float, download_bps: float) -> float:

@@ -1,10 +1,12 @@
-"""A lean HTTP/1.1 client for fetching pieces from parents: keep-alive connections per parent,
-bodies received with recv_into into one reused buffer and handed to the caller as views.
+"""A lean HTTP/1.1 client for the daemons' own traffic: pieces from parents and calls to the
+scheduler. Keep-alive connections per server, bodies received with recv_into into one reused
+buffer and handed to the caller as views.
 
 httpx measured 160-250 MB/s here for 4 MiB pieces; this path reaches several times that,
-which the "at least half of curl" target needs. Only what the piece server speaks is
-supported: GET, Content-Length bodies, no redirects. https:// parents are reached over TLS
-(bytes then come through SSLStream, not recv_into); a cluster secret rides on every request.
+which the "at least half of curl" target needs, and a scheduler sync costs a fraction of
+httpx's CPU (peers sync several times a second). Only what our servers speak is supported:
+Content-Length bodies, no redirects, no chunked encoding. https:// servers are reached over
+TLS (bytes then come through SSLStream, not recv_into); a cluster secret rides on every request.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from p2pdist.trust import bearer_headers
 MAX_HEAD_BYTES = 16 * 1024
 RECV_BYTES = 1 << 20
 IDLE_PER_PARENT = 8
+DRAIN_BYTES = 64 * 1024
 
 
 @dataclass
@@ -57,10 +60,10 @@ class PieceResponse:
                 try:
                     n = await sock.recv_into(view[filled:want])
                 except OSError as exc:
-                    raise UpstreamError(f"connection to parent failed: {exc.strerror or exc}") from None
+                    raise UpstreamError(f"connection to server failed: {exc.strerror or exc}") from None
                 if n == 0:
                     raise UpstreamError(
-                        f"parent closed the connection after {self.received + filled} of {self.length} bytes")
+                        f"server closed the connection after {self.received + filled} of {self.length} bytes")
                 filled += n
             self.received += filled
             yield view[:filled]
@@ -74,10 +77,10 @@ class PieceResponse:
                 try:
                     data = await stream.receive_some(want - filled)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise UpstreamError(f"TLS connection to parent failed: {exc.__cause__ or exc}") from None
+                    raise UpstreamError(f"TLS connection to server failed: {exc.__cause__ or exc}") from None
                 if not data:
                     raise UpstreamError(
-                        f"parent closed the connection after {self.received + filled} of {self.length} bytes")
+                        f"server closed the connection after {self.received + filled} of {self.length} bytes")
                 view[filled : filled + len(data)] = data
                 filled += len(data)
             self.received += filled
@@ -106,14 +109,24 @@ class PieceClient:
 
     @asynccontextmanager
     async def get(self, url: str, headers: dict[str, str] | None = None) -> AsyncIterator[PieceResponse]:
+        async with self.request("GET", url, headers) as response:
+            yield response
+
+    @asynccontextmanager
+    async def request(self, method: str, url: str, headers: dict[str, str] | None = None,
+                      body: bytes = b"") -> AsyncIterator[PieceResponse]:
+        """One request on a kept-alive connection. A body the caller leaves unread is drained
+        when it is small (a 404 or 503 text), so a refusal does not cost a new connection."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UpstreamError(f"unsupported parent URL {url[:100]}")
+            raise UpstreamError(f"unsupported URL {url[:100]}")
         key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        lines = [f"GET {target} HTTP/1.1", f"host: {parts.netloc}"]
+        lines = [f"{method} {target} HTTP/1.1", f"host: {parts.netloc}"]
         lines += [f"{k}: {v}" for k, v in {**self.auth_headers, **(headers or {})}.items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if body or method not in ("GET", "HEAD"):
+            lines.append(f"content-length: {len(body)}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         conn, reused = await self._connect(key)
         response: PieceResponse | None = None
         try:
@@ -123,12 +136,16 @@ class PieceClient:
             except (UpstreamError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if not reused:
                     raise _as_upstream(exc) from None
-                # A kept-alive connection the parent closed meanwhile: one fresh try.
+                # A kept-alive connection the server closed meanwhile: one fresh try.
                 await conn.stream.aclose()
                 conn, reused = await self._connect(key, fresh=True)
                 await conn.stream.send_all(request)
                 response = await self._read_head(conn)
             yield response
+            if method != "HEAD" and response.received < response.length <= response.received + DRAIN_BYTES:
+                with trio.move_on_after(1.0):
+                    async for _ in response.chunks():
+                        pass
         except BaseException:
             with trio.CancelScope(shield=True):
                 await conn.stream.aclose()
@@ -162,7 +179,7 @@ class PieceClient:
                         raise
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
-            raise UpstreamError(f"cannot connect to parent {host}:{port}: {type(exc).__name__}{cause}") from None
+            raise UpstreamError(f"cannot connect to server {host}:{port}: {type(exc).__name__}{cause}") from None
         return _Conn(stream, bytearray(RECV_BYTES)), False
 
     async def _read_head(self, conn: _Conn) -> PieceResponse:
@@ -172,30 +189,30 @@ class PieceClient:
             if end >= 0:
                 break
             if len(data) > MAX_HEAD_BYTES:
-                raise UpstreamError("parent sent an oversized response head")
+                raise UpstreamError("server sent an oversized response head")
             chunk = await conn.stream.receive_some(65536)
             if not chunk:
-                raise UpstreamError("parent closed the connection before answering")
+                raise UpstreamError("server closed the connection before answering")
             data += chunk
         head = bytes(data[:end]).decode("latin-1").split("\r\n")
         try:
             _, status_text, *_ = head[0].split(" ", 2)
             status = int(status_text)
         except ValueError:
-            raise UpstreamError(f"parent sent a malformed status line {head[0][:60]!r}") from None
+            raise UpstreamError(f"server sent a malformed status line {head[0][:60]!r}") from None
         headers: dict[str, str] = {}
         for line in head[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
         if "transfer-encoding" in headers:
-            raise UpstreamError("parent sent a chunked body; pieces have a length")
+            raise UpstreamError("server sent a chunked body; want a Content-Length")
         try:
             length = int(headers.get("content-length", "0"))
         except ValueError:
-            raise UpstreamError("parent sent a malformed content-length") from None
+            raise UpstreamError("server sent a malformed content-length") from None
         rest = data[end + 4 :]
         if len(rest) > length:
-            raise UpstreamError("parent sent more than its content-length")
+            raise UpstreamError("server sent more than its content-length")
         return PieceResponse(status, headers, length, conn, rest)
 
     async def aclose(self) -> None:
@@ -209,4 +226,4 @@ class PieceClient:
 def _as_upstream(exc: BaseException) -> UpstreamError:
     if isinstance(exc, UpstreamError):
         return exc
-    return UpstreamError(f"connection to parent failed: {type(exc).__name__}")
+    return UpstreamError(f"connection to server failed: {type(exc).__name__}")

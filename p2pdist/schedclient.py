@@ -6,35 +6,41 @@ import contextlib
 import ssl
 from typing import TypeVar
 
-import httpx
 import trio
 
 from p2pdist import wire
 from p2pdist.errors import UpstreamError
-from p2pdist.trust import bearer_headers
+from p2pdist.piececlient import PieceClient
 
 R = TypeVar("R")
+# Far above any real reply (a parent list for one task), far below what would hurt.
+MAX_REPLY_BYTES = 16 << 20
 
 
 class SchedulerClient:
     def __init__(self, url: str, *, timeout_s: float = 3.0, secret: str | None = None,
-                 verify: ssl.SSLContext | bool = True) -> None:
+                 verify: ssl.SSLContext | None = None) -> None:
         self.url = url.rstrip("/")
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s),
-                                        limits=httpx.Limits(max_connections=16),
-                                        headers=bearer_headers(secret), verify=verify)
+        self.timeout_s = timeout_s
+        self.client = PieceClient(connect_timeout_s=timeout_s, secret=secret, ssl_context=verify)
 
     async def call(self, path: str, message: object, reply: type[R]) -> R:
         """POST a message; raise UpstreamError with a one-line reason on any failure."""
+        headers = {"content-type": wire.CONTENT_TYPE, "x-p2pdist": "1"}
         try:
-            response = await self.client.post(
-                self.url + path, content=wire.encode(message),
-                headers={"content-type": wire.CONTENT_TYPE, "x-p2pdist": "1"})
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"scheduler {self.url} unreachable: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise UpstreamError(f"scheduler answered {response.status_code}: {response.text.strip()[:200]}")
-        return wire.decode(reply, response.content)
+            with trio.fail_after(self.timeout_s):
+                async with self.client.request("POST", self.url + path, headers, wire.encode(message)) as response:
+                    if response.length > MAX_REPLY_BYTES:
+                        raise UpstreamError(f"scheduler sent a {response.length}-byte reply")
+                    body = await response.read()
+        except UpstreamError as exc:
+            raise UpstreamError(f"scheduler {self.url} unreachable: {exc}") from None
+        except trio.TooSlowError:
+            raise UpstreamError(f"scheduler {self.url} unreachable: no answer in {self.timeout_s:g}s") from None
+        if response.status != 200:
+            text = body.decode("utf-8", "replace").strip()
+            raise UpstreamError(f"scheduler answered {response.status}: {text[:200]}")
+        return wire.decode(reply, body)
 
     async def say_goodbye(self, host_id: str) -> None:
         """Best effort, on shutdown: tell the scheduler to stop offering this host."""
