@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import trio
@@ -123,6 +125,54 @@ def scrape(services: Sequence[Service]) -> dict[str, dict[str, float]]:
     return out
 
 
+class UploadSampler:
+    """With --timeline: every 0.5 s, the upload counters of the seed and every peer, summed, so
+    the report can show how much of the swarm's upload capacity was in use over time."""
+
+    def __init__(self, services: Sequence[Service], capacity_bps: float, interval_s: float = 0.5) -> None:
+        self.urls = [urlsplit(s.url) for s in services]
+        self.capacity_bps = capacity_bps
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> UploadSampler:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _total(self) -> float:
+        total = 0.0
+        for url in self.urls:
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+            try:
+                conn.request("GET", "/metrics")
+                for line in conn.getresponse().read().decode().splitlines():
+                    if line.startswith("p2pdist_") and "_upload_bytes_total " in line:
+                        total += float(line.rsplit(" ", 1)[1])
+            except OSError:
+                pass
+            finally:
+                conn.close()
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s if self.samples else 0):
+            self.samples.append((time.monotonic() - self._started, self._total()))
+
+    def utilization(self) -> list[tuple[float, float]]:
+        """(seconds since the start, share of u_s + N·u in use over the interval ending there)."""
+        out = []
+        for (t0, b0), (t1, b1) in zip(self.samples, self.samples[1:], strict=False):
+            out.append((round(t1, 2), round((b1 - b0) / (t1 - t0) / self.capacity_bps, 3)))
+        return out
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     blob_bytes = parse_size(args.blob_size)
     origin_bps = parse_size(args.origin_rate)
@@ -155,8 +205,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                  "seed": [services[1].pid], "peers": [p.pid for p in peers]}
         cpu_before = {role: sum(map(cpu_seconds, pids)) for role, pids in roles.items()}
         harness_before = time.process_time()
-        p2p, p2p_verified = trio.run(pull_everywhere, [str(p.proxy_url) for p in peers], image, {"ns": relay.host},
-                                     args.timeout)
+        with ExitStack() as sampling:
+            sampler = None
+            if args.timeline:
+                sampler = sampling.enter_context(UploadSampler(services[1:], origin_bps + args.peers * upload_bps))
+            p2p, p2p_verified = trio.run(pull_everywhere, [str(p.proxy_url) for p in peers], image,
+                                         {"ns": relay.host}, args.timeout)
         cpu = {role: round(sum(map(cpu_seconds, pids)) - cpu_before[role], 1) for role, pids in roles.items()}
         cpu["clients"] = round(time.process_time() - harness_before, 1)
         p2p_origin = relay.downstream_bytes() - before
@@ -187,6 +241,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "p2p": summarize(p2p, p2p_origin) | {"blobs_verified": p2p_verified},
         "p2p_detail": detail,
         "p2p_cpu_s": cpu,
+        **({"p2p_upload_utilization": sampler.utilization(), "p2p_upload_samples": sampler.samples}
+           if sampler is not None else {}),
     }
     if direct:
         result["direct"] = summarize(direct, direct_origin) | {"blobs_verified": direct_verified}
@@ -205,6 +261,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated image's bytes")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--skip-direct", action="store_true")
+    parser.add_argument("--timeline", action="store_true",
+                        help="sample the swarm's upload every 0.5 s into result.json (costs a little CPU)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -6,8 +6,10 @@
 The control plane is the real code: `scheduler.state.Scheduler` receives the wire messages a
 daemon sends (AnnounceHost, Register, Sync every 0.2 s with new pieces, SeedProgress every
 50 ms) at simulated times, and each peer picks requests with `peer.selection.choose_requests`
-under the daemon's limits (8 pieces in flight, 3 per parent, 503 beyond a parent's upload
-slots). Only the data plane is modelled: every piece transfer is a flow between two hosts,
+under the daemon's limits (PeerConfig's pieces in flight and per parent) and the piece
+server's (p2pdist/pieceserver.py): past its upload slots a parent keeps a line as long as its
+slots, a finished upload hands its slot to the first in line, and a request that waited
+QUEUE_WAIT_S, or found the line full, is a 503 that keeps the child off that parent for BUSY_S. Only the data plane is modelled: every piece transfer is a flow between two hosts,
 rates shared max-min fairly (approximated by a few rounds of progressive filling) over each
 host's upload and download capacity, recomputed every tick. The seed fetches from the origin
 at the origin rate and uploads at that rate too (seed and origin together are the server).
@@ -17,6 +19,7 @@ Direct pull is the same start times against the origin alone, shared fairly, eac
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import heapq
 import logging
@@ -35,8 +38,9 @@ import numpy as np
 from benchmarks.report import lower_bound_s, summarize, write_results
 from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
 from p2pdist.pieces import PieceLayout, bits_from_bytes
+from p2pdist.pieceserver import QUEUE_WAIT_S
 from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync, SyncReply
-from peer.download import SYNC_INTERVAL_S
+from peer.download import BUSY_S, SYNC_INTERVAL_S
 from peer.selection import ParentView, choose_requests
 from scheduler.state import Scheduler
 from seed.daemon import REPORT_INTERVAL_S
@@ -45,7 +49,6 @@ TASK = "sha256:" + "5e" * 32
 URL = "http://origin.sim/v2/sim/blob/blobs/" + TASK
 log = logging.getLogger("p2pdist.simulate")
 
-BUSY_S = 0.5  # a parent that answered 503 is left alone this long (peer/download.py)
 FILL_ROUNDS = 3  # progressive-filling rounds per tick: enough to hand out nearly all spare capacity
 
 
@@ -124,6 +127,11 @@ class Simulation:
         self.down_cap[0] = np.inf  # the seed's download is its origin stream, modelled apart
         self.slots = [config.seed_slots()] + [config.peer_slots()] * n
         self.uploads = [0] * hosts
+        # The piece server's line: requests waiting for a slot (at most `slots` per host), each
+        # answered busy if no upload ends within QUEUE_WAIT_S. Entries: [deadline, child, state,
+        # piece, live]; `expiring` holds every entry in deadline order.
+        self.queues: list[collections.deque[list[Any]]] = [collections.deque() for _ in range(hosts)]
+        self.expiring: collections.deque[list[Any]] = collections.deque()
         # Flows: fixed-size arrays indexed by slot; a free list hands slots out.
         cap = n * config.peer.concurrent_pieces + 16
         self.f_parent = np.zeros(cap, dtype=np.int64)
@@ -249,16 +257,45 @@ class Simulation:
             for number, host_id in requests:
                 state = p.parents[host_id]
                 self.stats["requests"] += 1
-                if self.uploads[state.host] >= self.slots[state.host]:
+                if self.uploads[state.host] < self.slots[state.host]:
+                    self._start_flow(p, state, number)
+                elif len(self.queues[state.host]) < self.slots[state.host]:
+                    entry = [now + QUEUE_WAIT_S, p, state, number, True]
+                    self.queues[state.host].append(entry)
+                    self.expiring.append(entry)
+                    self._request(p, state, number)
+                else:
                     self.stats["busy"] += 1
                     state.busy_until = now + BUSY_S
                     refused = True
-                    continue
-                self._start_flow(p, state, number)
             if not refused:
                 return
 
-    def _start_flow(self, p: SimPeer, state: ParentState, number: int) -> None:
+    def _request(self, p: SimPeer, state: ParentState, number: int) -> None:
+        state.inflight += 1
+        p.inflight += 1
+        p.inflight_bits |= 1 << number
+
+    def _unrequest(self, p: SimPeer, state: ParentState, number: int) -> None:
+        state.inflight -= 1
+        p.inflight -= 1
+        p.inflight_bits &= ~(1 << number)
+
+    def _expire_queued(self, now: float, touched: set[int]) -> None:
+        """Requests that waited QUEUE_WAIT_S in a parent's line get their 503."""
+        while self.expiring and self.expiring[0][0] <= now:
+            entry = self.expiring.popleft()
+            if not entry[4]:
+                continue  # started meanwhile
+            deadline, p, state, number, _ = entry
+            entry[4] = False
+            self.queues[state.host].remove(entry)
+            self._unrequest(p, state, number)
+            self.stats["busy"] += 1
+            state.busy_until = deadline + BUSY_S
+            touched.add(p.index)
+
+    def _start_flow(self, p: SimPeer, state: ParentState, number: int, *, requested: bool = False) -> None:
         slot = self.free.pop()
         self.f_parent[slot] = state.host
         self.f_child[slot] = p.index
@@ -266,9 +303,8 @@ class Simulation:
         self.f_live[slot] = True
         self.f_piece[slot] = number
         self.f_state[slot] = state
-        state.inflight += 1
-        p.inflight += 1
-        p.inflight_bits |= 1 << number
+        if not requested:
+            self._request(p, state, number)
         self.uploads[state.host] += 1
 
     def _finish_flow(self, slot: int, now: float) -> SimPeer:
@@ -279,10 +315,13 @@ class Simulation:
         self.f_live[slot] = False
         self.f_state[slot] = None
         self.free.append(slot)
-        state.inflight -= 1
-        p.inflight -= 1
-        p.inflight_bits &= ~(1 << number)
+        self._unrequest(p, state, number)
         self.uploads[state.host] -= 1
+        queue = self.queues[state.host]
+        if queue:  # the finishing upload hands its slot to the next in line
+            _, child, waiting, piece, _ = entry = queue.popleft()
+            entry[4] = False
+            self._start_flow(child, waiting, piece, requested=True)
         p.have |= 1 << number
         p.to_report.append(number)
         if p.have == self.all_pieces:
@@ -343,6 +382,7 @@ class Simulation:
                 next_expire += 1.0
                 log.info("t=%.0fs: %d of %d hosts still pulling, %d transfers, %.0fs of CPU",
                          now, waiting, len(self.peers), int(self.f_live.sum()), time.process_time())
+            self._expire_queued(now, touched)
             for index in sorted(touched):
                 self._launch(self.peers[index - 1], now)
             touched.clear()

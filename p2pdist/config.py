@@ -192,8 +192,9 @@ class SchedulerConfig:
 def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, highest: int) -> int:
     """Concurrent uploads for an upload cap: few enough that each piece goes out fast (a
     piece is of use to others only once complete), enough to fill the link. Tuned with
-    benchmarks/simulate.py: 16 hosts at 8 MiB/s did best with 2 per peer and 4-6 per seed,
-    500 hosts at 100 MiB/s with 4-6 per peer."""
+    benchmarks/simulate.py and benchmarks/rollout.py: 16 hosts at 8 MiB/s did best with 1 per
+    peer (a 4 MiB piece out in 0.5 s, not two in 1 s; the piece server's queue keeps the link
+    busy between pieces) and 4 per seed, 500 hosts at 100 MiB/s with 4 per peer."""
     if rate_bps is None:
         return highest
     return max(lowest, min(highest, round(rate_bps / per_slot_bps)))
@@ -254,7 +255,7 @@ class PeerConfig:
     tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
 
     def effective_upload_slots(self) -> int:
-        return self.upload_slots or upload_slots_for(self.upload_rate_bps, per_slot_bps=25 << 20, lowest=2, highest=8)
+        return self.upload_slots or upload_slots_for(self.upload_rate_bps, per_slot_bps=25 << 20, lowest=1, highest=8)
 
 
 C = TypeVar("C")

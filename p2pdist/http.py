@@ -31,7 +31,7 @@ RECEIVE_BYTES = 64 * 1024
 # sendfile chunk without a rate limit: large, the kernel sends what fits in the socket buffer.
 SENDFILE_CHUNK_BYTES = 8 * 1024 * 1024
 # Tokens taken per write when rate limited, so many senders interleave fairly.
-LIMITED_CHUNK_BYTES = 256 * 1024
+LIMITED_CHUNK_BYTES = 1024 * 1024
 # Bodies up to this size go out in the same write as the response head.
 SMALL_BODY_BYTES = 64 * 1024
 # A request body the handler did not read is read and discarded to keep the connection alive

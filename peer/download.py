@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pdist.peer")
 
 SYNC_INTERVAL_S = 0.2
+BUSY_S = 0.5  # a parent that answered 503 (after its queue wait) is left alone this long
 IDLE_SYNC_INTERVAL_S = 1.0
 STALL_S = 30.0
 PARENT_FAILURES = 2
@@ -346,7 +347,7 @@ class TaskDownload:
                             self._block(parent, bad=False)
                         return
                     if response.status == 503:
-                        parent.busy_until = time.monotonic() + 0.5
+                        parent.busy_until = time.monotonic() + BUSY_S
                         outcome = "busy"
                         return
                     if response.status != 200:

@@ -87,10 +87,10 @@ def test_many_senders_together_stay_within_3_percent_of_the_rate(senders: int) -
     assert abs(released - rate * horizon) <= 0.03 * rate * horizon
 
 
-def test_default_burst_is_a_fiftieth_of_a_second_with_a_floor() -> None:
+def test_default_burst_is_a_sixteenth_of_a_second_with_a_floor() -> None:
     assert default_burst_bytes(1000) == MIN_BURST_BYTES
-    assert default_burst_bytes(100 * MiB) == 2 * MiB
-    assert TokenBucket(100 * MiB).burst_bytes == 2 * MiB
+    assert default_burst_bytes(16 * MiB) == 1 * MiB
+    assert TokenBucket(16 * MiB).burst_bytes == 1 * MiB
     assert TokenBucket(1000, burst_bytes=10).burst_bytes == 10
 
 
