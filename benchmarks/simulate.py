@@ -41,7 +41,7 @@ from p2pdist.pieces import PieceLayout, bits_from_bytes
 from p2pdist.pieceserver import QUEUE_WAIT_S
 from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync, SyncReply
 from peer.download import BUSY_S, SYNC_INTERVAL_S
-from peer.selection import ParentView, choose_requests
+from peer.selection import ParentView, choose_requests, per_parent_limit
 from scheduler.state import Scheduler
 from seed.daemon import REPORT_INTERVAL_S
 
@@ -252,7 +252,8 @@ class Simulation:
                 return
             need = ((1 << p.known) - 1) & ~p.have & ~p.inflight_bits
             views = [ParentView(h, s.pieces, s.inflight, s.busy_until <= now) for h, s in p.parents.items()]
-            requests = choose_requests(need, views, room=room, per_parent=limits.per_parent_pieces, rng=p.rng)
+            requests = choose_requests(need, views, room=room, per_parent=per_parent_limit(views, limits.per_parent_pieces),
+                                       rng=p.rng)
             refused = False
             for number, host_id in requests:
                 state = p.parents[host_id]

@@ -22,7 +22,7 @@ from p2pdist.digest import PIECE_DIGEST_BYTES, PieceHasher, short
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.pieces import Bitmap
 from p2pdist.store import TaskStore
-from peer.selection import ParentView, bitmap_bits, choose_requests, piece_set
+from peer.selection import ParentView, bitmap_bits, choose_requests, per_parent_limit, piece_set
 
 if TYPE_CHECKING:
     from peer.daemon import PeerDaemon
@@ -314,7 +314,8 @@ class TaskDownload:
                  for p in self.parents.values()]
         whole = (1 << store.layout.count) - 1
         in_order = all(v.pieces == whole for v in views)
-        for number, host_id in choose_requests(need, views, room=room, per_parent=config.per_parent_pieces,
+        per_parent = per_parent_limit(views, config.per_parent_pieces)
+        for number, host_id in choose_requests(need, views, room=room, per_parent=per_parent,
                                                rng=self.rng, in_order=in_order):
             parent = self.parents[host_id]
             parent.inflight += 1
