@@ -11,8 +11,10 @@ TLS (bytes then come through SSLStream, not recv_into); a cluster secret rides o
 
 from __future__ import annotations
 
+import os
+import select
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -26,6 +28,7 @@ MAX_HEAD_BYTES = 16 * 1024
 RECV_BYTES = 1 << 20
 IDLE_PER_PARENT = 8
 DRAIN_BYTES = 64 * 1024
+POLL_MS = 50  # how often a receiving thread looks for its task's cancellation
 
 
 @dataclass
@@ -85,6 +88,53 @@ class PieceResponse:
                 filled += len(data)
             self.received += filled
             yield view[:filled]
+
+    @property
+    def can_drain_in_thread(self) -> bool:
+        return not isinstance(self._conn.stream, trio.SSLStream)
+
+    async def drain_in_thread(self, sink: Callable[[memoryview], None]) -> None:
+        """Receive the rest of the body in a worker thread, handing `sink` (called in that
+        thread) each filled buffer, up to RECV_BYTES at a time. Plain TCP only.
+
+        The receive, and whatever `sink` does with the bytes (hash, write), then run beside
+        the event loop and beside other pieces' threads: one peer pulling from one parent
+        uses both cores, and the loop is not woken for every socket read. Cancelling the
+        calling task stops the thread within POLL_MS.
+        """
+        if self._buffered:
+            first = memoryview(bytes(self._buffered[: self.length]))
+            self._buffered.clear()
+            self.received += len(first)
+            sink(first)
+        if self.received < self.length:
+            await trio.to_thread.run_sync(self._drain_blocking, sink)
+
+    def _drain_blocking(self, sink: Callable[[memoryview], None]) -> None:
+        stream = self._conn.stream
+        assert isinstance(stream, trio.SocketStream)
+        fd = stream.socket.fileno()
+        view = memoryview(self._conn.buffer)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while self.received < self.length:
+            want = min(len(view), self.length - self.received)
+            filled = 0
+            while filled < want:
+                try:
+                    n = os.readv(fd, [view[filled:want]])
+                except BlockingIOError:
+                    trio.from_thread.check_cancelled()
+                    poller.poll(POLL_MS)
+                    continue
+                except OSError as exc:
+                    raise UpstreamError(f"connection to server failed: {exc.strerror or exc}") from None
+                if n == 0:
+                    raise UpstreamError(
+                        f"server closed the connection after {self.received + filled} of {self.length} bytes")
+                filled += n
+            self.received += filled
+            sink(view[:filled])
 
     async def read(self) -> bytes:
         out = bytearray()

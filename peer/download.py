@@ -12,6 +12,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from p2pdist import wire
 from p2pdist.digest import PIECE_DIGEST_BYTES, PieceHasher, short
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.pieces import Bitmap
-from p2pdist.store import TaskStore
+from p2pdist.store import PieceWriter, TaskStore
 from peer.selection import ParentView, bitmap_bits, choose_requests, per_parent_limit, piece_set
 
 if TYPE_CHECKING:
@@ -358,11 +359,14 @@ class TaskDownload:
                     writer = store.new_piece(number)
                     hasher = PieceHasher()
                     bucket = self.daemon.download_bucket
-                    async for chunk in response.chunks():
-                        if bucket is not None:
-                            await bucket.take(len(chunk))
-                        hasher.update(chunk)
-                        writer.write(chunk)
+                    if bucket is None and response.can_drain_in_thread:
+                        await response.drain_in_thread(_verify_and_write(hasher, writer))
+                    else:
+                        async for chunk in response.chunks():
+                            if bucket is not None:
+                                await bucket.take(len(chunk))
+                            hasher.update(chunk)
+                            writer.write(chunk)
                     metrics.download_bytes.labels("peer").inc(hasher.length)
                     if hasher.digest() != self.digests[number]:
                         raise IntegrityError(f"piece {number} from {parent.host_id} failed verification")
@@ -416,8 +420,7 @@ class TaskDownload:
             await self._wait_change()
 
     def _hash_piece(self, store: TaskStore, number: int) -> None:
-        for chunk in store.read_chunks(number, chunk=4 << 20):
-            self._sha.update(chunk)
+        store.feed(number, self._sha.update)
 
     async def _finish_sha(self) -> None:
         store = self.store
@@ -523,6 +526,13 @@ class TaskDownload:
         finally:
             if writer is not None:
                 writer.abort()
+
+
+def _verify_and_write(hasher: PieceHasher, writer: PieceWriter) -> Callable[[memoryview], None]:
+    def sink(chunk: memoryview) -> None:
+        hasher.update(chunk)
+        writer.write(chunk)
+    return sink
 
 
 def _reason_label(reason: str) -> str:
