@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import ssl
 import stat
+import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -41,6 +43,9 @@ DRAIN_LIMIT_BYTES = 1024 * 1024
 # that the kernel does not reset the connection under a response the client has not read.
 CLOSE_GRACE_S = 1.0
 LISTEN_BACKLOG = 1024
+# Unthrottled file bodies at least this big are sent from a worker thread (see _sendfile_blocking).
+THREAD_SENDFILE_BYTES = 256 * 1024
+POLL_MS = 50  # how often a sending thread looks for its task's cancellation
 
 
 class BodyTooLarge(BadRequest):
@@ -338,6 +343,9 @@ class _Connection:
         out_fd = sock.fileno()
         bucket = self.server.upload_bucket
         on_sent = self.server.on_bytes_sent
+        if bucket is None and span.length >= THREAD_SENDFILE_BYTES:
+            await trio.to_thread.run_sync(self._sendfile_blocking, span)
+            return
         step = SENDFILE_CHUNK_BYTES
         if bucket is not None:
             step = min(LIMITED_CHUNK_BYTES, bucket.burst_bytes)
@@ -365,6 +373,38 @@ class _Connection:
                 offset += sent
                 if on_sent is not None:
                     on_sent(sent)
+
+    def _sendfile_blocking(self, span: _FileSpan) -> None:
+        """sendfile for an unthrottled body, run in a worker thread: the kernel's work (on
+        loopback it also runs the receiver's side) then does not hold up the event loop, which
+        meanwhile serves other requests and the daemon's own downloads. Cancelling the calling
+        task, or a client that takes nothing for request_timeout_s, stops it within POLL_MS."""
+        out_fd = self.socket_stream.socket.fileno()
+        on_sent = self.server.on_bytes_sent
+        poller = select.poll()
+        poller.register(out_fd, select.POLLOUT)
+        offset, end = span.offset, span.offset + span.length
+        stalled_since: float | None = None
+        while offset < end:
+            trio.from_thread.check_cancelled()
+            try:
+                sent = os.sendfile(out_fd, span.fd, offset, min(end - offset, SENDFILE_CHUNK_BYTES))
+            except BlockingIOError:
+                now = time.monotonic()
+                if stalled_since is None:
+                    stalled_since = now
+                elif now - stalled_since > self.server.request_timeout_s:
+                    raise trio.TooSlowError from None
+                poller.poll(POLL_MS)
+                continue
+            except ConnectionError as exc:
+                raise _ClientGone(str(exc)) from exc
+            if sent == 0:
+                raise OSError(errno.EIO, "file ended before the promised length")
+            stalled_since = None
+            offset += sent
+            if on_sent is not None:
+                on_sent(sent)
 
     async def _send_file_bytes(self, span: _FileSpan) -> None:
         """A file span read with pread and sent as bytes, for streams sendfile cannot serve."""
@@ -404,8 +444,10 @@ class _Connection:
                 if data is None:
                     return None  # idle too long between requests
                 self.conn.receive_data(data)
-                with trio.fail_after(self.server.request_timeout_s):
-                    event = await self._next_event()
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:  # a head split over several reads
+                    with trio.fail_after(self.server.request_timeout_s):
+                        event = await self._next_event()
         except h11.RemoteProtocolError as exc:
             await self._refuse(exc.error_status_hint, str(exc) or "malformed request")
             return None
@@ -662,13 +704,14 @@ class _Connection:
             return False  # ERROR: the response was cut short, just drop the connection
         try:
             drained = 0
-            with trio.fail_after(self.server.request_timeout_s):
-                while self.conn.their_state is h11.SEND_BODY:
-                    event = await self._next_event()
-                    if isinstance(event, h11.Data):
-                        drained += len(event.data)
-                        if drained > DRAIN_LIMIT_BYTES:
-                            return False
+            if self.conn.their_state is h11.SEND_BODY:
+                with trio.fail_after(self.server.request_timeout_s):
+                    while self.conn.their_state is h11.SEND_BODY:
+                        event = await self._next_event()
+                        if isinstance(event, h11.Data):
+                            drained += len(event.data)
+                            if drained > DRAIN_LIMIT_BYTES:
+                                return False
         except h11.RemoteProtocolError:
             return False
         if self.conn.their_state is not h11.DONE:

@@ -370,6 +370,35 @@ async def test_client_leaving_mid_response_is_cleaned_up_quietly(
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+async def test_client_that_stops_reading_a_file_body_is_dropped_after_the_request_timeout(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    with trio.fail_after(10):
+        path = tmp_path / "big"
+        path.write_bytes(b"\0" * (32 * MiB))
+        done = trio.Event()
+
+        async def handler(request: Request) -> Response:
+            return Response(200, body=FileBody(path, 0, 32 * MiB, on_done=done.set))
+
+        url = await start(nursery, handler, request_timeout_s=0.5)
+        host, port = url.removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(1.5)  # the client reads nothing for three times the timeout
+        await done.wait()  # the upload gave up (and freed what it held)
+        received = 0
+        try:
+            while chunk := await stream.receive_some(1 << 20):
+                received += len(chunk)
+        except trio.BrokenResourceError:
+            pass  # reset by the server: also a cut-short body
+        assert received < 32 * MiB
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{url}/big")
+        assert response.status_code == 200 and len(response.content) == 32 * MiB
+
+
 async def test_upload_bucket_limits_file_throughput(
     nursery: trio.Nursery, blob: tuple[Path, bytes]
 ) -> None:
