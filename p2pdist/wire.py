@@ -150,10 +150,17 @@ def decode(cls: type[M], body: bytes) -> M:
     return _build(cls, raw, cls.__name__)
 
 
+_PLAIN = (int, str, bytes, bool, float, type(None))
+
+
 def _to_plain(value: object) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {name: _to_plain(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, list | tuple):
+        # Piece numbers and digests go out as they are: msgpack packs them itself, and walking
+        # them one by one was most of the cost of encoding a sync reply.
+        if all(type(v) in _PLAIN for v in value):
+            return value
         return [_to_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
