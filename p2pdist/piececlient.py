@@ -63,10 +63,9 @@ class PieceResponse:
                 try:
                     n = await sock.recv_into(view[filled:want])
                 except OSError as exc:
-                    raise UpstreamError(f"connection to server failed: {exc.strerror or exc}") from None
+                    raise _connection_failed(exc) from None
                 if n == 0:
-                    raise UpstreamError(
-                        f"server closed the connection after {self.received + filled} of {self.length} bytes")
+                    raise self._cut_short(filled)
                 filled += n
             self.received += filled
             yield view[:filled]
@@ -82,8 +81,7 @@ class PieceResponse:
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise UpstreamError(f"TLS connection to server failed: {exc.__cause__ or exc}") from None
                 if not data:
-                    raise UpstreamError(
-                        f"server closed the connection after {self.received + filled} of {self.length} bytes")
+                    raise self._cut_short(filled)
                 view[filled : filled + len(data)] = data
                 filled += len(data)
             self.received += filled
@@ -128,13 +126,15 @@ class PieceResponse:
                     poller.poll(POLL_MS)
                     continue
                 except OSError as exc:
-                    raise UpstreamError(f"connection to server failed: {exc.strerror or exc}") from None
+                    raise _connection_failed(exc) from None
                 if n == 0:
-                    raise UpstreamError(
-                        f"server closed the connection after {self.received + filled} of {self.length} bytes")
+                    raise self._cut_short(filled)
                 filled += n
             self.received += filled
             sink(view[:filled])
+
+    def _cut_short(self, filled: int) -> UpstreamError:
+        return UpstreamError(f"server closed the connection after {self.received + filled} of {self.length} bytes")
 
     async def read(self) -> bytes:
         out = bytearray()
@@ -271,6 +271,10 @@ class PieceClient:
                 for conn in conns:
                     await conn.stream.aclose()
         self._idle.clear()
+
+
+def _connection_failed(exc: OSError) -> UpstreamError:
+    return UpstreamError(f"connection to server failed: {exc.strerror or exc}")
 
 
 def _as_upstream(exc: BaseException) -> UpstreamError:

@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,22 +71,6 @@ class TaskStore:
             return []
         return [raw[i : i + 32] for i in range(0, len(raw) - len(raw) % 32, 32)]
 
-    def read_chunks(self, number: int, start: int = 0, end: int | None = None,
-                    chunk: int = 1 << 20) -> Iterator[bytes]:
-        """Bytes [start, end) of a held piece, in chunks."""
-        length = self.layout.length(number)
-        end = length if end is None else end
-        with open(self.path(number), "rb") as f:
-            f.seek(start)
-            left = end - start
-            while left > 0:
-                data = f.read(min(chunk, left))
-                if not data:
-                    raise StoreError(f"piece {number} of {self.task_id[:19]} is shorter than expected")
-                left -= len(data)
-                yield data
-
-
     def feed(self, number: int, consume: Callable[[memoryview], None]) -> None:
         """Pass a held piece's bytes to `consume` in one call, mapped from the page cache rather
         than copied out of it: hashing a whole blob then reads each byte once."""
@@ -97,8 +81,8 @@ class TaskStore:
         with open(self.path(number), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             if len(mapped) < length:
                 raise StoreError(f"piece {number} of {self.task_id[:19]} is shorter than expected")
-            with memoryview(mapped) as view:
-                consume(view[:length])
+            with memoryview(mapped) as view, view[:length] as piece:
+                consume(piece)
 
 
 class PieceWriter:
