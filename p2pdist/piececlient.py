@@ -181,16 +181,14 @@ class PieceClient:
         response: PieceResponse | None = None
         try:
             try:
-                await conn.stream.send_all(request)
-                response = await self._read_head(conn)
-            except (UpstreamError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                response = await self._exchange(conn, request)
+            except UpstreamError:
                 if not reused:
-                    raise _as_upstream(exc) from None
+                    raise
                 # A kept-alive connection the server closed meanwhile: one fresh try.
                 await conn.stream.aclose()
                 conn, reused = await self._connect(key, fresh=True)
-                await conn.stream.send_all(request)
-                response = await self._read_head(conn)
+                response = await self._exchange(conn, request)
             yield response
             if method != "HEAD" and response.received < response.length <= response.received + DRAIN_BYTES:
                 with trio.move_on_after(1.0):
@@ -208,6 +206,14 @@ class PieceClient:
             else:
                 with trio.CancelScope(shield=True):
                     await conn.stream.aclose()
+
+    async def _exchange(self, conn: _Conn, request: bytes) -> PieceResponse:
+        """Send a request and read the response head; a broken connection is an UpstreamError."""
+        try:
+            await conn.stream.send_all(request)
+            return await self._read_head(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _as_upstream(exc) from None
 
     async def _connect(self, key: tuple[str, str, int], fresh: bool = False) -> tuple[_Conn, bool]:
         idle = self._idle.get(key)

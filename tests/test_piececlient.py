@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import struct
 import time
 from functools import partial
 
@@ -81,4 +83,33 @@ async def test_cancelling_a_body_received_in_a_thread_stops_it_promptly(nursery:
                 await response.drain_in_thread(lambda chunk: None)
         assert scope.cancelled_caught
         assert time.monotonic() - started < 0.3 + 4 * POLL_MS / 1000
+        await client.aclose()
+
+
+async def test_a_retry_on_a_fresh_connection_that_breaks_is_an_upstream_error(nursery: trio.Nursery) -> None:
+    """A kept-alive connection found closed gets one fresh try; if that one breaks too (a
+    scheduler killed mid-answer), the caller gets an UpstreamError it handles, not a crash."""
+    with trio.fail_after(10):
+        connections = 0
+
+        async def handle(stream: trio.SocketStream) -> None:
+            nonlocal connections
+            connections += 1
+            await stream.receive_some(65536)
+            if connections == 1:
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await stream.aclose()  # the kept-alive connection goes away while idle
+                return
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()  # reset without an answer
+
+        listeners = await nursery.start(trio.serve_tcp, handle, 0)
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1/tasks/sync"
+        client = PieceClient()
+        async with client.request("POST", url, body=b"x") as response:
+            assert await response.read() == b"ok"
+        with pytest.raises(UpstreamError):
+            async with client.request("POST", url, body=b"x") as response:
+                await response.read()
+        assert connections == 2  # the idle one, then one fresh try
         await client.aclose()
