@@ -148,7 +148,8 @@ async def serve_http(
     any single write of the response may stall; a slow but moving download is not cut off.
     `idle_timeout_s` bounds how long a kept-alive connection may wait for its next request.
     With `ssl_context`, every connection is TLS; the handshake must finish within
-    `request_timeout_s`.
+    `request_timeout_s`. `on_bytes_sent` may be called from a worker thread (large unthrottled
+    file bodies are sent from one), so it must be thread-safe, as a Prometheus counter is.
     """
     server = _Server(
         handler=handler,
