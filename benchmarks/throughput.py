@@ -7,8 +7,9 @@ processes). Peer A pulls the blob first (warming itself); the seed then leaves, 
 peer B's only parent is A. Reports B's download (pieces verified into its store, the blob's
 sha256 checked; started by a one-byte range request, so no client reads the blob meanwhile),
 beside curl fetching the same blob from the origin to /dev/null and to a file; then peer C
-(B gone, A its only parent) pulls it with `p2pdist get` to a file, end to end. Then (`--children 8`) A serves the
-blob to 8 new peers at once, and its peak resident memory is read from /proc.
+(B gone, A its only parent) pulls it with `p2pdist get` to a file, end to end. Then
+(`--children 8`) A serves the blob to 8 new peers at once, and its peak resident memory is
+read from /proc.
 
 Curl's file is a new file each time, and it and B's store both go into memory freed just
 before: on a VM whose memory the host backs lazily, the first write to a page costs several
