@@ -1,6 +1,7 @@
 """A lean HTTP/1.1 client for the daemons' own traffic: pieces from parents and calls to the
-scheduler. Keep-alive connections per server, bodies received with recv_into into one reused
-buffer and handed to the caller as views.
+scheduler. Keep-alive connections per server, bodies received with recv_into into a reused
+buffer (one per receiving thread, or per connection on the async path) and handed to the
+caller as views.
 
 httpx measured 160-250 MB/s here for 4 MiB pieces; this path reaches several times that,
 which the "at least half of curl" target needs, and a scheduler sync costs a fraction of
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import select
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,6 +31,19 @@ RECV_BYTES = 1 << 20
 IDLE_PER_PARENT = 8
 DRAIN_BYTES = 64 * 1024
 POLL_MS = 50  # how often a receiving thread looks for its task's cancellation
+SMALL_BODY_BYTES = 64 * 1024  # scheduler replies, refusals: read into a buffer of their size
+
+_thread_buffers = threading.local()
+
+
+def _thread_buffer() -> bytearray:
+    """This worker thread's receive buffer. Allocated once per thread, not per connection: a
+    fresh MiB costs its zeroing and, on first touch, a page fault per 4 KiB, which a peer
+    opening a connection to each new parent paid in its event loop."""
+    buf: bytearray | None = getattr(_thread_buffers, "buf", None)
+    if buf is None:
+        buf = _thread_buffers.buf = bytearray(RECV_BYTES)
+    return buf
 
 
 @dataclass
@@ -47,7 +62,8 @@ class PieceResponse:
             self._buffered.clear()
             self.received += len(first)
             yield memoryview(first)
-        buf = self._conn.buffer
+        remaining = self.length - self.received
+        buf = bytearray(remaining) if remaining <= SMALL_BODY_BYTES else self._conn.recv_buffer()
         view = memoryview(buf)
         if isinstance(self._conn.stream, trio.SSLStream):
             async for chunk in self._tls_chunks(self._conn.stream, view):
@@ -112,7 +128,7 @@ class PieceResponse:
         stream = self._conn.stream
         assert isinstance(stream, trio.SocketStream)
         fd = stream.socket.fileno()
-        view = memoryview(self._conn.buffer)
+        view = memoryview(_thread_buffer())
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         while self.received < self.length:
@@ -146,7 +162,12 @@ class PieceResponse:
 @dataclass
 class _Conn:
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
-    buffer: bytearray
+    buffer: bytearray | None = None  # for bodies received on the event loop; made on first use
+
+    def recv_buffer(self) -> bytearray:
+        if self.buffer is None:
+            self.buffer = bytearray(RECV_BYTES)
+        return self.buffer
 
 
 class PieceClient:
@@ -236,7 +257,7 @@ class PieceClient:
         except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
             raise UpstreamError(f"cannot connect to server {host}:{port}: {type(exc).__name__}{cause}") from None
-        return _Conn(stream, bytearray(RECV_BYTES)), False
+        return _Conn(stream), False
 
     async def _read_head(self, conn: _Conn) -> PieceResponse:
         data = bytearray()
