@@ -18,7 +18,7 @@ from typing import IO
 from urllib.parse import urlencode, urlsplit
 
 from p2pdist.errors import P2PError
-from p2pdist.oci import SCHEME_HEADER, basic_auth, parse_blob_url
+from p2pdist.oci import SCHEME_HEADER, basic_auth, is_registry_host, parse_blob_url
 
 
 class GetError(P2PError):
@@ -68,6 +68,8 @@ def get(url: str, output: str, peer: str, *, user: str | None = None, timeout_s:
     except ValueError as exc:
         raise GetError(str(exc)) from None
     parts = urlsplit(url)
+    if not is_registry_host(parts.netloc):
+        raise GetError(f"invalid registry {parts.netloc[:100]!r} in {url[:200]}: want HOST[:PORT]")
     headers = {SCHEME_HEADER: parts.scheme}
     if user:
         username, _, password = user.partition(":")
@@ -80,7 +82,7 @@ def get(url: str, output: str, peer: str, *, user: str | None = None, timeout_s:
     sha = hashlib.sha256()
     received = 0
     peer_parts = urlsplit(peer)
-    if peer_parts.scheme != "http" or not peer_parts.hostname:
+    if peer_parts.scheme != "http" or not peer_parts.hostname or not is_registry_host(peer_parts.netloc):
         raise GetError(f"invalid --peer {peer!r}: want http://HOST:PORT")
     # http.client reads straight into our buffer; httpx's iterator measured 4x slower here.
     conn = http.client.HTTPConnection(peer_parts.hostname, peer_parts.port or 80, timeout=timeout_s)

@@ -23,6 +23,10 @@ from p2pdist.ratelimit import TokenBucket
 log = logging.getLogger("p2pdist.origin")
 
 MAX_REDIRECTS = 5
+# A request that cannot reach its server. Besides httpx's own errors: a URL httpx cannot parse
+# (a redirect's Location), and a host name the resolver's IDNA step refuses ("a..b", a label
+# over 63 characters), which surfaces as a bare UnicodeError from getaddrinfo.
+UNREACHABLE: tuple[type[Exception], ...] = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 def parse_bearer_challenge(header: str) -> dict[str, str] | None:
     """The parameters of a `WWW-Authenticate: Bearer realm=...,service=...,scope=...` header."""
@@ -113,11 +117,11 @@ class OriginClient:
         origin_host = urlsplit(url).netloc
         tried_token = False
         for _ in range(MAX_REDIRECTS + 2):
-            request = self.client.build_request(method, url, headers=headers)
             try:
+                request = self.client.build_request(method, url, headers=headers)
                 response = await self.client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise OriginError(f"origin {urlsplit(url).netloc} unreachable: {type(exc).__name__}") from None
+            except UNREACHABLE as exc:
+                raise OriginError(f"origin {urlsplit(url).netloc[:100]} unreachable: {type(exc).__name__}") from None
             if response.status_code == 401 and not tried_token:
                 challenge = parse_bearer_challenge(response.headers.get("www-authenticate", ""))
                 if challenge is None:
@@ -129,7 +133,10 @@ class OriginClient:
                 continue
             if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
                 await response.aclose()
-                url = str(response.url.join(response.headers["location"]))
+                try:
+                    url = str(response.url.join(response.headers["location"]))
+                except UNREACHABLE:
+                    raise OriginError(f"origin {origin_host} redirected to an invalid URL") from None
                 if urlsplit(url).netloc != origin_host:
                     # Never forward credentials to blob storage on another host.
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
@@ -149,7 +156,7 @@ class OriginClient:
             headers["authorization"] = authorization
         try:
             response = await self.client.get(realm, params=params, headers=headers)
-        except httpx.HTTPError as exc:
+        except UNREACHABLE as exc:
             raise OriginError(f"token service {urlsplit(realm).netloc} unreachable: {type(exc).__name__}") from None
         if response.status_code != 200:
             raise OriginError(f"token service refused: HTTP {response.status_code}", response.status_code

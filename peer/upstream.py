@@ -7,7 +7,6 @@ credentials and hands back the registry's answer unchanged, for the proxy to rel
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -15,7 +14,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from p2pdist.errors import BadRequest, OriginError
-from p2pdist.oci import DAEMON_HEADER
+from p2pdist.oci import DAEMON_HEADER, is_registry_host
+from p2pdist.origin import UNREACHABLE
 
 # containerd names Docker Hub `docker.io`; its registry API lives on another host.
 DOCKER_HUB = "docker.io"
@@ -24,8 +24,6 @@ MAX_REDIRECTS = 5
 # Mirrors that forward to mirrors: give up after this many p2pdist hops (a loop).
 MAX_HOPS = 3
 
-# [0-9], not \d: \d also matches other scripts' digits, which would then be dialled.
-_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9a-fA-F:]+\](:[0-9]{1,5})?")
 # What the client may tell the registry, and what of the registry's answer the client sees.
 FORWARDED_REQUEST_HEADERS = ("authorization", "accept", "range", "if-none-match", "user-agent")
 RELAYED_RESPONSE_HEADERS = (
@@ -53,7 +51,7 @@ def resolve_upstream(ns: str | None, scheme: str | None, *, insecure: Collection
     the client's URL said http.
     """
     if ns:
-        if not _HOST.fullmatch(ns):
+        if not is_registry_host(ns):
             raise BadRequest(f"invalid ns {ns[:80]!r}: want a registry HOST[:PORT]")
         wanted = (scheme or "").lower()
         if wanted not in ("", "http", "https"):
@@ -116,16 +114,19 @@ class UpstreamClient:
         """
         origin_host = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
-            request = self.client.build_request(method, url, headers=headers)
             try:
+                request = self.client.build_request(method, url, headers=headers)
                 response = await self.client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise OriginError(f"registry {urlsplit(url).netloc} unreachable: {type(exc).__name__}") from None
+            except UNREACHABLE as exc:
+                raise OriginError(f"registry {urlsplit(url).netloc[:100]} unreachable: {type(exc).__name__}") from None
             if not (follow_redirects and response.status_code in (301, 302, 303, 307, 308)
                     and "location" in response.headers):
                 return response
             await response.aclose()
-            url = str(response.url.join(response.headers["location"]))
+            try:
+                url = str(response.url.join(response.headers["location"]))
+            except UNREACHABLE:
+                raise OriginError(f"registry {origin_host} redirected to an invalid URL") from None
             if urlsplit(url).netloc != origin_host:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         raise OriginError(f"too many redirects from {redact(url)}")

@@ -28,7 +28,7 @@ import httpx
 import msgpack
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from p2pdist import wire
@@ -337,13 +337,18 @@ names = st.one_of(
 )
 references = st.one_of(digests, st.sampled_from(["latest", "", "-bad", "a" * 200, "../x", "v1.0"]), st.text(max_size=20))
 # ns values the mirror must refuse before any lookup: nothing here is a hostname it could dial.
-bad_ns = st.one_of(st.sampled_from(["a/b@c", "..", "[::1", "host name", "127.0.0.1:", ":80", "%00", "a:b"]),
+bad_ns = st.one_of(st.sampled_from(["a/b@c", "..", "[::1", "host name", "127.0.0.1:", ":80", "%00", "a:b", "a..b", "-a.io",
+                                    "a" * 64 + ".io", "host:0", "host:65536", "[zz::1]"]),
                    st.text(max_size=30).filter(lambda t: not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", t)))
 
 
 @FUZZ
 @given(kind=st.sampled_from(["blobs", "manifests", "tags/list", "referrers", "_catalog", "x"]), name=names,
        reference=references, ns=bad_ns | st.none(), method=st.sampled_from(["GET", "HEAD", "PUT", "PATCH", "DELETE"]))
+# Found by this test on 2026-12-02: a blob GET with ns=".." passed the ns check and crashed the
+# handler in the resolver's IDNA step (HTTP 500).
+@example(kind="blobs", name="a", reference="sha256:" + "03" * 32, ns="..", method="GET")
+@example(kind="blobs", name="a", reference="sha256:" + "03" * 32, ns="a" * 64 + ".io", method="GET")
 def test_mirror_refuses_bad_names_references_and_namespaces(services: Services, kind: str, name: str, reference: str,
                                                             ns: str | None, method: str) -> None:
     before = services.files()

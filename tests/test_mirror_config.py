@@ -84,7 +84,12 @@ def test_upstream_is_https_unless_listed_insecure_or_asked_for_http() -> None:
     assert resolve("docker.io") == Upstream("https://registry-1.docker.io", "docker.io")
     # docker's registry-mirrors send no ns: the default upstream.
     assert resolve(None) == Upstream("http://10.0.0.9:5000", "10.0.0.9:5000")
-    for bad_ns in ("a/b", "user@host", "host:99999999"):
+    assert resolve("[::1]:5000").base == "https://[::1]:5000"
+    assert resolve("a" * 63 + ".example:443").namespace == "a" * 63 + ".example:443"
+    # Each of these once got past the check and crashed the handler in the resolver's IDNA step
+    # ("..": a 500 where the client should see 400), or would have been dialled as nonsense.
+    for bad_ns in ("a/b", "user@host", "host:99999999", "..", ".", "a..b", "-a.io", "a-.io", "a" * 64 + ".io",
+                   ".".join(["a" * 60] * 5), "host:0", "host:65536", "[zz::1]", "[::1", "::1"):
         with pytest.raises(BadRequest):
             resolve(bad_ns)
     with pytest.raises(BadRequest):

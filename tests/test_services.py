@@ -92,3 +92,17 @@ def test_get_reports_unreachable_peer_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "failed" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("url, peer, message", [
+    ("http://../v2/a/blobs/sha256:" + "0" * 64, "http://127.0.0.1:1", "invalid registry '..'"),
+    ("http://127.0.0.1:1/v2/a/blobs/sha256:" + "0" * 64, "http://..:4001", "invalid --peer"),
+    ("http://127.0.0.1:1/v2/a/blobs/sha256:" + "0" * 64, "http://127.0.0.1:99999", "invalid --peer"),
+])
+def test_get_refuses_hosts_that_cannot_be_dialled_in_one_line(tmp_path: Path, url: str, peer: str, message: str) -> None:
+    # These reached the resolver and ended in a UnicodeError (or ValueError) traceback.
+    result = subprocess.run([p2pdist_bin(), "get", url, "-o", str(tmp_path / "x"), "--peer", peer],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()
