@@ -57,11 +57,8 @@ class PieceResponse:
 
     async def chunks(self) -> AsyncIterator[memoryview]:
         """The body, as views into a buffer reused between chunks: consume each before the next."""
-        if self._buffered:
-            first = bytes(self._buffered[: self.length])
-            self._buffered.clear()
-            self.received += len(first)
-            yield memoryview(first)
+        if (first := self._take_buffered()) is not None:
+            yield first
         remaining = self.length - self.received
         buf = bytearray(remaining) if remaining <= SMALL_BODY_BYTES else self._conn.recv_buffer()
         view = memoryview(buf)
@@ -116,10 +113,7 @@ class PieceResponse:
         uses both cores, and the loop is not woken for every socket read. Cancelling the
         calling task stops the thread within POLL_MS.
         """
-        if self._buffered:
-            first = memoryview(bytes(self._buffered[: self.length]))
-            self._buffered.clear()
-            self.received += len(first)
+        if (first := self._take_buffered()) is not None:
             sink(first)
         if self.received < self.length:
             await trio.to_thread.run_sync(self._drain_blocking, sink)
@@ -148,6 +142,15 @@ class PieceResponse:
                 filled += n
             self.received += filled
             sink(view[:filled])
+
+    def _take_buffered(self) -> memoryview | None:
+        """The body's bytes that arrived with the response head, counted as received."""
+        if not self._buffered:
+            return None
+        first = bytes(self._buffered[: self.length])
+        self._buffered.clear()
+        self.received += len(first)
+        return memoryview(first)
 
     def _cut_short(self, filled: int) -> UpstreamError:
         return UpstreamError(f"server closed the connection after {self.received + filled} of {self.length} bytes")
