@@ -28,6 +28,18 @@ MAX_REDIRECTS = 5
 # over 63 characters), which surfaces as a bare UnicodeError from getaddrinfo.
 UNREACHABLE: tuple[type[Exception], ...] = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+def redirected(response: httpx.Response, origin_host: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """Where a redirect leads, and the headers to send there: never credentials to another
+    host (registries send blob GETs to storage). A Location that is no URL is an OriginError."""
+    try:
+        url = str(response.url.join(response.headers["location"]))
+    except UNREACHABLE:
+        raise OriginError(f"{origin_host} redirected to an invalid URL") from None
+    if urlsplit(url).netloc != origin_host:
+        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+    return url, headers
+
+
 def parse_bearer_challenge(header: str) -> dict[str, str] | None:
     """The parameters of a `WWW-Authenticate: Bearer realm=...,service=...,scope=...` header."""
     scheme, _, rest = header.strip().partition(" ")
@@ -133,13 +145,7 @@ class OriginClient:
                 continue
             if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
                 await response.aclose()
-                try:
-                    url = str(response.url.join(response.headers["location"]))
-                except UNREACHABLE:
-                    raise OriginError(f"origin {origin_host} redirected to an invalid URL") from None
-                if urlsplit(url).netloc != origin_host:
-                    # Never forward credentials to blob storage on another host.
-                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                url, headers = redirected(response, origin_host, headers)
                 continue
             return response
         raise OriginError(f"too many redirects fetching {_redact(url)}")

@@ -15,7 +15,7 @@ import httpx
 
 from p2pdist.errors import BadRequest, OriginError
 from p2pdist.oci import DAEMON_HEADER, is_registry_host
-from p2pdist.origin import UNREACHABLE
+from p2pdist.origin import UNREACHABLE, redirected
 
 # containerd names Docker Hub `docker.io`; its registry API lives on another host.
 DOCKER_HUB = "docker.io"
@@ -123,12 +123,7 @@ class UpstreamClient:
                     and "location" in response.headers):
                 return response
             await response.aclose()
-            try:
-                url = str(response.url.join(response.headers["location"]))
-            except UNREACHABLE:
-                raise OriginError(f"registry {origin_host} redirected to an invalid URL") from None
-            if urlsplit(url).netloc != origin_host:
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url, headers = redirected(response, origin_host, headers)
         raise OriginError(f"too many redirects from {redact(url)}")
 
 
