@@ -22,10 +22,9 @@ from pathlib import Path
 
 import trio
 
-from p2pdist.lab import LabError
-from p2pdist.lab.image import Blob, ImageInfo, make_oci_layout, push_image
-from p2pdist.lab.origin import Origin
-from p2pdist.lab.procs import (
+from lab import LabError
+from lab.image import Blob, ImageInfo, make_oci_layout, push_image
+from lab.procs import (
     RelayProcess,
     Service,
     p2pdist_executable,
@@ -33,6 +32,7 @@ from p2pdist.lab.procs import (
     start_scheduler,
     start_seed,
 )
+from lab.registry import Origin
 
 MiB = 1 << 20
 REPO = "demo/app"

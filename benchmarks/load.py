@@ -27,13 +27,13 @@ import httpx
 import trio
 
 from benchmarks.report import cpu_seconds
+from lab.image import make_oci_layout, push_image
+from lab.procs import Service, start_peer, start_scheduler, start_seed
+from lab.registry import Origin
 from p2pdist import wire
 from p2pdist.config import parse_size
-from p2pdist.lab.image import make_oci_layout, push_image
-from p2pdist.lab.origin import Origin
-from p2pdist.lab.procs import Service, start_peer, start_scheduler, start_seed
-from p2pdist.oci import SCHEME_HEADER
-from p2pdist.pieces import PieceLayout
+from p2pdist.content.pieces import PieceLayout
+from p2pdist.registry.oci import SCHEME_HEADER
 
 REPO = "load/blob"
 MiB = 1 << 20

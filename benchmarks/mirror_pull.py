@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from p2pdist.lab.image import make_oci_layout, push_image
-from p2pdist.lab.origin import Origin
-from p2pdist.lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
-from p2pdist.lab.runtimes import Containerd, write_hosts_toml
+from lab.image import make_oci_layout, push_image
+from lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
+from lab.registry import Origin
+from lab.runtimes import Containerd, write_hosts_toml
 
 MiB = 1 << 20
 REPO = "bench/mirror"

@@ -33,11 +33,11 @@ import httpx
 import trio
 
 from benchmarks.report import cpu_seconds, lower_bound_s, summarize, write_results
+from lab.image import ImageInfo, make_oci_layout, push_image
+from lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
+from lab.registry import Origin
 from p2pdist.config import parse_size
-from p2pdist.lab.image import ImageInfo, make_oci_layout, push_image
-from p2pdist.lab.origin import Origin
-from p2pdist.lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
-from p2pdist.piececlient import PieceClient
+from p2pdist.transport.piececlient import PieceClient
 
 REPO = "bench/rollout"
 MiB = 1 << 20

@@ -7,7 +7,7 @@ The control plane is the real code: `scheduler.state.Scheduler` receives the wir
 daemon sends (AnnounceHost, Register, Sync every 0.2 s with new pieces, SeedProgress every
 50 ms) at simulated times, and each peer picks requests with `peer.selection.choose_requests`
 under the daemon's limits (PeerConfig's pieces in flight and per parent) and the piece
-server's (p2pdist/pieceserver.py): past its upload slots a parent keeps a line as long as its
+server's (p2pdist/node/pieceserver.py): past its upload slots a parent keeps a line as long as its
 slots, a finished upload hands its slot to the first in line, and a request that waited
 QUEUE_WAIT_S, or found the line full, is a 503 that keeps the child off that parent for BUSY_S. Only the data plane is modelled: every piece transfer is a flow between two hosts,
 rates shared max-min fairly (approximated by a few rounds of progressive filling) over each
@@ -37,13 +37,13 @@ import numpy as np
 
 from benchmarks.report import lower_bound_s, summarize, write_results
 from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
-from p2pdist.pieces import PieceLayout, bits_from_bytes
-from p2pdist.pieceserver import QUEUE_WAIT_S
+from p2pdist.content.pieces import PieceLayout, bits_from_bytes
+from p2pdist.node.pieceserver import QUEUE_WAIT_S
 from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync, SyncReply
 from peer.download import BUSY_S, SYNC_INTERVAL_S
 from peer.selection import ParentView, choose_requests, per_parent_limit
 from scheduler.state import Scheduler
-from seed.daemon import REPORT_INTERVAL_S
+from seed.fetch import REPORT_INTERVAL_S
 
 TASK = "sha256:" + "5e" * 32
 URL = "http://origin.sim/v2/sim/blob/blobs/" + TASK

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import httpx
 
+from lab.image import make_oci_layout, push_image
+from lab.procs import Service, p2pdist_executable, start_peer, start_scheduler, start_seed
+from lab.registry import Origin
 from p2pdist.config import parse_size
-from p2pdist.lab.image import make_oci_layout, push_image
-from p2pdist.lab.origin import Origin
-from p2pdist.lab.procs import Service, p2pdist_executable, start_peer, start_scheduler, start_seed
-from p2pdist.oci import SCHEME_HEADER
+from p2pdist.registry.oci import SCHEME_HEADER
 
 REPO = "bench/throughput"
 

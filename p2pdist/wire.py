@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from p2pdist.digest import PIECE_DIGEST_BYTES, parse_digest
+from p2pdist.content.digest import PIECE_DIGEST_BYTES, parse_digest
 from p2pdist.errors import BadRequest
 
 CONTENT_TYPE = "application/msgpack"

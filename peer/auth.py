@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from p2pdist.digest import short
+from p2pdist.content.digest import short
 from p2pdist.errors import OriginError
 from peer.upstream import UpstreamClient, forwarded_headers, relayed_headers
 

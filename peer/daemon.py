@@ -15,19 +15,19 @@ import trio
 
 from p2pdist import wire
 from p2pdist.config import PeerConfig, parse_hostport
-from p2pdist.digest import parse_digest
+from p2pdist.content.digest import parse_digest
 from p2pdist.errors import NotFound, P2PError, UpstreamError
-from p2pdist.evict import CacheQuota, pin_piece_response
-from p2pdist.http import Request, Response, serve_http
-from p2pdist.metrics import DaemonMetrics
-from p2pdist.origin import OriginClient
-from p2pdist.piececlient import PieceClient
-from p2pdist.pieceserver import PieceServer
-from p2pdist.ratelimit import maybe_bucket
-from p2pdist.schedclient import SchedulerClient
-from p2pdist.service import health_response, metrics_response
-from p2pdist.store import open_host
-from p2pdist.trust import client_context, server_context
+from p2pdist.node.endpoints import health_response, metrics_response
+from p2pdist.node.metrics import DaemonMetrics
+from p2pdist.node.pieceserver import PieceServer
+from p2pdist.registry.client import OriginClient
+from p2pdist.storage.quota import CacheQuota, pin_piece_response
+from p2pdist.storage.store import open_host
+from p2pdist.transport.piececlient import PieceClient
+from p2pdist.transport.ratelimit import maybe_bucket
+from p2pdist.transport.schedclient import SchedulerClient
+from p2pdist.transport.server import Request, Response, serve_http
+from p2pdist.transport.trust import client_context, server_context
 from peer.download import TaskDownload
 
 log = logging.getLogger("p2pdist.peer")

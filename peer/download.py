@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from p2pdist import wire
-from p2pdist.digest import PIECE_DIGEST_BYTES, PieceHasher, short
+from p2pdist.content.digest import PIECE_DIGEST_BYTES, PieceHasher, short
+from p2pdist.content.pieces import Bitmap
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
-from p2pdist.pieces import Bitmap
-from p2pdist.store import PieceWriter, TaskStore
+from p2pdist.storage.store import PieceWriter, TaskStore
 from peer.selection import ParentView, bitmap_bits, choose_requests, per_parent_limit, piece_set
 
 if TYPE_CHECKING:

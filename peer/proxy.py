@@ -17,12 +17,12 @@ from urllib.parse import urlencode
 
 from prometheus_client import Counter, Histogram
 
-from p2pdist.digest import parse_digest, parse_name, parse_reference, short
+from p2pdist.content.digest import parse_digest, parse_name, parse_reference, short
 from p2pdist.errors import BadRequest, NotFound, OriginError, P2PError, StoreError
-from p2pdist.http import FileBody, Request, Response
-from p2pdist.oci import SCHEME_HEADER
-from p2pdist.pieceserver import RangeNotSatisfiable, parse_range
-from p2pdist.service import health_response, metrics_response
+from p2pdist.node.endpoints import health_response, metrics_response
+from p2pdist.node.pieceserver import RangeNotSatisfiable, parse_range
+from p2pdist.registry.oci import SCHEME_HEADER
+from p2pdist.transport.server import FileBody, Request, Response
 from peer.auth import AccessCheck, Verdict
 from peer.daemon import PeerDaemon
 from peer.download import TaskDownload

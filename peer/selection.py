@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from p2pdist.pieces import Bitmap
+from p2pdist.content.pieces import Bitmap
 
 
 def bitmap_bits(bitmap: Bitmap) -> int:

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from p2pdist.errors import BadRequest, OriginError
-from p2pdist.oci import DAEMON_HEADER, is_registry_host
-from p2pdist.origin import UNREACHABLE, redirected
+from p2pdist.registry.client import UNREACHABLE, redirected
+from p2pdist.registry.oci import DAEMON_HEADER, is_registry_host
 
 # containerd names Docker Hub `docker.io`; its registry API lives on another host.
 DOCKER_HUB = "docker.io"

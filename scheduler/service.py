@@ -17,9 +17,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from p2pdist import wire
 from p2pdist.config import SchedulerConfig, parse_hostport
 from p2pdist.errors import NotFound
-from p2pdist.http import Request, Response, serve_http, text_response
-from p2pdist.service import health_response, metrics_response
-from p2pdist.trust import bearer_headers, client_context, refuse_unauthorized, server_context
+from p2pdist.node.endpoints import health_response, metrics_response
+from p2pdist.transport.server import Request, Response, serve_http, text_response
+from p2pdist.transport.trust import (
+    bearer_headers,
+    client_context,
+    refuse_unauthorized,
+    server_context,
+)
 from scheduler.state import Scheduler, WakeSeed
 
 log = logging.getLogger("p2pdist.scheduler")

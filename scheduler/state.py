@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass, field
 
 from p2pdist.config import SchedulerConfig
-from p2pdist.digest import short
-from p2pdist.pieces import Bitmap, PieceLayout
+from p2pdist.content.digest import short
+from p2pdist.content.pieces import Bitmap, PieceLayout
 from p2pdist.wire import (
     AnnounceHost,
     Leave,

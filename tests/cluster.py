@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from p2pdist.lab import procs
-from p2pdist.lab.procs import RelayProcess, Service
+from lab import procs
+from lab.procs import RelayProcess, Service
 
 
 def p2pdist_bin() -> str:

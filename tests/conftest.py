@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from p2pdist.lab.image import ImageInfo, make_oci_layout, push_image
-from p2pdist.lab.origin import Origin
-from p2pdist.lab.relay import RelayStats, serve_relay
+from lab.image import ImageInfo, make_oci_layout, push_image
+from lab.registry import Origin
+from lab.relay import RelayStats, serve_relay
 
 ORIGIN_CREDS = ("lab-user", "lab-password")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 
+from lab.procs import Service
+from lab.registry import Origin
 from p2pdist import wire
-from p2pdist.lab.origin import Origin
-from p2pdist.lab.procs import Service
-from p2pdist.pieces import Bitmap, PieceLayout
+from p2pdist.content.pieces import Bitmap, PieceLayout
 from tests.cluster import Cluster
 
 MiB = 1 << 20

@@ -1,0 +1,367 @@
+"""An HTTP-aware fault-injecting relay for the origin: 503s, resets mid-body and stalls on blob GETs.
+
+Each client connection carries one request (the relay asks the target to close after it),
+so every blob GET is seen whole and can be failed, cut or stalled as the `FaultPlan` says.
+`serve_fault_relay` is a trio service; `python -m lab.faultrelay` runs it as a process
+(see `FaultRelayProcess`). `GET /_faultrelay/stats` and `PUT /_faultrelay/plan` (JSON) are
+answered by the relay itself, so a test can read counters and change faults mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import signal
+import socket
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import trio
+
+from lab.ports import free_port
+from p2pdist.transport.ratelimit import TokenBucket
+
+RECEIVE_BYTES = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024
+CONTROL_PREFIX = "/_faultrelay/"
+BLOB_GET = re.compile(r"/v2/.+/blobs/(?!uploads/)[^/?]+")
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class FaultPlan:
+    """Which blob GETs fail and how. Faults are dealt out in order: the first `fail_blob_gets`
+    GETs are answered `fail_status`, the next `resets` are cut after `reset_after_bytes` body
+    bytes, the next `stalls` go silent for `stall_s` after `stall_after_bytes`; the rest pass.
+    Other requests (HEAD, manifests, /v2/) always pass. `rate_bps` caps all downstream bytes.
+    """
+
+    fail_blob_gets: int = 0
+    fail_status: int = 503
+    resets: int = 0
+    reset_after_bytes: int = 0
+    stalls: int = 0
+    stall_after_bytes: int = 0
+    stall_s: float = 0.0
+    rate_bps: int | None = None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> FaultPlan:
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("a fault plan is a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise ValueError(f"unknown fault plan key(s): {', '.join(sorted(unknown))}")
+        return cls(**raw)
+
+
+@dataclass
+class FaultStats:
+    """What the relay saw and did. `ranges` lists the Range header of every blob GET ("" if none)."""
+
+    connections: int = 0
+    requests: int = 0
+    blob_gets: int = 0
+    failed: int = 0
+    resets: int = 0
+    stalls: int = 0
+    downstream_bytes: int = 0  # everything sent to clients, heads included
+    blob_body_bytes: int = 0  # body bytes of blob GETs sent to clients
+    ranges: list[str] = field(default_factory=list)
+
+
+class FaultRelay:
+    """The plan in force and the counters; shared by all connections of one relay."""
+
+    def __init__(self, plan: FaultPlan | None = None) -> None:
+        self.stats = FaultStats()
+        self.set_plan(plan or FaultPlan())
+
+    def set_plan(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self._dealt = 0  # blob GETs seen under this plan
+        self.bucket = TokenBucket(plan.rate_bps) if plan.rate_bps else None
+
+    def deal(self) -> str:
+        """The fault for the next blob GET: "fail", "reset", "stall" or "pass"."""
+        n = self._dealt
+        self._dealt += 1
+        plan = self.plan
+        for kind, count in (("fail", plan.fail_blob_gets), ("reset", plan.resets), ("stall", plan.stalls)):
+            if n < count:
+                return kind
+            n -= count
+        return "pass"
+
+
+async def _read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+    """Bytes up to and including the blank line; the rest stays in `buffer`. None on EOF."""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            head = bytes(buffer[: end + 4])
+            del buffer[: end + 4]
+            return head
+        if len(buffer) > MAX_HEAD_BYTES:
+            return None
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            return None
+        buffer += data
+
+
+@dataclass
+class _RequestHead:
+    method: str
+    path: str
+    range: str  # the Range header, "" if none
+    forwarded: bytes  # the head with `connection: close` in place of the client's
+
+
+def _parse_request(head: bytes) -> _RequestHead:
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, *_ = lines[0].split(" ") + ["", ""]
+    kept = [lines[0]]
+    range_value = ""
+    for line in lines[1:]:
+        if not line:
+            continue
+        name = line.partition(":")[0].strip().lower()
+        if name == "connection":
+            continue
+        if name == "range":
+            range_value = line.partition(":")[2].strip()
+        kept.append(line)
+    kept.append("connection: close")
+    forwarded = ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1")
+    return _RequestHead(method, target.split("?", 1)[0], range_value, forwarded)
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    """Close with an RST, as a crashed or cut-off server would."""
+    try:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+async def _send(client: trio.SocketStream, relay: FaultRelay, data: bytes) -> None:
+    if relay.bucket is not None:
+        await relay.bucket.take(len(data))
+    await client.send_all(data)
+    relay.stats.downstream_bytes += len(data)
+
+
+async def _control(client: trio.SocketStream, relay: FaultRelay, method: str, path: str,
+                   head: bytes, buffer: bytearray) -> None:
+    status, body = 200, b""
+    if path == CONTROL_PREFIX + "stats" and method == "GET":
+        body = json.dumps(asdict(relay.stats)).encode()
+    elif path == CONTROL_PREFIX + "plan" and method == "PUT":
+        m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+        length = int(m.group(1)) if m else 0
+        while len(buffer) < length:
+            data = await client.receive_some(RECEIVE_BYTES)
+            if not data:
+                return
+            buffer += data
+        try:
+            relay.set_plan(FaultPlan.from_json(bytes(buffer[:length])))
+            body = json.dumps(asdict(relay.plan)).encode()
+        except (ValueError, TypeError) as exc:
+            status, body = 400, json.dumps({"error": str(exc)}).encode()
+    else:
+        status, body = 404, b'{"error": "no such control endpoint"}'
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}[status]
+    await client.send_all(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+                          f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+
+
+async def _injected_failure(client: trio.SocketStream, relay: FaultRelay) -> None:
+    status = relay.plan.fail_status
+    body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "fault injected by p2pdist faultrelay"}]}).encode()
+    head = (f"HTTP/1.1 {status} Injected Fault\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+    await _send(client, relay, head + body)
+
+
+async def _pump_up(client: trio.SocketStream, target: trio.SocketStream) -> None:
+    """The rest of the request (a body, if any) to the target."""
+    try:
+        while data := await client.receive_some(RECEIVE_BYTES):
+            await target.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _relay_response(client: trio.SocketStream, target: trio.SocketStream, relay: FaultRelay,
+                          fault: str, blob: bool) -> None:
+    plan = relay.plan
+    buffer = bytearray()
+    head = await _read_head(target, buffer)
+    if head is None:
+        _reset(client)
+        return
+    await _send(client, relay, head)
+    sent = 0
+    limit = {"reset": plan.reset_after_bytes, "stall": plan.stall_after_bytes}.get(fault)
+    pending = bytes(buffer)
+    while True:
+        data = pending or await target.receive_some(RECEIVE_BYTES)
+        pending = b""
+        if not data:
+            return
+        if limit is not None and sent + len(data) >= limit:
+            await _send(client, relay, data[: limit - sent])
+            relay.stats.blob_body_bytes += limit - sent
+            data = data[limit - sent:]
+            sent = limit
+            if fault == "reset":
+                _reset(client)
+                return
+            await trio.sleep(plan.stall_s)
+            limit = None
+        if data:
+            await _send(client, relay, data)
+            sent += len(data)
+            if blob:
+                relay.stats.blob_body_bytes += len(data)
+
+
+async def handle_connection(client: trio.SocketStream, target_host: str, target_port: int,
+                            relay: FaultRelay) -> None:
+    stats = relay.stats
+    stats.connections += 1
+    async with client:
+        try:
+            buffer = bytearray()
+            head = await _read_head(client, buffer)
+            if head is None:
+                return
+            request = _parse_request(head)
+            if request.path.startswith(CONTROL_PREFIX):
+                await _control(client, relay, request.method, request.path, head, buffer)
+                return
+            stats.requests += 1
+            blob = request.method == "GET" and BLOB_GET.fullmatch(request.path) is not None
+            fault = "pass"
+            if blob:
+                stats.blob_gets += 1
+                stats.ranges.append(request.range)
+                fault = relay.deal()
+            if fault == "fail":
+                stats.failed += 1
+                await _injected_failure(client, relay)
+                return
+            if fault == "reset":
+                stats.resets += 1
+            elif fault == "stall":
+                stats.stalls += 1
+            try:
+                target = await trio.open_tcp_stream(target_host, target_port)
+            except OSError:
+                _reset(client)
+                return
+            async with target:
+                await target.send_all(request.forwarded + bytes(buffer))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_pump_up, client, target)
+                    await _relay_response(client, target, relay, fault, blob)
+                    nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+async def serve_fault_relay(target_host: str, target_port: int, relay: FaultRelay, *, listen_port: int = 0,
+                            task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Relay 127.0.0.1:`listen_port` to the target with `relay`'s faults until cancelled; `started(port)`."""
+
+    async def handle(client: trio.SocketStream) -> None:
+        await handle_connection(client, target_host, target_port, relay)
+
+    listeners = await trio.open_tcp_listeners(listen_port, host="127.0.0.1")
+    port: int = listeners[0].socket.getsockname()[1]
+    task_status.started(port)
+    await trio.serve_listeners(handle, listeners)
+
+
+async def run_fault_relay_process(target_host: str, target_port: int, listen_port: int, plan: FaultPlan) -> None:
+    relay = FaultRelay(plan)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_fault_relay(
+                target_host, target_port, relay, listen_port=listen_port, task_status=task_status))
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+class FaultRelayProcess:
+    """`python -m lab.faultrelay` as a child process, driven over its control endpoints."""
+
+    def __init__(self, workdir: Path, target_host: str, plan: FaultPlan | None = None, *,
+                 name: str = "faultrelay") -> None:
+        import sys
+
+        from lab.procs import Service
+
+        port = free_port()
+        argv = [sys.executable, "-m", "lab.faultrelay", "--target", target_host,
+                "--listen", str(port), "--plan", json.dumps(asdict(plan or FaultPlan()))]
+        self.host = f"127.0.0.1:{port}"
+        self.url = f"http://{self.host}"
+        self.service = Service(name, argv, workdir / f"{name}.log", self.url)
+        try:
+            self.service.wait_http(self.url + CONTROL_PREFIX + "stats", READY_TIMEOUT_S)
+        except BaseException:
+            self.service.stop()
+            raise
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(self.url + CONTROL_PREFIX + "stats", timeout=10).json()
+        return result
+
+    def set_plan(self, plan: FaultPlan) -> None:
+        response = httpx.put(self.url + CONTROL_PREFIX + "plan", content=json.dumps(asdict(plan)), timeout=10)
+        response.raise_for_status()
+
+    def stop(self) -> int:
+        return self.service.stop()
+
+    def __enter__(self) -> FaultRelayProcess:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lab.faultrelay", description=__doc__)
+    parser.add_argument("--target", required=True, help="HOST:PORT of the origin")
+    parser.add_argument("--listen", type=int, default=0, help="port on 127.0.0.1 (0: any)")
+    parser.add_argument("--plan", default="{}", help="the FaultPlan as JSON, e.g. '{\"fail_blob_gets\": 2}'")
+    args = parser.parse_args(argv)
+    host, _, port = args.target.rpartition(":")
+    if not host or not port.isdigit():
+        parser.error(f"--target: expected HOST:PORT, got {args.target!r}")
+    try:
+        plan = FaultPlan.from_json(args.plan)
+    except (ValueError, TypeError) as exc:
+        parser.error(f"--plan: {exc}")
+    started = time.monotonic()
+    trio.run(run_fault_relay_process, host, int(port), args.listen, plan)
+    print(f"faultrelay stopped after {time.monotonic() - started:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

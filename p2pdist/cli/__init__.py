@@ -1,0 +1,1 @@
+"""The p2pdist command: role start-up, p2pdist get and mirror-config."""

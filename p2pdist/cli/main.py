@@ -1,0 +1,74 @@
+"""The `p2pdist` command: scheduler, seed and peer services, and the `get` client."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from p2pdist import config as cfg
+from p2pdist.errors import P2PError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2pdist", description="Peer-to-peer distribution of container image blobs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cfg.add_flags(sub.add_parser("scheduler", help="run the scheduler (control plane)"), cfg.SchedulerConfig)
+    cfg.add_flags(sub.add_parser("seed", help="run a seed peer (fetches from the origin)"), cfg.SeedConfig)
+    cfg.add_flags(sub.add_parser("peer", help="run the peer daemon on this host"), cfg.PeerConfig)
+    get = sub.add_parser("get", help="download one blob URL through the local peer daemon")
+    get.add_argument("url", help="http(s)://REGISTRY/v2/NAME/blobs/sha256:...")
+    get.add_argument("-o", "--output", required=True, help="file to write")
+    get.add_argument("--peer", default="http://127.0.0.1:4001", help="the local peer daemon's proxy URL")
+    get.add_argument("--user", help="USER:PASSWORD for the registry (passed to it, never stored)")
+    get.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the whole download")
+    get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from p2pdist.cli import mirrorconfig
+
+    mirrorconfig.add_arguments(sub.add_parser(
+        "mirror-config", help="print or install the containerd/docker settings that pull through the peer"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (P2PError, OSError) as exc:
+        print(f"p2pdist {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from p2pdist.node.endpoints import run_service, setup_logging
+
+    if args.command == "get":
+        from p2pdist.cli.get import get
+
+        get(args.url, args.output, args.peer, user=args.user, timeout_s=args.timeout, quiet=args.quiet)
+        return 0
+    if args.command == "mirror-config":
+        from p2pdist.cli import mirrorconfig
+
+        return mirrorconfig.run(args)
+    classes: dict[str, Any] = {"scheduler": cfg.SchedulerConfig, "seed": cfg.SeedConfig, "peer": cfg.PeerConfig}
+    cls = classes[args.command]
+    config = cfg.load(cls, args.config, cfg.flag_overrides(args, cls))
+    setup_logging(config.log_level)
+    if args.command == "scheduler":
+        from scheduler.service import serve as serve_scheduler
+
+        return run_service(serve_scheduler, config, args.command)
+    if args.command == "seed":
+        from seed.daemon import serve as serve_seed
+
+        return run_service(serve_seed, config, args.command)
+    from peer.daemon import serve as serve_peer
+
+    return run_service(serve_peer, config, args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What a blob is: pieces, their byte ranges and the digests that verify them."""

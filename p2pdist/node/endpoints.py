@@ -1,0 +1,57 @@
+"""What every service shares around its HTTP handler: metrics, health, logging set-up, SIGTERM.
+
+A service is `async def serve(config, *, task_status)`; `run_service` runs one from the CLI
+until SIGTERM or SIGINT, then cancels it with a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from p2pdist.transport.server import Response
+
+SHUTDOWN_DEADLINE_S = 4.0
+
+
+def metrics_response(registry: CollectorRegistry) -> Response:
+    return Response(200, [("content-type", CONTENT_TYPE_LATEST)], generate_latest(registry))
+
+
+def health_response() -> Response:
+    return Response(200, [("content-type", "text/plain")], b"ok\n")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def run_service(serve: Callable[..., Awaitable[Any]], config: Any, name: str) -> int:
+    """Run `serve(config)` until SIGTERM/SIGINT; exit within SHUTDOWN_DEADLINE_S."""
+    log = logging.getLogger(f"p2pdist.{name}")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await nursery.start(serve, config)
+                log.info("%s ready", name)
+                async for signum in signals:
+                    log.info("%s stopping on %s", name, signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DEADLINE_S
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0

@@ -1,0 +1,131 @@
+"""The piece server every peer and seed runs: GET /v1/tasks/<digest>/pieces/<n>, with Range.
+
+Serves only pieces already verified and renamed into the store, straight from disk with
+sendfile, and answers 503 when its upload slots are all taken so children try elsewhere.
+With a cluster secret, a request without it is a 401.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import trio
+
+from p2pdist.content.digest import parse_digest
+from p2pdist.errors import BadRequest, NotFound
+from p2pdist.node.metrics import DaemonMetrics
+from p2pdist.storage.store import Store
+from p2pdist.transport.server import FileBody, Request, Response, text_response
+from p2pdist.transport.trust import refuse_unauthorized
+
+QUEUE_WAIT_S = 0.5
+PIECE_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)/pieces/(?P<number>[^/]+)")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str, length: int) -> tuple[int, int] | None:
+    """A single `bytes=a-b` range → half-open (start, end); None if absent. Bad ranges raise."""
+    if not header:
+        return None
+    m = _RANGE.fullmatch(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        raise BadRequest(f"unsupported Range {header[:60]!r}: want one bytes=START-END range")
+    first, last = m.group(1), m.group(2)
+    if not first:  # suffix range: the last N bytes
+        n = int(last)
+        if n == 0:
+            raise RangeNotSatisfiable(length)
+        return max(0, length - n), length
+    start = int(first)
+    end = length if not last else min(length, int(last) + 1)
+    if start >= length or (last and int(last) < start):
+        raise RangeNotSatisfiable(length)
+    return start, end
+
+
+class RangeNotSatisfiable(BadRequest):
+    status = 416
+
+    def __init__(self, length: int) -> None:
+        super().__init__(f"range not satisfiable: the resource has {length} bytes")
+        self.length = length
+
+
+class PieceServer:
+    def __init__(self, store: Store, metrics: DaemonMetrics, upload_slots: int, *,
+                 secret: str | None = None) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.upload_slots = upload_slots
+        self.secret = secret
+        self.active = 0
+        self._queue: collections.deque[trio.Event] = collections.deque()
+
+    def match(self, request: Request) -> bool:
+        return request.path.startswith("/v1/tasks/")
+
+    async def handle(self, request: Request) -> Response:
+        if (refused := refuse_unauthorized(request, self.secret)) is not None:
+            self.metrics.pieces_served.labels("401").inc()
+            return refused
+        m = PIECE_PATH.fullmatch(request.path)
+        if not m:
+            raise NotFound(f"no such endpoint {request.path[:100]}")
+        if request.method not in ("GET", "HEAD"):
+            return text_response(405, "pieces are read-only: use GET", [("allow", "GET, HEAD")])
+        task_id = parse_digest(m.group("task"))
+        # isascii: str.isdigit() is also true of "²" and "٣", which int() refuses or misreads.
+        if not (m.group("number").isascii() and m.group("number").isdigit()) or len(m.group("number")) > 9:
+            raise BadRequest(f"invalid piece number {m.group('number')[:20]!r}")
+        number = int(m.group("number"))
+        task = self.store.get(task_id)
+        if task is None:
+            self.metrics.pieces_served.labels("404").inc()
+            raise NotFound(f"task {task_id[:19]} not held here")
+        if not 0 <= number < task.layout.count:
+            raise BadRequest(f"piece {number} out of range: {task_id[:19]} has {task.layout.count} pieces")
+        if not task.has(number):
+            self.metrics.pieces_served.labels("404").inc()
+            raise NotFound(f"piece {number} of {task_id[:19]} not held here yet")
+        length = task.layout.length(number)
+        try:
+            span = parse_range(request.headers.get("range", ""), length)
+        except RangeNotSatisfiable as exc:
+            return text_response(416, str(exc), [("content-range", f"bytes */{exc.length}")])
+        if not await self._take_slot():
+            self.metrics.pieces_served.labels("503").inc()
+            return text_response(503, "all upload slots busy", [("retry-after", "1")])
+        status, start, end = (200, 0, length) if span is None else (206, *span)
+        headers = [("content-type", "application/octet-stream"), ("accept-ranges", "bytes")]
+        if status == 206:
+            headers.append(("content-range", f"bytes {start}-{end - 1}/{length}"))
+        self.metrics.pieces_served.labels(str(status)).inc()
+        body = FileBody(task.path(number), start, end - start, on_done=self._upload_done)
+        return Response(status, headers, body)
+
+    async def _take_slot(self) -> bool:
+        """An upload slot, waiting briefly in line for one: a request already waiting when an
+        upload ends starts at once, so the link does not idle while a refused child backs off.
+        Past a short line, or after the wait, the answer is busy and the child asks elsewhere."""
+        if self.active < self.upload_slots:
+            self.active += 1
+            self.metrics.uploads_active.set(self.active)
+            return True
+        if len(self._queue) >= self.upload_slots:
+            return False
+        turn = trio.Event()
+        self._queue.append(turn)
+        with trio.move_on_after(QUEUE_WAIT_S):
+            await turn.wait()
+        if turn.is_set():
+            return True  # the finishing upload handed its slot over
+        self._queue.remove(turn)
+        return False
+
+    def _upload_done(self) -> None:
+        if self._queue:
+            self._queue.popleft().set()  # the slot passes straight to the next in line
+            return
+        self.active -= 1
+        self.metrics.uploads_active.set(self.active)

@@ -1,0 +1,1 @@
+"""Talking to OCI registries: the blob client (auth, redirects, retries) and reference parsing."""

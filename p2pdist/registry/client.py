@@ -1,0 +1,200 @@
+"""Fetching blobs from the registry origin: Bearer token flow, redirects to blob storage, ranges.
+
+Used by seeds in the normal case and by any peer going back to source. Credentials are
+passed per request and never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from p2pdist.errors import OriginError
+from p2pdist.registry.oci import DAEMON_HEADER
+from p2pdist.transport.ratelimit import TokenBucket
+
+log = logging.getLogger("p2pdist.origin")
+
+MAX_REDIRECTS = 5
+# A request that cannot reach its server. Besides httpx's own errors: a URL httpx cannot parse
+# (a redirect's Location), and a host name the resolver's IDNA step refuses ("a..b", a label
+# over 63 characters), which surfaces as a bare UnicodeError from getaddrinfo.
+UNREACHABLE: tuple[type[Exception], ...] = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+def redirected(response: httpx.Response, origin_host: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """Where a redirect leads, and the headers to send there: never credentials to another
+    host (registries send blob GETs to storage). A Location that is no URL is an OriginError."""
+    try:
+        url = str(response.url.join(response.headers["location"]))
+    except UNREACHABLE:
+        raise OriginError(f"{origin_host} redirected to an invalid URL") from None
+    if urlsplit(url).netloc != origin_host:
+        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+    return url, headers
+
+
+def parse_bearer_challenge(header: str) -> dict[str, str] | None:
+    """The parameters of a `WWW-Authenticate: Bearer realm=...,service=...,scope=...` header."""
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    params = dict(_CHALLENGE_PARAM.findall(rest))
+    return params if "realm" in params else None
+
+
+@dataclass
+class OriginResponse:
+    """An open blob response: the blob's total size, where this body starts, and the body."""
+
+    blob_size: int
+    start: int
+    length: int
+    response: httpx.Response
+    bucket: TokenBucket | None
+    counter: list[int]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        received = 0
+        try:
+            async for chunk in self.response.aiter_raw():
+                if self.bucket is not None:
+                    await self.bucket.take(len(chunk))
+                self.counter[0] += len(chunk)
+                received += len(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            # A reset or a stall mid-body is the origin failing: callers retry and resume.
+            raise OriginError(f"origin {self.response.url.netloc.decode()} failed after {received} of "
+                              f"{self.length} bytes: {type(exc).__name__}") from None
+
+
+class OriginClient:
+    def __init__(self, *, rate: TokenBucket | None = None, timeout_s: float = 30.0) -> None:
+        self.bucket = rate
+        self.client = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+        self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self.bytes_received = [0]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    @asynccontextmanager
+    async def open_blob(self, url: str, headers: dict[str, str], *, start: int = 0,
+                        end: int | None = None) -> AsyncIterator[OriginResponse]:
+        """GET bytes [start, end) of a blob, following auth challenges and redirects."""
+        request_headers = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+        # A p2pdist mirror as origin then relays instead of sending it back into P2P.
+        request_headers[DAEMON_HEADER] = "1"
+        if start or end is not None:
+            request_headers["range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+        response = await self._send(url, request_headers)
+        try:
+            if response.status_code not in (200, 206):
+                await response.aread()
+                raise OriginError(_describe(response, url), response.status_code)
+            if response.status_code == 200:
+                size = _int_header(response, "content-length")
+                start = 0
+                length = size
+            else:
+                m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("content-range", ""))
+                if not m:
+                    raise OriginError("origin sent 206 without a usable Content-Range")
+                start, last, size = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                length = last - start + 1
+            yield OriginResponse(size, start, length, response, self.bucket, self.bytes_received)
+        finally:
+            await response.aclose()
+
+    async def head(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        request_headers = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+        # A p2pdist mirror as origin then relays instead of sending it back into P2P.
+        request_headers[DAEMON_HEADER] = "1"
+        response = await self._send(url, request_headers, method="HEAD")
+        await response.aclose()
+        return response
+
+    async def _send(self, url: str, headers: dict[str, str], method: str = "GET") -> httpx.Response:
+        origin_host = urlsplit(url).netloc
+        tried_token = False
+        for _ in range(MAX_REDIRECTS + 2):
+            try:
+                request = self.client.build_request(method, url, headers=headers)
+                response = await self.client.send(request, stream=True)
+            except UNREACHABLE as exc:
+                raise OriginError(f"origin {urlsplit(url).netloc[:100]} unreachable: {type(exc).__name__}") from None
+            if response.status_code == 401 and not tried_token:
+                challenge = parse_bearer_challenge(response.headers.get("www-authenticate", ""))
+                if challenge is None:
+                    return response  # Basic auth: the caller's credentials were all we had
+                await response.aclose()
+                tried_token = True
+                token = await self._token(challenge, headers.get("authorization", ""))
+                headers = {**headers, "authorization": f"Bearer {token}"}
+                continue
+            if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
+                await response.aclose()
+                url, headers = redirected(response, origin_host, headers)
+                continue
+            return response
+        raise OriginError(f"too many redirects fetching {_redact(url)}")
+
+    async def _token(self, challenge: dict[str, str], authorization: str) -> str:
+        realm = challenge["realm"]
+        key = (realm, challenge.get("scope", ""), authorization)
+        cached = self._tokens.get(key)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        params = {k: v for k, v in challenge.items() if k in ("service", "scope")}
+        headers = {}
+        if authorization.lower().startswith("basic "):
+            headers["authorization"] = authorization
+        try:
+            response = await self.client.get(realm, params=params, headers=headers)
+        except UNREACHABLE as exc:
+            raise OriginError(f"token service {urlsplit(realm).netloc} unreachable: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise OriginError(f"token service refused: HTTP {response.status_code}", response.status_code
+                              if response.status_code in (401, 403) else 401)
+        try:
+            body = response.json()
+            token = body.get("token") or body["access_token"]
+            expires = float(body.get("expires_in", 60))
+        except (ValueError, KeyError, TypeError):
+            raise OriginError("token service sent no token") from None
+        self._tokens[key] = (str(token), time.monotonic() + max(0.0, expires - 5))
+        return str(token)
+
+
+def _int_header(response: httpx.Response, name: str) -> int:
+    try:
+        return int(response.headers[name])
+    except (KeyError, ValueError):
+        raise OriginError(f"origin sent no usable {name}") from None
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}{parts.path}"
+
+
+def _describe(response: httpx.Response, url: str) -> str:
+    code = ""
+    try:
+        errors = response.json().get("errors") or []
+        if errors:
+            code = f" {errors[0].get('code', '')}"
+    except (ValueError, AttributeError):
+        pass
+    return f"origin answered HTTP {response.status_code}{code} for {_redact(url)}"

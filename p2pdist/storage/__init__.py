@@ -1,0 +1,1 @@
+"""The piece store on disk and the cache quota that bounds it."""

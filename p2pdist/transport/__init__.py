@@ -1,0 +1,1 @@
+"""Bytes on the wire: the HTTP server, the cluster-internal clients, TLS and rate limits."""

@@ -1,0 +1,57 @@
+"""The piece server's upload slots: a full server keeps a short line, hands a finished upload's
+slot to the next in line, and answers busy when the wait runs out."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import trio
+
+from p2pdist.node.metrics import DaemonMetrics
+from p2pdist.node.pieceserver import QUEUE_WAIT_S, PieceServer
+from p2pdist.storage.store import Store
+from p2pdist.transport.server import FileBody, Request
+
+BLOB = bytes(range(256)) * 4096  # 1 MiB: one piece
+TASK = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+def server(tmp_path: Path, *, slots: int) -> PieceServer:
+    store = Store(tmp_path)
+    task = store.open(TASK, len(BLOB))
+    writer = task.new_piece(0)
+    writer.write(BLOB)
+    writer.commit()
+    return PieceServer(store, DaemonMetrics("peer"), slots)
+
+
+def get(pieces: PieceServer) -> Request:
+    path = f"/v1/tasks/{TASK}/pieces/0"
+    return Request("GET", path, path, {}, {}, ("127.0.0.1", 1))
+
+
+async def test_a_full_server_queues_then_answers_busy(tmp_path: Path) -> None:
+    pieces = server(tmp_path, slots=1)
+    first = await pieces.handle(get(pieces))
+    assert first.status == 200 and isinstance(first.body, FileBody)
+    started = trio.current_time()
+    second = await pieces.handle(get(pieces))
+    assert second.status == 503
+    assert trio.current_time() - started >= QUEUE_WAIT_S * 0.9  # it waited in line first
+
+
+async def test_a_finished_upload_hands_its_slot_to_the_next_in_line(tmp_path: Path) -> None:
+    pieces = server(tmp_path, slots=1)
+    first = await pieces.handle(get(pieces))
+    statuses: list[int] = []
+
+    async def wait_in_line() -> None:
+        statuses.append((await pieces.handle(get(pieces))).status)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_in_line)
+        await trio.sleep(QUEUE_WAIT_S / 5)
+        assert isinstance(first.body, FileBody) and first.body.on_done is not None
+        first.body.on_done()
+    assert statuses == [200]

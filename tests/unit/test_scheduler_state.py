@@ -1,0 +1,473 @@
+"""The scheduler's pure state machine, driven with fixed clocks and a seeded RNG."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from p2pdist.config import SchedulerConfig
+from p2pdist.content.pieces import Bitmap, MiB, PieceLayout
+from p2pdist.wire import (
+    AnnounceHost,
+    Leave,
+    Register,
+    SeedProgress,
+    Sync,
+    SyncReply,
+    TaskHolding,
+)
+from scheduler.state import Scheduler, WakeSeed
+
+TASK = "sha256:" + "ab" * 32
+TASK2 = "sha256:" + "cd" * 32
+URL = "http://origin:5000/v2/lib/x/blobs/" + TASK
+SIZE = 10 * MiB  # 3 pieces of 4 MiB
+LAYOUT = PieceLayout.for_blob(SIZE)
+DIGESTS = [bytes([i]) * 32 for i in range(LAYOUT.count)]
+
+
+def make(**cfg: object) -> Scheduler:
+    return Scheduler(SchedulerConfig(**cfg), rng=random.Random(7))  # type: ignore[arg-type]
+
+
+def announce(s: Scheduler, host: str, kind: str = "peer", now: float = 0.0, slots: int = 4,
+             tasks: list[TaskHolding] | None = None) -> None:
+    s.announce(AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=slots,
+                            tasks=tasks or []), now)
+
+
+def register(s: Scheduler, host: str, now: float, task: str = TASK) -> tuple[SyncReply, WakeSeed | None]:
+    return s.register(Register(host_id=host, task_id=task, url=URL, headers={"Authorization": "x"}), now)
+
+
+def progress(s: Scheduler, seed: str, now: float, first: int = 0, digests: list[bytes] | None = None,
+             done: bool = False, size: int = SIZE, error: str = "") -> None:
+    digests = DIGESTS[first:] if digests is None else digests
+    s.seed_progress(SeedProgress(host_id=seed, task_id=TASK, content_length=size, first_digest=first,
+                                 piece_digests=digests, done=done, error=error), now)
+
+
+def sync(s: Scheduler, host: str, now: float, **kw: object) -> tuple[SyncReply, WakeSeed | None]:
+    return s.sync(Sync(host_id=host, task_id=TASK, **kw), now)  # type: ignore[arg-type]
+
+
+def parent_ids(reply: SyncReply) -> list[str]:
+    return [p.host_id for p in reply.parents]
+
+
+def full_bitmap() -> bytes:
+    bm = Bitmap(LAYOUT.count)
+    for n in range(LAYOUT.count):
+        bm.add(n)
+    return bm.to_bytes()
+
+
+def test_first_register_wakes_seed_once() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    announce(s, "p2")
+    reply, wake = register(s, "p1", 1.0)
+    assert wake is not None
+    assert wake.seed_id == "seed1" and wake.seed_url == "http://seed1:4000"
+    assert wake.trigger.task_id == TASK and wake.trigger.url == URL
+    assert wake.trigger.headers == {"Authorization": "x"}
+    assert reply.state == "waiting"
+    reply2, wake2 = register(s, "p2", 2.0)
+    assert wake2 is None
+    assert reply2.state == "waiting"
+    assert s.counters.seeds_woken == 1
+
+
+def test_no_seed_means_back_to_source() -> None:
+    s = make()
+    announce(s, "p1")
+    reply, wake = register(s, "p1", 1.0)
+    assert wake is None
+    assert reply.state == "back_to_source"
+    assert reply.reason
+    assert s.counters.back_to_source == 1
+
+
+def test_running_after_seed_progress() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, digests=DIGESTS[:1])
+    reply, wake = register(s, "p2", 3.0)
+    assert wake is None
+    assert reply.state == "running"
+    assert reply.content_length == SIZE
+    assert reply.piece_size == 4 * MiB
+    assert reply.first_digest == 0
+    assert reply.piece_digests == DIGESTS[:1]
+    assert parent_ids(reply) == ["seed1"]
+    seed_bits = Bitmap(LAYOUT.count, reply.parents[0].pieces)
+    assert list(seed_bits) == [0]
+    assert reply.parents[0].url == "http://seed1:4000"
+    # More digests arrive incrementally; the next sync carries only the new ones.
+    progress(s, "seed1", 3.5, first=1, digests=DIGESTS[1:])
+    reply, _ = sync(s, "p2", 4.0, have_digests=1)
+    assert reply.first_digest == 1
+    assert reply.piece_digests == DIGESTS[1:]
+    reply, _ = sync(s, "p2", 4.0, have_digests=99)
+    assert reply.first_digest == len(DIGESTS) and reply.piece_digests == []
+    reply, _ = sync(s, "p2", 4.0, have_digests=0)
+    assert reply.piece_digests == DIGESTS
+
+
+def test_sync_before_register_is_unknown() -> None:
+    s = make()
+    announce(s, "p1")
+    reply, wake = sync(s, "p1", 1.0)
+    assert reply.state == "unknown" and wake is None
+
+
+def test_peer_with_pieces_becomes_parent_candidate() -> None:
+    s = make()
+    announce(s, "seed1", "seed", slots=4)
+    for h in ("p1", "p2"):
+        announce(s, h)
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, done=True)
+    reply, _ = register(s, "p1", 3.0)
+    assert parent_ids(reply) == ["seed1"]
+    sync(s, "p1", 4.0, new_pieces=[0, 2])
+    reply, _ = register(s, "p2", 5.0)
+    assert set(parent_ids(reply)) == {"p1", "seed1"}
+    p1 = next(p for p in reply.parents if p.host_id == "p1")
+    assert list(Bitmap(LAYOUT.count, p1.pieces)) == [0, 2]
+
+
+def test_peer_without_pieces_not_useful_when_done_peer_present() -> None:
+    s = make(candidate_parents=1)
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    announce(s, "p2")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, done=True)
+    register(s, "p1", 2.5)
+    sync(s, "p1", 3.0, new_pieces=[0, 1, 2], done=True)
+    # p1 is a complete non-seed peer with free slots: preferred over the seed.
+    reply, _ = register(s, "p2", 4.0)
+    assert parent_ids(reply) == ["p1"]
+
+
+def test_bad_parent_report_avoided_until_ttl() -> None:
+    s = make(bad_parent_ttl_s=30.0)
+    announce(s, "seed1", "seed")
+    for h in ("p1", "p2", "p3"):
+        announce(s, h)
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, done=True)
+    register(s, "p1", 2.5)
+    sync(s, "p1", 3.0, new_pieces=[0, 1])
+    reply, _ = register(s, "p2", 4.0)
+    assert "p1" in parent_ids(reply)
+    reply, _ = sync(s, "p2", 5.0, bad_parents=["p1"])
+    assert "p1" not in parent_ids(reply)
+    assert s.counters.bad_reports == 1
+    # Nobody else is offered p1 either, while the report holds.
+    reply, _ = register(s, "p3", 20.0)
+    assert "p1" not in parent_ids(reply)
+    reply, _ = sync(s, "p2", 34.0)
+    assert "p1" not in parent_ids(reply)
+    # After the TTL it may be offered again.
+    reply, _ = sync(s, "p2", 36.0)
+    assert "p1" in parent_ids(reply)
+
+
+def test_failed_parents_dropped_from_current_parents() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, done=True)
+    reply, _ = register(s, "p1", 2.5)
+    assert parent_ids(reply) == ["seed1"]
+    assert s.tasks[TASK].peers["p1"].parents == ["seed1"]
+    # failed_parents only drops it from the current list (it may be chosen again).
+    sync(s, "p1", 3.0, failed_parents=["seed1"])
+    assert "seed1" not in s.bad_until
+
+
+def test_seed_progress_from_non_seed_ignored() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "evil")
+    announce(s, "p1")
+    register(s, "p1", 1.0)
+    progress(s, "evil", 2.0, digests=[b"\xee" * 32] * 3, done=True)
+    task = s.tasks[TASK]
+    assert task.digests == []
+    assert task.content_length is None
+    assert task.peers.get("evil") is None
+    reply, _ = register(s, "p1", 3.0)
+    assert reply.state == "waiting"
+    # An unknown host too.
+    progress(s, "stranger", 2.0, digests=[b"\xee" * 32] * 3, done=True)
+    assert task.digests == [] and task.content_length is None
+
+
+def test_second_seed_disagreeing_with_known_digests_ignored() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "seed2", "seed")
+    announce(s, "p1")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, digests=DIGESTS[:2])
+    wrong = [b"\xee" * 32] * 3
+    progress(s, "seed2", 3.0, digests=wrong)  # straddles the known end
+    assert s.tasks[TASK].digests == DIGESTS[:2]
+    assert "seed2" not in s.tasks[TASK].peers
+    # A different size is ignored as well.
+    progress(s, "seed2", 3.0, digests=DIGESTS, size=SIZE + 1)
+    assert s.tasks[TASK].content_length == SIZE
+    assert "seed2" not in s.tasks[TASK].peers
+    # Agreeing digests extend the list.
+    progress(s, "seed2", 4.0, first=0, digests=DIGESTS)
+    assert s.tasks[TASK].digests == DIGESTS
+
+
+def test_disagreeing_seed_within_known_range_ignored() -> None:
+    """A seed whose digests contradict known ones must not be recorded as holding those pieces,
+    even when its report lies entirely within the range of digests already known."""
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "seed2", "seed")
+    announce(s, "p1")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, digests=DIGESTS)  # all 3 known
+    progress(s, "seed2", 3.0, first=0, digests=[b"\xee" * 32])  # contradicts piece 0
+    assert s.tasks[TASK].digests == DIGESTS
+    held = s.tasks[TASK].peers.get("seed2")
+    assert held is None or held.pieces is None or 0 not in held.pieces
+
+
+def test_seed_error_fails_task_then_back_to_source() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    _, wake = register(s, "p1", 1.0)
+    assert wake is not None
+    progress(s, "seed1", 2.0, digests=[], size=0, error="origin said 401")
+    reply, wake = sync(s, "p1", 3.0)
+    assert wake is None
+    assert reply.state == "back_to_source"
+    assert "401" in reply.reason
+
+
+def test_stalled_seed_wakes_another() -> None:
+    s = make(seed_retry_s=5.0)
+    announce(s, "seed1", "seed")
+    announce(s, "seed2", "seed")
+    announce(s, "p1")
+    _, wake = register(s, "p1", 1.0)
+    assert wake is not None
+    first = wake.seed_id
+    _, wake = sync(s, "p1", 5.5)  # not stalled yet
+    assert wake is None
+    _, wake = sync(s, "p1", 6.5)  # no progress for > 5 s
+    assert wake is not None
+    assert wake.seed_id != first
+    assert wake.trigger.task_id == TASK
+    # The replacement is given its own time before anyone else is woken.
+    _, wake = sync(s, "p1", 7.0)
+    assert wake is None
+
+
+def test_progressing_seed_not_replaced() -> None:
+    s = make(seed_retry_s=5.0)
+    announce(s, "seed1", "seed")
+    announce(s, "seed2", "seed")
+    announce(s, "p1")
+    _, wake = register(s, "p1", 1.0)
+    assert wake is not None
+    seed = wake.seed_id
+    announce(s, seed, "seed", now=4.0)
+    progress(s, seed, 4.0, digests=DIGESTS[:1])
+    register(s, "p1", 4.5)
+    _, wake = sync(s, "p1", 8.0)
+    assert wake is None
+
+
+def test_expire_drops_silent_hosts_and_tasks() -> None:
+    s = make(peer_ttl_s=60.0)
+    announce(s, "seed1", "seed", now=0.0)
+    announce(s, "p1", now=0.0)
+    announce(s, "p2", now=0.0)
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, done=True)
+    register(s, "p1", 2.5)
+    reply, _ = register(s, "p2", 3.0)
+    assert "seed1" in parent_ids(reply)
+    assert s.expire(50.0) == []
+    announce(s, "p2", now=50.0)
+    gone = s.expire(62.6)
+    assert set(gone) == {"seed1", "p1"}
+    assert set(s.hosts) == {"p2"}
+    assert set(s.tasks[TASK].peers) == {"p2"}
+    assert s.tasks[TASK].peers["p2"].parents == []
+    assert s.tasks[TASK].seed is None
+    gone = s.expire(200.0)
+    assert gone == ["p2"]
+    assert s.tasks == {} and s.hosts == {}
+
+
+def test_expire_forgets_peers_that_never_announced() -> None:
+    """A host that registers without (re-)announcing, then goes silent, must not stay in the
+    task forever: expire() must drop it too (PeerTask.last_seen is recorded but never read)."""
+    s = make(peer_ttl_s=60.0)
+    announce(s, "seed1", "seed", now=0.0)
+    register(s, "ghost", 1.0)  # never announced (e.g. expired earlier, re-registered, then died)
+    s.expire(30.0)
+    announce(s, "seed1", "seed", now=1000.0)
+    s.expire(1000.0)
+    task = s.tasks.get(TASK)
+    assert task is None or "ghost" not in task.peers
+
+
+def test_leave_removes_peer_and_parent_links() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, done=True)
+    register(s, "p1", 2.5)
+    assert s.tasks[TASK].peers["p1"].parents == ["seed1"]
+    s.leave(Leave(host_id="seed1", task_id=TASK), 3.0)
+    assert "seed1" not in s.tasks[TASK].peers
+    assert s.tasks[TASK].peers["p1"].parents == []
+    s.leave(Leave(host_id="x", task_id=TASK2), 3.0)  # unknown task: no error
+
+
+def test_restart_rebuild_from_announcements() -> None:
+    s = make()
+    announce(s, "seed1", "seed", now=0.0, tasks=[
+        TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), url=URL, piece_digests=DIGESTS)])
+    partial = Bitmap(LAYOUT.count)
+    partial.add(1)
+    announce(s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=partial.to_bytes())])
+    announce(s, "p2", now=0.0)
+    reply, wake = register(s, "p2", 1.0)
+    assert wake is None  # a complete seed holds it already
+    assert reply.state == "running"
+    assert reply.content_length == SIZE
+    assert reply.piece_digests == DIGESTS
+    assert set(parent_ids(reply)) == {"seed1", "p1"}
+    assert s.tasks[TASK].url == URL
+
+
+def test_restart_peer_cannot_inject_digests() -> None:
+    s = make()
+    announce(s, "p1", now=0.0, tasks=[
+        TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=DIGESTS)])
+    assert s.tasks[TASK].digests == []
+    announce(s, "seed1", "seed", now=0.0, tasks=[
+        TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=DIGESTS)])
+    assert s.tasks[TASK].digests == DIGESTS
+    # A seed that later announces different digests does not replace them.
+    announce(s, "seed2", "seed", now=0.0, tasks=[
+        TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(),
+                    piece_digests=[b"\xee" * 32] * LAYOUT.count)])
+    assert s.tasks[TASK].digests == DIGESTS
+
+
+def test_announce_with_bad_bitmap_ignored() -> None:
+    s = make()
+    announce(s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=b"\x00\x00")])
+    assert "p1" not in s.tasks[TASK].peers
+
+
+def test_pieces_without_digests_not_counted_useful() -> None:
+    # A peer holding pieces whose digests are unknown can't be verified, so it is not useful yet.
+    s = make(candidate_parents=4)
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    announce(s, "p2")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, digests=[])  # size only
+    register(s, "p1", 2.5)
+    sync(s, "p1", 3.0, new_pieces=[0, 1, 2], done=True)
+    reply, _ = register(s, "p2", 4.0)
+    assert reply.state == "running"
+    assert "p1" not in parent_ids(reply)  # complete but nothing verifiable to offer
+
+
+def test_back_to_source_peer_learns_size() -> None:
+    s = make()
+    announce(s, "p1")
+    register(s, "p1", 1.0)
+    reply, _ = sync(s, "p1", 2.0, content_length=SIZE)
+    assert s.tasks[TASK].content_length == SIZE
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_no_cycles_across_many_peers(seed: int) -> None:
+    rng = random.Random(seed)
+    s = Scheduler(SchedulerConfig(candidate_parents=4, parent_sample=10), rng=random.Random(seed))
+    announce(s, "seed1", "seed", slots=8)
+    peers = [f"p{i}" for i in range(30)]
+    for h in peers:
+        announce(s, h, slots=rng.randint(1, 6))
+    register(s, peers[0], 1.0)
+    progress(s, "seed1", 1.5, digests=DIGESTS[:2])
+    now = 2.0
+    for h in peers:
+        register(s, h, now)
+        now += 0.01
+    for _ in range(6):
+        for h in rng.sample(peers, len(peers)):
+            new = rng.sample(range(LAYOUT.count), rng.randint(0, 2))
+            sync(s, h, now, new_pieces=new)
+            now += 0.01
+            assert_acyclic(s)
+    assert_acyclic(s)
+    task = s.tasks[TASK]
+    assert any(task.peers[h].parents for h in peers)
+    for h in peers:
+        assert h not in task.peers[h].parents
+        assert len(task.peers[h].parents) <= 4
+
+
+def assert_acyclic(s: Scheduler) -> None:
+    graph = {h: list(p.parents) for h, p in s.tasks[TASK].peers.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        if state.get(node) == 1:
+            raise AssertionError(f"cycle: {' -> '.join([*path, node])}")
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for parent in graph.get(node, []):
+            visit(parent, [*path, node])
+        state[node] = 2
+
+    for node in graph:
+        visit(node, [])
+
+
+def test_restarted_scheduler_waits_for_seeds_before_sending_peers_to_the_origin() -> None:
+    from p2pdist.config import SchedulerConfig
+    from p2pdist.wire import AnnounceHost, Register
+    from scheduler.state import Scheduler
+
+    task = "sha256:" + "c" * 64
+    url = "http://origin.test/v2/a/blobs/" + task
+    sched = Scheduler(SchedulerConfig(startup_grace_s=5.0), started_at=100.0)
+    sched.announce(AnnounceHost(host_id="p1", url="http://p1", kind="peer", upload_slots=2), 100.5)
+    reply, wake = sched.register(Register(host_id="p1", task_id=task, url=url), 101.0)
+    assert reply.state == "waiting" and wake is None
+    # The seed announces within the grace period: it is woken, nobody went to the origin.
+    sched.announce(AnnounceHost(host_id="s1", url="http://s1", kind="seed", upload_slots=4), 102.0)
+    reply, wake = sched.register(Register(host_id="p1", task_id=task, url=url), 102.5)
+    assert wake is not None and wake.seed_id == "s1"
+    assert sched.counters.back_to_source == 0
+    # With no seed at all, past the grace period the answer is the origin.
+    lonely = Scheduler(SchedulerConfig(startup_grace_s=5.0), started_at=0.0)
+    lonely.announce(AnnounceHost(host_id="p1", url="http://p1", kind="peer", upload_slots=2), 6.0)
+    reply, _ = lonely.register(Register(host_id="p1", task_id=task, url=url), 6.0)
+    assert reply.state == "back_to_source"
