@@ -1,13 +1,15 @@
-"""A lean HTTP/1.1 client for the daemons' own traffic: pieces from parents and calls to the
-scheduler. Keep-alive connections per server, bodies received with recv_into into a reused
-buffer (one per receiving thread, or per connection on the async path) and handed to the
-caller as views.
+"""The one HTTP/1.1 client for the cluster's own traffic: pieces from parents, calls to the
+scheduler, and the scheduler's wake-ups to seeds. h11 writes each request and parses each
+response head; the body bytes after the head bypass h11 (they start in h11's trailing data),
+received with recv_into into a reused buffer (one per receiving thread, or per connection on
+the async path) and handed to the caller as views. Keep-alive connections per server.
 
 httpx measured 160-250 MB/s here for 4 MiB pieces; this path reaches several times that,
 which the "at least half of curl" target needs, and a scheduler sync costs a fraction of
 httpx's CPU (peers sync several times a second). Only what our servers speak is supported:
 Content-Length bodies, no redirects, no chunked encoding. https:// servers are reached over
 TLS (bytes then come through SSLStream, not recv_into); a cluster secret rides on every request.
+The registry clients talk to the outside world (redirects, token auth) and stay on httpx.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import h11
 import trio
 
 from p2pdist.errors import UpstreamError
 from p2pdist.transport.trust import bearer_headers
 
 MAX_HEAD_BYTES = 16 * 1024
+HEAD_RECEIVE_BYTES = 64 * 1024  # a head and whatever of the body came with it
 RECV_BYTES = 1 << 20
 IDLE_PER_PARENT = 8
 DRAIN_BYTES = 64 * 1024
@@ -54,6 +58,7 @@ class PieceResponse:
     _conn: _Conn
     _buffered: bytearray = field(default_factory=bytearray)
     received: int = 0
+    keep_alive: bool = True  # whether the server lets the connection carry another request
 
     async def chunks(self) -> AsyncIterator[memoryview]:
         """The body, as views into a buffer reused between chunks: consume each before the next."""
@@ -196,23 +201,25 @@ class PieceClient:
             raise UpstreamError(f"unsupported URL {url[:100]}")
         key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        lines = [f"{method} {target} HTTP/1.1", f"host: {parts.netloc}"]
-        lines += [f"{k}: {v}" for k, v in {**self.auth_headers, **(headers or {})}.items()]
+        fields = [("host", parts.netloc), *{**self.auth_headers, **(headers or {})}.items()]
         if body or method not in ("GET", "HEAD"):
-            lines.append(f"content-length: {len(body)}")
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+            fields.append(("content-length", str(len(body))))
+        try:
+            head = h11.Request(method=method, target=target or "/", headers=fields)
+        except h11.LocalProtocolError as exc:
+            raise UpstreamError(f"cannot send {url[:100]}: {exc}") from None
         conn, reused = await self._connect(key)
         response: PieceResponse | None = None
         try:
             try:
-                response = await self._exchange(conn, request)
+                response = await self._exchange(conn, head, body)
             except UpstreamError:
                 if not reused:
                     raise
                 # A kept-alive connection the server closed meanwhile: one fresh try.
                 await conn.stream.aclose()
                 conn, reused = await self._connect(key, fresh=True)
-                response = await self._exchange(conn, request)
+                response = await self._exchange(conn, head, body)
             yield response
             if method != "HEAD" and response.received < response.length <= response.received + DRAIN_BYTES:
                 with trio.move_on_after(1.0):
@@ -223,19 +230,26 @@ class PieceClient:
                 await conn.stream.aclose()
             raise
         else:
-            keep = response.received == response.length and response.headers.get("connection", "").lower() != "close"
             idle = self._idle.setdefault(key, [])
-            if keep and len(idle) < IDLE_PER_PARENT:
+            if response.keep_alive and response.received == response.length and len(idle) < IDLE_PER_PARENT:
                 idle.append(conn)
             else:
                 with trio.CancelScope(shield=True):
                     await conn.stream.aclose()
 
-    async def _exchange(self, conn: _Conn, request: bytes) -> PieceResponse:
-        """Send a request and read the response head; a broken connection is an UpstreamError."""
+    async def _exchange(self, conn: _Conn, head: h11.Request, body: bytes) -> PieceResponse:
+        """Send a request and read the response head; a broken connection is an UpstreamError.
+
+        Each exchange gets a fresh h11 connection: the body bypasses h11, so the one that
+        parsed the last head never saw that response end."""
+        protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        data = protocol.send(head)
+        if body:
+            data += protocol.send(h11.Data(data=body))
+        data += protocol.send(h11.EndOfMessage())
         try:
-            await conn.stream.send_all(request)
-            return await self._read_head(conn)
+            await conn.stream.send_all(data)
+            return await self._read_head(conn, protocol)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise _as_upstream(exc) from None
 
@@ -262,38 +276,33 @@ class PieceClient:
             raise UpstreamError(f"cannot connect to server {host}:{port}: {type(exc).__name__}{cause}") from None
         return _Conn(stream), False
 
-    async def _read_head(self, conn: _Conn) -> PieceResponse:
-        data = bytearray()
-        while True:
-            end = data.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            if len(data) > MAX_HEAD_BYTES:
-                raise UpstreamError("server sent an oversized response head")
-            chunk = await conn.stream.receive_some(65536)
-            if not chunk:
-                raise UpstreamError("server closed the connection before answering")
-            data += chunk
-        head = bytes(data[:end]).decode("latin-1").split("\r\n")
+    async def _read_head(self, conn: _Conn, protocol: h11.Connection) -> PieceResponse:
         try:
-            _, status_text, *_ = head[0].split(" ", 2)
-            status = int(status_text)
-        except ValueError:
-            raise UpstreamError(f"server sent a malformed status line {head[0][:60]!r}") from None
+            while True:
+                event = protocol.next_event()
+                if event is h11.NEED_DATA:
+                    protocol.receive_data(bytes(await conn.stream.receive_some(HEAD_RECEIVE_BYTES)))
+                elif isinstance(event, h11.Response):
+                    break
+                elif not isinstance(event, h11.InformationalResponse):  # a 100 Continue: the answer follows
+                    raise UpstreamError(f"server sent {type(event).__name__} instead of a response")
+        except h11.RemoteProtocolError as exc:
+            if protocol.their_state is h11.SEND_RESPONSE and protocol.trailing_data == (b"", True):
+                raise UpstreamError("server closed the connection before answering") from None
+            raise UpstreamError(f"server sent a malformed response: {exc}") from None
         headers: dict[str, str] = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+        for name, value in event.headers:
+            headers[name.decode("latin-1")] = value.decode("latin-1")
         if "transfer-encoding" in headers:
             raise UpstreamError("server sent a chunked body; want a Content-Length")
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            raise UpstreamError("server sent a malformed content-length") from None
-        rest = data[end + 4 :]
+        # h11 has checked that content-length is one non-negative number.
+        length = int(headers.get("content-length", "0"))
+        rest, _ = protocol.trailing_data
         if len(rest) > length:
             raise UpstreamError("server sent more than its content-length")
-        return PieceResponse(status, headers, length, conn, rest)
+        tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+        keep_alive = event.http_version == b"1.1" and "close" not in tokens
+        return PieceResponse(event.status_code, headers, length, conn, bytearray(rest), keep_alive=keep_alive)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
