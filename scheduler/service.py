@@ -10,17 +10,16 @@ import logging
 import time
 from typing import Any
 
-import httpx
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from p2pdist import wire
 from p2pdist.config import SchedulerConfig, parse_hostport
-from p2pdist.errors import NotFound
+from p2pdist.errors import NotFound, UpstreamError
 from p2pdist.node.endpoints import health_response, metrics_response
+from p2pdist.transport.piececlient import PieceClient
 from p2pdist.transport.server import Request, Response, serve_http, text_response
 from p2pdist.transport.trust import (
-    bearer_headers,
     client_context,
     refuse_unauthorized,
     server_context,
@@ -28,6 +27,7 @@ from p2pdist.transport.trust import (
 from scheduler.state import Scheduler, WakeSeed
 
 log = logging.getLogger("p2pdist.scheduler")
+WAKE_TIMEOUT_S = 5.0
 
 
 class Metrics:
@@ -135,20 +135,26 @@ class SchedulerService:
         self.metrics.peers.set(sum(len(t.peers) for t in self.state.tasks.values()))
 
     async def wake_seeds(self) -> None:
-        async with httpx.AsyncClient(timeout=5.0, verify=client_context(self.config.tls_ca),
-                                     headers=bearer_headers(self.config.cluster_secret)) as client, \
-                trio.open_nursery() as nursery:
-            async for wake in self._wake_recv:
-                nursery.start_soon(self._wake_one, client, wake)
-
-    async def _wake_one(self, client: httpx.AsyncClient, wake: WakeSeed) -> None:
+        client = PieceClient(connect_timeout_s=WAKE_TIMEOUT_S, secret=self.config.cluster_secret,
+                             ssl_context=client_context(self.config.tls_ca))
         try:
-            response = await client.post(f"{wake.seed_url}/v1/seed/tasks", content=wire.encode(wake.trigger),
-                                         headers={"content-type": wire.CONTENT_TYPE})
-            if response.status_code >= 300:
-                raise httpx.HTTPError(f"HTTP {response.status_code}: {response.text.strip()[:200]}")
-        except httpx.HTTPError as exc:
-            log.warning("could not wake seed %s for %s: %s", wake.seed_id, wake.trigger.task_id[:19], exc)
+            async with trio.open_nursery() as nursery:
+                async for wake in self._wake_recv:
+                    nursery.start_soon(self._wake_one, client, wake)
+        finally:
+            await client.aclose()
+
+    async def _wake_one(self, client: PieceClient, wake: WakeSeed) -> None:
+        try:
+            with trio.fail_after(WAKE_TIMEOUT_S):
+                async with client.request("POST", f"{wake.seed_url}/v1/seed/tasks",
+                                          {"content-type": wire.CONTENT_TYPE}, wire.encode(wake.trigger)) as response:
+                    text = (await response.read()).decode("utf-8", "replace") if response.length <= 4096 else ""
+            if response.status >= 300:
+                raise UpstreamError(f"HTTP {response.status}: {text.strip()[:200]}")
+        except (UpstreamError, trio.TooSlowError) as exc:
+            reason = str(exc) or f"no answer in {WAKE_TIMEOUT_S:g}s"
+            log.warning("could not wake seed %s for %s: %s", wake.seed_id, wake.trigger.task_id[:19], reason)
             task = self.state.tasks.get(wake.trigger.task_id)
             if task is not None and task.seed == wake.seed_id:
                 task.tried_seeds.add(wake.seed_id)
