@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -174,7 +174,18 @@ _TLS_CA_HELP = "PEM CA bundle trusted for https:// scheduler, seed and parent UR
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class ServiceConfig:
+    """What every service is configured with: logging, the cluster secret, TLS."""
+
+    log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
+    cluster_secret: str | None = _secret_opt()
+    tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
+    tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
+    tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(ServiceConfig):
     listen: str = opt("127.0.0.1:8002", _hostport_str, "address of the scheduler API", flag="--listen")
     candidate_parents: int = opt(8, _int, "parents offered to a peer per answer")
     parent_sample: int = opt(40, _int, "peers of a task sampled when choosing parents")
@@ -182,11 +193,6 @@ class SchedulerConfig:
     bad_parent_ttl_s: float = opt(30.0, _float, "avoid a parent reported bad for this long")
     seed_retry_s: float = opt(5.0, _float, "ask another seed when one has shown no progress for this long")
     startup_grace_s: float = opt(5.0, _float, "after a (re)start, wait this long for seeds to announce before sending peers to the origin")
-    log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
-    cluster_secret: str | None = _secret_opt()
-    tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
-    tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
-    tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
 
 
 def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, highest: int) -> int:
@@ -200,42 +206,55 @@ def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, hi
     return max(lowest, min(highest, round(rate_bps / per_slot_bps)))
 
 
+def _listen_opt(default: str) -> Any:
+    return opt(default, _hostport_str, "address of the piece server", flag="--listen")
+
+
+def _data_dir_opt(default: str) -> Any:
+    return opt(default, _str, "where pieces are stored", flag="--data-dir")
+
+
 @dataclass(frozen=True)
-class SeedConfig:
-    listen: str = opt("127.0.0.1:4010", _hostport_str, "address of the piece server", flag="--listen")
+class NodeConfig(ServiceConfig):
+    """What every node (a peer, or a peer in seed mode) is configured with. Defaults are a
+    peer's; SeedConfig moves the address and data dir."""
+
+    # (bytes/s one upload slot is worth, fewest slots, most slots): see upload_slots_for.
+    slot_tuning: ClassVar[tuple[int, int, int]] = (25 << 20, 1, 8)
+
+    listen: str = _listen_opt("127.0.0.1:4000")
     scheduler: str = opt("http://127.0.0.1:8002", parse_url, "scheduler URL", flag="--scheduler")
-    data_dir: str = opt("/var/lib/p2pdist/seed", _str, "where pieces are stored", flag="--data-dir")
+    data_dir: str = _data_dir_opt("/var/lib/p2pdist/peer")
     advertise: str | None = opt(None, _opt_url, "URL other peers use for this piece server", flag="--advertise")
     upload_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s served to peers", flag="--upload-rate")
-    origin_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from origins", flag="--origin-rate")
     upload_slots: int = opt(0, _int, "concurrent piece uploads before answering busy; 0: from the upload rate")
-    origin_timeout_s: float = opt(30.0, _float, "give up on an origin that sends nothing for this long")
-    announce_interval_s: float = opt(3.0, _float, "how often to tell the scheduler this seed is alive")
+    announce_interval_s: float = opt(3.0, _float, "how often to tell the scheduler this host is alive and what it holds")
     cache_quota_bytes: int | None = opt(None, parse_rate, "disk quota for cached pieces; past the high watermark the least recently used blobs go", flag="--cache-quota")
     cache_high_watermark: float = opt(0.9, _fraction, "fraction of the quota that starts eviction")
     cache_low_watermark: float = opt(0.7, _fraction, "fraction of the quota eviction brings usage down to")
     insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
-    log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
-    cluster_secret: str | None = _secret_opt()
-    tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
-    tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
-    tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
 
     def effective_upload_slots(self) -> int:
-        # A seed feeds the whole swarm early on: more slots than a peer has.
-        return self.upload_slots or upload_slots_for(self.upload_rate_bps, per_slot_bps=8 << 20, lowest=4, highest=16)
+        per_slot_bps, lowest, highest = self.slot_tuning
+        return self.upload_slots or upload_slots_for(self.upload_rate_bps, per_slot_bps=per_slot_bps,
+                                                     lowest=lowest, highest=highest)
 
 
 @dataclass(frozen=True)
-class PeerConfig:
-    listen: str = opt("127.0.0.1:4000", _hostport_str, "address of the piece server", flag="--listen")
+class SeedConfig(NodeConfig):
+    # A seed feeds the whole swarm early on: more slots than a peer has.
+    slot_tuning: ClassVar[tuple[int, int, int]] = (8 << 20, 4, 16)
+
+    listen: str = _listen_opt("127.0.0.1:4010")
+    data_dir: str = _data_dir_opt("/var/lib/p2pdist/seed")
+    origin_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from origins", flag="--origin-rate")
+    origin_timeout_s: float = opt(30.0, _float, "give up on an origin that sends nothing for this long")
+
+
+@dataclass(frozen=True)
+class PeerConfig(NodeConfig):
     proxy_listen: str = opt("127.0.0.1:4001", _hostport_str, "address local clients pull from", flag="--proxy-listen")
-    scheduler: str = opt("http://127.0.0.1:8002", parse_url, "scheduler URL", flag="--scheduler")
-    data_dir: str = opt("/var/lib/p2pdist/peer", _str, "where pieces are stored", flag="--data-dir")
-    advertise: str | None = opt(None, _opt_url, "URL other peers use for this piece server", flag="--advertise")
-    upload_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s served to peers", flag="--upload-rate")
     download_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from peers and origin", flag="--download-rate")
-    upload_slots: int = opt(0, _int, "concurrent piece uploads before answering busy; 0: from the upload rate")
     concurrent_pieces: int = opt(8, _int, "pieces in flight per task")
     per_parent_pieces: int = opt(1, _int, "pieces in flight per parent")
     piece_timeout_s: float = opt(4.0, _float, "base time allowed for one piece")
@@ -243,19 +262,7 @@ class PeerConfig:
     schedule_rounds: int = opt(4, _int, "failed scheduling rounds before going back to source")
     scheduler_timeout_s: float = opt(3.0, _float, "time allowed for one scheduler call")
     wait_for_seed_s: float = opt(60.0, _float, "time to wait for the first piece before going back to source")
-    cache_quota_bytes: int | None = opt(None, parse_rate, "disk quota for cached pieces; past the high watermark the least recently used blobs go", flag="--cache-quota")
-    cache_high_watermark: float = opt(0.9, _fraction, "fraction of the quota that starts eviction")
-    cache_low_watermark: float = opt(0.7, _fraction, "fraction of the quota eviction brings usage down to")
-    insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
     registry_mirror: str | None = opt(None, _opt_url, "upstream for requests without ?ns= (docker registry-mirrors)", flag="--registry-mirror")
-    log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
-    cluster_secret: str | None = _secret_opt()
-    tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
-    tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
-    tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
-
-    def effective_upload_slots(self) -> int:
-        return self.upload_slots or upload_slots_for(self.upload_rate_bps, per_slot_bps=25 << 20, lowest=1, highest=8)
 
 
 C = TypeVar("C")

@@ -10,6 +10,7 @@ import pytest
 
 from p2pdist.config import (
     ConfigError,
+    NodeConfig,
     PeerConfig,
     SchedulerConfig,
     SeedConfig,
@@ -207,3 +208,20 @@ def test_flags_round_trip() -> None:
     assert cfg.upload_rate_bps == 512000
     assert cfg.insecure_registries == ("a:5000", "b")
     assert cfg.upload_slots == 2
+
+
+def test_seed_and_peer_are_node_configs_with_their_own_defaults() -> None:
+    node_fields = {f.name for f in dataclasses.fields(NodeConfig)}
+    assert node_fields <= {f.name for f in dataclasses.fields(SeedConfig)}
+    assert node_fields <= {f.name for f in dataclasses.fields(PeerConfig)}
+    assert (SeedConfig().listen, SeedConfig().data_dir) == ("127.0.0.1:4010", "/var/lib/p2pdist/seed")
+    assert (PeerConfig().listen, PeerConfig().data_dir) == ("127.0.0.1:4000", "/var/lib/p2pdist/peer")
+    assert load(PeerConfig, None, {"announce_interval_s": "0.5"}).announce_interval_s == 0.5
+
+
+def test_a_seed_gets_more_upload_slots_than_a_peer_at_the_same_rate() -> None:
+    assert (SeedConfig().effective_upload_slots(), PeerConfig().effective_upload_slots()) == (16, 8)
+    rate = 64 << 20
+    assert SeedConfig(upload_rate_bps=rate).effective_upload_slots() == 8
+    assert PeerConfig(upload_rate_bps=rate).effective_upload_slots() == 3
+    assert PeerConfig(upload_rate_bps=rate, upload_slots=5).effective_upload_slots() == 5
