@@ -9,7 +9,7 @@ import hmac
 import ssl
 
 from p2pdist.config import ConfigError
-from p2pdist.transport.server import Request, Response, text_response
+from p2pdist.transport.protocol import Request, Response, text_response
 
 # Paths any monitoring system may read without the secret.
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})

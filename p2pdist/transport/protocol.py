@@ -1,0 +1,370 @@
+"""The HTTP/1.1 server protocol, apart from any socket: h11 turns received bytes into requests
+(or refusals), and responses into the bytes to send, file bodies left as `FileSpan`s for the
+transport to sendfile. `server.py` is the trio loop that moves the bytes and keeps the time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import cast
+from urllib.parse import parse_qsl, unquote
+
+import h11
+
+from p2pdist.errors import BadRequest
+
+# A request body the handler did not read is read and discarded to keep the connection alive
+# only if it is at most this big; larger ones close the connection instead.
+DRAIN_LIMIT_BYTES = 1024 * 1024
+
+
+class BodyTooLarge(BadRequest):
+    status = 413
+
+
+@dataclass
+class FileBody:
+    """`length` bytes of the file at `path` starting at `offset`, sent with os.sendfile."""
+
+    path: str | os.PathLike[str]
+    offset: int
+    length: int
+    # Called once the body has been sent or has failed (e.g. to free an upload slot).
+    on_done: Callable[[], None] | None = field(default=None, compare=False)
+
+
+ResponseBody = bytes | FileBody | AsyncIterable[bytes] | AsyncIterable[bytes | FileBody]
+
+
+@dataclass
+class Response:
+    """Content-Length is set for bytes and FileBody bodies; an AsyncIterable body is sent
+    chunked unless the handler sets content-length itself."""
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: ResponseBody = b""
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    client: tuple[str, int]
+    # Reads the body from the connection (the transport's), given the size limit.
+    _read_body: Callable[[int], Awaitable[bytes]] | None = field(default=None, repr=False, compare=False)
+    _body: bytes | None = field(default=None, repr=False, compare=False)
+
+    async def body(self, limit: int = 1 << 20) -> bytes:
+        """The whole request body; BodyTooLarge (413) if it is over `limit` bytes."""
+        if self._body is None:
+            self._body = b"" if self._read_body is None else await self._read_body(limit)
+        if len(self._body) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        return self._body
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def text_response(status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    """A one-line text/plain response."""
+    line = " ".join(message.splitlines()) + "\n"
+    return Response(
+        status,
+        [("content-type", "text/plain; charset=utf-8"), *headers],
+        line.encode("utf-8"),
+    )
+
+
+def error_response(exc: BaseException) -> Response | None:
+    """The answer to a handler's exception that carries an HTTP status (4xx/5xx), else None."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
+        return text_response(status, str(exc) or HTTPStatus(status).phrase)
+    return None
+
+
+def parse_target(target: str) -> tuple[str, dict[str, str]]:
+    """Split a request target into its percent-decoded path and query (first value wins)."""
+    if not target.startswith("/"):
+        raise BadRequest(f"request target must be a path: {target[:100]!r}")
+    raw_path, _, raw_query = target.partition("#")[0].partition("?")
+    try:
+        path = unquote(raw_path, errors="strict")
+        pairs = parse_qsl(raw_query, keep_blank_values=True, errors="strict", max_num_fields=100)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise BadRequest(f"malformed request target: {exc}") from None
+    query: dict[str, str] = {}
+    for key, value in pairs:
+        query.setdefault(key, value)
+    return path, query
+
+
+class FileSpan:
+    """Stands in for a FileBody's bytes in h11 so it frames and counts them; see h11's
+    `send_with_data_passthrough`. The transport sends it with sendfile."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+# What ServerProtocol.next_request gives back.
+class NeedData:
+    """More bytes are needed; `idle` if none of the next request has arrived yet."""
+
+    def __init__(self, idle: bool) -> None:
+        self.idle = idle
+
+
+@dataclass
+class RequestReceived:
+    """A request for the handler."""
+
+    request: Request
+
+
+@dataclass
+class Answer:
+    """A request answered without the handler (CONNECT, an undecodable target, a head over
+    the limit); the connection stays usable."""
+
+    response: Response
+
+
+@dataclass
+class Refusal:
+    """A request that could not be parsed: send the response, then close."""
+
+    response: Response
+
+
+class ClientClosed:
+    """The client closed its side between requests (or h11 cannot go on)."""
+
+
+ProtocolEvent = NeedData | RequestReceived | Answer | Refusal | ClientClosed
+Piece = bytes | FileSpan  # what the transport writes: bytes, or a file region to sendfile
+NEED_DATA = h11.NEED_DATA  # a body read that wants more bytes
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+class ServerProtocol:
+    """One connection's requests and responses as bytes, with h11. The transport feeds it
+    `receive_data`, asks `next_request`, and writes what `respond_*` return."""
+
+    def __init__(self, client: tuple[str, int], *, max_header_bytes: int) -> None:
+        self.client = client
+        self.max_header_bytes = max_header_bytes
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._method = "GET"
+        self._request_headers: Sequence[tuple[bytes, bytes]] = ()
+        self._body_chunks: list[bytes] = []
+        self._body_size = 0
+        # Set once a request body was refused as too large: what is left of it is no body.
+        self._body_refused = False
+        self._discarded = 0  # bytes of an unread request body skipped so far
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the client; b"" when it closed its side."""
+        self._h11.receive_data(data)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def next_request(self, read_body: Callable[[int], Awaitable[bytes]] | None = None) -> ProtocolEvent:
+        """The next thing the transport must act on. `read_body` goes into the Request so the
+        handler can read its body through the transport."""
+        try:
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            return self.refusal(exc.error_status_hint, str(exc) or "malformed request")
+        if event is h11.NEED_DATA:
+            return NeedData(idle=not self._h11.trailing_data[0])
+        if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+            return ClientClosed()
+        if not isinstance(event, h11.Request):
+            raise RuntimeError(f"unexpected h11 event {event!r}")
+        return self._accept(event, read_body)
+
+    def refusal(self, status: int, message: str) -> Refusal | ClientClosed:
+        """A one-line refusal that closes the connection, if a response can still be sent."""
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return ClientClosed()
+        self._method = "GET"  # whatever the unparsed request was, the refusal has a body
+        return Refusal(text_response(status, message, [("connection", "close")]))
+
+    def _accept(self, event: h11.Request, read_body: Callable[[int], Awaitable[bytes]] | None) -> ProtocolEvent:
+        method = event.method.decode("ascii")
+        self._method = method
+        self._request_headers = event.headers
+        self._body_refused = False
+        if method == "CONNECT":
+            # h11 takes any 2xx to CONNECT as a switch to a tunnel, after which no body can go out.
+            return Answer(text_response(405, "CONNECT is not supported: this is not a proxy"))
+        try:
+            target = event.target.decode("ascii")
+        except UnicodeDecodeError:
+            return Answer(text_response(400, "request target is not ASCII"))
+        try:
+            path, query = parse_target(target)
+        except BadRequest as exc:
+            return Answer(text_response(exc.status, str(exc)))
+        head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if head_bytes > self.max_header_bytes:
+            return Answer(text_response(431, f"request head over {self.max_header_bytes} bytes"))
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in event.headers:
+            name = raw_name.decode("ascii")
+            value = raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return RequestReceived(Request(method=method, target=target, path=path, query=query,
+                                       headers=headers, client=self.client, _read_body=read_body))
+
+    # --- the request body -----------------------------------------------------------------
+
+    def start_body(self, limit: int) -> tuple[bool, bytes]:
+        """Whether a request body is to be read, and the bytes to send first (a 100 Continue).
+        BodyTooLarge if its declared length is over `limit`."""
+        if self._body_refused:
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        if self._h11.their_state is not h11.SEND_BODY:
+            return False, b""
+        declared = self._declared_length()
+        if declared is not None and declared > limit:
+            self._body_refused = True
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        self._body_chunks, self._body_size = [], 0
+        if self._h11.they_are_waiting_for_100_continue:
+            return True, self._h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+        return True, b""
+
+    def read_body(self, limit: int) -> bytes | type[h11.NEED_DATA]:
+        """The whole body once it has arrived, else NEED_DATA. BodyTooLarge past `limit`;
+        h11.RemoteProtocolError for a malformed body."""
+        while True:
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA:
+                return h11.NEED_DATA
+            if isinstance(event, h11.Data):
+                self._body_size += len(event.data)
+                if self._body_size > limit:
+                    self._body_refused = True
+                    raise BodyTooLarge(f"request body over {limit} bytes")
+                self._body_chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                body = b"".join(self._body_chunks)
+                self._body_chunks = []
+                return body
+            else:
+                raise RuntimeError(f"unexpected h11 event in a request body: {event!r}")
+
+    def _declared_length(self) -> int | None:
+        declared = [v for k, v in self._request_headers if k == b"content-length"]
+        return int(declared[0]) if declared else None  # h11 has checked it is a number
+
+    def _must_close_for_unread_body(self) -> bool:
+        """Whether the request body the handler left unread is too costly to drain."""
+        if self._h11.their_state is not h11.SEND_BODY:
+            return False
+        if self._h11.they_are_waiting_for_100_continue:
+            return True  # the client may never send it
+        declared = self._declared_length()
+        return declared is not None and declared > DRAIN_LIMIT_BYTES
+
+    # --- responses ------------------------------------------------------------------------
+
+    def body_length(self, response: Response) -> int | None:
+        """The Content-Length the response will carry (None: sent chunked)."""
+        body = response.body
+        if isinstance(body, bytes):
+            return len(body)
+        if isinstance(body, FileBody):
+            return body.length
+        declared = [v for k, v in response.headers if k.lower() == "content-length"]
+        return int(declared[0]) if declared else None
+
+    def sends_body(self, response: Response) -> bool:
+        return not (self._method == "HEAD" or response.status in (204, 304))
+
+    def respond_head(self, response: Response, length: int | None) -> list[Piece]:
+        """The status line and headers: content-length set from `length`, `connection: close`
+        added when the unread request body is too big to drain."""
+        headers = [(k, v) for k, v in response.headers if k.lower() != "content-length"]
+        if length is not None and response.status != 204:
+            headers.append(("content-length", str(length)))
+        if self._must_close_for_unread_body():
+            headers.append(("connection", "close"))
+        head = h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
+        return self._send(head)
+
+    def respond_data(self, data: bytes | FileSpan) -> list[Piece]:
+        """A body part, framed (a chunk header and trailer when sent chunked)."""
+        return self._send(h11.Data(data=cast(bytes, data)))
+
+    def respond_end(self) -> list[Piece]:
+        return self._send(h11.EndOfMessage())
+
+    def response_failed(self) -> None:
+        """The response could not be sent whole: h11 will let no further one follow."""
+        self._h11.send_failed()
+
+    def _send(self, event: h11.Event) -> list[Piece]:
+        try:
+            return cast(list[Piece], self._h11.send_with_data_passthrough(event) or [])
+        except BaseException:
+            self._h11.send_failed()
+            raise
+
+    # --- between requests -----------------------------------------------------------------
+
+    @property
+    def must_close(self) -> bool:
+        """The response said the connection ends here (close it gracefully)."""
+        return self._h11.our_state is h11.MUST_CLOSE
+
+    @property
+    def response_complete(self) -> bool:
+        """False after a response cut short: the connection can only be dropped."""
+        return self._h11.our_state is h11.DONE
+
+    def discard_body(self) -> bool | type[h11.NEED_DATA]:
+        """Skip what is left of a request body the handler did not read: True once it has
+        all arrived, False if it is over DRAIN_LIMIT_BYTES or malformed, else NEED_DATA."""
+        try:
+            while self._h11.their_state is h11.SEND_BODY:
+                event = self._h11.next_event()
+                if event is h11.NEED_DATA:
+                    return h11.NEED_DATA
+                if isinstance(event, h11.Data):
+                    self._discarded += len(event.data)
+                    if self._discarded > DRAIN_LIMIT_BYTES:
+                        return False
+        except h11.RemoteProtocolError:
+            return False
+        return True
+
+    def start_next_cycle(self) -> bool:
+        """Get ready for the next request on this connection; False if there can be none."""
+        if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
+            return False
+        self._h11.start_next_cycle()
+        self._discarded = 0
+        return True
+

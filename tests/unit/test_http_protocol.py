@@ -1,0 +1,246 @@
+"""The server's HTTP protocol without sockets: request bytes in, protocol events out; responses
+in, the bytes to write out (file bodies as spans for sendfile)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import h11
+import pytest
+
+from p2pdist.transport.protocol import (
+    NEED_DATA,
+    Answer,
+    BodyTooLarge,
+    ClientClosed,
+    FileBody,
+    FileSpan,
+    NeedData,
+    Piece,
+    Refusal,
+    RequestReceived,
+    Response,
+    ServerProtocol,
+    error_response,
+    text_response,
+)
+
+CLIENT = ("127.0.0.1", 5000)
+
+
+def protocol(max_header_bytes: int = 16 * 1024) -> ServerProtocol:
+    return ServerProtocol(CLIENT, max_header_bytes=max_header_bytes)
+
+
+def wire(pieces: list[Piece]) -> bytes:
+    assert not any(isinstance(p, FileSpan) for p in pieces)
+    return b"".join(bytes(p) for p in pieces if not isinstance(p, FileSpan))
+
+
+def parse_response(data: bytes, method: str = "GET") -> tuple[h11.Response, bytes]:
+    """Read `data` back with h11's client side: the response head and its body."""
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(data)
+    head = client.next_event()
+    assert isinstance(head, h11.Response)
+    body = b""
+    while not isinstance(event := client.next_event(), h11.EndOfMessage):
+        assert isinstance(event, h11.Data)
+        body += event.data
+    return head, body
+
+
+def send_whole(p: ServerProtocol, response: Response) -> bytes:
+    assert isinstance(response.body, bytes)
+    pieces = p.respond_head(response, p.body_length(response))
+    if p.sends_body(response):
+        pieces += p.respond_data(response.body)
+    return wire(pieces + p.respond_end())
+
+
+def request(p: ServerProtocol, data: bytes) -> RequestReceived:
+    p.receive_data(data)
+    event = p.next_request()
+    assert isinstance(event, RequestReceived), event
+    return event
+
+
+def test_a_request_head_split_over_reads_becomes_one_request_with_decoded_parts() -> None:
+    p = protocol()
+    first = p.next_request()
+    assert isinstance(first, NeedData) and first.idle
+    p.receive_data(b"GET /v2/a%20b/blobs/x?ns=reg&ns=other HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n")
+    partial = p.next_request()
+    assert isinstance(partial, NeedData) and not partial.idle  # part of a head: the request timeout runs
+    event = request(p, b"x-a: 2\r\n\r\n")
+    req = event.request
+    assert (req.method, req.path, req.query) == ("GET", "/v2/a b/blobs/x", {"ns": "reg"})
+    assert req.headers["x-a"] == "1, 2" and req.client == CLIENT
+
+
+def test_keep_alive_serves_a_second_request_after_the_first_response() -> None:
+    p = protocol()
+    request(p, b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, body = parse_response(send_whole(p, text_response(200, "one")))
+    assert head.status_code == 200 and body == b"one\n"
+    assert p.discard_body() is True and p.start_next_cycle()
+    assert request(p, b"").request.path == "/two"
+
+
+def test_client_closing_between_requests_is_no_error() -> None:
+    p = protocol()
+    p.receive_data(b"")
+    assert isinstance(p.next_request(), ClientClosed)
+
+
+def test_garbage_is_refused_with_a_one_line_400_that_closes() -> None:
+    p = protocol()
+    p.receive_data(b"THIS IS NOT\x01 HTTP\r\n\r\n")
+    event = p.next_request()
+    assert isinstance(event, Refusal)
+    data = send_whole(p, event.response)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert b"connection: close" in data.lower()
+    assert data.split(b"\r\n\r\n", 1)[1].count(b"\n") == 1
+    assert p.must_close
+
+
+def test_a_timed_out_head_can_still_be_answered_408() -> None:
+    p = protocol()
+    p.receive_data(b"GET / HTT")
+    assert isinstance(p.next_request(), NeedData)
+    refusal = p.refusal(408, "request head not received in time")
+    assert isinstance(refusal, Refusal) and refusal.response.status == 408
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", 405),
+    (b"GET /%ff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET http://elsewhere/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n", 431),
+])
+def test_requests_the_handler_never_sees_are_answered_and_the_connection_kept(data: bytes, status: int) -> None:
+    # h11 limits only a head still incomplete; one that arrived whole but is over
+    # max_header_bytes gets a 431 without the handler.
+    p = protocol(max_header_bytes=1024)
+    p.receive_data(data)
+    event = p.next_request()
+    assert isinstance(event, Answer) and event.response.status == status
+    head, _ = parse_response(send_whole(p, event.response))
+    assert head.status_code == status
+    assert p.discard_body() is True and p.start_next_cycle()
+
+
+def test_a_head_over_the_buffer_limit_is_refused_431_and_closes() -> None:
+    p = protocol(max_header_bytes=1024)
+    p.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000)
+    event = p.next_request()
+    assert isinstance(event, Refusal) and event.response.status == 431
+
+
+def test_head_of_a_large_file_carries_its_length_and_no_body() -> None:
+    p = protocol()
+    request(p, b"HEAD /blob HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = Response(200, body=FileBody("/nonexistent", 0, 10 * 1024 * 1024))
+    assert not p.sends_body(response)
+    data = wire(p.respond_head(response, p.body_length(response)) + p.respond_end())
+    head, body = parse_response(data, method="HEAD")
+    assert dict(head.headers)[b"content-length"] == str(10 * 1024 * 1024).encode() and body == b""
+
+
+def test_a_file_body_is_handed_back_as_a_span_for_sendfile() -> None:
+    p = protocol()
+    request(p, b"GET /piece HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = Response(200, [("content-length", "999")], FileBody("/x", 100, 4096))
+    pieces = p.respond_head(response, p.body_length(response))
+    span = FileSpan(7, 100, 4096)
+    pieces += p.respond_data(span) + p.respond_end()
+    assert [p for p in pieces if isinstance(p, FileSpan)] == [span]
+    head = b"".join(bytes(x) for x in pieces if not isinstance(x, FileSpan))
+    assert head.lower().count(b"content-length") == 1  # the handler's wrong one was replaced
+    assert b"content-length: 4096" in head.lower()
+
+
+def test_a_streamed_body_without_a_length_is_sent_chunked() -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    p = protocol()
+    request(p, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = Response(200, body=parts())
+    assert p.body_length(response) is None
+    data = wire(p.respond_head(response, None) + p.respond_data(b"hello ") + p.respond_data(b"world")
+                + p.respond_end())
+    head, body = parse_response(data)
+    assert dict(head.headers)[b"transfer-encoding"] == b"chunked" and body == b"hello world"
+
+
+def test_a_body_longer_than_its_declared_length_fails_and_the_connection_is_dropped() -> None:
+    p = protocol()
+    request(p, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    p.respond_head(Response(200, [("content-length", "3")]), 3)
+    with pytest.raises(h11.LocalProtocolError):
+        p.respond_data(b"four")
+    assert not p.response_complete and not p.start_next_cycle()
+
+
+def test_request_body_is_read_whole_within_its_limit() -> None:
+    p = protocol()
+    event = request(p, b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+    assert p.start_body(100) == (True, b"")
+    assert p.read_body(100) is NEED_DATA
+    p.receive_data(b"56789")
+    assert p.read_body(100) == b"0123456789"
+    assert event.request.method == "POST"
+
+
+def test_request_body_declared_over_the_limit_is_refused_before_it_is_read() -> None:
+    p = protocol()
+    request(p, b"POST /v1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    with pytest.raises(BodyTooLarge):
+        p.start_body(1000)
+    with pytest.raises(BodyTooLarge):  # and stays refused
+        p.start_body(1000)
+
+
+def test_chunked_request_body_over_the_limit_is_refused_as_it_arrives() -> None:
+    p = protocol()
+    request(p, b"POST /v1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert p.start_body(1000) == (True, b"")
+    p.receive_data(b"3e8\r\n" + b"y" * 1000 + b"\r\n5\r\nyyyyy\r\n0\r\n\r\n")
+    with pytest.raises(BodyTooLarge):
+        p.read_body(1000)
+
+
+def test_a_client_waiting_for_100_continue_gets_it_when_the_body_is_read() -> None:
+    p = protocol()
+    request(p, b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    expected, first = p.start_body(100)
+    assert expected and first.startswith(b"HTTP/1.1 100 ")
+
+
+def test_an_unread_body_is_skipped_when_small_and_closes_the_connection_when_large() -> None:
+    small = protocol()
+    request(small, b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+    data = send_whole(small, text_response(200, "PUT"))
+    assert b"connection: close" not in data.lower()
+    assert small.discard_body() is NEED_DATA
+    small.receive_data(b"z" * 100_000)
+    assert small.discard_body() is True and small.start_next_cycle()
+
+    large = protocol()
+    request(large, b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n")
+    data = send_whole(large, text_response(200, "PUT"))
+    assert b"connection: close" in data.lower() and large.must_close
+
+
+def test_error_response_answers_only_exceptions_that_carry_a_status() -> None:
+    class Gone(Exception):
+        status = 410
+
+    answer = error_response(Gone("it went\naway"))
+    assert answer is not None and answer.status == 410 and answer.body == b"it went away\n"
+    assert error_response(KeyError("x")) is None
+    assert error_response(type("Odd", (Exception,), {"status": True})()) is None
