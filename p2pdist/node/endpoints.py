@@ -15,7 +15,7 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from p2pdist.transport.server import Response
+from p2pdist.transport.server import Request, Response
 
 SHUTDOWN_DEADLINE_S = 4.0
 
@@ -26,6 +26,16 @@ def metrics_response(registry: CollectorRegistry) -> Response:
 
 def health_response() -> Response:
     return Response(200, [("content-type", "text/plain")], b"ok\n")
+
+
+def open_endpoint(request: Request, registry: CollectorRegistry) -> Response | None:
+    """`/healthz` and `/metrics`, which every service answers without a cluster secret; None
+    for any other path."""
+    if request.path == "/healthz":
+        return health_response()
+    if request.path == "/metrics":
+        return metrics_response(registry)
+    return None
 
 
 def setup_logging(level: str) -> None:

@@ -1,0 +1,173 @@
+"""The node every host runs: its piece store and host id, metrics, the scheduler client, the
+cache quota, the announce loop and the piece server. A peer and a seed are roles of it.
+
+A role subclasses Node, as Dragonfly's seed is its peer daemon in seed mode: code around a
+role (a peer's downloads and proxy, a seed's fetches) reads the node's parts straight off it
+(`daemon.store`, `seed.scheduler`, `seed.enforce_quota()`), so one object keeps one set of
+names rather than forwarding them, and a role differs only in the hooks below it overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import trio
+
+from p2pdist import wire
+from p2pdist.config import NodeConfig, parse_hostport
+from p2pdist.errors import NotFound, P2PError, UpstreamError
+from p2pdist.node.endpoints import open_endpoint
+from p2pdist.node.metrics import DaemonMetrics
+from p2pdist.node.pieceserver import PieceServer
+from p2pdist.registry.client import OriginClient
+from p2pdist.storage.quota import CacheQuota, pin_piece_response
+from p2pdist.storage.store import TaskStore, open_host
+from p2pdist.transport.ratelimit import maybe_bucket
+from p2pdist.transport.schedclient import SchedulerClient
+from p2pdist.transport.server import Request, Response, serve_http
+from p2pdist.transport.trust import client_context, server_context
+
+ConfigT = TypeVar("ConfigT", bound=NodeConfig)
+
+
+class Node(Generic[ConfigT]):
+    """One host of the data plane. `serve()` runs it until cancelled.
+
+    Hooks a role overrides: `busy` (a task the quota must keep), `forget` (a task the quota
+    removed), `piece_digests` (announced with a task), `route` (the role's own endpoints),
+    `start_role` (what runs beside the piece server) and `aclose`.
+    """
+
+    kind: ClassVar[str] = "node"  # "peer" or "seed": in metric names, logs and announces
+
+    def __init__(self, config: ConfigT, *, origin: OriginClient, scheduler_timeout_s: float = 3.0) -> None:
+        self.config = config
+        self.log = logging.getLogger(f"p2pdist.{self.kind}")
+        self.store, self.host_id = open_host(Path(config.data_dir), self.kind)
+        self.metrics = DaemonMetrics(self.kind)
+        self.tls_client = client_context(config.tls_ca)
+        self.scheduler = SchedulerClient(config.scheduler, timeout_s=scheduler_timeout_s,
+                                         secret=config.cluster_secret, verify=self.tls_client)
+        self.origin = origin
+        self.upload_bucket = maybe_bucket(config.upload_rate_bps)
+        self.pieces = PieceServer(self.store, self.metrics, config.effective_upload_slots(),
+                                  secret=config.cluster_secret)
+        self.cache = CacheQuota(self.store, config.cache_quota_bytes, config.cache_high_watermark,
+                                config.cache_low_watermark, busy=self.busy,
+                                registry=self.metrics.registry, role=self.kind)
+        self.advertise = config.advertise or ""  # with port 0, known once bound
+        self._nursery: trio.Nursery | None = None
+        self._last_announce_error = ""
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def busy(self, task_id: str) -> bool:
+        """Whether the role is still writing this task (the quota leaves it alone)."""
+        return False
+
+    def forget(self, task_id: str) -> None:
+        """The quota removed this task from the store."""
+
+    def piece_digests(self, task: TaskStore) -> list[bytes]:
+        """The digests announced with a task: only a seed's are trusted, so none by default."""
+        return []
+
+    async def route(self, request: Request) -> Response | None:
+        """The role's own endpoints; None for a path it does not serve."""
+        return None
+
+    async def start_role(self, nursery: trio.Nursery, bound: tuple[str, int]) -> Any:
+        """Start what the role runs beside the piece server; return what `serve` reports."""
+        return bound
+
+    async def aclose(self) -> None:
+        """Say goodbye to the scheduler and close the clients (the caller shields this)."""
+        await self.scheduler.say_goodbye(self.host_id)
+        await self.scheduler.aclose()
+        await self.origin.aclose()
+
+    # -- running --------------------------------------------------------------------------
+
+    def spawn(self, async_fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a task in the node's nursery (the node must be serving)."""
+        assert self._nursery is not None, f"{self.kind} not started"
+        self._nursery.start_soon(async_fn, *args)
+
+    async def serve(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind the piece server, start the role and the announce loop, report what is bound
+        (the piece server's (host, port), or what `start_role` returns) and run until cancelled."""
+        tls = server_context(self.config.tls_cert, self.config.tls_key)
+        host, port = parse_hostport(self.config.listen)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                bound = await nursery.start(partial(
+                    serve_http, self.handle, host, port, name=self.kind, upload_bucket=self.upload_bucket,
+                    on_bytes_sent=self.count_upload, ssl_context=tls))
+                if not self.advertise:
+                    self.advertise = f"{'https' if tls else 'http'}://{bound[0]}:{bound[1]}"
+                self.log.info("%s %s: pieces on %s", self.kind, self.host_id, self.advertise)
+                report = await self.start_role(nursery, bound)
+                nursery.start_soon(self.announce_loop)
+                task_status.started(report)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        """The piece server's port: health, metrics, the role's endpoints, then pieces."""
+        if (response := open_endpoint(request, self.metrics.registry)) is not None:
+            return response
+        if (response := await self.route(request)) is not None:
+            return response
+        if self.pieces.match(request):
+            return pin_piece_response(self.store, request, await self.pieces.handle(request))
+        raise NotFound(f"no such endpoint {request.path[:100]}")
+
+    def count_upload(self, n: int) -> None:
+        self.metrics.upload_bytes.inc(n)
+
+    # -- the scheduler --------------------------------------------------------------------
+
+    def holdings(self) -> list[wire.TaskHolding]:
+        """Every task with a verified piece, as announced (a restarted scheduler rebuilds from it)."""
+        return [wire.TaskHolding(task_id=t.task_id, content_length=t.layout.blob_size,
+                                 pieces=t.pieces.to_bytes(), url=t.url, piece_digests=self.piece_digests(t))
+                for t in self.store.tasks.values() if len(t.pieces)]
+
+    async def enforce_quota(self) -> None:
+        """Evict least recently used blobs past the high watermark, and tell the scheduler."""
+        for task_id in self.cache.enforce():
+            self.forget(task_id)
+            try:
+                await self.scheduler.call("/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id),
+                                          wire.Empty)
+            except (UpstreamError, P2PError) as exc:
+                self.log.debug("leave for an evicted task not sent: %s", exc)  # children stop at its 404s
+
+    async def announce(self) -> None:
+        """Tell the scheduler this host is alive and what it holds; a failure is logged, once
+        at warning (a wrong cluster secret shows up here), then at debug while it repeats."""
+        try:
+            await self.scheduler.call("/v1/hosts", wire.AnnounceHost(
+                host_id=self.host_id, url=self.advertise, kind=self.kind,
+                upload_slots=self.config.effective_upload_slots(), tasks=self.holdings()), wire.Empty)
+        except (UpstreamError, P2PError) as exc:
+            self.metrics.scheduler_errors.inc()
+            said = str(exc) == self._last_announce_error
+            (self.log.debug if said else self.log.warning)("announce to the scheduler failed: %s", exc)
+            self._last_announce_error = str(exc)
+        else:
+            self._last_announce_error = ""
+
+    async def announce_loop(self) -> None:
+        while True:
+            await self.enforce_quota()
+            await self.announce()
+            await trio.sleep(self.config.announce_interval_s)
