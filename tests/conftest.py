@@ -1,24 +1,25 @@
-"""Shared fixtures: one real origin registry per session, generated images pushed into it,
-and a counting relay in front of the origin for tests that measure origin traffic.
+"""Shared fixtures: one real origin registry per session (and a private one with credentials),
+generated images pushed into it, a counting relay in front of it, clusters of real processes on
+it, and TLS files from a throwaway CA. Plain helpers live in tests/support/.
+
+Where a test goes: tests/unit starts no process and no registry (checked by its conftest);
+tests/integration runs against the real registry or a few real processes; tests/e2e runs
+multi-process clusters and real container runtimes.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 import trio
+import trustme
 
 from lab.image import ImageInfo, make_oci_layout, push_image
 from lab.registry import Origin
-from lab.relay import RelayStats, serve_relay
-
-ORIGIN_CREDS = ("lab-user", "lab-password")
-
-ImageFactory = Callable[[tuple[int, ...], int], ImageInfo]
-PushToOrigin = Callable[[tuple[int, ...], int, str], ImageInfo]
+from tests.support.cluster import Cluster, ClusterFactory
+from tests.support.origin import ORIGIN_CREDS, ImageFactory, PushToOrigin, Relay, start_relay
 
 
 @pytest.fixture(scope="session")
@@ -67,25 +68,36 @@ def push_to_origin(origin: Origin, image_factory: ImageFactory) -> PushToOrigin:
     return push
 
 
-@dataclass
-class Relay:
-    """A counting relay running in the test's nursery."""
-
-    url: str
-    stats: RelayStats
-
-
-async def start_relay(
-    nursery: trio.Nursery, target_host: str, *, rate_bps: int | None = None
-) -> Relay:
-    host, _, port = target_host.rpartition(":")
-    stats = RelayStats()
-    relay = functools.partial(serve_relay, rate_bps=rate_bps)
-    listen_port: int = await nursery.start(relay, host, int(port), stats)
-    return Relay(f"http://127.0.0.1:{listen_port}", stats)
-
-
 @pytest.fixture
 async def origin_relay(origin: Origin, nursery: trio.Nursery) -> Relay:
     """A counting relay in front of `origin`, stopped when the test ends."""
     return await start_relay(nursery, origin.host)
+
+
+@pytest.fixture
+def cluster_factory(origin: Origin, tmp_path: Path) -> Iterator[ClusterFactory]:
+    """`make(seeds=1, seed_args=(), relay_rate_bps=None)`: a cluster of real processes on
+    `origin` in the test's tmp_path; every cluster made is stopped when the test ends."""
+    made: list[Cluster] = []
+
+    def make(*, seeds: int = 1, seed_args: Sequence[str] = (), relay_rate_bps: int | None = None) -> Cluster:
+        cluster = Cluster(tmp_path, origin.host, seeds=seeds, seed_args=seed_args,
+                          relay_rate_bps=relay_rate_bps)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> dict[str, str]:
+    """`tls_cert`, `tls_key` and `tls_ca` files for 127.0.0.1, from a throwaway CA."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {"tls_cert": tmp_path / "cert.pem", "tls_key": tmp_path / "key.pem", "tls_ca": tmp_path / "ca.pem"}
+    paths["tls_cert"].write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(paths["tls_key"]))
+    ca.cert_pem.write_to_path(str(paths["tls_ca"]))
+    return {k: str(v) for k, v in paths.items()}

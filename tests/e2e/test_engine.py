@@ -5,45 +5,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from lab.registry import Origin
-from tests.cluster import Cluster, metric, sha256_file
-from tests.conftest import PushToOrigin
-
-MiB = 1 << 20
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster_factory(origin: Origin, tmp_path: Path) -> Iterator[type[Cluster]]:
-    made: list[Cluster] = []
-
-    class Made(Cluster):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(tmp_path, origin.host, *args, **kwargs)  # type: ignore[arg-type]
-            made.append(self)
-
-    yield Made
-    for cluster in made:
-        cluster.stop()
-
-
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+from tests.support.cluster import ClusterFactory, MiB, sha256_file, wait_until
+from tests.support.metrics import metric
+from tests.support.origin import PushToOrigin
 
 
 def test_one_blob_through_seed_and_four_peers_reaches_origin_once(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((48 * MiB,), 11, "engine/once")
     layer = image.layers[0]
     cluster = cluster_factory()
@@ -62,7 +34,7 @@ def test_one_blob_through_seed_and_four_peers_reaches_origin_once(
 
 
 def test_pull_survives_a_parent_killed_mid_transfer(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((32 * MiB,), 12, "engine/killed")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--upload-rate", "4MiB"))
@@ -81,7 +53,7 @@ def test_pull_survives_a_parent_killed_mid_transfer(
 
 
 def test_corrupt_parent_is_avoided_and_pull_comes_out_right(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((40 * MiB,), 13, "engine/corrupt")
     layer = image.layers[0]
     cluster = cluster_factory()
@@ -107,7 +79,7 @@ def test_corrupt_parent_is_avoided_and_pull_comes_out_right(
 
 
 def test_scheduler_stopped_mid_pull_pulls_finish_from_origin(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((48 * MiB,), 14, "engine/nosched")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--upload-rate", "8MiB", "--origin-rate", "8MiB"))
@@ -125,7 +97,7 @@ def test_scheduler_stopped_mid_pull_pulls_finish_from_origin(
 
 
 def test_disk_full_fails_cleanly_and_leaves_no_valid_looking_piece(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin, tmp_path: Path) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, tmp_path: Path) -> None:
     image = push_to_origin((24 * MiB,), 15, "engine/full")
     layer = image.layers[0]
     cluster = cluster_factory()

@@ -5,29 +5,21 @@ Every pulled blob's sha256 is checked."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 
-from lab.faultrelay import FaultPlan, FaultRelay, FaultRelayProcess, serve_fault_relay
+from lab.faultrelay import FaultPlan, FaultRelayProcess
 from lab.registry import Origin
-from p2pdist import wire
-from p2pdist.config import SchedulerConfig
 from p2pdist.content.digest import digest_hex
-from p2pdist.content.pieces import Bitmap, PieceLayout
-from p2pdist.errors import OriginError
-from p2pdist.registry.client import OriginClient
-from scheduler.state import Scheduler, WakeSeed
-from tests.cluster import Cluster, metric, sha256_file
-from tests.conftest import PushToOrigin
-from tests.faultlab import FakePeer, MiB, make_clusters, wait_until
+from tests.support.cluster import Cluster, ClusterFactory, MiB, sha256_file, wait_until
+from tests.support.fakepeer import FakePeer
+from tests.support.metrics import metric
+from tests.support.origin import PushToOrigin
 
 PIECE = 4 * MiB  # the piece size of every blob below (small blobs get the 4 MiB minimum)
 
@@ -39,11 +31,6 @@ def resumed_at(range_header: str, *, at_most: int) -> int:
     start = int(m.group(1))
     assert start % PIECE == 0 and 0 < start <= at_most, f"resumed at {start}, cut at {at_most}"
     return start
-
-
-@pytest.fixture
-def cluster_factory(origin: Origin, tmp_path: Path) -> Iterator[type[Cluster]]:
-    yield from make_clusters(origin, tmp_path)
 
 
 @pytest.fixture
@@ -60,111 +47,11 @@ def seed_origin_bytes(seed_url: str) -> float:
     return metric(seed_url, "p2pdist_seed_download_bytes_total", 'source="origin"')
 
 
-# -- the scheduler's answers to failing seeds and lying peers (pure state machine) ----------
-
-TASK = "sha256:" + "ab" * 32
-SIZE = 10 * MiB  # 3 pieces
-LAYOUT = PieceLayout.for_blob(SIZE)
-
-
-def _scheduler() -> Scheduler:
-    return Scheduler(SchedulerConfig(seed_retry_s=5.0), rng=random.Random(3))
-
-
-def _announce(s: Scheduler, host: str, kind: str, now: float, tasks: tuple[wire.TaskHolding, ...] = ()) -> None:
-    s.announce(wire.AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=4,
-                                 tasks=list(tasks)), now)
-
-
-def _register(s: Scheduler, host: str, now: float) -> tuple[wire.SyncReply, WakeSeed | None]:
-    return s.register(wire.Register(host_id=host, task_id=TASK, url="http://origin/v2/x/blobs/" + TASK), now)
-
-
-def test_seed_failing_after_it_was_given_up_as_stalled_sends_peers_back_to_source() -> None:
-    s = _scheduler()
-    _announce(s, "seed-a", "seed", 0.0)
-    _announce(s, "peer-1", "peer", 0.0)
-    _, wake = _register(s, "peer-1", 0.0)
-    assert wake is not None and wake.seed_id == "seed-a"
-    # Retrying the origin with backoff, the seed shows no progress; there is no other seed.
-    reply, wake = s.sync(wire.Sync(host_id="peer-1", task_id=TASK), 6.0)
-    assert wake is None and reply.state == "waiting"
-    s.seed_progress(wire.SeedProgress(host_id="seed-a", task_id=TASK, content_length=0, first_digest=0,
-                                      piece_digests=[], error="origin answered HTTP 503"), 8.0)
-    reply, _ = s.sync(wire.Sync(host_id="peer-1", task_id=TASK), 8.5)
-    assert reply.state == "back_to_source" and "503" in reply.reason
-
-
-def test_seed_failing_mid_blob_is_no_parent_and_partial_holders_go_back_to_source() -> None:
-    s = _scheduler()
-    _announce(s, "seed-a", "seed", 0.0)
-    _announce(s, "peer-1", "peer", 0.0)
-    _register(s, "peer-1", 0.0)
-    s.seed_progress(wire.SeedProgress(host_id="seed-a", task_id=TASK, content_length=SIZE, first_digest=0,
-                                      piece_digests=[b"d" * 32]), 1.0)
-    reply, _ = s.sync(wire.Sync(host_id="peer-1", task_id=TASK, new_pieces=[0], have_digests=1), 2.0)
-    assert [p.host_id for p in reply.parents] == ["seed-a"]
-    s.seed_progress(wire.SeedProgress(host_id="seed-a", task_id=TASK, content_length=0, first_digest=0,
-                                      piece_digests=[], error="origin reset"), 3.0)
-    reply, _ = s.sync(wire.Sync(host_id="peer-1", task_id=TASK, have_digests=1), 3.5)
-    assert reply.state == "back_to_source"
-    assert "seed-a" not in s.tasks[TASK].peers
-
-
-def test_peer_claiming_the_whole_blob_with_its_own_digests_does_not_stand_in_for_a_seed() -> None:
-    s = _scheduler()
-    _announce(s, "seed-a", "seed", 0.0)
-    everything = Bitmap(LAYOUT.count)
-    for n in range(LAYOUT.count):
-        everything.add(n)
-    _announce(s, "liar", "peer", 0.0, [wire.TaskHolding(
-        task_id=TASK, content_length=SIZE, pieces=everything.to_bytes(),
-        piece_digests=[b"x" * 32] * LAYOUT.count)])
-    _announce(s, "peer-1", "peer", 0.0)
-    reply, wake = _register(s, "peer-1", 1.0)
-    assert wake is not None and wake.seed_id == "seed-a"
-    assert reply.piece_digests == []  # a peer's digests are never passed on
-
-
-# -- the relay itself -------------------------------------------------------------------------
-
-
-async def test_fault_relay_fails_cuts_and_stalls_blob_gets_in_plan_order(
-        origin: Origin, push_to_origin: PushToOrigin) -> None:
-    image = push_to_origin((3 * MiB,), 41, "faults/relay")
-    layer = image.layers[0]
-    relay = FaultRelay(FaultPlan(fail_blob_gets=1, resets=1, reset_after_bytes=MiB + 7,
-                                 stalls=1, stall_after_bytes=MiB // 2, stall_s=5))
-    host, _, port = origin.host.rpartition(":")
-    client = OriginClient(timeout_s=1.0)
-    outcomes = []
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            relay_port = await nursery.start(serve_fault_relay, host, int(port), relay)
-            url = f"http://127.0.0.1:{relay_port}/v2/faults/relay/blobs/{layer.digest}"
-            for _ in range(4):
-                sha = hashlib.sha256()
-                try:
-                    async with client.open_blob(url, {}, start=0) as body:
-                        async for chunk in body.chunks():
-                            sha.update(chunk)
-                    outcomes.append("sha256:" + sha.hexdigest() == layer.digest)
-                except OriginError as exc:
-                    outcomes.append(exc.status or str(exc).split(":")[-1].strip())
-            nursery.cancel_scope.cancel()
-    await client.aclose()
-    assert outcomes == [503, "ReadError", "ReadTimeout", True]
-    stats = relay.stats
-    assert (stats.blob_gets, stats.failed, stats.resets, stats.stalls) == (4, 1, 1, 1)
-    assert stats.blob_body_bytes == MiB + 7 + MiB // 2 + layer.size
-
-
 # -- the origin failing -----------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_origin_503_reset_and_stall_are_retried_and_resumed_from_the_last_verified_piece(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
     image = push_to_origin((24 * MiB,), 42, "faults/origin")
     layer = image.layers[0]
     # One 503, then a body cut mid-piece 2, then a resumed body that goes silent in piece 4.
@@ -191,9 +78,8 @@ def test_origin_503_reset_and_stall_are_retried_and_resumed_from_the_last_verifi
     assert sum(metric(p.url, "p2pdist_peer_back_to_source_total") for p in peers) == 0
 
 
-@pytest.mark.slow
 def test_back_to_source_peer_resumes_after_the_origin_cuts_the_body(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
     image = push_to_origin((20 * MiB,), 43, "faults/b2s")
     layer = image.layers[0]
     fault_relay.set_plan(FaultPlan(fail_blob_gets=1, resets=1, reset_after_bytes=3 * PIECE + 99))
@@ -211,9 +97,8 @@ def test_back_to_source_peer_resumes_after_the_origin_cuts_the_body(
     assert stats["blob_body_bytes"] <= layer.size + (cut - resumed)
 
 
-@pytest.mark.slow
 def test_origin_that_cannot_serve_gives_the_client_a_clear_error_and_stores_nothing(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
     image = push_to_origin((8 * MiB,), 44, "faults/down")
     layer = image.layers[0]
     fault_relay.set_plan(FaultPlan(fail_blob_gets=1_000_000))
@@ -252,9 +137,8 @@ def _wait_for_busy_seed(cluster: Cluster, at_least: int) -> int:
     return found[0]
 
 
-@pytest.mark.slow
 def test_seed_killed_mid_blob_a_second_seed_takes_over(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((32 * MiB,), 45, "faults/seed2")
     layer = image.layers[0]
     cluster = cluster_factory(seeds=2, seed_args=("--origin-rate", "6MiB"))
@@ -274,9 +158,8 @@ def test_seed_killed_mid_blob_a_second_seed_takes_over(
     assert metric(cluster.scheduler.url, "p2pdist_scheduler_seeds_woken_total") >= 2
 
 
-@pytest.mark.slow
 def test_seed_killed_mid_blob_with_no_other_seed_pull_goes_back_to_source(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((24 * MiB,), 46, "faults/seed1")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--origin-rate", "4MiB"))
@@ -297,9 +180,8 @@ def test_seed_killed_mid_blob_with_no_other_seed_pull_goes_back_to_source(
 # -- parents misbehaving --------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_stalled_parent_hits_the_piece_timeout_and_is_avoided(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((32 * MiB,), 47, "faults/stall")
     layer = image.layers[0]
     cluster = cluster_factory()
@@ -321,9 +203,8 @@ def test_stalled_parent_hits_the_piece_timeout_and_is_avoided(
     assert "timed out" in victim.log_path.read_text()
 
 
-@pytest.mark.slow
 def test_parents_lying_about_pieces_or_bytes_are_avoided_and_cannot_poison_digests(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((32 * MiB,), 48, "faults/liars")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--upload-rate", "16MiB"))

@@ -13,13 +13,12 @@ from typing import TypeVar
 import pytest
 import trio
 
-from benchmarks.load import REPO, LoadResult, cpu_seconds, pull_through_mirror, simulate_peers
+from benchmarks.load import REPO, LoadResult, pull_through_mirror, simulate_peers
+from benchmarks.report import cpu_seconds
 from lab import procs
 from lab.procs import Service
 from lab.registry import Origin
-from tests.conftest import PushToOrigin
-
-pytestmark = pytest.mark.slow
+from tests.support.origin import PushToOrigin
 
 MiB = 1 << 20
 PULLS = 200

@@ -5,27 +5,22 @@ root, state and socket); the origin is the real Distribution registry behind a c
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lab.registry import Origin
 from lab.runtimes import Containerd, Dockerd, write_hosts_toml
-from tests.cluster import Cluster, metric
-from tests.conftest import PushToOrigin
+from tests.support.cluster import Cluster, ClusterFactory
+from tests.support.metrics import metric
+from tests.support.origin import PushToOrigin
 
 MiB = 1 << 20
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def cluster(origin: Origin, tmp_path: Path) -> Iterator[Cluster]:
-    made = Cluster(tmp_path, origin.host)
-    try:
-        yield made
-    finally:
-        made.stop()
+def cluster(cluster_factory: ClusterFactory) -> Cluster:
+    return cluster_factory()
 
 
 def test_three_hosts_pull_with_containerd_and_the_origin_sends_each_layer_once(

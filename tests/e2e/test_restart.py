@@ -5,27 +5,15 @@ pieces and discards partial ones when it comes back on the same data dir."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from lab.registry import Origin
 from p2pdist.content.digest import digest_hex
-from tests.cluster import Cluster, metric, sha256_file
-from tests.conftest import PushToOrigin
-from tests.faultlab import MiB, make_clusters, restart, wait_until
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def cluster_factory(origin: Origin, tmp_path: Path) -> Iterator[type[Cluster]]:
-    yield from make_clusters(origin, tmp_path)
+from tests.support.cluster import ClusterFactory, MiB, restart, sha256_file, wait_until
+from tests.support.metrics import metric
+from tests.support.origin import PushToOrigin
 
 
 def test_rollout_survives_scheduler_killed_and_restarted_on_the_same_port(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((48 * MiB,), 31, "restart/scheduler")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--origin-rate", "8MiB"))
@@ -51,7 +39,7 @@ def test_rollout_survives_scheduler_killed_and_restarted_on_the_same_port(
 
 
 def test_restarted_peer_reuses_verified_pieces_and_discards_partial_ones(
-        cluster_factory: type[Cluster], push_to_origin: PushToOrigin) -> None:
+        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((48 * MiB,), 32, "restart/peer")
     layer = image.layers[0]
     cluster = cluster_factory()

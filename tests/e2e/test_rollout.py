@@ -8,10 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.slow
-
 
 def test_small_rollout_writes_results_and_every_blob_is_right(tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -16,8 +16,8 @@ import pytest
 
 from lab.registry import Origin
 from p2pdist import wire
-from tests.cluster import Cluster, sha256_file
-from tests.conftest import PushToOrigin
+from tests.support.cluster import Cluster, sha256_file
+from tests.support.origin import PushToOrigin
 
 MiB = 1 << 20
 GOOD_DIGEST = "sha256:" + "ab" * 32
@@ -111,6 +111,7 @@ def test_piece_server_ranges(held: tuple[Cluster, str]) -> None:
 def test_proxy_rejects_bad_names_digests_and_ranges_writing_nothing(held: tuple[Cluster, str]) -> None:
     cluster, digest = held
     peer = cluster.peers[0]
+    assert peer.proxy_url is not None
     data_dir = cluster.workdir / f"{peer.name}-data"
     before = files_under(data_dir)
     ns = {"ns": cluster.relay.url.removeprefix("http://")}

@@ -1,12 +1,12 @@
-"""The lab itself, against the real registry: generated images, skopeo pushes, the counting
-relay (in-process and as a process), htpasswd origins and service process handling.
+"""The lab itself, against the real registry: skopeo pushes, the counting relay (in-process and
+as a process), the fault-injecting relay, htpasswd origins and service process handling.
+(The generated images alone are tested in tests/unit/test_lab_image.py.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -15,10 +15,13 @@ import pytest
 import trio
 
 from lab import LabError
-from lab.image import MEDIA_TYPE_MANIFEST, make_oci_layout, push_image
+from lab.faultrelay import FaultPlan, FaultRelay, serve_fault_relay
+from lab.image import MEDIA_TYPE_MANIFEST, push_image
 from lab.procs import RelayProcess, Service
 from lab.registry import Origin
-from tests.conftest import ORIGIN_CREDS, ImageFactory, PushToOrigin, Relay, start_relay
+from p2pdist.errors import OriginError
+from p2pdist.registry.client import OriginClient
+from tests.support.origin import ORIGIN_CREDS, ImageFactory, PushToOrigin, Relay, start_relay
 
 MiB = 1 << 20
 
@@ -46,24 +49,6 @@ async def test_pushed_image_blobs_match_their_digests(
                 assert response.status_code == 200
                 assert len(response.content) == blob.size
                 assert "sha256:" + hashlib.sha256(response.content).hexdigest() == blob.digest
-
-
-def test_generated_layer_is_a_tar_of_one_file_with_the_requested_size(
-    image_factory: ImageFactory,
-) -> None:
-    image = image_factory((3 * MiB, 1 * MiB), 1)
-    for index, (layer, size) in enumerate(zip(image.layers, (3 * MiB, 1 * MiB), strict=True)):
-        with tarfile.open(image.blob_path(layer.digest)) as tar:
-            members = tar.getmembers()
-            assert [(m.name, m.size) for m in members] == [(f"layer-{index}.bin", size)]
-
-
-def test_same_seed_gives_the_same_image_and_another_seed_another(tmp_path: Path) -> None:
-    first = make_oci_layout(tmp_path / "a", [100_000, 5_000], seed=3)
-    again = make_oci_layout(tmp_path / "b", [100_000, 5_000], seed=3)
-    other = make_oci_layout(tmp_path / "c", [100_000, 5_000], seed=4)
-    assert first.manifest_digest == again.manifest_digest
-    assert len({layer.digest for layer in first.layers + other.layers}) == 4
 
 
 async def test_relay_counts_the_blob_bytes_fetched_through_it(
@@ -154,3 +139,33 @@ def test_service_stop_terminates_the_process_group(tmp_path: Path) -> None:
     service = Service("sleeper", argv, tmp_path / "sleeper.log", "http://127.0.0.1:9")
     assert service.poll() is None
     assert service.stop() == -15
+
+
+async def test_fault_relay_fails_cuts_and_stalls_blob_gets_in_plan_order(
+        origin: Origin, push_to_origin: PushToOrigin) -> None:
+    image = push_to_origin((3 * MiB,), 41, "faults/relay")
+    layer = image.layers[0]
+    relay = FaultRelay(FaultPlan(fail_blob_gets=1, resets=1, reset_after_bytes=MiB + 7,
+                                 stalls=1, stall_after_bytes=MiB // 2, stall_s=5))
+    host, _, port = origin.host.rpartition(":")
+    client = OriginClient(timeout_s=1.0)
+    outcomes: list[object] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            relay_port = await nursery.start(serve_fault_relay, host, int(port), relay)
+            url = f"http://127.0.0.1:{relay_port}/v2/faults/relay/blobs/{layer.digest}"
+            for _ in range(4):
+                sha = hashlib.sha256()
+                try:
+                    async with client.open_blob(url, {}, start=0) as body:
+                        async for chunk in body.chunks():
+                            sha.update(chunk)
+                    outcomes.append("sha256:" + sha.hexdigest() == layer.digest)
+                except OriginError as exc:
+                    outcomes.append(exc.status or str(exc).split(":")[-1].strip())
+            nursery.cancel_scope.cancel()
+    await client.aclose()
+    assert outcomes == [503, "ReadError", "ReadTimeout", True]
+    stats = relay.stats
+    assert (stats.blob_gets, stats.failed, stats.resets, stats.stalls) == (4, 1, 1, 1)
+    assert stats.blob_body_bytes == MiB + 7 + MiB // 2 + layer.size

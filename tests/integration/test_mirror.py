@@ -17,8 +17,9 @@ import pytest
 from lab.image import MEDIA_TYPE_MANIFEST, ImageInfo, push_image
 from lab.procs import Service
 from lab.registry import Origin
-from tests.cluster import Cluster, metric
-from tests.conftest import ORIGIN_CREDS, ImageFactory, PushToOrigin
+from tests.support.cluster import Cluster
+from tests.support.metrics import metric
+from tests.support.origin import ORIGIN_CREDS, ImageFactory, PushToOrigin
 
 MiB = 1 << 20
 MISSING = "sha256:" + "ab" * 32
@@ -274,7 +275,6 @@ def test_credentials_never_reach_logs_or_metrics(private: tuple[Mirror, ImageInf
     assert json.dumps(metric(mirror.peer.url, "p2pdist_peer_mirror_access_checks_total", 'result="denied"')) != "0.0"
 
 
-@pytest.mark.slow
 def test_blob_streams_as_pieces_arrive_so_the_first_byte_does_not_wait_for_the_whole_blob(
         origin: Origin, push_to_origin: PushToOrigin, tmp_path: Path) -> None:
     image = push_to_origin((24 * MiB,), 34, "mirror/stream")

@@ -19,10 +19,8 @@ from lab.image import push_image
 from lab.procs import Service
 from lab.registry import Origin
 from p2pdist.config import CLUSTER_SECRET_ENV
-from tests.cluster import p2pdist_bin, sha256_file
-from tests.conftest import ORIGIN_CREDS, ImageFactory
-
-pytestmark = pytest.mark.slow
+from tests.support.cluster import p2pdist_bin, sha256_file
+from tests.support.origin import ORIGIN_CREDS, ImageFactory
 
 MiB = 1 << 20
 SECRET = "cluster-secret-never-logged-4242"

@@ -13,7 +13,7 @@ import pytest
 from lab import procs
 from lab.ports import free_port
 from lab.procs import Service
-from tests.cluster import p2pdist_bin
+from tests.support.cluster import p2pdist_bin
 
 
 @pytest.fixture

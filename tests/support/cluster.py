@@ -1,18 +1,21 @@
-"""A real p2pdist cluster for end-to-end tests: scheduler, seeds and peers as separate
-processes, pulling from the real Distribution origin through a counting relay."""
+"""A real p2pdist cluster for the integration and end-to-end tests: scheduler, seeds and peers
+as separate processes, pulling from the real Distribution origin through a counting relay;
+restarting one of its services in place, and polling for a condition."""
 
 from __future__ import annotations
 
 import hashlib
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-
-import httpx
+from typing import Protocol
 
 from lab import procs
 from lab.procs import RelayProcess, Service
+
+MiB = 1 << 20
 
 
 def p2pdist_bin() -> str:
@@ -29,6 +32,12 @@ class Cluster:
         self.seeds = [self._own(procs.start_seed(workdir, self.scheduler.url, f"seed{i}", extra_args=seed_args))
                       for i in range(seeds)]
         self.peers: list[Service] = []
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _own(self, service: Service) -> Service:
         self.services.append(service)
@@ -68,22 +77,42 @@ class Cluster:
         self.relay.stop()
 
 
+class ClusterFactory(Protocol):
+    """The `cluster_factory` fixture: clusters on the session's origin, all stopped after the test."""
+
+    def __call__(self, *, seeds: int = 1, seed_args: Sequence[str] = (),
+                 relay_rate_bps: int | None = None) -> Cluster: ...
+
+
+def restart(cluster: Cluster, old: Service) -> Service:
+    """Start `old` again with the same command line (same ports, same data dir) and wait for it."""
+    assert old.poll() is not None, f"{old.name} still runs"
+    new = Service(old.name, old.argv, old.log_path, old.url, proxy_url=old.proxy_url)
+    cluster.services[cluster.services.index(old)] = new
+    for group in (cluster.peers, cluster.seeds):
+        if old in group:
+            group[group.index(old)] = new
+    if cluster.scheduler is old:
+        cluster.scheduler = new
+    try:
+        new.wait_healthy(60)
+    except BaseException:
+        new.stop()
+        raise
+    return new
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
-
-
-def metric(service_url: str, name: str, labels: str = "") -> float:
-    """Sum of a Prometheus metric's samples whose name and label text match."""
-    text = httpx.get(f"{service_url}/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if (key == name or key.startswith(name + "{")) and labels in key:
-            total += float(value)
-    return total

@@ -1,11 +1,10 @@
 """Untrusted hosts: with a cluster secret, every scheduler, seed-trigger and piece request must
 carry it as a Bearer token (401 with a one-line reason otherwise, /healthz and /metrics stay
-open), and with a certificate the scheduler and piece ports speak TLS. A blob still travels
-origin → seed → peer → client when every member is configured alike."""
+open), and with a certificate the scheduler and piece ports speak TLS; all on in-process
+services. (A blob over TLS from the real registry is tests/integration/test_cluster_tls.py.)"""
 
 from __future__ import annotations
 
-import hashlib
 import ssl
 from pathlib import Path
 
@@ -15,16 +14,14 @@ import pytest
 import trio
 import trustme
 
-from lab.registry import Origin
 from p2pdist import wire
-from p2pdist.config import CLUSTER_SECRET_ENV, ConfigError, PeerConfig, SchedulerConfig, load
-from p2pdist.registry.oci import SCHEME_HEADER
-from tests.conftest import PushToOrigin
-from tests.inprocess import start_cluster
+from p2pdist.config import CLUSTER_SECRET_ENV, PeerConfig, SchedulerConfig, load
+from p2pdist.errors import ConfigError
+from tests.support.inprocess import start_cluster
+from tests.support.metrics import sample
 
 SECRET = "s3cr3t-cluster-token-0123456789"
 DIGEST = "sha256:" + "ab" * 32
-MiB = 1 << 20
 
 
 def announce() -> bytes:
@@ -39,15 +36,6 @@ def assert_401(response: httpx.Response, reason: str) -> None:
     assert SECRET not in text and "wrong-" not in text  # never echoes what was sent
 
 
-def sample(metrics_text: str, key: str) -> float:
-    """One sample's value from Prometheus text, 0 when absent."""
-    for line in metrics_text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == key:
-            return float(value)
-    return 0.0
-
-
 async def poll_metric(client: httpx.AsyncClient, url: str, key: str) -> float:
     """Wait (under the test's fail_after) until a sample at `url` is non-zero."""
     while True:
@@ -59,17 +47,6 @@ async def poll_metric(client: httpx.AsyncClient, url: str, key: str) -> float:
 
 def files_under(path: Path) -> set[Path]:
     return {p for p in path.rglob("*") if p.is_file()}
-
-
-@pytest.fixture
-def tls_files(tmp_path: Path) -> dict[str, str]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {"tls_cert": tmp_path / "cert.pem", "tls_key": tmp_path / "key.pem", "tls_ca": tmp_path / "ca.pem"}
-    paths["tls_cert"].write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(paths["tls_key"]))
-    ca.cert_pem.write_to_path(str(paths["tls_ca"]))
-    return {k: str(v) for k, v in paths.items()}
 
 
 async def test_scheduler_api_needs_the_cluster_secret(tmp_path: Path) -> None:
@@ -118,40 +95,6 @@ async def test_piece_server_and_seed_trigger_need_the_cluster_secret(tmp_path: P
                 assert files_under(cluster.seed_dir) == seed_files  # nothing started
                 # The proxy port serves local clients: no cluster secret there.
                 assert (await client.get(f"{cluster.proxy_url}/v2/")).status_code == 200
-            nursery.cancel_scope.cancel()
-
-
-async def test_blob_travels_over_tls_between_members_carrying_the_secret(
-        tmp_path: Path, tls_files: dict[str, str], origin: Origin, push_to_origin: PushToOrigin) -> None:
-    image = push_to_origin((9 * MiB,), 61, "secret/tls")
-    digest = image.layers[0].digest
-    verify = ssl.create_default_context(cafile=tls_files["tls_ca"])
-    with trio.fail_after(90):
-        async with trio.open_nursery() as nursery:
-            cluster = await start_cluster(nursery, tmp_path, tls=True, cluster_secret=SECRET, **tls_files)
-            async with httpx.AsyncClient(timeout=60) as client:
-                sha = hashlib.sha256()
-                async with client.stream("GET", f"{cluster.proxy_url}/v2/secret/tls/blobs/{digest}",
-                                         params={"ns": origin.host}, headers={SCHEME_HEADER: "http"}) as response:
-                    assert response.status_code == 200
-                    async for chunk in response.aiter_raw():
-                        sha.update(chunk)
-                assert "sha256:" + sha.hexdigest() == digest
-                # A plain-HTTP client cannot talk to a TLS port, and the port keeps serving.
-                for base in (cluster.scheduler_url, cluster.seed_url, cluster.peer_url):
-                    with pytest.raises(httpx.TransportError):
-                        await client.get(base.replace("https://", "http://") + "/healthz")
-            async with httpx.AsyncClient(timeout=10, verify=verify) as tls_client:
-                for base in (cluster.scheduler_url, cluster.seed_url, cluster.peer_url):
-                    assert (await tls_client.get(f"{base}/healthz")).status_code == 200
-                # The blob went seed → peer over TLS, not from the origin by the peer itself.
-                peer_metrics = (await tls_client.get(f"{cluster.peer_url}/metrics")).text
-                assert sample(peer_metrics, 'p2pdist_peer_download_bytes_total{source="peer"}') == image.layers[0].size
-                assert sample(peer_metrics, 'p2pdist_peer_download_bytes_total{source="origin"}') == 0
-                seed_metrics = (await tls_client.get(f"{cluster.seed_url}/metrics")).text
-                # (the counter also counts small answers such as /healthz, hence >=)
-                assert sample(seed_metrics, "p2pdist_seed_upload_bytes_total") >= image.layers[0].size
-                assert SECRET not in peer_metrics + seed_metrics
             nursery.cancel_scope.cancel()
 
 

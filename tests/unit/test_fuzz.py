@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from p2pdist import wire
 from p2pdist.content.digest import piece_digest
 from p2pdist.storage.store import Store
-from tests.inprocess import InProcessCluster, start_cluster
+from tests.support.inprocess import InProcessCluster, start_cluster
 
 MiB = 1 << 20
 BLOB = random.Random(5).randbytes(5 * MiB)  # two pieces: 4 MiB and 1 MiB
@@ -299,7 +299,7 @@ ranges = st.one_of(
 def test_piece_ranges_are_served_exactly_or_refused(services: Services, range_header: str, number: int) -> None:
     url = f"{services.cluster.peer_url}/v1/tasks/{BLOB_DIGEST}/pieces/{number}"
     try:
-        response = services.client.get(url, headers={"range": range_header.strip().encode()})
+        response = services.client.get(url, headers={b"range": range_header.strip().encode()})
     except httpx.LocalProtocolError:
         return  # a header value httpx itself will not send
     start = number * PIECE_LENGTHS[0]
@@ -392,7 +392,7 @@ def test_mirror_headers_never_break_a_blob_request(services: Services, headers: 
 
 def test_mirror_refuses_a_non_ascii_hop_count(services: Services) -> None:
     response = services.client.get(f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
-                                   params={"ns": "127.0.0.1:1"}, headers={"x-p2pdist": b"\xb2"})  # latin-1 "²"
+                                   params={"ns": "127.0.0.1:1"}, headers={b"x-p2pdist": b"\xb2"})  # latin-1 "²"
     services.errors.records.clear()  # the traceback this logs is the bug itself
     assert response.status_code != 500, response.text
 
