@@ -187,3 +187,25 @@ def test_compose_commands_configs_and_ports_match_the_cli() -> None:
     # What `p2pdist mirror-config docker` writes by default is where this peer's proxy listens.
     assert f"http://{configs['peer'].proxy_listen}" == mirrorconfig.DEFAULT_PROXY
     assert configs["peer"].registry_mirror == mirrorconfig.DOCKER_HUB_API
+
+
+# -- the image -------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, list[str]]]:
+    """(INSTRUCTION, arguments) per line of deploy/Dockerfile, comments and blanks left out."""
+    lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()]
+    return [(words[0].upper(), words[1:]) for words in (line.split() for line in lines)
+            if words and not words[0].startswith("#")]
+
+
+def test_image_copies_only_the_product_the_wheel_is_built_from() -> None:
+    pyproject = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    packages = {pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    instructions = dockerfile_instructions()
+    copied = {source for name, args in instructions if name == "COPY"
+              for source in args[:-1] if not source.startswith("--")}
+    assert not [args for name, args in instructions if name == "ADD"]
+    assert packages == {"p2pdist", "scheduler", "peer", "seed"}
+    assert copied == {"pyproject.toml"} | packages  # no lab/, benchmarks/, tests/, deploy/
+    entry_module = pyproject["project"]["scripts"]["p2pdist"].split(":")[0]
+    assert entry_module.split(".")[0] in packages
