@@ -1,24 +1,52 @@
 #!/usr/bin/env bash
-# Idempotent setup: the Debian tools the lab uses (registry, skopeo, containerd, docker,
-# htpasswd, curl) and the project venv at .venv with p2pdist installed editable.
+# Idempotent setup for everything `make test` runs: the Debian tools the lab uses (registry,
+# skopeo, containerd, docker, htpasswd, curl) and the venv module, installed with apt-get when
+# missing (CI runs as root; elsewhere sudo is used if there is one), then the project venv at
+# .venv with p2pdist installed editable with its dev extras (pytest, ruff, mypy, setuptools and
+# wheel for the packaging test, the benchmark libraries the tests import).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PYTHON=${PYTHON:-python3}
+
 missing=()
-for cmd in docker-registry skopeo containerd ctr dockerd htpasswd curl; do
+packages=()
+need() {  # need COMMAND DEBIAN-PACKAGE
     # dockerd lives in /usr/sbin, which a non-login PATH may lack.
-    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$cmd")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
+    if ! command -v "$1" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$1" ]; then
+        missing+=("$1")
+        packages+=("$2")
+    fi
+}
+need docker-registry docker-registry
+need skopeo skopeo
+need containerd containerd
+need ctr containerd
+need dockerd docker.io
+need htpasswd apache2-utils
+need curl curl
+# `python3 -m venv` (setup, and the packaging test's clean venv) needs ensurepip on Debian.
+if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=("$PYTHON -m venv")
+    packages+=("python3-venv")
+fi
+
+if [ "${#packages[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages (missing: ${missing[*]})"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        docker-registry skopeo containerd docker.io apache2-utils curl >/dev/null
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || { echo "setup: not root and no sudo; install: ${packages[*]}" >&2; exit 1; }
+        sudo=(sudo)
+    fi
+    "${sudo[@]}" apt-get update -qq
+    # shellcheck disable=SC2046  # one word per package, deduplicated
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        $(printf '%s\n' "${packages[@]}" | sort -u) >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
-    python3 -m venv .venv
+    "$PYTHON" -m venv .venv
 fi
 
 stamp=.venv/.installed
