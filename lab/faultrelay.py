@@ -2,6 +2,7 @@
 
 Each client connection carries one request (the relay asks the target to close after it),
 so every blob GET is seen whole and can be failed, cut or stalled as the `FaultPlan` says.
+h11 parses the request and response heads; bodies pass through as bytes (`lab.pump`).
 `serve_fault_relay` is a trio service; `python -m lab.faultrelay` runs it as a process
 (see `FaultRelayProcess`). `GET /_faultrelay/stats` and `PUT /_faultrelay/plan` (JSON) are
 answered by the relay itself, so a test can read counters and change faults mid-run.
@@ -10,6 +11,7 @@ answered by the relay itself, so a test can read counters and change faults mid-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -18,14 +20,17 @@ import socket
 import struct
 import time
 from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
+import h11
 import httpx
 import trio
 
 from lab.ports import free_port
+from lab.pump import pump
 from p2pdist.transport.ratelimit import TokenBucket
 
 RECEIVE_BYTES = 64 * 1024
@@ -103,20 +108,26 @@ class FaultRelay:
         return "pass"
 
 
-async def _read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
-    """Bytes up to and including the blank line; the rest stays in `buffer`. None on EOF."""
+class _Unparsable(Exception):
+    """The client or the target did not speak HTTP/1.1 (or closed before a whole head)."""
+
+
+async def _receive_event(stream: trio.SocketStream, conn: h11.Connection, raw: bytearray | None = None) -> h11.Event:
+    """The next h11 event of `conn`, reading `stream` as needed; what was read is added to `raw`."""
     while True:
-        end = buffer.find(b"\r\n\r\n")
-        if end >= 0:
-            head = bytes(buffer[: end + 4])
-            del buffer[: end + 4]
-            return head
-        if len(buffer) > MAX_HEAD_BYTES:
-            return None
-        data = await stream.receive_some(RECEIVE_BYTES)
-        if not data:
-            return None
-        buffer += data
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _Unparsable(str(exc)) from None
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if raw is not None:
+                raw += data
+            conn.receive_data(data)
+            continue
+        if event is h11.PAUSED:
+            raise _Unparsable("h11 paused")
+        return cast(h11.Event, event)
 
 
 @dataclass
@@ -124,26 +135,22 @@ class _RequestHead:
     method: str
     path: str
     range: str  # the Range header, "" if none
-    forwarded: bytes  # the head with `connection: close` in place of the client's
+    event: h11.Request
 
 
-def _parse_request(head: bytes) -> _RequestHead:
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, *_ = lines[0].split(" ") + ["", ""]
-    kept = [lines[0]]
-    range_value = ""
-    for line in lines[1:]:
-        if not line:
-            continue
-        name = line.partition(":")[0].strip().lower()
-        if name == "connection":
-            continue
-        if name == "range":
-            range_value = line.partition(":")[2].strip()
-        kept.append(line)
-    kept.append("connection: close")
-    forwarded = ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1")
-    return _RequestHead(method, target.split("?", 1)[0], range_value, forwarded)
+def _parse_request(event: h11.Request) -> _RequestHead:
+    headers = dict(event.headers)
+    target = event.target.decode("latin-1")
+    return _RequestHead(event.method.decode("latin-1"), target.split("?", 1)[0],
+                        headers.get(b"range", b"").decode("latin-1"), event)
+
+
+def _forwarded(request: _RequestHead, upstream: h11.Connection) -> bytes:
+    """The request head for the target, with `connection: close` in place of the client's."""
+    headers = [(k, v) for k, v in request.event.headers.raw_items() if k.lower() != b"connection"]
+    head = h11.Request(method=request.event.method, target=request.event.target,
+                       headers=[*headers, (b"connection", b"close")])
+    return upstream.send(head) or b""
 
 
 def _reset(stream: trio.SocketStream) -> None:
@@ -154,6 +161,15 @@ def _reset(stream: trio.SocketStream) -> None:
         pass
 
 
+def _response(conn: h11.Connection, status: int, body: bytes, headers: list[tuple[str, str]],
+              reason: bytes = b"") -> bytes:
+    """A whole response with a JSON body that closes the connection, framed by h11."""
+    head = h11.Response(status_code=status, reason=reason or HTTPStatus(status).phrase.encode(),
+                        headers=[("content-type", "application/json"), *headers,
+                                 ("content-length", str(len(body))), ("connection", "close")])
+    return b"".join(conn.send(event) or b"" for event in (head, h11.Data(data=body), h11.EndOfMessage()))
+
+
 async def _send(client: trio.SocketStream, relay: FaultRelay, data: bytes) -> None:
     if relay.bucket is not None:
         await relay.bucket.take(len(data))
@@ -161,80 +177,70 @@ async def _send(client: trio.SocketStream, relay: FaultRelay, data: bytes) -> No
     relay.stats.downstream_bytes += len(data)
 
 
-async def _control(client: trio.SocketStream, relay: FaultRelay, method: str, path: str,
-                   head: bytes, buffer: bytearray) -> None:
+async def _control(client: trio.SocketStream, conn: h11.Connection, relay: FaultRelay, request: _RequestHead) -> None:
     status, body = 200, b""
-    if path == CONTROL_PREFIX + "stats" and method == "GET":
+    if request.path == CONTROL_PREFIX + "stats" and request.method == "GET":
         body = json.dumps(asdict(relay.stats)).encode()
-    elif path == CONTROL_PREFIX + "plan" and method == "PUT":
-        m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
-        length = int(m.group(1)) if m else 0
-        while len(buffer) < length:
-            data = await client.receive_some(RECEIVE_BYTES)
-            if not data:
-                return
-            buffer += data
+    elif request.path == CONTROL_PREFIX + "plan" and request.method == "PUT":
+        plan = bytearray()
+        while not isinstance(event := await _receive_event(client, conn), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                return  # the client went away mid-body
+            plan += event.data
         try:
-            relay.set_plan(FaultPlan.from_json(bytes(buffer[:length])))
+            relay.set_plan(FaultPlan.from_json(bytes(plan)))
             body = json.dumps(asdict(relay.plan)).encode()
         except (ValueError, TypeError) as exc:
             status, body = 400, json.dumps({"error": str(exc)}).encode()
     else:
         status, body = 404, b'{"error": "no such control endpoint"}'
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}[status]
-    await client.send_all(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-                          f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+    await client.send_all(_response(conn, status, body, []))
 
 
-async def _injected_failure(client: trio.SocketStream, relay: FaultRelay) -> None:
-    status = relay.plan.fail_status
+async def _injected_failure(client: trio.SocketStream, conn: h11.Connection, relay: FaultRelay) -> None:
     body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "fault injected by p2pdist faultrelay"}]}).encode()
-    head = (f"HTTP/1.1 {status} Injected Fault\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
-    await _send(client, relay, head + body)
+    await _send(client, relay, _response(conn, relay.plan.fail_status, body, [("retry-after", "1")],
+                                         reason=b"Injected Fault"))
 
 
-async def _pump_up(client: trio.SocketStream, target: trio.SocketStream) -> None:
-    """The rest of the request (a body, if any) to the target."""
-    try:
-        while data := await client.receive_some(RECEIVE_BYTES):
-            await target.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-
-
-async def _relay_response(client: trio.SocketStream, target: trio.SocketStream, relay: FaultRelay,
-                          fault: str, blob: bool) -> None:
+async def _relay_response(client: trio.SocketStream, target: trio.SocketStream, upstream: h11.Connection,
+                          relay: FaultRelay, fault: str, blob: bool) -> None:
+    """The target's response head as it came, then its body, cut or stalled as `fault` says."""
     plan = relay.plan
-    buffer = bytearray()
-    head = await _read_head(target, buffer)
-    if head is None:
+    raw = bytearray()
+    try:
+        while not isinstance(await _receive_event(target, upstream, raw), h11.Response):
+            pass  # a 100 Continue goes to the client with the head that follows it
+    except _Unparsable:
         _reset(client)
         return
-    await _send(client, relay, head)
-    sent = 0
-    limit = {"reset": plan.reset_after_bytes, "stall": plan.stall_after_bytes}.get(fault)
-    pending = bytes(buffer)
-    while True:
-        data = pending or await target.receive_some(RECEIVE_BYTES)
-        pending = b""
-        if not data:
-            return
-        if limit is not None and sent + len(data) >= limit:
-            await _send(client, relay, data[: limit - sent])
-            relay.stats.blob_body_bytes += limit - sent
-            data = data[limit - sent:]
-            sent = limit
-            if fault == "reset":
-                _reset(client)
-                return
-            await trio.sleep(plan.stall_s)
-            limit = None
+    pending, _ = upstream.trailing_data
+    await _send(client, relay, bytes(raw[: len(raw) - len(pending)]))
+
+    def count(nbytes: int) -> None:
+        relay.stats.downstream_bytes += nbytes
+        if blob:
+            relay.stats.blob_body_bytes += nbytes
+
+    async def send_body(data: bytes) -> None:
         if data:
             await _send(client, relay, data)
-            sent += len(data)
             if blob:
                 relay.stats.blob_body_bytes += len(data)
+
+    limit = {"reset": plan.reset_after_bytes, "stall": plan.stall_after_bytes}.get(fault)
+    if limit is not None:
+        first, pending = pending[:limit], pending[limit:]
+        await send_body(first)
+        if len(first) < limit and not await pump(target, client, receive_bytes=RECEIVE_BYTES, bucket=relay.bucket,
+                                                 on_bytes=count, limit=limit - len(first)):
+            return  # the body ended before the fault's point
+        if fault == "reset":
+            _reset(client)
+            return
+        await trio.sleep(plan.stall_s)
+    await send_body(pending)
+    await pump(target, client, receive_bytes=RECEIVE_BYTES, bucket=relay.bucket, on_bytes=count)
 
 
 async def handle_connection(client: trio.SocketStream, target_host: str, target_port: int,
@@ -243,13 +249,16 @@ async def handle_connection(client: trio.SocketStream, target_host: str, target_
     stats.connections += 1
     async with client:
         try:
-            buffer = bytearray()
-            head = await _read_head(client, buffer)
-            if head is None:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+            try:
+                event = await _receive_event(client, conn)
+            except _Unparsable:
                 return
-            request = _parse_request(head)
+            if not isinstance(event, h11.Request):
+                return  # closed before a request
+            request = _parse_request(event)
             if request.path.startswith(CONTROL_PREFIX):
-                await _control(client, relay, request.method, request.path, head, buffer)
+                await _control(client, conn, relay, request)
                 return
             stats.requests += 1
             blob = request.method == "GET" and BLOB_GET.fullmatch(request.path) is not None
@@ -260,7 +269,7 @@ async def handle_connection(client: trio.SocketStream, target_host: str, target_
                 fault = relay.deal()
             if fault == "fail":
                 stats.failed += 1
-                await _injected_failure(client, relay)
+                await _injected_failure(client, conn, relay)
                 return
             if fault == "reset":
                 stats.resets += 1
@@ -272,13 +281,21 @@ async def handle_connection(client: trio.SocketStream, target_host: str, target_
                 _reset(client)
                 return
             async with target:
-                await target.send_all(request.forwarded + bytes(buffer))
+                upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+                # The body, if any, goes on as the client sends it, from what came with the head.
+                await target.send_all(_forwarded(request, upstream) + conn.trailing_data[0])
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_pump_up, client, target)
-                    await _relay_response(client, target, relay, fault, blob)
+                    await _relay_response(client, target, upstream, relay, fault, blob)
                     nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, _Unparsable, h11.ProtocolError):
+            pass  # one client's broken exchange; the relay serves the next
+
+
+async def _pump_up(client: trio.SocketStream, target: trio.SocketStream) -> None:
+    """The rest of the request (a body, if any) to the target."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await pump(client, target, receive_bytes=RECEIVE_BYTES)
 
 
 async def serve_fault_relay(target_host: str, target_port: int, relay: FaultRelay, *, listen_port: int = 0,

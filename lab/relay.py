@@ -17,9 +17,9 @@ from pathlib import Path
 
 import trio
 
+from lab.pump import RECEIVE_BYTES, pump
 from p2pdist.transport.ratelimit import TokenBucket
 
-RECEIVE_BYTES = 1024 * 1024
 STATS_INTERVAL_S = 0.2
 
 
@@ -34,7 +34,7 @@ class RelayStats:
     failed_connects: int = 0
 
 
-async def _pump(
+async def _one_way(
     source: trio.SocketStream,
     sink: trio.SocketStream,
     stats: RelayStats,
@@ -44,15 +44,15 @@ async def _pump(
     receive_bytes: int,
 ) -> None:
     """Copy `source` to `sink` until EOF, then half-close `sink`."""
+
+    def count(nbytes: int) -> None:
+        if downstream:
+            stats.downstream_bytes += nbytes
+        else:
+            stats.upstream_bytes += nbytes
+
     try:
-        while data := await source.receive_some(receive_bytes):
-            if bucket is not None:
-                await bucket.take(len(data))
-            await sink.send_all(data)
-            if downstream:
-                stats.downstream_bytes += len(data)
-            else:
-                stats.upstream_bytes += len(data)
+        await pump(source, sink, receive_bytes=receive_bytes, bucket=bucket, on_bytes=count)
         await sink.send_eof()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         # One side went away: tear down both directions.
@@ -91,10 +91,10 @@ async def serve_relay(
                 return
             async with client, target, trio.open_nursery() as nursery:
                 upstream = functools.partial(
-                    _pump, downstream=False, bucket=None, receive_bytes=RECEIVE_BYTES
+                    _one_way, downstream=False, bucket=None, receive_bytes=RECEIVE_BYTES
                 )
                 downstream = functools.partial(
-                    _pump, downstream=True, bucket=bucket, receive_bytes=receive_bytes
+                    _one_way, downstream=True, bucket=bucket, receive_bytes=receive_bytes
                 )
                 nursery.start_soon(upstream, client, target, stats)
                 nursery.start_soon(downstream, target, client, stats)
