@@ -14,12 +14,11 @@ import sys
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from lab import LabError
+from lab import LabError, Stoppable
 from lab.ports import free_port
 
 POLL_INTERVAL_S = 0.05
@@ -35,7 +34,7 @@ def p2pdist_executable() -> Path:
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
-class Service:
+class Service(Stoppable):
     """One child process in its own process group, logging to `log_path`.
 
     `url` is the address the process serves (its `--listen` address for p2pdist services);
@@ -151,17 +150,6 @@ class Service:
         self._signal_group(signal.SIGKILL)
         return self.process.wait()
 
-    def __enter__(self) -> Service:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"Service({self.name!r}, pid={self.process.pid}, url={self.url!r})"
 
@@ -241,7 +229,7 @@ def _wait_or_stop(service: Service, timeout: float = DEFAULT_READY_TIMEOUT_S) ->
         raise
 
 
-class RelayProcess:
+class RelayProcess(Stoppable):
     """A counting relay (`python -m lab.relay`) run as a child process.
 
     Its counters come from the JSON stats file it rewrites every 0.2 s.
@@ -309,14 +297,3 @@ class RelayProcess:
 
     def stop(self) -> int:
         return self.service.stop()
-
-    def __enter__(self) -> RelayProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -10,11 +10,10 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
 
 import yaml
 
-from lab import LabError
+from lab import LabError, Stoppable
 from lab.ports import free_port
 from lab.procs import Service
 
@@ -37,7 +36,7 @@ def htpasswd_line(user: str, password: str) -> str:
     return result.stdout.strip() + "\n"
 
 
-class Origin:
+class Origin(Stoppable):
     """A running Distribution registry on 127.0.0.1 with filesystem storage.
 
     `creds=(user, password)` turns on htpasswd basic auth; `GET /v2/` then answers 401
@@ -138,17 +137,6 @@ class Origin:
     def _cleanup_dir(self) -> None:
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Origin:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"Origin({self.url!r}, auth={'on' if self.creds else 'off'})"

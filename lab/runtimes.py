@@ -14,9 +14,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
-from lab import LabError
+from lab import LabError, Stoppable
 from lab.procs import POLL_INTERVAL_S, Service
 from p2pdist.cli.mirrorconfig import containerd_hosts_toml
 
@@ -61,7 +60,7 @@ def write_hosts_toml(hosts_dir: Path, registry_host: str, server: str, mirror: s
     return path
 
 
-class Containerd:
+class Containerd(Stoppable):
     """A private containerd. `pull` runs `ctr image pull --hosts-dir` and returns its seconds."""
 
     def __init__(self, workdir: Path, name: str = "containerd", *, timeout: float = READY_TIMEOUT_S) -> None:
@@ -125,15 +124,8 @@ class Containerd:
         # Snapshots are not mounted once the pull is done; nothing else holds the dir.
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> Containerd:
-        return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-
-class Dockerd:
+class Dockerd(Stoppable):
     """A private dockerd on its own socket, data-root and exec-root, using `containerd`."""
 
     def __init__(self, workdir: Path, containerd: Containerd, *, registry_mirrors: Sequence[str] = (),
@@ -187,10 +179,3 @@ class Dockerd:
         if hasattr(self, "service"):
             self.service.stop(grace_s=15.0)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Dockerd:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from lab import procs
+from lab import Stoppable, procs
 from lab.procs import RelayProcess, Service
 
 MiB = 1 << 20
@@ -22,7 +22,7 @@ def p2pdist_bin() -> str:
     return str(Path(sys.executable).parent / "p2pdist")
 
 
-class Cluster:
+class Cluster(Stoppable):
     def __init__(self, workdir: Path, origin_host: str, *, seeds: int = 1, seed_args: Sequence[str] = (),
                  relay_rate_bps: int | None = None) -> None:
         self.workdir = workdir
@@ -32,12 +32,6 @@ class Cluster:
         self.seeds = [self._own(procs.start_seed(workdir, self.scheduler.url, f"seed{i}", extra_args=seed_args))
                       for i in range(seeds)]
         self.peers: list[Service] = []
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _own(self, service: Service) -> Service:
         self.services.append(service)
