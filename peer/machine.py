@@ -1,0 +1,384 @@
+"""One task's download on a peer as a pure state machine: events in, decisions out.
+
+No trio, no sockets, no clock: every event that needs the time is given `now`, and the random
+generator is injected. peer/download.py feeds it from real transfers and scheduler calls;
+benchmarks/simulate.py feeds it from a model network, so both run the same rules.
+
+    events in                                 decisions out
+    register_answered / sync_answered(reply)  poll(now) -> pieces to request, from which parent
+    register_failed / sync_failed             take_report() -> what the next sync tells, incl.
+    store_opened(size, held, digests)            parents to report as bad or failed
+    piece_done(number, outcome, now)          back_to_source: a BackToSource with a typed reason
+    piece_from_origin(number, digest)         sync_delay(), wake_at(now): when to come back
+
+Piece sets are ints with bit n set for piece n (as in peer/selection.py), which keeps a
+decision cheap at thousands of simulated hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, NamedTuple
+
+from p2pdist.content.pieces import PieceLayout, bits_from_bytes
+from peer.selection import ParentView, choose_requests, per_parent_limit
+
+if TYPE_CHECKING:
+    from p2pdist import wire
+    from p2pdist.config import PeerConfig
+
+log = logging.getLogger("p2pdist.peer")
+
+SYNC_INTERVAL_S = 0.2
+IDLE_SYNC_INTERVAL_S = 1.0
+MAX_SYNC_INTERVAL_S = 2.0  # the back-off after failed syncs stops growing here
+BUSY_S = 0.5  # a parent that answered 503 (after its queue wait) is left alone this long
+STALL_S = 30.0  # nothing in flight and no piece for this long: back to source
+PARENT_FAILURES = 2  # failed transfers in a row before a parent is blocked
+PARENT_ABSENT = 3  # 404s for pieces a parent claims before it is treated as failing
+BLOCK_S = 30.0  # a blocked parent is not asked again, nor taken from the scheduler, this long
+
+
+class BackToSourceReason(StrEnum):
+    """Why a download went to the origin itself; the values are the metric's labels."""
+
+    NO_SCHEDULER = "no_scheduler"
+    SCHEDULER_UNREACHABLE = "scheduler_unreachable"
+    SCHEDULER_SAID = "scheduler_said"
+    SEED_FAILED = "seed_failed"
+    SIZE_UNKNOWN = "size_unknown"
+    STALLED = "stalled"
+
+
+@dataclass(frozen=True)
+class BackToSource:
+    reason: BackToSourceReason
+    detail: str  # for people: logs, TaskDownload.back_to_source_reason
+
+
+class PieceOutcome(StrEnum):
+    """What one request to a parent came to; the values are the pieces metric's labels."""
+
+    VERIFIED = "verified"
+    CORRUPT = "corrupt"  # bytes that failed their digest, or the wrong length: a bad parent
+    ABSENT = "absent"  # 404 for a piece the scheduler said it holds
+    BUSY = "busy"  # 503: its upload slots and line were full
+    FAILED = "failed"  # connection failed, timed out, any other answer
+
+
+class PieceRequest(NamedTuple):
+    number: int
+    host_id: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the next sync tells the scheduler."""
+
+    register: bool  # the scheduler forgot this task: register again before syncing
+    new_pieces: list[int]
+    bad_parents: list[str]
+    failed_parents: list[str]
+    have_digests: int
+    content_length: int | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    concurrent_pieces: int = 8
+    per_parent_pieces: int = 1
+    schedule_rounds: int = 4
+    wait_for_seed_s: float = 60.0
+
+    @classmethod
+    def from_config(cls, config: PeerConfig) -> Limits:
+        return cls(concurrent_pieces=config.concurrent_pieces, per_parent_pieces=config.per_parent_pieces,
+                   schedule_rounds=config.schedule_rounds, wait_for_seed_s=config.wait_for_seed_s)
+
+
+class Parent:
+    """What this download knows of one parent."""
+
+    __slots__ = ("host_id", "url", "pieces", "inflight", "failures", "busy_until", "absent")
+
+    def __init__(self, host_id: str, url: str, pieces: int) -> None:
+        self.host_id = host_id
+        self.url = url
+        self.pieces = pieces  # bit n: holds piece n, as of the scheduler's last answer
+        self.inflight = 0
+        self.failures = 0  # failed transfers since its last verified piece
+        self.busy_until = 0.0
+        self.absent = 0  # pieces it was said to hold but answered 404 for
+
+
+class TaskMachine:
+    """The rules of one task's download: which pieces to ask whom for, whom to avoid, when to
+    give up on P2P. `label` names the task in logs."""
+
+    def __init__(self, host_id: str, limits: Limits, rng: random.Random, now: float, *, label: str = "") -> None:
+        self.host_id = host_id
+        self.limits = limits
+        self.rng = rng
+        self.label = label
+        self.content_length: int | None = None
+        self.count = 0  # pieces, once the size is known
+        self.store_open = False
+        self.have = 0
+        self.digests: list[bytes] = []  # the seed's, piece n's at n; pieces past the end can't be verified yet
+        self.parents: dict[str, Parent] = {}
+        self.blocked: dict[str, float] = {}  # host id -> until when
+        self.inflight: dict[int, Parent] = {}  # piece -> the parent asked for it
+        self.inflight_bits = 0
+        self.registered = False
+        self.back_to_source: BackToSource | None = None
+        self._whole = 0
+        self._to_report: list[int] = []
+        self._bad: set[str] = set()
+        self._failed: set[str] = set()
+        self._sync_failures = 0
+        self._last_progress = now
+        self._waiting_since: float | None = None
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.store_open and self.have == self._whole
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more to do over P2P: every piece held, or going back to source."""
+        return self.back_to_source is not None or self.complete
+
+    @property
+    def wants_store(self) -> bool:
+        """The size is known and the store not opened yet: answer with `store_opened`."""
+        return self.content_length is not None and not self.store_open
+
+    @property
+    def sync_failures(self) -> int:
+        """Syncs failed in a row."""
+        return self._sync_failures
+
+    def sync_delay(self) -> float:
+        interval = SYNC_INTERVAL_S if (self._to_report or not self.complete) else IDLE_SYNC_INTERVAL_S
+        return min(MAX_SYNC_INTERVAL_S, interval * 2.0 ** self._sync_failures)
+
+    def wake_at(self, now: float) -> float:
+        """The latest time to call `poll` again if no other event comes first."""
+        if self.finished:
+            return float("inf")
+        if not self.store_open:
+            if self._waiting_since is None:
+                return float("inf")
+            return self._waiting_since + self.limits.wait_for_seed_s
+        wake = float("inf") if self.inflight else self._last_progress + STALL_S
+        for p in self.parents.values():
+            if now < p.busy_until < wake:
+                wake = p.busy_until
+        return wake
+
+    # -- events from the scheduler --------------------------------------------------------
+
+    def no_scheduler(self) -> None:
+        self._give_up(BackToSourceReason.NO_SCHEDULER, "no scheduler configured")
+
+    def register_failed(self, error: str) -> None:
+        self._give_up(BackToSourceReason.SCHEDULER_UNREACHABLE, f"scheduler unreachable ({error})")
+
+    def register_answered(self, reply: wire.SyncReply, now: float) -> None:
+        self.registered = True
+        self._apply(reply, now)
+
+    def take_report(self) -> Report:
+        """The next sync's contents; answer with `sync_answered` or `sync_failed`."""
+        new, self._to_report = self._to_report, []
+        if not self.registered:
+            new = [n for n in range(self.count) if self.have >> n & 1]  # all of it, to a fresh registration
+        return Report(register=not self.registered, new_pieces=new, bad_parents=sorted(self._bad),
+                      failed_parents=sorted(self._failed), have_digests=len(self.digests),
+                      content_length=self.content_length if self.store_open else None)
+
+    def sync_answered(self, report: Report, reply: wire.SyncReply, now: float) -> None:
+        self._sync_failures = 0
+        self.registered = True
+        self._bad.difference_update(report.bad_parents)
+        self._failed.difference_update(report.failed_parents)
+        self._apply(reply, now)
+
+    def sync_failed(self, report: Report, now: float) -> None:
+        if not report.register:
+            self._to_report = report.new_pieces + self._to_report
+        self._sync_failures += 1
+        if self._sync_failures >= self.limits.schedule_rounds and not self._parents_with_work():
+            self._give_up(BackToSourceReason.SCHEDULER_UNREACHABLE,
+                          f"scheduler unreachable after {self._sync_failures} tries")
+
+    def _apply(self, reply: wire.SyncReply, now: float) -> None:
+        state = reply.state
+        if state == "back_to_source":
+            self._give_up(BackToSourceReason.SCHEDULER_SAID, reply.reason or "scheduler said so")
+        elif state == "failed":
+            self._give_up(BackToSourceReason.SEED_FAILED, reply.reason or "task failed on the seed")
+        elif state == "unknown":
+            self.registered = False
+        elif state == "waiting":
+            if self._waiting_since is None:
+                self._waiting_since = now
+        elif state == "running" and reply.content_length is not None:
+            if self.content_length is None:
+                self._sized(reply.content_length)
+            if reply.first_digest <= len(self.digests):
+                self.digests.extend(reply.piece_digests[len(self.digests) - reply.first_digest:])
+            self._refresh_parents(reply.parents, now)
+
+    def _refresh_parents(self, offered: list[wire.Parent], now: float) -> None:
+        count = self.count
+        nbytes = (count + 7) // 8
+        fresh: dict[str, Parent] = {}
+        for p in offered:
+            if p.host_id == self.host_id or self.blocked and self.blocked.get(p.host_id, 0.0) > now:
+                continue
+            if len(p.pieces) != nbytes:
+                continue
+            bits = bits_from_bytes(p.pieces)
+            if bits >> count:
+                continue  # pieces past the blob's end: not a bitmap of this blob
+            old = self.parents.get(p.host_id)
+            if old is not None:
+                old.pieces = bits
+                old.url = p.url
+                fresh[p.host_id] = old
+            else:
+                fresh[p.host_id] = Parent(p.host_id, p.url, bits)
+        # Parents with pieces in flight stay until those finish.
+        for host_id, old in self.parents.items():
+            if host_id not in fresh and old.inflight:
+                fresh[host_id] = old
+        self.parents = fresh
+
+    def _sized(self, content_length: int) -> None:
+        self.content_length = content_length
+        self.count = PieceLayout.for_blob(content_length).count
+        self._whole = (1 << self.count) - 1
+
+    # -- events from the store ------------------------------------------------------------
+
+    def store_opened(self, content_length: int, held: int, digests: list[bytes]) -> None:
+        """The store is open: `held` its pieces (bits), `digests` those saved beside them."""
+        if self.content_length is None:
+            self._sized(content_length)
+        self.store_open = True
+        self.have |= held & self._whole
+        if held and digests:
+            # Pieces kept from an earlier run were verified against these when the store loaded.
+            self.digests = digests[: self.count] + self.digests[len(digests):]
+
+    def piece_from_origin(self, number: int, digest: bytes) -> bool:
+        """A piece fetched from the origin is stored; returns True if it contradicts the
+        seed's digest (the origin's bytes win: the blob's sha256 decides in the end)."""
+        contradicts = number < len(self.digests) and self.digests[number] != digest
+        if number >= len(self.digests):
+            self.digests.extend([b""] * (number - len(self.digests) + 1))
+        self.digests[number] = digest
+        self.have |= 1 << number
+        self._to_report.append(number)
+        return contradicts
+
+    # -- the download ---------------------------------------------------------------------
+
+    def poll(self, now: float) -> list[PieceRequest]:
+        """The pieces to request now, each counted in flight until its `piece_done`. Also the
+        clock's rules: a size still unknown, or nothing arriving, sends it back to source."""
+        if self.finished:
+            return []
+        if not self.store_open:
+            wait = self.limits.wait_for_seed_s
+            if self._waiting_since is not None and now - self._waiting_since > wait:
+                self._give_up(BackToSourceReason.SIZE_UNKNOWN, f"blob size unknown after {wait:.0f}s")
+            return []
+        requests = self._launch(now)
+        if not self.inflight and now - self._last_progress > STALL_S:
+            self._give_up(BackToSourceReason.STALLED, f"no piece arrived in {STALL_S:.0f}s")
+        return requests
+
+    def _launch(self, now: float) -> list[PieceRequest]:
+        limits = self.limits
+        room = limits.concurrent_pieces - len(self.inflight)
+        if room <= 0 or not self.parents:
+            return []
+        known = min(len(self.digests), self.count)  # only pieces we can verify
+        need = ((1 << known) - 1) & ~self.have & ~self.inflight_bits
+        if not need:
+            return []
+        blocked = self.blocked
+        views = [ParentView(p.host_id, p.pieces, p.inflight,
+                            p.busy_until <= now and (not blocked or blocked.get(p.host_id, 0.0) <= now))
+                 for p in self.parents.values()]
+        whole = self._whole
+        # Every parent holds the whole blob: rarity protects nobody, and a client streaming the
+        # blob gets its bytes as they arrive instead of after the last piece.
+        in_order = all(v.pieces == whole for v in views)
+        chosen = choose_requests(need, views, room=room, per_parent=per_parent_limit(views, limits.per_parent_pieces),
+                                 rng=self.rng, in_order=in_order)
+        requests = []
+        for number, host_id in chosen:
+            parent = self.parents[host_id]
+            parent.inflight += 1
+            self.inflight[number] = parent
+            self.inflight_bits |= 1 << number
+            requests.append(PieceRequest(number, host_id, parent.url))
+        return requests
+
+    def piece_done(self, number: int, outcome: PieceOutcome, now: float) -> None:
+        """A request from `poll` ended with `outcome` (verified means stored)."""
+        parent = self._release(number)
+        if outcome is PieceOutcome.VERIFIED:
+            parent.failures = 0
+            self.have |= 1 << number
+            self._to_report.append(number)
+            self._last_progress = now
+        elif outcome is PieceOutcome.BUSY:
+            parent.busy_until = now + BUSY_S
+        elif outcome is PieceOutcome.CORRUPT:
+            self._block(parent, now, bad=True, why=f"piece {number} failed verification")
+        elif outcome is PieceOutcome.ABSENT:
+            parent.pieces &= ~(1 << number)  # the scheduler's view was ahead of the parent's
+            parent.absent += 1
+            if parent.absent >= PARENT_ABSENT:
+                # Its claims keep coming back with the next sync: a liar, or a parent that lost
+                # its store. Either way, stop asking it.
+                self._block(parent, now, bad=False, why=f"answered 404 for {parent.absent} pieces it claims")
+        else:
+            parent.failures += 1
+            if parent.failures >= PARENT_FAILURES:
+                self._block(parent, now, bad=False, why=f"failed {parent.failures} pieces in a row")
+
+    def piece_abandoned(self, number: int) -> None:
+        """A request ended for a reason of ours (the local store failed): no verdict on the parent."""
+        self._release(number)
+
+    def _release(self, number: int) -> Parent:
+        parent = self.inflight.pop(number)
+        self.inflight_bits &= ~(1 << number)
+        parent.inflight -= 1
+        return parent
+
+    def _block(self, parent: Parent, now: float, *, bad: bool, why: str) -> None:
+        log.warning("task %s: %s %s; avoiding it for %.0fs", self.label, parent.host_id, why, BLOCK_S)
+        self.blocked[parent.host_id] = now + BLOCK_S
+        (self._bad if bad else self._failed).add(parent.host_id)
+        self.parents.pop(parent.host_id, None)
+
+    def _parents_with_work(self) -> bool:
+        """True if some known parent still holds a piece we need and is not failing."""
+        need = ((1 << min(len(self.digests), self.count)) - 1) & ~self.have
+        return any(p.failures < PARENT_FAILURES and p.pieces & need for p in self.parents.values())
+
+    def _give_up(self, reason: BackToSourceReason, detail: str) -> None:
+        if self.back_to_source is None:  # the first reason is the one that counts
+            self.back_to_source = BackToSource(reason, detail)
