@@ -11,14 +11,16 @@ import hashlib
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from p2pdist import wire
-from p2pdist.content.digest import PieceHasher, short
+from p2pdist.content.digest import short
 from p2pdist.errors import IntegrityError, OriginError, P2PError, UpstreamError
-from p2pdist.storage.store import PieceWriter, TaskStore
+from p2pdist.node.intake import PieceIntake
+from p2pdist.registry.retry import ORIGIN_RETRY
+from p2pdist.storage.store import TaskStore
 
 if TYPE_CHECKING:
     from seed.daemon import SeedDaemon
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pdist.seed")
 
 REPORT_INTERVAL_S = 0.05
-ORIGIN_ATTEMPTS = 5
 
 
 class SeedFetch:
@@ -71,75 +72,54 @@ class SeedFetch:
         self.changed = trio.Event()
 
     async def _fetch(self) -> None:
-        origin = self.seed.origin
-        attempts = 0
-        # The blob's sha256 over committed pieces only: a piece cut off mid-body is fetched
-        # again from its start, and its first, partial bytes must not be hashed twice.
-        sha = [hashlib.sha256()]
         rng = random.Random()
+        intake: PieceIntake | None = None
+        failures = 0
         while True:
-            start = 0 if self.store is None else len(self.digests) * self.store.layout.piece_size
-            if self.store is not None and len(self.digests) == self.store.layout.count:
+            store = self.store
+            if store is not None and len(self.digests) == store.layout.count:
                 break
+            start = 0 if store is None else len(self.digests) * store.layout.piece_size
             try:
-                async with origin.open_blob(self.url, self.headers, start=start) as body:
-                    if self.store is None:
-                        self.store = self.seed.store.open(self.task_id, body.blob_size, self.url)
-                        self._changed()
-                    elif body.blob_size != self.store.layout.blob_size or body.start != start:
-                        raise OriginError("origin changed the blob's size or ignored the range")
-                    await self._write(self.store, body.chunks(), sha)
+                async with self.seed.origin.open_blob(self.url, self.headers, start=start) as body:
+                    if store is None:
+                        store = self._open_store(body.blob_size)
+                    elif body.blob_size != store.layout.blob_size or body.start > start:
+                        raise OriginError("origin changed the blob's size or skipped bytes")
+                    if intake is None:
+                        # The sha256 the seed vouches for: of the origin's bytes as they pass.
+                        intake = PieceIntake(store, sha=hashlib.sha256(),
+                                             on_bytes=self.seed.metrics.download_bytes.labels("origin").inc,
+                                             on_piece=self._piece_stored)
+                    await intake.write(body.start, body.chunks())
             except OriginError as exc:
-                attempts += 1
-                if exc.status is not None and 400 <= exc.status < 500 or attempts >= ORIGIN_ATTEMPTS:
+                failures += 1
+                delay = ORIGIN_RETRY.retry_after(failures, exc, rng)
+                if delay is None:
                     raise
-                delay = min(8.0, 0.25 * 2 ** attempts) * (0.5 + rng.random())
                 log.warning("origin failed for %s (%s); resuming at piece %d in %.1fs",
                             short(self.task_id), exc, len(self.digests), delay)
                 await trio.sleep(delay)
-        actual = "sha256:" + sha[0].hexdigest()
+        assert intake is not None and intake.sha is not None
+        actual = "sha256:" + intake.sha.hexdigest()
         if actual != self.task_id:
             raise IntegrityError(f"origin sent {short(actual)} for {short(self.task_id)}")
-        self.store.save_digests(self.digests)
+        store.save_digests(self.digests)
 
-    async def _write(self, store: TaskStore, chunks: Any, sha: list[Any]) -> None:
-        layout = store.layout
-        metrics = self.seed.metrics
-        number = len(self.digests)
-        writer: PieceWriter | None = store.new_piece(number)
-        hasher = PieceHasher()
-        piece_sha = sha[0].copy()
-        try:
-            async for chunk in chunks:
-                metrics.download_bytes.labels("origin").inc(len(chunk))
-                view = memoryview(chunk)
-                while view:
-                    want = layout.length(number) - hasher.length
-                    part, view = view[:want], view[want:]
-                    assert writer is not None
-                    writer.write(part)
-                    hasher.update(part)
-                    piece_sha.update(part)
-                    if hasher.length == layout.length(number):
-                        writer.commit()
-                        sha[0] = piece_sha
-                        piece_sha = piece_sha.copy()
-                        self.digests.append(hasher.digest())
-                        metrics.pieces.labels("origin", "verified").inc()
-                        self._changed()
-                        number += 1
-                        if number >= layout.count:
-                            writer = None
-                            return
-                        writer = store.new_piece(number)
-                        hasher = PieceHasher()
-            if layout.blob_size == 0 and number == 0 and writer is not None:
-                writer.commit()
-                self.digests.append(hasher.digest())
-                writer = None
-        finally:
-            if writer is not None:
-                writer.abort()
+    def _open_store(self, blob_size: int) -> TaskStore:
+        store = self.store = self.seed.store.open(self.task_id, blob_size, self.url)
+        # Pieces left by an earlier, unfinished fetch have no digests this fetch computed, nor
+        # a place in its sha256: fetch them again.
+        for number in list(store.pieces):
+            store.drop(number)
+        self._changed()
+        return store
+
+    def _piece_stored(self, number: int, digest: bytes) -> None:
+        assert number == len(self.digests), "the seed stores pieces in order"
+        self.digests.append(digest)
+        self.seed.metrics.pieces.labels("origin", "verified").inc()
+        self._changed()
 
     async def report_loop(self) -> None:
         """Tell the scheduler the size and each new piece digest, batched every few ms."""
