@@ -5,9 +5,10 @@
 
 The control plane is the real code: `scheduler.state.Scheduler` receives the wire messages a
 daemon sends (AnnounceHost, Register, Sync every 0.2 s with new pieces, SeedProgress every
-50 ms) at simulated times, and each peer picks requests with `peer.selection.choose_requests`
-under the daemon's limits (PeerConfig's pieces in flight and per parent) and the piece
-server's (p2pdist/node/pieceserver.py): past its upload slots a parent keeps a line as long as its
+50 ms) at simulated times, and each peer is the daemon's own state machine
+(`peer.machine.TaskMachine`: rarest-first requests, per-parent limits, busy back-off, the
+back-to-source rules) under PeerConfig's limits, fed the outcomes of its simulated requests; the
+piece server's limits are modelled (p2pdist/node/pieceserver.py): past its upload slots a parent keeps a line as long as its
 slots, a finished upload hands its slot to the first in line, and a request that waited
 QUEUE_WAIT_S, or found the line full, is a 503 that keeps the child off that parent for BUSY_S. Only the data plane is modelled: every piece transfer is a flow between two hosts,
 rates shared max-min fairly (approximated by a few rounds of progressive filling) over each
@@ -37,11 +38,10 @@ import numpy as np
 
 from benchmarks.report import lower_bound_s, summarize, write_results
 from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
-from p2pdist.content.pieces import PieceLayout, bits_from_bytes
+from p2pdist.content.pieces import PieceLayout
 from p2pdist.node.pieceserver import QUEUE_WAIT_S
-from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync, SyncReply
-from peer.download import BUSY_S, SYNC_INTERVAL_S
-from peer.selection import ParentView, choose_requests, per_parent_limit
+from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync
+from peer.machine import Limits, PieceOutcome, TaskMachine
 from scheduler.state import Scheduler
 from seed.fetch import REPORT_INTERVAL_S
 
@@ -75,36 +75,23 @@ class SimConfig:
         return self.seed_upload_slots or SeedConfig(upload_rate_bps=int(self.origin_bps)).effective_upload_slots()
 
 
-class ParentState:
-    """A child's view of one parent, as peer/download.py keeps it."""
-
-    __slots__ = ("host", "pieces", "inflight", "busy_until")
-
-    def __init__(self, host: int, pieces: int) -> None:
-        self.host = host
-        self.pieces = pieces
-        self.inflight = 0
-        self.busy_until = 0.0
-
-
 class SimPeer:
-    __slots__ = ("index", "host_id", "start_s", "rng", "have", "inflight_bits", "inflight", "parents",
-                 "known", "sized", "to_report", "done_s", "back_to_source")
+    """One simulated host: the daemon's state machine, and when it started and finished."""
 
-    def __init__(self, index: int, start_s: float, rng: random.Random) -> None:
+    __slots__ = ("index", "host_id", "start_s", "machine", "done_s", "gone")
+
+    def __init__(self, index: int, start_s: float, rng: random.Random, limits: Limits) -> None:
         self.index = index
         self.host_id = f"peer-{index:05d}"
         self.start_s = start_s
-        self.rng = rng
-        self.have = 0  # pieces stored, bit n for piece n
-        self.inflight_bits = 0
-        self.inflight = 0
-        self.parents: dict[str, ParentState] = {}
-        self.known = 0  # piece digests received
-        self.sized = False
-        self.to_report: list[int] = []
+        self.machine = TaskMachine(self.host_id, limits, rng, start_s, label=self.host_id)
         self.done_s: float | None = None
-        self.back_to_source = False
+        self.gone = False  # went back to source: the model has no origin pulls, so it stops here
+
+    @property
+    def have(self) -> int:
+        """Pieces stored, bit n for piece n."""
+        return self.machine.have
 
 
 class Simulation:
@@ -116,7 +103,8 @@ class Simulation:
         rng = random.Random(config.seed)
         self.sched = Scheduler(config.scheduler, rng=random.Random(rng.random()))
         n = config.peers
-        self.peers = [SimPeer(i + 1, rng.uniform(0, config.start_spread_s), random.Random(rng.random()))
+        limits = Limits.from_config(config.peer)
+        self.peers = [SimPeer(i + 1, rng.uniform(0, config.start_spread_s), random.Random(rng.random()), limits)
                       for i in range(n)]
         self.seed_id = "seed-0"
         self.index = {self.seed_id: 0} | {p.host_id: p.index for p in self.peers}
@@ -128,8 +116,8 @@ class Simulation:
         self.slots = [config.seed_slots()] + [config.peer_slots()] * n
         self.uploads = [0] * hosts
         # The piece server's line: requests waiting for a slot (at most `slots` per host), each
-        # answered busy if no upload ends within QUEUE_WAIT_S. Entries: [deadline, child, state,
-        # piece, live]; `expiring` holds every entry in deadline order.
+        # answered busy if no upload ends within QUEUE_WAIT_S. Entries: [deadline, child, parent
+        # host, piece, live]; `expiring` holds every entry in deadline order.
         self.queues: list[collections.deque[list[Any]]] = [collections.deque() for _ in range(hosts)]
         self.expiring: collections.deque[list[Any]] = collections.deque()
         # Flows: fixed-size arrays indexed by slot; a free list hands slots out.
@@ -139,7 +127,6 @@ class Simulation:
         self.f_left = np.zeros(cap)
         self.f_live = np.zeros(cap, dtype=bool)
         self.f_piece = [0] * cap
-        self.f_state: list[ParentState | None] = [None] * cap
         self.free = list(range(cap - 1, -1, -1))
         # Events at simulated times: (time, order, kind, peer index).
         self.events: list[tuple[float, int, str, int]] = []
@@ -148,6 +135,7 @@ class Simulation:
         self.seed_reported = 0
         self.seed_next_report = float("inf")
         self.origin_bytes = 0
+        self.waiting = n  # hosts neither done nor gone back to source
         self.stats = {"requests": 0, "busy": 0, "syncs": 0, "registers": 0, "back_to_source": 0}
         self.utilization: list[tuple[float, float]] = []
         self.origin_start = 0.0
@@ -172,48 +160,41 @@ class Simulation:
         reply, wake = self.sched.register(Register(host_id=p.host_id, task_id=TASK, url=URL), now)
         if wake is not None:
             self._wake_seed(now)
-        self._apply(p, reply, now)
-        self._at(now + SYNC_INTERVAL_S, "sync", p.index)
+        p.machine.register_answered(reply, now)
+        self._after_reply(p, now)
 
     def _sync(self, p: SimPeer, now: float, *, done: bool = False) -> None:
         self.stats["syncs"] += 1
-        new = list(range(self.layout.count)) if done else p.to_report
-        p.to_report = []
+        machine = p.machine
+        report = machine.take_report()
+        if report.register:
+            self._register(p, now)
+            return
         reply, wake = self.sched.sync(Sync(
-            host_id=p.host_id, task_id=TASK, new_pieces=new, have_digests=p.known, done=done,
-            content_length=self.config.blob_bytes if p.sized else None), now)
+            host_id=p.host_id, task_id=TASK, new_pieces=list(range(self.layout.count)) if done else report.new_pieces,
+            have_digests=report.have_digests, bad_parents=report.bad_parents, failed_parents=report.failed_parents,
+            done=done, content_length=report.content_length), now)
         if wake is not None:
             self._wake_seed(now)
         if not done:
-            self._apply(p, reply, now)
-            self._at(now + SYNC_INTERVAL_S, "sync", p.index)
+            machine.sync_answered(report, reply, now)
+            self._after_reply(p, now)
 
-    def _apply(self, p: SimPeer, reply: SyncReply, now: float) -> None:
-        """What TaskDownload._apply does with a reply."""
-        if reply.state in ("back_to_source", "failed"):
-            p.back_to_source = True
+    def _after_reply(self, p: SimPeer, now: float) -> None:
+        """What TaskDownload does after a reply: open the store (empty) once the size is known."""
+        machine = p.machine
+        if machine.wants_store:
+            machine.store_opened(self.config.blob_bytes, 0, [])
+        if machine.back_to_source is not None:
+            self._gone(p)
+        else:
+            self._at(now + machine.sync_delay(), "sync", p.index)
+
+    def _gone(self, p: SimPeer) -> None:
+        if not p.gone:
+            p.gone = True
             self.stats["back_to_source"] += 1
-            return
-        if reply.state != "running" or reply.content_length is None:
-            return
-        p.sized = True
-        if reply.first_digest <= p.known:
-            p.known = max(p.known, reply.first_digest + len(reply.piece_digests))
-        fresh: dict[str, ParentState] = {}
-        for parent in reply.parents:
-            if parent.host_id == p.host_id:
-                continue
-            bits = bits_from_bytes(parent.pieces)
-            old = p.parents.get(parent.host_id)
-            if old is not None:
-                old.pieces = bits
-                fresh[parent.host_id] = old
-            else:
-                fresh[parent.host_id] = ParentState(self.index[parent.host_id], bits)
-        for host_id, old in p.parents.items():
-            if host_id not in fresh and old.inflight:
-                fresh[host_id] = old
-        p.parents = fresh
+            self.waiting -= 1
 
     def _wake_seed(self, now: float) -> None:
         if self.seed_woken_s is not None:
@@ -244,43 +225,31 @@ class Simulation:
     # -- peers: the daemon's piece selection ------------------------------------------------
 
     def _launch(self, p: SimPeer, now: float) -> None:
-        """What TaskDownload._launch does, a 503 from a full parent answered at once."""
-        limits = self.config.peer
+        """What TaskDownload._fetch_loop does, a 503 from a full parent answered at once."""
+        machine = p.machine
         for _ in range(4):
-            room = limits.concurrent_pieces - p.inflight
-            if room <= 0 or not p.parents or p.done_s is not None:
+            if p.done_s is not None or p.gone:
                 return
-            need = ((1 << p.known) - 1) & ~p.have & ~p.inflight_bits
-            views = [ParentView(h, s.pieces, s.inflight, s.busy_until <= now) for h, s in p.parents.items()]
-            requests = choose_requests(need, views, room=room, per_parent=per_parent_limit(views, limits.per_parent_pieces),
-                                       rng=p.rng)
+            requests = machine.poll(now)
+            if machine.back_to_source is not None:
+                self._gone(p)
+                return
             refused = False
-            for number, host_id in requests:
-                state = p.parents[host_id]
+            for number, host_id, _ in requests:
+                host = self.index[host_id]
                 self.stats["requests"] += 1
-                if self.uploads[state.host] < self.slots[state.host]:
-                    self._start_flow(p, state, number)
-                elif len(self.queues[state.host]) < self.slots[state.host]:
-                    entry = [now + QUEUE_WAIT_S, p, state, number, True]
-                    self.queues[state.host].append(entry)
+                if self.uploads[host] < self.slots[host]:
+                    self._start_flow(p, host, number)
+                elif len(self.queues[host]) < self.slots[host]:
+                    entry = [now + QUEUE_WAIT_S, p, host, number, True]
+                    self.queues[host].append(entry)
                     self.expiring.append(entry)
-                    self._request(p, state, number)
                 else:
                     self.stats["busy"] += 1
-                    state.busy_until = now + BUSY_S
+                    machine.piece_done(number, PieceOutcome.BUSY, now)
                     refused = True
             if not refused:
                 return
-
-    def _request(self, p: SimPeer, state: ParentState, number: int) -> None:
-        state.inflight += 1
-        p.inflight += 1
-        p.inflight_bits |= 1 << number
-
-    def _unrequest(self, p: SimPeer, state: ParentState, number: int) -> None:
-        state.inflight -= 1
-        p.inflight -= 1
-        p.inflight_bits &= ~(1 << number)
 
     def _expire_queued(self, now: float, touched: set[int]) -> None:
         """Requests that waited QUEUE_WAIT_S in a parent's line get their 503."""
@@ -288,45 +257,38 @@ class Simulation:
             entry = self.expiring.popleft()
             if not entry[4]:
                 continue  # started meanwhile
-            deadline, p, state, number, _ = entry
+            deadline, p, host, number, _ = entry
             entry[4] = False
-            self.queues[state.host].remove(entry)
-            self._unrequest(p, state, number)
+            self.queues[host].remove(entry)
             self.stats["busy"] += 1
-            state.busy_until = deadline + BUSY_S
+            p.machine.piece_done(number, PieceOutcome.BUSY, deadline)
             touched.add(p.index)
 
-    def _start_flow(self, p: SimPeer, state: ParentState, number: int, *, requested: bool = False) -> None:
+    def _start_flow(self, p: SimPeer, host: int, number: int) -> None:
         slot = self.free.pop()
-        self.f_parent[slot] = state.host
+        self.f_parent[slot] = host
         self.f_child[slot] = p.index
         self.f_left[slot] = self.lengths[number]
         self.f_live[slot] = True
         self.f_piece[slot] = number
-        self.f_state[slot] = state
-        if not requested:
-            self._request(p, state, number)
-        self.uploads[state.host] += 1
+        self.uploads[host] += 1
 
     def _finish_flow(self, slot: int, now: float) -> SimPeer:
         p = self.peers[int(self.f_child[slot]) - 1]
-        state = self.f_state[slot]
-        assert state is not None
+        host = int(self.f_parent[slot])
         number = self.f_piece[slot]
         self.f_live[slot] = False
-        self.f_state[slot] = None
         self.free.append(slot)
-        self._unrequest(p, state, number)
-        self.uploads[state.host] -= 1
-        queue = self.queues[state.host]
+        self.uploads[host] -= 1
+        queue = self.queues[host]
         if queue:  # the finishing upload hands its slot to the next in line
-            _, child, waiting, piece, _ = entry = queue.popleft()
+            _, child, _, piece, _ = entry = queue.popleft()
             entry[4] = False
-            self._start_flow(child, waiting, piece, requested=True)
-        p.have |= 1 << number
-        p.to_report.append(number)
-        if p.have == self.all_pieces:
+            self._start_flow(child, host, piece)
+        p.machine.piece_done(number, PieceOutcome.VERIFIED, now)
+        if p.machine.complete:
             p.done_s = now
+            self.waiting -= 1
             self._sync(p, now, done=True)
         return p
 
@@ -360,16 +322,16 @@ class Simulation:
         self.start()
         dt = self.config.tick_s
         now = 0.0
-        waiting = len(self.peers)
+        self.waiting = len(self.peers)
         touched: set[int] = set()
         next_sample = 0.0
         up_total = float(self.up_cap.sum())
         next_expire = 1.0
-        while waiting and now < self.config.max_time_s:
+        while self.waiting and now < self.config.max_time_s:
             while self.events and self.events[0][0] <= now:
                 when, _, kind, index = heapq.heappop(self.events)
                 p = self.peers[index - 1]
-                if p.done_s is not None or p.back_to_source:
+                if p.done_s is not None or p.gone:
                     continue
                 if kind == "register":
                     self._register(p, when)
@@ -382,7 +344,7 @@ class Simulation:
                 self.sched.expire(now)
                 next_expire += 1.0
                 log.info("t=%.0fs: %d of %d hosts still pulling, %d transfers, %.0fs of CPU",
-                         now, waiting, len(self.peers), int(self.f_live.sum()), time.process_time())
+                         now, self.waiting, len(self.peers), int(self.f_live.sum()), time.process_time())
             self._expire_queued(now, touched)
             for index in sorted(touched):
                 self._launch(self.peers[index - 1], now)
@@ -404,8 +366,6 @@ class Simulation:
                         p = self._finish_flow(int(done[k]), float(ends[k]))
                         if p.done_s is None:
                             touched.add(p.index)
-                        else:
-                            waiting -= 1
             now = round(now + dt, 9)
         self.end_s = now
 
