@@ -17,12 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from p2pdist.errors import P2PError
-
-
-class ConfigError(P2PError):
-    """The configuration file or a flag is invalid."""
-
+from p2pdist.errors import ConfigError as ConfigError  # re-exported
 
 _UNITS = {
     "": 1, "b": 1,

@@ -275,7 +275,7 @@ def _validate(message: object, where: str) -> None:
         try:
             parse_digest(message.task_id)
         except BadRequest as exc:
-            raise BadRequest(f"{where}.task_id: {exc}") from None
+            raise BadRequest(f"{where}.task_id: {exc}", code=exc.code) from None
     if isinstance(message, AnnounceHost) and message.kind not in HOST_KINDS:
         raise BadRequest(f"{where}.kind: must be one of {', '.join(HOST_KINDS)}")
     for name in ("url",):

@@ -105,7 +105,7 @@ class AccessCheck:
         self._count("denied" if status in (401, 403) else "absent" if status == 404 else "failed")
         log.info("access check for %s in %s: registry answered %d", short(digest), name, status)
         if status >= 500 or status in (408, 429):
-            raise OriginError(f"registry answered HTTP {status} to the access check", status)
+            raise OriginError(f"registry answered HTTP {status} to the access check", upstream_status=status)
         return Verdict(False, status, None, relayed_headers(response), body)
 
     def _count(self, result: str) -> None:

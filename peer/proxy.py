@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from prometheus_client import Counter, Histogram
 
 from p2pdist.content.digest import parse_digest, parse_name, parse_reference, short
-from p2pdist.errors import BadRequest, NotFound, OriginError, P2PError, StoreError
+from p2pdist.errors import LoopDetected, NotFound, P2PError, StoreError
 from p2pdist.node.endpoints import health_response, metrics_response
 from p2pdist.node.pieceserver import RangeNotSatisfiable, parse_range
 from p2pdist.registry.oci import SCHEME_HEADER
@@ -47,13 +47,19 @@ REFERRERS_PATH = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")
 API_VERSION = ("docker-distribution-api-version", "registry/2.0")
 PULL_ONLY = "p2pdist is a pull-only registry mirror: push to the registry itself"
 _FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-_ERROR_CODES = {400: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED", 404: "UNSUPPORTED",
-                405: "UNSUPPORTED", 416: "RANGE_INVALID", 429: "TOOMANYREQUESTS"}
+# The code of a registry's bare no (a refusal without a body), relayed with its status.
+_REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED"}
 
 
 def oci_error(status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
     body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
     return Response(status, [("content-type", "application/json"), *headers], body)
+
+
+def error_response(exc: P2PError, context: str = "") -> Response:
+    """The OCI error answer to `exc`, from its own `status` and `code`; `context` prefixes its message."""
+    headers = [("content-range", f"bytes */{exc.length}")] if isinstance(exc, RangeNotSatisfiable) else []
+    return oci_error(exc.status, exc.code, f"{context}{exc}", headers)
 
 
 async def _no_body() -> AsyncIterator[bytes]:
@@ -102,12 +108,7 @@ class Proxy:
         try:
             kind, response = await self._route(request)
         except P2PError as exc:
-            status = getattr(exc, "status", None)
-            if not isinstance(status, int):
-                status = 502
-            code = ("NAME_INVALID" if "repository name" in str(exc) else
-                    "DIGEST_INVALID" if "digest" in str(exc) else _ERROR_CODES.get(status, "UNAVAILABLE"))
-            response = oci_error(status, code, str(exc))
+            response = error_response(exc)
         self.metrics.requests.labels(kind, str(response.status)).inc()
         return response
 
@@ -139,7 +140,7 @@ class Proxy:
     def _hops(self, request: Request) -> int:
         hops = hops_of(request.headers)
         if hops >= MAX_HOPS:
-            raise _LoopDetected(f"request passed {hops} p2pdist daemons: the mirrors form a loop")
+            raise LoopDetected(f"request passed {hops} p2pdist daemons: the mirrors form a loop")
         return hops
 
     # -- straight to the upstream ---------------------------------------------------------
@@ -189,16 +190,11 @@ class Proxy:
             dl = self.daemon.download(digest, url, headers)
             try:
                 size = (await dl.wait_sized()).layout.blob_size
-            except OriginError as exc:
-                return _origin_error(exc, digest)
             except P2PError as exc:
-                return oci_error(502, "UNAVAILABLE", f"cannot fetch {short(digest)}: {exc}")
+                return error_response(exc, f"cannot fetch {short(digest)}: ")
         base = [("content-type", "application/octet-stream"), ("docker-content-digest", digest),
                 ("accept-ranges", "bytes"), ("etag", f'"{digest}"'), ("oci-namespace", up.namespace)]
-        try:
-            span = parse_range(request.headers.get("range", ""), size)
-        except RangeNotSatisfiable as exc:
-            return oci_error(416, "RANGE_INVALID", str(exc), [("content-range", f"bytes */{exc.length}")])
+        span = parse_range(request.headers.get("range", ""), size)
         start, end = (0, size) if span is None else span
         reply = [*base, ("content-length", str(end - start))]
         status = 200
@@ -232,10 +228,6 @@ class Proxy:
             await body.aclose()  # type: ignore[attr-defined]
             log.info("blob %s: sent %d of %d bytes (%s) in %.2fs", short(dl.task_id), sent, length, source,
                      time.monotonic() - started)
-
-
-class _LoopDetected(BadRequest):
-    status = 508
 
 
 async def stream_blob(dl: TaskDownload, start: int, end: int) -> AsyncIterator[bytes | FileBody]:
@@ -278,13 +270,5 @@ def _refusal(verdict: Verdict, digest: str, up: Upstream) -> Response:
         return Response(verdict.status, [*headers, *kept], verdict.body)
     if verdict.status == 404:
         return oci_error(404, "BLOB_UNKNOWN", f"blob {digest} unknown to the registry", headers)
-    code = _ERROR_CODES.get(verdict.status, "UNAVAILABLE")
+    code = _REFUSAL_CODES.get(verdict.status, "UNSUPPORTED")
     return oci_error(verdict.status, code, f"the registry answered {verdict.status} for {short(digest)}", headers)
-
-
-def _origin_error(exc: OriginError, digest: str) -> Response:
-    if exc.status == 404:
-        return oci_error(404, "BLOB_UNKNOWN", f"blob {digest} unknown to the registry")
-    if exc.status in (401, 403):
-        return oci_error(exc.status, "UNAUTHORIZED" if exc.status == 401 else "DENIED", str(exc))
-    return oci_error(502, "UNAVAILABLE", str(exc))

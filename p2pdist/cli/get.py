@@ -17,12 +17,8 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlencode, urlsplit
 
-from p2pdist.errors import P2PError
+from p2pdist.errors import GetError
 from p2pdist.registry.oci import SCHEME_HEADER, basic_auth, is_registry_host, parse_blob_url
-
-
-class GetError(P2PError):
-    pass
 
 
 class Progress:
@@ -62,11 +58,10 @@ class Progress:
 
 def get(url: str, output: str, peer: str, *, user: str | None = None, timeout_s: float = 600.0,
         quiet: bool = False) -> int:
-    """Download `url` to `output` through the daemon at `peer`; returns the byte count."""
-    try:
-        name, digest = parse_blob_url(url)
-    except ValueError as exc:
-        raise GetError(str(exc)) from None
+    """Download `url` to `output` through the daemon at `peer`; returns the byte count.
+
+    A URL that names no blob is a BadRequest; every later failure a GetError."""
+    name, digest = parse_blob_url(url)
     parts = urlsplit(url)
     if not is_registry_host(parts.netloc):
         raise GetError(f"invalid registry {parts.netloc[:100]!r} in {url[:200]}: want HOST[:PORT]")

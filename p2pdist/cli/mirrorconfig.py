@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from p2pdist.errors import P2PError
+from p2pdist.errors import MirrorConfigError
 
 DEFAULT_PROXY = "http://127.0.0.1:4001"
 DEFAULT_REGISTRIES = ("docker.io",)
@@ -29,10 +29,6 @@ CAPABILITIES = ("pull", "resolve")
 
 _REGISTRY = re.compile(r"(?:(?P<scheme>https?)://)?(?P<host>[A-Za-z0-9.-]+(?::\d{1,5})?|\[[0-9a-fA-F:]+\](?::\d{1,5})?)/?")
 _PROXY = re.compile(r"https?://[A-Za-z0-9.-]+(?::\d{1,5})?|https?://\[[0-9a-fA-F:]+\](?::\d{1,5})?")
-
-
-class MirrorConfigError(P2PError):
-    """A flag or an existing runtime config file is unusable."""
 
 
 def parse_registry(value: str) -> tuple[str, str]:

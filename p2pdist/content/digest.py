@@ -24,7 +24,8 @@ def parse_digest(value: object) -> str:
     """Return `value` if it is `sha256:` + 64 lowercase hex, else raise BadRequest."""
     if not isinstance(value, str) or not _DIGEST.fullmatch(value):
         shown = repr(value)[:80]
-        raise BadRequest(f"invalid digest {shown}: want sha256: followed by 64 lowercase hex digits")
+        raise BadRequest(f"invalid digest {shown}: want sha256: followed by 64 lowercase hex digits",
+                         code="DIGEST_INVALID")
     return value
 
 
@@ -32,7 +33,7 @@ def parse_name(value: object) -> str:
     """Validate an OCI repository name (rejects `..`, absolute paths, uppercase, empty parts)."""
     if not isinstance(value, str) or len(value) > 255 or not _NAME.fullmatch(value):
         shown = repr(value)[:80]
-        raise BadRequest(f"invalid repository name {shown}")
+        raise BadRequest(f"invalid repository name {shown}", code="NAME_INVALID")
     return value
 
 

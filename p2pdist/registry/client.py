@@ -102,7 +102,7 @@ class OriginClient:
         try:
             if response.status_code not in (200, 206):
                 await response.aread()
-                raise OriginError(_describe(response, url), response.status_code)
+                raise OriginError(_describe(response, url), upstream_status=response.status_code)
             if response.status_code == 200:
                 size = _int_header(response, "content-length")
                 start = 0
@@ -165,8 +165,11 @@ class OriginClient:
         except UNREACHABLE as exc:
             raise OriginError(f"token service {urlsplit(realm).netloc} unreachable: {type(exc).__name__}") from None
         if response.status_code != 200:
-            raise OriginError(f"token service refused: HTTP {response.status_code}", response.status_code
-                              if response.status_code in (401, 403) else 401)
+            # The client's credentials did not buy a token: it must authenticate, whatever the
+            # token service's own failure was.
+            raise OriginError(f"token service refused: HTTP {response.status_code}",
+                              upstream_status=response.status_code,
+                              status=403 if response.status_code == 403 else 401)
         try:
             body = response.json()
             token = body.get("token") or body["access_token"]

@@ -7,6 +7,8 @@ import base64
 import ipaddress
 import re
 
+from p2pdist.errors import BadRequest
+
 # Tells the proxy which scheme the origin named by ?ns= speaks (p2pdist get passes the URL's).
 SCHEME_HEADER = "x-p2pdist-origin-scheme"
 # Marks requests made by p2pdist daemons, so they are never proxied back into P2P.
@@ -40,10 +42,10 @@ def is_registry_host(text: str) -> bool:
 
 
 def parse_blob_url(url: str) -> tuple[str, str]:
-    """(repository name, digest) of an OCI blob URL, or raise ValueError."""
+    """(repository name, digest) of an OCI blob URL, or raise BadRequest."""
     m = _BLOB_URL.fullmatch(url)
     if not m:
-        raise ValueError(f"not a blob URL: {url[:200]} (want http(s)://REGISTRY/v2/NAME/blobs/sha256:...)")
+        raise BadRequest(f"not a blob URL: {url[:200]} (want http(s)://REGISTRY/v2/NAME/blobs/sha256:...)")
     return m.group("name"), m.group("digest")
 
 
