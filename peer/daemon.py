@@ -62,10 +62,6 @@ class PeerDaemon(Node[PeerConfig]):
             del self.downloads[dl.task_id]
         await self.enforce_quota()
 
-    def avoid(self, host_id: str) -> None:
-        """Nothing: a download's own blocklist avoids a failed parent. Kept only while
-        peer/download.py still calls it."""
-
     # -- the node's hooks -----------------------------------------------------------------
 
     def busy(self, task_id: str) -> bool:
