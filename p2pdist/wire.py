@@ -12,7 +12,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgpack
 
@@ -21,9 +21,24 @@ from p2pdist.errors import BadRequest
 
 CONTENT_TYPE = "application/msgpack"
 MAX_BODY_BYTES = 4 << 20
-HOST_KINDS = ("peer", "seed")
 
 M = TypeVar("M")
+
+
+# Literal types, not enums: msgpack carries the plain strings, and mypy checks every value a
+# caller writes or compares against (a StrEnum compared with a mistyped string goes unnoticed).
+HostKind = Literal[
+    "peer",
+    "seed",  # fetches from the origin when the scheduler wakes it; only its piece digests are trusted
+]
+TaskState = Literal[  # what a SyncReply tells the peer to do with its task
+    "waiting",  # the blob's size is not known yet, or no seed has announced yet: sync again
+    "running",  # fetch pieces from `parents`
+    "back_to_source",  # P2P cannot serve this task: fetch it from the origin
+    "unknown",  # the scheduler does not know this peer in this task (it restarted?): register again
+]
+HOST_KINDS: tuple[HostKind, ...] = typing.get_args(HostKind)
+TASK_STATES: tuple[TaskState, ...] = typing.get_args(TaskState)
 
 
 @dataclass(frozen=True)
@@ -43,7 +58,7 @@ class AnnounceHost:
 
     host_id: str
     url: str  # where its piece server is reached
-    kind: str  # "peer" or "seed"
+    kind: HostKind
     upload_slots: int
     tasks: list[TaskHolding] = field(default_factory=list)
 
@@ -112,7 +127,7 @@ class SyncReply:
     """The answer to Register and Sync."""
 
     task_id: str
-    state: str  # "waiting" (size not known yet), "running", "failed", "back_to_source"
+    state: TaskState
     content_length: int | None = None
     piece_size: int | None = None
     first_digest: int = 0
@@ -238,6 +253,16 @@ def _checker(hint: Any, where: str) -> Check:
         return check_dict
     if dataclasses.is_dataclass(hint):
         return _builder(hint, where)  # type: ignore[arg-type]
+    if origin is Literal:
+        allowed = frozenset(typing.get_args(hint))
+        refusal = f"{where}: must be one of {', '.join(typing.get_args(hint))}"
+
+        def check_literal(value: object) -> Any:
+            if not isinstance(value, str) or value not in allowed:
+                raise BadRequest(refusal)
+            return value
+
+        return check_literal
     if hint is bool:
         def check_bool(value: object) -> Any:
             if not isinstance(value, bool):
@@ -276,8 +301,6 @@ def _validate(message: object, where: str) -> None:
             parse_digest(message.task_id)
         except BadRequest as exc:
             raise BadRequest(f"{where}.task_id: {exc}", code=exc.code) from None
-    if isinstance(message, AnnounceHost) and message.kind not in HOST_KINDS:
-        raise BadRequest(f"{where}.kind: must be one of {', '.join(HOST_KINDS)}")
     for name in ("url",):
         url = getattr(message, name, None)
         if isinstance(url, str) and url and not url.startswith(("http://", "https://")):

@@ -17,6 +17,7 @@ from p2pdist.content.digest import short
 from p2pdist.content.pieces import Bitmap, PieceLayout
 from p2pdist.wire import (
     AnnounceHost,
+    HostKind,
     Leave,
     Parent,
     Register,
@@ -34,7 +35,7 @@ log = logging.getLogger("p2pdist.scheduler")
 class Host:
     host_id: str
     url: str
-    kind: str
+    kind: HostKind
     upload_slots: int
     last_seen: float
 

@@ -6,10 +6,13 @@ import random
 
 import pytest
 
+from p2pdist import wire
 from p2pdist.config import SchedulerConfig
 from p2pdist.content.pieces import Bitmap, MiB, PieceLayout
 from p2pdist.wire import (
+    TASK_STATES,
     AnnounceHost,
+    HostKind,
     Leave,
     Register,
     SeedProgress,
@@ -31,7 +34,7 @@ def make(**cfg: object) -> Scheduler:
     return Scheduler(SchedulerConfig(**cfg), rng=random.Random(7))  # type: ignore[arg-type]
 
 
-def announce(s: Scheduler, host: str, kind: str = "peer", now: float = 0.0, slots: int = 4,
+def announce(s: Scheduler, host: str, kind: HostKind = "peer", now: float = 0.0, slots: int = 4,
              tasks: list[TaskHolding] | None = None) -> None:
     s.announce(AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=slots,
                             tasks=tasks or []), now)
@@ -123,6 +126,23 @@ def test_sync_before_register_is_unknown() -> None:
     announce(s, "p1")
     reply, wake = sync(s, "p1", 1.0)
     assert reply.state == "unknown" and wake is None
+
+
+def test_the_scheduler_sends_exactly_the_wire_states() -> None:
+    """Each state a reply can carry is one the scheduler sends, and each survives the wire;
+    the wire format refuses any other (there is no "failed": a failed seed means back to source)."""
+    s = make()
+    sent = [sync(s, "p1", 1.0)[0]]  # unknown: never registered
+    announce(s, "p1")
+    sent.append(register(s, "p1", 1.0)[0])  # back to source: no seed
+    announce(s, "seed1", "seed")
+    sent.append(register(s, "p2", 2.0, task=TASK2)[0])  # waiting for the seed to learn the size
+    progress(s, "seed1", 3.0, digests=DIGESTS[:1])
+    sent.append(register(s, "p3", 4.0)[0])  # running
+    assert [r.state for r in sent] == ["unknown", "back_to_source", "waiting", "running"]
+    assert sorted(r.state for r in sent) == sorted(TASK_STATES)
+    for reply in sent:
+        assert wire.decode(SyncReply, wire.encode(reply)) == reply
 
 
 def test_peer_with_pieces_becomes_parent_candidate() -> None:

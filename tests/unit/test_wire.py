@@ -50,6 +50,8 @@ MESSAGES: list[object] = [
     SyncReply(task_id=TASK, state="running", content_length=5, piece_size=4 << 20, first_digest=1,
               piece_digests=[D], parents=[Parent(host_id="p", url="http://p:1", pieces=b"\x80")]),
     SyncReply(task_id=TASK, state="waiting"),
+    SyncReply(task_id=TASK, state="back_to_source", reason="no seed peer available"),
+    SyncReply(task_id=TASK, state="unknown", reason="register first"),
     SeedTrigger(task_id=TASK, url="http://o/b", headers={"a": "b"}),
     Empty(),
 ]
@@ -169,6 +171,19 @@ def test_piece_digests_wrong_length() -> None:
 def test_announce_kind(kind: str) -> None:
     body = pack({"host_id": "h", "url": "http://h:1", "kind": kind, "upload_slots": 1})
     bad(AnnounceHost, body, "AnnounceHost.kind: must be one of peer, seed")
+
+
+@pytest.mark.parametrize("state", ["failed", "RUNNING", "", "done", 1, None, b"running"])
+def test_reply_state_is_one_the_scheduler_sends(state: object) -> None:
+    bad(SyncReply, pack({"task_id": TASK, "state": state}),
+        "SyncReply.state: must be one of waiting, running, back_to_source, unknown$")
+
+
+def test_decoded_kind_and_state_are_plain_strings() -> None:
+    """msgpack carries plain strings both ways: nothing but the value crosses the wire."""
+    host = decode(AnnounceHost, encode(AnnounceHost(host_id="s", url="http://s:1", kind="seed", upload_slots=1)))
+    reply = decode(SyncReply, encode(SyncReply(task_id=TASK, state="running")))
+    assert (type(host.kind), host.kind, type(reply.state), reply.state) == (str, "seed", str, "running")
 
 
 @pytest.mark.parametrize("url", ["ftp://h:1", "h:1", "file:///etc/passwd", "javascript:alert(1)", "HTTP//x"])
