@@ -46,8 +46,9 @@ def test_parse_digest_accepts() -> None:
     ],
 )
 def test_parse_digest_rejects(value: object) -> None:
-    with pytest.raises(BadRequest, match="invalid digest"):
+    with pytest.raises(BadRequest, match="invalid digest") as info:
         parse_digest(value)
+    assert (info.value.status, info.value.code) == (400, "DIGEST_INVALID")
 
 
 @pytest.mark.parametrize(
@@ -84,8 +85,9 @@ def test_parse_name_accepts(name: str) -> None:
     ],
 )
 def test_parse_name_rejects(name: object) -> None:
-    with pytest.raises(BadRequest, match="invalid repository name"):
+    with pytest.raises(BadRequest, match="invalid repository name") as info:
         parse_name(name)
+    assert (info.value.status, info.value.code) == (400, "NAME_INVALID")
 
 
 def test_parse_name_length_limit() -> None:
