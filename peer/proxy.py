@@ -194,7 +194,10 @@ class Proxy:
                 return error_response(exc, f"cannot fetch {short(digest)}: ")
         base = [("content-type", "application/octet-stream"), ("docker-content-digest", digest),
                 ("accept-ranges", "bytes"), ("etag", f'"{digest}"'), ("oci-namespace", up.namespace)]
-        span = parse_range(request.headers.get("range", ""), size)
+        try:
+            span = parse_range(request.headers.get("range", ""), size)
+        except RangeNotSatisfiable as exc:
+            return error_response(exc)  # answered here, so it counts as a blob request
         start, end = (0, size) if span is None else span
         reply = [*base, ("content-length", str(end - start))]
         status = 200
