@@ -42,7 +42,7 @@ class Node(Generic[ConfigT]):
     `start_role` (what runs beside the piece server) and `aclose`.
     """
 
-    kind: ClassVar[str] = "node"  # "peer" or "seed": in metric names, logs and announces
+    kind: ClassVar[wire.HostKind]  # each role sets it: in metric names, logs and announces
 
     def __init__(self, config: ConfigT, *, origin: OriginClient, scheduler_timeout_s: float = 3.0) -> None:
         self.config = config
