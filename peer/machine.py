@@ -48,7 +48,6 @@ class BackToSourceReason(StrEnum):
     NO_SCHEDULER = "no_scheduler"
     SCHEDULER_UNREACHABLE = "scheduler_unreachable"
     SCHEDULER_SAID = "scheduler_said"
-    SEED_FAILED = "seed_failed"
     SIZE_UNKNOWN = "size_unknown"
     STALLED = "stalled"
 
@@ -222,8 +221,6 @@ class TaskMachine:
         state = reply.state
         if state == "back_to_source":
             self._give_up(BackToSourceReason.SCHEDULER_SAID, reply.reason or "scheduler said so")
-        elif state == "failed":
-            self._give_up(BackToSourceReason.SEED_FAILED, reply.reason or "task failed on the seed")
         elif state == "unknown":
             self.registered = False
         elif state == "waiting":

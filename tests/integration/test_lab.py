@@ -162,7 +162,7 @@ async def test_fault_relay_fails_cuts_and_stalls_blob_gets_in_plan_order(
                             sha.update(chunk)
                     outcomes.append("sha256:" + sha.hexdigest() == layer.digest)
                 except OriginError as exc:
-                    outcomes.append(exc.status or str(exc).split(":")[-1].strip())
+                    outcomes.append(exc.upstream_status or str(exc).split(":")[-1].strip())
             nursery.cancel_scope.cancel()
     await client.aclose()
     assert outcomes == [503, "ReadError", "ReadTimeout", True]

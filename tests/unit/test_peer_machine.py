@@ -211,10 +211,6 @@ def test_scheduler_answers_say_why_the_download_goes_back_to_source() -> None:
     assert said.back_to_source.reason is BackToSourceReason.SCHEDULER_SAID
     assert said.back_to_source.detail == "no seed peer available"
 
-    failed = TaskMachine("me", Limits(), random.Random(1), 0.0)
-    failed.register_answered(SyncReply(task_id=TASK, state="failed"), 0.0)
-    assert failed.back_to_source is not None and failed.back_to_source.reason is BackToSourceReason.SEED_FAILED
-
     unreachable = TaskMachine("me", Limits(), random.Random(1), 0.0)
     unreachable.register_failed("connection refused")
     assert unreachable.back_to_source is not None

@@ -20,7 +20,7 @@ def _scheduler() -> Scheduler:
     return Scheduler(SchedulerConfig(seed_retry_s=5.0), rng=random.Random(3))
 
 
-def _announce(s: Scheduler, host: str, kind: str, now: float, tasks: list[wire.TaskHolding] | None = None) -> None:
+def _announce(s: Scheduler, host: str, kind: wire.HostKind, now: float, tasks: list[wire.TaskHolding] | None = None) -> None:
     s.announce(wire.AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=4,
                                  tasks=tasks or []), now)
 
