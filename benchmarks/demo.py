@@ -71,9 +71,7 @@ def blob_url(registry_url: str, blob: Blob) -> str:
 
 
 async def _run_checked(argv: Sequence[str], what: str) -> None:
-    result = await trio.run_process(
-        list(argv), capture_stdout=True, capture_stderr=True, check=False
-    )
+    result = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False)
     if result.returncode != 0:
         stderr = result.stderr.decode(errors="replace").strip().splitlines()
         detail = stderr[-1] if stderr else "no output"
@@ -192,9 +190,7 @@ def start_p2p(
     seed = stack.enter_context(start_seed(workdir, scheduler.url, extra_args=insecure))
     step(f"seed up at {seed.url} (pid {seed.pid})")
     services = [
-        stack.enter_context(
-            start_peer(workdir, scheduler.url, f"peer-{n}", [*insecure, *peer_args], wait=False)
-        )
+        stack.enter_context(start_peer(workdir, scheduler.url, f"peer-{n}", [*insecure, *peer_args], wait=False))
         for n in range(peers)
     ]
     for peer in services:
@@ -218,9 +214,7 @@ def report(
     rows = max(len(direct), len(p2p or []))
     print(f"{'#':>3}  {'p2p host':<10} {'p2p s':>8}   {'direct host':<11} {'direct s':>8}")
     for row in range(rows):
-        left = (
-            f"{p2p[row].host:<10} {p2p[row].seconds:8.2f}" if p2p and row < len(p2p) else " " * 19
-        )
+        left = f"{p2p[row].host:<10} {p2p[row].seconds:8.2f}" if p2p and row < len(p2p) else " " * 19
         right = f"{direct[row].host:<11} {direct[row].seconds:8.2f}" if row < len(direct) else ""
         print(f"{row:>3}  {left}   {right}")
     if p2p and p2p_origin_bytes is not None:
@@ -249,9 +243,7 @@ def run(args: argparse.Namespace) -> None:
 
         origin = stack.enter_context(Origin(workdir=workdir / "origin"))
         step(f"origin registry up at {origin.url} (pid {origin.pid})")
-        relay = stack.enter_context(
-            RelayProcess(workdir, origin.host, rate_bps=args.origin_rate_bps or None)
-        )
+        relay = stack.enter_context(RelayProcess(workdir, origin.host, rate_bps=args.origin_rate_bps or None))
         rate = f", capped at {mib(args.origin_rate_bps)}/s" if args.origin_rate_bps else ""
         step(f"counting relay {relay.url} -> origin{rate}")
 
@@ -262,9 +254,7 @@ def run(args: argparse.Namespace) -> None:
 
         image = make_oci_layout(workdir / "layout", layer_sizes, seed=args.seed, progress=progress)
         push_image(image, origin.host, REPO)
-        step(
-            f"pushed {origin.host}/{REPO}:{image.tag} with skopeo ({mib(image.total_layer_bytes)})"
-        )
+        step(f"pushed {origin.host}/{REPO}:{image.tag} with skopeo ({mib(image.total_layer_bytes)})")
 
         p2p_results: list[PullResult] | None = None
         p2p_origin_bytes: int | None = None
@@ -286,25 +276,23 @@ def run(args: argparse.Namespace) -> None:
         verify_and_remove(direct_results)
         step(f"direct: done, every file matches its digest; origin sent {mib(direct_origin_bytes)}")
 
-        report(image, p2p_results, p2p_origin_bytes, direct_results, direct_origin_bytes,
-               args.origin_rate_bps)
+        report(image, p2p_results, p2p_origin_bytes, direct_results, direct_origin_bytes, args.origin_rate_bps)
         step("stopping processes")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__)
     parser.add_argument("--peers", type=int, default=DEFAULT_PEERS, help="peers and direct clients")
-    parser.add_argument(
-        "--layers-mib", default=DEFAULT_LAYERS_MIB, help="layer sizes, comma-separated"
-    )
+    parser.add_argument("--layers-mib", default=DEFAULT_LAYERS_MIB, help="layer sizes, comma-separated")
     parser.add_argument("--seed", type=int, default=1, help="image content seed")
     parser.add_argument(
-        "--origin-rate-bps", type=int, default=DEFAULT_ORIGIN_RATE_BPS,
+        "--origin-rate-bps",
+        type=int,
+        default=DEFAULT_ORIGIN_RATE_BPS,
         help="cap the origin's upload, as a registry a whole cluster pulls from is capped "
-        "(default 50 MiB/s; 0: uncapped, where loopback makes the origin nearly free)")
-    parser.add_argument(
-        "--peer-args", default="", help="extra peer flags, e.g. '--upload-rate 8MiB'"
+        "(default 50 MiB/s; 0: uncapped, where loopback makes the origin nearly free)",
     )
+    parser.add_argument("--peer-args", default="", help="extra peer flags, e.g. '--upload-rate 8MiB'")
     parser.add_argument("--skip-p2p", action="store_true", help="only origin, push and direct pull")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)

@@ -62,11 +62,13 @@ class LoadResult:
 
     def summary(self) -> str:
         rate = len(self.latencies_s) / self.wall_s if self.wall_s else math.nan
-        return (f"{self.what}: {len(self.latencies_s)} ok, {len(self.errors)} errors in {self.wall_s:.2f} s "
-                f"({rate:.0f}/s); "
-                f"latency p50 {self.percentile(50) * 1000:.1f} ms, p99 {self.percentile(99) * 1000:.1f} ms, "
-                f"max {max(self.latencies_s, default=math.nan) * 1000:.1f} ms; "
-                f"daemon CPU {self.cpu_s:.1f} s, peak RSS {self.peak_rss_kib / 1024:.1f} MiB")
+        return (
+            f"{self.what}: {len(self.latencies_s)} ok, {len(self.errors)} errors in {self.wall_s:.2f} s "
+            f"({rate:.0f}/s); "
+            f"latency p50 {self.percentile(50) * 1000:.1f} ms, p99 {self.percentile(99) * 1000:.1f} ms, "
+            f"max {max(self.latencies_s, default=math.nan) * 1000:.1f} ms; "
+            f"daemon CPU {self.cpu_s:.1f} s, peak RSS {self.peak_rss_kib / 1024:.1f} MiB"
+        )
 
 
 class _Connections:
@@ -90,16 +92,18 @@ class _Connections:
             if conn is None:
                 conn = (await trio.open_tcp_stream(self.host, self.port), bytearray())
             stream, buffered = conn
-            head = (f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{self.extra}"
-                    f"content-length: {len(body)}\r\n\r\n").encode()
+            head = (
+                f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{self.extra}content-length: {len(body)}\r\n\r\n"
+            ).encode()
             await stream.send_all(head + body)
             while (end := buffered.find(b"\r\n\r\n")) < 0:
                 buffered += await _receive(stream)
             lines = bytes(buffered[:end]).decode("latin-1").split("\r\n")
             status = int(lines[0].split(" ", 2)[1])
-            length = next(int(line.split(":", 1)[1]) for line in lines[1:]
-                          if line.lower().startswith("content-length:"))
-            del buffered[:end + 4]
+            length = next(
+                int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:")
+            )
+            del buffered[: end + 4]
             while len(buffered) < length:
                 buffered += await _receive(stream)
             reply = bytes(buffered[:length])
@@ -172,8 +176,15 @@ async def pull_through_mirror(proxy_url: str, origin_host: str, digest: str, cli
     return result
 
 
-async def simulate_peers(scheduler_url: str, peers: int, *, blob_size: int = 512 * MiB, syncs: int = 3,
-                         concurrency: int = 200, secret: str | None = None) -> LoadResult:
+async def simulate_peers(
+    scheduler_url: str,
+    peers: int,
+    *,
+    blob_size: int = 512 * MiB,
+    syncs: int = 3,
+    concurrency: int = 200,
+    secret: str | None = None,
+) -> LoadResult:
     """`peers` simulated hosts against one scheduler: announce, register, `syncs` syncs that
     report pieces, a last sync that says done. A simulated seed holds the whole task first."""
     result = LoadResult(f"{peers} simulated peers registering and syncing over {concurrency} connections")
@@ -199,15 +210,29 @@ async def simulate_peers(scheduler_url: str, peers: int, *, blob_size: int = 512
             result.latencies_s.append(seconds)
             return reply
 
-        seed = wire.AnnounceHost(host_id="load-seed", url="http://seed.invalid:4010", kind="seed", upload_slots=64,
-                                 tasks=[wire.TaskHolding(task_id=task_id, content_length=blob_size, pieces=every_piece,
-                                                         url=blob_url, piece_digests=[b"\x00" * 32] * layout.count)])
+        seed = wire.AnnounceHost(
+            host_id="load-seed",
+            url="http://seed.invalid:4010",
+            kind="seed",
+            upload_slots=64,
+            tasks=[
+                wire.TaskHolding(
+                    task_id=task_id,
+                    content_length=blob_size,
+                    pieces=every_piece,
+                    url=blob_url,
+                    piece_digests=[b"\x00" * 32] * layout.count,
+                )
+            ],
+        )
         await call("/v1/hosts", seed)
 
         async def peer(i: int) -> None:
             host_id = f"load-peer-{i:05d}"
-            await call("/v1/hosts", wire.AnnounceHost(host_id=host_id, url=f"http://peer-{i}.invalid:4000",
-                                                      kind="peer", upload_slots=16))
+            await call(
+                "/v1/hosts",
+                wire.AnnounceHost(host_id=host_id, url=f"http://peer-{i}.invalid:4000", kind="peer", upload_slots=16),
+            )
             reply = await call("/v1/tasks/register", wire.Register(host_id=host_id, task_id=task_id, url=blob_url))
             if reply is None:
                 return
@@ -216,8 +241,12 @@ async def simulate_peers(scheduler_url: str, peers: int, *, blob_size: int = 512
             per_sync = max(1, layout.count // syncs)
             for n in range(syncs + 1):
                 pieces = list(range(n * per_sync, min(layout.count, (n + 1) * per_sync))) if n < syncs else []
-                await call("/v1/tasks/sync", wire.Sync(host_id=host_id, task_id=task_id, new_pieces=pieces,
-                                                      have_digests=layout.count, done=n == syncs))
+                await call(
+                    "/v1/tasks/sync",
+                    wire.Sync(
+                        host_id=host_id, task_id=task_id, new_pieces=pieces, have_digests=layout.count, done=n == syncs
+                    ),
+                )
 
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:

@@ -44,8 +44,10 @@ def main() -> None:
                 scheduler = start_scheduler(workdir)
                 services.append(scheduler)
                 services.append(start_seed(workdir, scheduler.url, "seed0"))
-                peers = [start_peer(workdir, scheduler.url, f"peer{i}", ("--insecure-registry", relay.host))
-                         for i in range(3)]
+                peers = [
+                    start_peer(workdir, scheduler.url, f"peer{i}", ("--insecure-registry", relay.host))
+                    for i in range(3)
+                ]
                 services.extend(peers)
                 ref = f"{relay.host}/{REPO}:latest"
 

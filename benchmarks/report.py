@@ -48,8 +48,9 @@ def cpu_seconds(pid: int) -> float:
 
 def lower_bound_s(peers: int, blob_bytes: int, origin_bps: float, upload_bps: float, download_bps: float) -> float:
     """Kumar & Ross (2006): no scheme finishes N hosts before max(F/u_s, F/d, N·F/(u_s + N·u))."""
-    return max(blob_bytes / origin_bps, blob_bytes / download_bps,
-               peers * blob_bytes / (origin_bps + peers * upload_bps))
+    return max(
+        blob_bytes / origin_bps, blob_bytes / download_bps, peers * blob_bytes / (origin_bps + peers * upload_bps)
+    )
 
 
 def write_results(out_dir: Path, result: dict[str, Any]) -> None:
@@ -69,10 +70,8 @@ def markdown(result: dict[str, Any]) -> str:
     bound = result["lower_bound_s"]
     blob = result["blob_bytes"]
     lines = [f"# {result.get('title', 'p2p against direct pull')}", ""]
-    lines.append(f"{result['peers']} hosts, blob {blob / (1 << 20):.0f} MiB, "
-                 f"lower bound T_min = {bound:.2f} s.")
-    lines += ["", "| scheme | hosts done | p50 | p99 | max | origin bytes |",
-              "|---|---|---|---|---|---|"]
+    lines.append(f"{result['peers']} hosts, blob {blob / (1 << 20):.0f} MiB, lower bound T_min = {bound:.2f} s.")
+    lines += ["", "| scheme | hosts done | p50 | p99 | max | origin bytes |", "|---|---|---|---|---|---|"]
     for scheme in SCHEMES:
         r = result.get(scheme)
         if r is None:
@@ -83,7 +82,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {scheme} | {len(times)} | {r['p50_s']:.2f} s ({r['p50_s'] / bound:.2f}·T_min) "
             f"| {r['p99_s']:.2f} s ({r['p99_s'] / bound:.2f}·T_min) "
             f"| {worst:.2f} s ({worst / bound:.2f}·T_min) "
-            f"| {r['origin_bytes'] / blob:.2f}·F |")
+            f"| {r['origin_bytes'] / blob:.2f}·F |"
+        )
     lines.append("")
     for key in ("command", "machine", "runtime_s", "cpu_s"):
         if key in result:
@@ -108,8 +108,13 @@ def plot_cdf(path: Path, result: dict[str, Any]) -> None:
             continue
         times = sorted(r["completion_s"])
         n = len(times)
-        ax.step(times, [(i + 1) / n for i in range(n)], style, where="post",
-                label=f"{scheme}: p50 {r['p50_s'] / bound:.2f}, p99 {r['p99_s'] / bound:.2f} ·T_min")
+        ax.step(
+            times,
+            [(i + 1) / n for i in range(n)],
+            style,
+            where="post",
+            label=f"{scheme}: p50 {r['p50_s'] / bound:.2f}, p99 {r['p99_s'] / bound:.2f} ·T_min",
+        )
     ax.axvline(bound, color="grey", linestyle=":", label=f"T_min = {bound:.2f} s")
     ax.set_xscale("log")
     ax.set_xlabel("completion time per host (s, log scale)")

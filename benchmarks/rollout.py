@@ -51,16 +51,26 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-async def pull_image(client: httpx.AsyncClient, blobs: PieceClient, base: str, image: ImageInfo,
-                     params: dict[str, str], started: float, verified: list[str]) -> float:
+async def pull_image(
+    client: httpx.AsyncClient,
+    blobs: PieceClient,
+    base: str,
+    image: ImageInfo,
+    params: dict[str, str],
+    started: float,
+    verified: list[str],
+) -> float:
     """Fetch the manifest and every layer (layers at once, as runtimes do); return seconds since `started`.
 
     Layers come through the lean keep-alive client: on this one machine the 16 "runtimes" share
     the 2 cores with the daemons, and httpx would spend ~3 s of CPU per GiB the real runtimes,
     each on its own host, would not take from them.
     """
-    manifest = await client.get(f"{base}/v2/{REPO}/manifests/{image.tag}", params=params,
-                                headers={"accept": "application/vnd.oci.image.manifest.v1+json"})
+    manifest = await client.get(
+        f"{base}/v2/{REPO}/manifests/{image.tag}",
+        params=params,
+        headers={"accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
     if manifest.status_code != 200:
         raise RolloutError(f"manifest from {base}: HTTP {manifest.status_code}")
     query = f"?{urlencode(params)}" if params else ""
@@ -84,8 +94,9 @@ async def pull_image(client: httpx.AsyncClient, blobs: PieceClient, base: str, i
     return time.monotonic() - started
 
 
-async def pull_everywhere(bases: Sequence[str], image: ImageInfo, params: dict[str, str],
-                          timeout_s: float) -> tuple[list[float], int]:
+async def pull_everywhere(
+    bases: Sequence[str], image: ImageInfo, params: dict[str, str], timeout_s: float
+) -> tuple[list[float], int]:
     """Every host's completion time, and how many blobs came out matching their digests."""
     times: list[float] = [0.0] * len(bases)
     verified: list[str] = []
@@ -105,9 +116,15 @@ async def pull_everywhere(bases: Sequence[str], image: ImageInfo, params: dict[s
     return times, len(verified)
 
 
-_SCRAPED = ("upload_bytes_total", 'download_bytes_total{source="peer"}', 'download_bytes_total{source="origin"}',
-            'pieces_total{result="busy",source="peer"}', 'pieces_total{result="failed",source="peer"}',
-            'pieces_total{result="verified",source="peer"}', "back_to_source_total")
+_SCRAPED = (
+    "upload_bytes_total",
+    'download_bytes_total{source="peer"}',
+    'download_bytes_total{source="origin"}',
+    'pieces_total{result="busy",source="peer"}',
+    'pieces_total{result="failed",source="peer"}',
+    'pieces_total{result="verified",source="peer"}',
+    "back_to_source_total",
+)
 
 
 def scrape(services: Sequence[Service]) -> dict[str, dict[str, float]]:
@@ -192,9 +209,21 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stack.callback(lambda: [s.stop() for s in reversed(services) if s.poll() is None])
         scheduler = start_scheduler(workdir)
         services.append(scheduler)
-        services.append(start_seed(workdir, scheduler.url, extra_args=[
-            *insecure, "--upload-rate", args.origin_rate, "--log-level", "warning"]))
-        peer_args = [*insecure, "--upload-rate", args.peer_upload_rate, "--log-level", "warning", *shlex.split(args.peer_args)]
+        services.append(
+            start_seed(
+                workdir,
+                scheduler.url,
+                extra_args=[*insecure, "--upload-rate", args.origin_rate, "--log-level", "warning"],
+            )
+        )
+        peer_args = [
+            *insecure,
+            "--upload-rate",
+            args.peer_upload_rate,
+            "--log-level",
+            "warning",
+            *shlex.split(args.peer_args),
+        ]
         if args.peer_download_rate:
             peer_args += ["--download-rate", args.peer_download_rate]
         peers = [start_peer(workdir, scheduler.url, f"peer-{i:03d}", peer_args, wait=False) for i in range(args.peers)]
@@ -203,30 +232,40 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             peer.wait_healthy()
         log(f"{args.peers} peers up; p2p rollout starts")
         before = relay.downstream_bytes()
-        roles = {"origin": [origin.pid], "relay": [relay.service.pid], "scheduler": [scheduler.pid],
-                 "seed": [services[1].pid], "peers": [p.pid for p in peers]}
+        roles = {
+            "origin": [origin.pid],
+            "relay": [relay.service.pid],
+            "scheduler": [scheduler.pid],
+            "seed": [services[1].pid],
+            "peers": [p.pid for p in peers],
+        }
         cpu_before = {role: sum(map(cpu_seconds, pids)) for role, pids in roles.items()}
         harness_before = time.process_time()
         with ExitStack() as sampling:
             sampler = None
             if args.timeline:
                 sampler = sampling.enter_context(UploadSampler(services[1:], origin_bps + args.peers * upload_bps))
-            p2p, p2p_verified = trio.run(pull_everywhere, [str(p.proxy_url) for p in peers], image,
-                                         {"ns": relay.host}, args.timeout)
+            p2p, p2p_verified = trio.run(
+                pull_everywhere, [str(p.proxy_url) for p in peers], image, {"ns": relay.host}, args.timeout
+            )
         cpu = {role: round(sum(map(cpu_seconds, pids)) - cpu_before[role], 1) for role, pids in roles.items()}
         cpu["clients"] = round(time.process_time() - harness_before, 1)
         p2p_origin = relay.downstream_bytes() - before
         log("p2p CPU seconds by role: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
         detail = scrape([services[1], *peers])
-        log(f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB")
+        log(
+            f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB"
+        )
         direct: list[float] = []
         direct_origin = direct_verified = 0
         if not args.skip_direct:
             before = relay.downstream_bytes()
             direct, direct_verified = trio.run(pull_everywhere, [relay.url] * args.peers, image, {}, args.timeout)
             direct_origin = relay.downstream_bytes() - before
-            log(f"direct: p50 {sorted(direct)[len(direct) // 2]:.2f}s, slowest {max(direct):.2f}s, "
-                f"origin sent {direct_origin / MiB:.1f} MiB")
+            log(
+                f"direct: p50 {sorted(direct)[len(direct) // 2]:.2f}s, slowest {max(direct):.2f}s, "
+                f"origin sent {direct_origin / MiB:.1f} MiB"
+            )
     download_bps = parse_size(args.peer_download_rate) if args.peer_download_rate else float("inf")
     bound = lower_bound_s(args.peers, total, origin_bps, upload_bps, download_bps)
     result: dict[str, Any] = {
@@ -243,8 +282,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "p2p": summarize(p2p, p2p_origin) | {"blobs_verified": p2p_verified},
         "p2p_detail": detail,
         "p2p_cpu_s": cpu,
-        **({"p2p_upload_utilization": sampler.utilization(), "p2p_upload_samples": sampler.samples}
-           if sampler is not None else {}),
+        **(
+            {"p2p_upload_utilization": sampler.utilization(), "p2p_upload_samples": sampler.samples}
+            if sampler is not None
+            else {}
+        ),
     }
     if direct:
         result["direct"] = summarize(direct, direct_origin) | {"blobs_verified": direct_verified}
@@ -263,8 +305,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated image's bytes")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--skip-direct", action="store_true")
-    parser.add_argument("--timeline", action="store_true",
-                        help="sample the swarm's upload every 0.5 s into result.json (costs a little CPU)")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="sample the swarm's upload every 0.5 s into result.json (costs a little CPU)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -287,12 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(args.out, result)
     bound = result["lower_bound_s"]
     p2p = result["p2p"]
-    print(f"T_min {bound:.2f}s | p2p p50 {p2p['p50_s']:.2f}s ({p2p['p50_s'] / bound:.2f}x) "
-          f"p99 {p2p['p99_s']:.2f}s ({p2p['p99_s'] / bound:.2f}x) origin {p2p['origin_bytes'] / result['blob_bytes']:.2f}F")
+    print(
+        f"T_min {bound:.2f}s | p2p p50 {p2p['p50_s']:.2f}s ({p2p['p50_s'] / bound:.2f}x) "
+        f"p99 {p2p['p99_s']:.2f}s ({p2p['p99_s'] / bound:.2f}x) origin {p2p['origin_bytes'] / result['blob_bytes']:.2f}F"
+    )
     if "direct" in result:
         d = result["direct"]
-        print(f"direct p50 {d['p50_s']:.2f}s p99 {d['p99_s']:.2f}s origin {d['origin_bytes'] / result['blob_bytes']:.2f}F; "
-              f"p2p p50 is {d['p50_s'] / p2p['p50_s']:.1f}x faster")
+        print(
+            f"direct p50 {d['p50_s']:.2f}s p99 {d['p99_s']:.2f}s origin {d['origin_bytes'] / result['blob_bytes']:.2f}F; "
+            f"p2p p50 is {d['p50_s'] / p2p['p50_s']:.1f}x faster"
+        )
     print(f"wrote {args.out}/result.json, report.md, cdf.png")
     return 0
 

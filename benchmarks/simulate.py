@@ -104,8 +104,9 @@ class Simulation:
         self.sched = Scheduler(config.scheduler, rng=random.Random(rng.random()))
         n = config.peers
         limits = Limits.from_config(config.peer)
-        self.peers = [SimPeer(i + 1, rng.uniform(0, config.start_spread_s), random.Random(rng.random()), limits)
-                      for i in range(n)]
+        self.peers = [
+            SimPeer(i + 1, rng.uniform(0, config.start_spread_s), random.Random(rng.random()), limits) for i in range(n)
+        ]
         self.seed_id = "seed-0"
         self.index = {self.seed_id: 0} | {p.host_id: p.index for p in self.peers}
         hosts = n + 1
@@ -148,11 +149,19 @@ class Simulation:
 
     def start(self) -> None:
         seed_slots = self.config.seed_slots()
-        self.sched.announce(AnnounceHost(host_id=self.seed_id, url="http://seed-0.sim:4010", kind="seed",
-                                         upload_slots=seed_slots), 0.0)
+        self.sched.announce(
+            AnnounceHost(host_id=self.seed_id, url="http://seed-0.sim:4010", kind="seed", upload_slots=seed_slots), 0.0
+        )
         for p in self.peers:
-            self.sched.announce(AnnounceHost(host_id=p.host_id, url=f"http://{p.host_id}.sim:4000", kind="peer",
-                                             upload_slots=self.config.peer_slots()), 0.0)
+            self.sched.announce(
+                AnnounceHost(
+                    host_id=p.host_id,
+                    url=f"http://{p.host_id}.sim:4000",
+                    kind="peer",
+                    upload_slots=self.config.peer_slots(),
+                ),
+                0.0,
+            )
             self._at(p.start_s, "register", p.index)
 
     def _register(self, p: SimPeer, now: float) -> None:
@@ -170,10 +179,19 @@ class Simulation:
         if report.register:
             self._register(p, now)
             return
-        reply, wake = self.sched.sync(Sync(
-            host_id=p.host_id, task_id=TASK, new_pieces=list(range(self.layout.count)) if done else report.new_pieces,
-            have_digests=report.have_digests, bad_parents=report.bad_parents, failed_parents=report.failed_parents,
-            done=done, content_length=report.content_length), now)
+        reply, wake = self.sched.sync(
+            Sync(
+                host_id=p.host_id,
+                task_id=TASK,
+                new_pieces=list(range(self.layout.count)) if done else report.new_pieces,
+                have_digests=report.have_digests,
+                bad_parents=report.bad_parents,
+                failed_parents=report.failed_parents,
+                done=done,
+                content_length=report.content_length,
+            ),
+            now,
+        )
         if wake is not None:
             self._wake_seed(now)
         if not done:
@@ -209,16 +227,27 @@ class Simulation:
         if self.seed_woken_s is None:
             return 0
         fetched = (now - self.origin_start) * self.config.origin_bps
-        return min(self.layout.count, int(fetched // self.layout.piece_size)) if fetched < self.config.blob_bytes \
+        return (
+            min(self.layout.count, int(fetched // self.layout.piece_size))
+            if fetched < self.config.blob_bytes
             else self.layout.count
+        )
 
     def _seed_report(self, now: float) -> None:
         have = self._seed_pieces_at(now)
         done = have == self.layout.count
         digests = [n.to_bytes(32, "big") for n in range(self.seed_reported, have)]
-        self.sched.seed_progress(SeedProgress(
-            host_id=self.seed_id, task_id=TASK, content_length=self.config.blob_bytes,
-            first_digest=self.seed_reported, piece_digests=digests, done=done), now)
+        self.sched.seed_progress(
+            SeedProgress(
+                host_id=self.seed_id,
+                task_id=TASK,
+                content_length=self.config.blob_bytes,
+                first_digest=self.seed_reported,
+                piece_digests=digests,
+                done=done,
+            ),
+            now,
+        )
         self.seed_reported = have
         self.seed_next_report = float("inf") if done else now + REPORT_INTERVAL_S
 
@@ -343,8 +372,14 @@ class Simulation:
             if now >= next_expire:
                 self.sched.expire(now)
                 next_expire += 1.0
-                log.info("t=%.0fs: %d of %d hosts still pulling, %d transfers, %.0fs of CPU",
-                         now, self.waiting, len(self.peers), int(self.f_live.sum()), time.process_time())
+                log.info(
+                    "t=%.0fs: %d of %d hosts still pulling, %d transfers, %.0fs of CPU",
+                    now,
+                    self.waiting,
+                    len(self.peers),
+                    int(self.f_live.sum()),
+                    time.process_time(),
+                )
             self._expire_queued(now, touched)
             for index in sorted(touched):
                 self._launch(self.peers[index - 1], now)
@@ -373,8 +408,9 @@ class Simulation:
         cfg = self.config
         done = [p for p in self.peers if p.done_s is not None]
         p2p_times = [p.done_s - p.start_s for p in done if p.done_s is not None]
-        direct_times = direct_pull([p.start_s for p in self.peers], cfg.blob_bytes, cfg.origin_bps,
-                                   cfg.peer_download_bps)
+        direct_times = direct_pull(
+            [p.start_s for p in self.peers], cfg.blob_bytes, cfg.origin_bps, cfg.peer_download_bps
+        )
         bound = lower_bound_s(cfg.peers, cfg.blob_bytes, cfg.origin_bps, cfg.peer_upload_bps, cfg.peer_download_bps)
         p2p = summarize(p2p_times or [float("inf")], self.origin_bytes)
         p2p["hosts_complete"] = len(done)
@@ -397,11 +433,17 @@ class Simulation:
             "direct_bound_s": max(cfg.peers * cfg.blob_bytes / cfg.origin_bps, cfg.blob_bytes / cfg.peer_download_bps),
             "p2p": p2p,
             "direct": summarize(direct_times, cfg.peers * cfg.blob_bytes),
-            "scheduler": {"candidate_parents": cfg.scheduler.candidate_parents,
-                          "parent_sample": cfg.scheduler.parent_sample, **counters},
-            "peer_limits": {"concurrent_pieces": cfg.peer.concurrent_pieces,
-                            "per_parent_pieces": cfg.peer.per_parent_pieces,
-                            "upload_slots": cfg.peer_slots(), "seed_upload_slots": cfg.seed_slots()},
+            "scheduler": {
+                "candidate_parents": cfg.scheduler.candidate_parents,
+                "parent_sample": cfg.scheduler.parent_sample,
+                **counters,
+            },
+            "peer_limits": {
+                "concurrent_pieces": cfg.peer.concurrent_pieces,
+                "per_parent_pieces": cfg.peer.per_parent_pieces,
+                "upload_slots": cfg.peer_slots(),
+                "seed_upload_slots": cfg.seed_slots(),
+            },
             "requests": self.stats["requests"],
             "busy_answers": self.stats["busy"],
             "syncs": self.stats["syncs"],
@@ -483,22 +525,30 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.INFO)
     rate = parse_size(args.peer_rate)
     config = SimConfig(
-        peers=args.peers, blob_bytes=parse_size(args.blob_size),
+        peers=args.peers,
+        blob_bytes=parse_size(args.blob_size),
         peer_upload_bps=parse_size(args.peer_upload) if args.peer_upload else rate,
         peer_download_bps=parse_size(args.peer_download) if args.peer_download else rate,
-        origin_bps=parse_size(args.origin_rate), start_spread_s=args.start_spread, tick_s=args.tick,
-        seed=args.seed)
+        origin_bps=parse_size(args.origin_rate),
+        start_spread_s=args.start_spread,
+        tick_s=args.tick,
+        seed=args.seed,
+    )
     result, _ = simulate(config)
     result["command"] = shlex.join([".venv/bin/python", "-m", "benchmarks.simulate", *(argv or sys.argv[1:])])
     write_results(args.out, result)
     bound = result["lower_bound_s"]
     for scheme in ("p2p", "direct"):
         r = result[scheme]
-        print(f"{scheme:6s} p50 {r['p50_s']:9.2f} s ({r['p50_s'] / bound:6.2f}·T_min)  "
-              f"p99 {r['p99_s']:9.2f} s ({r['p99_s'] / bound:6.2f}·T_min)  "
-              f"origin {r['origin_bytes'] / config.blob_bytes:7.2f}·F")
-    print(f"T_min {bound:.2f} s; {result['p2p']['hosts_complete']}/{config.peers} hosts done; "
-          f"ran {result['runtime_s']:.0f} s ({result['cpu_s']:.0f} s CPU); wrote {args.out}")
+        print(
+            f"{scheme:6s} p50 {r['p50_s']:9.2f} s ({r['p50_s'] / bound:6.2f}·T_min)  "
+            f"p99 {r['p99_s']:9.2f} s ({r['p99_s'] / bound:6.2f}·T_min)  "
+            f"origin {r['origin_bytes'] / config.blob_bytes:7.2f}·F"
+        )
+    print(
+        f"T_min {bound:.2f} s; {result['p2p']['hosts_complete']}/{config.peers} hosts done; "
+        f"ran {result['runtime_s']:.0f} s ({result['cpu_s']:.0f} s CPU); wrote {args.out}"
+    )
     return 0
 
 

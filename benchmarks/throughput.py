@@ -62,8 +62,9 @@ def metric_sum(url: str, name: str) -> float:
 def download_only(peer: Service, blob_url: str, registry: str, timeout_s: float = 300.0) -> float:
     """Start `peer`'s download of a blob with a one-byte range request and wait for it to
     finish; return the download's own duration (registration to sha256 verified)."""
-    response = httpx.get(blob_url, params={"ns": registry}, headers={"range": "bytes=0-0", SCHEME_HEADER: "http"},
-                         timeout=timeout_s)
+    response = httpx.get(
+        blob_url, params={"ns": registry}, headers={"range": "bytes=0-0", SCHEME_HEADER: "http"}, timeout=timeout_s
+    )
     assert response.status_code == 206, f"range request answered {response.status_code}"
     deadline = time.monotonic() + timeout_s
     while metric_sum(peer.url, 'p2pdist_peer_tasks_total{result="done"}') < 1:
@@ -104,7 +105,8 @@ def run(blob_size: int, workdir: Path, children: int = 0) -> dict[str, float]:
             seed.stop()  # B's only parent is now A
             curl_to_new_file(url, scratch)  # B's store gets the memory curl's file just had
             results["p2p_download_s"] = download_only(
-                peer_b, f"{peer_b.proxy_url}/v2/{REPO}/blobs/{layer.digest}", origin.host)
+                peer_b, f"{peer_b.proxy_url}/v2/{REPO}/blobs/{layer.digest}", origin.host
+            )
             from_peers = metric_sum(peer_b.url, 'p2pdist_peer_download_bytes_total{source="peer"}')
             assert from_peers == size, f"B fetched {from_peers} of {size} bytes from its parent"
             peer_b.stop()  # C's only parent is A
@@ -142,22 +144,31 @@ def run(blob_size: int, workdir: Path, children: int = 0) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blob-size", default="1GiB")
-    parser.add_argument("--children", type=int, default=8,
-                        help="then serve the blob from peer A to this many peers at once, measuring A's memory")
+    parser.add_argument(
+        "--children",
+        type=int,
+        default=8,
+        help="then serve the blob from peer A to this many peers at once, measuring A's memory",
+    )
     parser.add_argument("--out", type=Path, help="write result.json here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="p2pdist-throughput-") as tmp:
         r = run(parse_size(args.blob_size), Path(tmp), args.children)
     mib = r["blob_bytes"] / (1 << 20)
     print(f"blob: {mib:.0f} MiB")
-    for key, label in (("curl_devnull_s", "curl from origin to /dev/null"), ("curl_file_s", "curl from origin to a file"),
-                       ("p2p_download_s", "peer B from parent A, into its store (verified)"),
-                       ("p2p_get_s", "p2pdist get through peer C to a file (sha256 checked)")):
+    for key, label in (
+        ("curl_devnull_s", "curl from origin to /dev/null"),
+        ("curl_file_s", "curl from origin to a file"),
+        ("p2p_download_s", "peer B from parent A, into its store (verified)"),
+        ("p2p_get_s", "p2pdist get through peer C to a file (sha256 checked)"),
+    ):
         print(f"  {label:56s} {r[key]:6.2f} s  {mib / r[key]:7.0f} MiB/s")
     print(f"  ratio p2p download / curl to file: {r['curl_file_s'] / r['p2p_download_s']:.2f}x of curl's speed")
     if args.children:
-        print(f"  A served {r['children']} children at once ({r['parent_upload_mib']:.0f} MiB uploaded in all, "
-              f"{r['children_s']:.1f} s); A's peak RSS {r['parent_peak_rss_mib']:.1f} MiB")
+        print(
+            f"  A served {r['children']} children at once ({r['parent_upload_mib']:.0f} MiB uploaded in all, "
+            f"{r['children_s']:.1f} s); A's peak RSS {r['parent_peak_rss_mib']:.1f} MiB"
+        )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(r, indent=2) + "\n")

@@ -141,15 +141,17 @@ class _RequestHead:
 def _parse_request(event: h11.Request) -> _RequestHead:
     headers = dict(event.headers)
     target = event.target.decode("latin-1")
-    return _RequestHead(event.method.decode("latin-1"), target.split("?", 1)[0],
-                        headers.get(b"range", b"").decode("latin-1"), event)
+    return _RequestHead(
+        event.method.decode("latin-1"), target.split("?", 1)[0], headers.get(b"range", b"").decode("latin-1"), event
+    )
 
 
 def _forwarded(request: _RequestHead, upstream: h11.Connection) -> bytes:
     """The request head for the target, with `connection: close` in place of the client's."""
     headers = [(k, v) for k, v in request.event.headers.raw_items() if k.lower() != b"connection"]
-    head = h11.Request(method=request.event.method, target=request.event.target,
-                       headers=[*headers, (b"connection", b"close")])
+    head = h11.Request(
+        method=request.event.method, target=request.event.target, headers=[*headers, (b"connection", b"close")]
+    )
     return upstream.send(head) or b""
 
 
@@ -161,12 +163,20 @@ def _reset(stream: trio.SocketStream) -> None:
         pass
 
 
-def _response(conn: h11.Connection, status: int, body: bytes, headers: list[tuple[str, str]],
-              reason: bytes = b"") -> bytes:
+def _response(
+    conn: h11.Connection, status: int, body: bytes, headers: list[tuple[str, str]], reason: bytes = b""
+) -> bytes:
     """A whole response with a JSON body that closes the connection, framed by h11."""
-    head = h11.Response(status_code=status, reason=reason or HTTPStatus(status).phrase.encode(),
-                        headers=[("content-type", "application/json"), *headers,
-                                 ("content-length", str(len(body))), ("connection", "close")])
+    head = h11.Response(
+        status_code=status,
+        reason=reason or HTTPStatus(status).phrase.encode(),
+        headers=[
+            ("content-type", "application/json"),
+            *headers,
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ],
+    )
     return b"".join(conn.send(event) or b"" for event in (head, h11.Data(data=body), h11.EndOfMessage()))
 
 
@@ -199,12 +209,19 @@ async def _control(client: trio.SocketStream, conn: h11.Connection, relay: Fault
 
 async def _injected_failure(client: trio.SocketStream, conn: h11.Connection, relay: FaultRelay) -> None:
     body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "fault injected by p2pdist faultrelay"}]}).encode()
-    await _send(client, relay, _response(conn, relay.plan.fail_status, body, [("retry-after", "1")],
-                                         reason=b"Injected Fault"))
+    await _send(
+        client, relay, _response(conn, relay.plan.fail_status, body, [("retry-after", "1")], reason=b"Injected Fault")
+    )
 
 
-async def _relay_response(client: trio.SocketStream, target: trio.SocketStream, upstream: h11.Connection,
-                          relay: FaultRelay, fault: str, blob: bool) -> None:
+async def _relay_response(
+    client: trio.SocketStream,
+    target: trio.SocketStream,
+    upstream: h11.Connection,
+    relay: FaultRelay,
+    fault: str,
+    blob: bool,
+) -> None:
     """The target's response head as it came, then its body, cut or stalled as `fault` says."""
     plan = relay.plan
     raw = bytearray()
@@ -232,8 +249,9 @@ async def _relay_response(client: trio.SocketStream, target: trio.SocketStream, 
     if limit is not None:
         first, pending = pending[:limit], pending[limit:]
         await send_body(first)
-        if len(first) < limit and not await pump(target, client, receive_bytes=RECEIVE_BYTES, bucket=relay.bucket,
-                                                 on_bytes=count, limit=limit - len(first)):
+        if len(first) < limit and not await pump(
+            target, client, receive_bytes=RECEIVE_BYTES, bucket=relay.bucket, on_bytes=count, limit=limit - len(first)
+        ):
             return  # the body ended before the fault's point
         if fault == "reset":
             _reset(client)
@@ -243,8 +261,7 @@ async def _relay_response(client: trio.SocketStream, target: trio.SocketStream, 
     await pump(target, client, receive_bytes=RECEIVE_BYTES, bucket=relay.bucket, on_bytes=count)
 
 
-async def handle_connection(client: trio.SocketStream, target_host: str, target_port: int,
-                            relay: FaultRelay) -> None:
+async def handle_connection(client: trio.SocketStream, target_host: str, target_port: int, relay: FaultRelay) -> None:
     stats = relay.stats
     stats.connections += 1
     async with client:
@@ -298,8 +315,14 @@ async def _pump_up(client: trio.SocketStream, target: trio.SocketStream) -> None
         await pump(client, target, receive_bytes=RECEIVE_BYTES)
 
 
-async def serve_fault_relay(target_host: str, target_port: int, relay: FaultRelay, *, listen_port: int = 0,
-                            task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_fault_relay(
+    target_host: str,
+    target_port: int,
+    relay: FaultRelay,
+    *,
+    listen_port: int = 0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Relay 127.0.0.1:`listen_port` to the target with `relay`'s faults until cancelled; `started(port)`."""
 
     async def handle(client: trio.SocketStream) -> None:
@@ -315,8 +338,11 @@ async def run_fault_relay_process(target_host: str, target_port: int, listen_por
     relay = FaultRelay(plan)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: serve_fault_relay(
-                target_host, target_port, relay, listen_port=listen_port, task_status=task_status))
+            await nursery.start(
+                lambda task_status: serve_fault_relay(
+                    target_host, target_port, relay, listen_port=listen_port, task_status=task_status
+                )
+            )
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
@@ -325,15 +351,25 @@ async def run_fault_relay_process(target_host: str, target_port: int, listen_por
 class FaultRelayProcess:
     """`python -m lab.faultrelay` as a child process, driven over its control endpoints."""
 
-    def __init__(self, workdir: Path, target_host: str, plan: FaultPlan | None = None, *,
-                 name: str = "faultrelay") -> None:
+    def __init__(
+        self, workdir: Path, target_host: str, plan: FaultPlan | None = None, *, name: str = "faultrelay"
+    ) -> None:
         import sys
 
         from lab.procs import Service
 
         port = free_port()
-        argv = [sys.executable, "-m", "lab.faultrelay", "--target", target_host,
-                "--listen", str(port), "--plan", json.dumps(asdict(plan or FaultPlan()))]
+        argv = [
+            sys.executable,
+            "-m",
+            "lab.faultrelay",
+            "--target",
+            target_host,
+            "--listen",
+            str(port),
+            "--plan",
+            json.dumps(asdict(plan or FaultPlan())),
+        ]
         self.host = f"127.0.0.1:{port}"
         self.url = f"http://{self.host}"
         self.service = Service(name, argv, workdir / f"{name}.log", self.url)
@@ -357,8 +393,9 @@ class FaultRelayProcess:
     def __enter__(self) -> FaultRelayProcess:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 

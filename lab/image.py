@@ -177,8 +177,7 @@ def make_oci_layout(
                     "size": config.size,
                 },
                 "layers": [
-                    {"mediaType": MEDIA_TYPE_LAYER_TAR, "digest": layer.digest, "size": layer.size}
-                    for layer in layers
+                    {"mediaType": MEDIA_TYPE_LAYER_TAR, "digest": layer.digest, "size": layer.size} for layer in layers
                 ],
             }
         ),
@@ -241,9 +240,7 @@ def push(
                 raise LabError(f"after push, {registry_host}/{repo} answers {status} for {digest}")
 
 
-def push_image(
-    image: ImageInfo, registry_host: str, repo: str, *, creds: tuple[str, str] | None = None
-) -> None:
+def push_image(image: ImageInfo, registry_host: str, repo: str, *, creds: tuple[str, str] | None = None) -> None:
     """Push a generated image and check that the registry holds its exact blobs."""
     digests = (image.config.digest, *(layer.digest for layer in image.layers))
     push(image.layout_dir, image.tag, registry_host, repo, creds=creds, verify=digests)

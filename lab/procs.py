@@ -91,9 +91,7 @@ class Service(Stoppable):
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def wait_http(
-        self, url: str, timeout: float = DEFAULT_READY_TIMEOUT_S, ok: Collection[int] = (200,)
-    ) -> None:
+    def wait_http(self, url: str, timeout: float = DEFAULT_READY_TIMEOUT_S, ok: Collection[int] = (200,)) -> None:
         """Poll GET `url` until it answers with a status in `ok`.
 
         Fails at once, with the end of the log, when the process exits meanwhile.
@@ -282,10 +280,7 @@ class RelayProcess(Stoppable):
             except (OSError, ValueError):
                 pass
             if code is not None:
-                raise LabError(
-                    f"relay exited with {code}; log {self.service.log_path}:\n"
-                    f"{self.service.log_tail()}"
-                )
+                raise LabError(f"relay exited with {code}; log {self.service.log_path}:\n{self.service.log_tail()}")
             if time.monotonic() >= deadline:
                 raise LabError(f"relay wrote no stats to {self.stats_file} in {timeout:.0f} s")
             time.sleep(POLL_INTERVAL_S)

@@ -26,9 +26,7 @@ START_ATTEMPTS = 3
 def htpasswd_line(user: str, password: str) -> str:
     """A bcrypt htpasswd entry, made by `htpasswd -Bbn` (the format the registry reads)."""
     try:
-        result = subprocess.run(
-            ["htpasswd", "-Bbn", user, password], capture_output=True, text=True, check=False
-        )
+        result = subprocess.run(["htpasswd", "-Bbn", user, password], capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
         raise LabError("htpasswd not found: install apache2-utils (make setup)") from exc
     if result.returncode != 0:
@@ -43,9 +41,7 @@ class Origin(Stoppable):
     without credentials.
     """
 
-    def __init__(
-        self, *, creds: tuple[str, str] | None = None, workdir: Path | None = None
-    ) -> None:
+    def __init__(self, *, creds: tuple[str, str] | None = None, workdir: Path | None = None) -> None:
         self.creds = creds
         self._owns_workdir = workdir is None
         if workdir is None:

@@ -90,12 +90,8 @@ async def serve_relay(
                 await trio.aclose_forcefully(client)
                 return
             async with client, target, trio.open_nursery() as nursery:
-                upstream = functools.partial(
-                    _one_way, downstream=False, bucket=None, receive_bytes=RECEIVE_BYTES
-                )
-                downstream = functools.partial(
-                    _one_way, downstream=True, bucket=bucket, receive_bytes=receive_bytes
-                )
+                upstream = functools.partial(_one_way, downstream=False, bucket=None, receive_bytes=RECEIVE_BYTES)
+                downstream = functools.partial(_one_way, downstream=True, bucket=bucket, receive_bytes=receive_bytes)
                 nursery.start_soon(upstream, client, target, stats)
                 nursery.start_soon(downstream, target, client, stats)
         finally:

@@ -45,8 +45,10 @@ def _wait(service: Service, probe: Sequence[str], timeout: float) -> None:
         last = result.stderr.strip()[-300:]
         if time.monotonic() > deadline:
             service.stop()
-            raise LabError(f"{service.name} not ready after {timeout:.0f} s ({last}); log {service.log_path}:\n"
-                           f"{service.log_tail()}")
+            raise LabError(
+                f"{service.name} not ready after {timeout:.0f} s ({last}); log {service.log_path}:\n"
+                f"{service.log_tail()}"
+            )
         time.sleep(POLL_INTERVAL_S)
 
 
@@ -80,8 +82,9 @@ class Containerd(Stoppable):
             f'  address = "{self.socket}.ttrpc"\n'
         )
         self.ctr_bin = _binary("ctr")
-        self.service = Service(name, [_binary("containerd"), "--config", str(config)],
-                               workdir / f"{name}.log", f"unix://{self.socket}")
+        self.service = Service(
+            name, [_binary("containerd"), "--config", str(config)], workdir / f"{name}.log", f"unix://{self.socket}"
+        )
         try:
             _wait(self.service, [self.ctr_bin, "--address", str(self.socket), "version"], timeout)
         except BaseException:
@@ -128,9 +131,16 @@ class Containerd(Stoppable):
 class Dockerd(Stoppable):
     """A private dockerd on its own socket, data-root and exec-root, using `containerd`."""
 
-    def __init__(self, workdir: Path, containerd: Containerd, *, registry_mirrors: Sequence[str] = (),
-                 insecure_registries: Sequence[str] = (), name: str = "dockerd",
-                 timeout: float = READY_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        containerd: Containerd,
+        *,
+        registry_mirrors: Sequence[str] = (),
+        insecure_registries: Sequence[str] = (),
+        name: str = "dockerd",
+        timeout: float = READY_TIMEOUT_S,
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"p2pd-{name}-", dir=_SHORT_TMP))
         self.socket = self.dir / "docker.sock"
         self.host = f"unix://{self.socket}"
@@ -150,8 +160,9 @@ class Dockerd(Stoppable):
         self.config_path = self.dir / "daemon.json"
         self.config_path.write_text(json.dumps(config, indent=2))
         self.docker_bin = _binary("docker")
-        self.service = Service(name, [_binary("dockerd"), "--config-file", str(self.config_path)],
-                               workdir / f"{name}.log", self.host)
+        self.service = Service(
+            name, [_binary("dockerd"), "--config-file", str(self.config_path)], workdir / f"{name}.log", self.host
+        )
         try:
             _wait(self.service, [self.docker_bin, "-H", self.host, "version"], timeout)
         except BaseException:
@@ -159,8 +170,9 @@ class Dockerd(Stoppable):
             raise
 
     def docker(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.docker_bin, "-H", self.host, *args], capture_output=True, text=True,
-                              check=False, timeout=timeout)
+        return subprocess.run(
+            [self.docker_bin, "-H", self.host, *args], capture_output=True, text=True, check=False, timeout=timeout
+        )
 
     def pull(self, ref: str, *, timeout: float = 300.0) -> float:
         started = time.monotonic()

@@ -20,9 +20,20 @@ import yaml
 from p2pdist.errors import ConfigError as ConfigError  # re-exported
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20, "gi": 1 << 30, "gib": 1 << 30,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "ki": 1 << 10,
+    "kib": 1 << 10,
+    "mi": 1 << 20,
+    "mib": 1 << 20,
+    "gi": 1 << 30,
+    "gib": 1 << 30,
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 
@@ -147,8 +158,15 @@ def _opt_path(value: object) -> str | None:
     return None if value in (None, "") else _str(value)
 
 
-def opt(default: Any, parse: Callable[[object], Any], help: str, *, flag: str | None = None,
-        repeat: bool = False, secret: bool = False) -> Any:
+def opt(
+    default: Any,
+    parse: Callable[[object], Any],
+    help: str,
+    *,
+    flag: str | None = None,
+    repeat: bool = False,
+    secret: bool = False,
+) -> Any:
     """A config field: default, parser for YAML and flag values, help text, flag name.
     A `secret` field is left out of the config's repr, so logging a config cannot leak it."""
     meta = {"parse": parse, "help": help, "flag": flag, "repeat": repeat}
@@ -158,9 +176,13 @@ def opt(default: Any, parse: Callable[[object], Any], help: str, *, flag: str | 
 
 
 def _secret_opt() -> Any:
-    return opt(None, _opt_secret, f"shared secret every scheduler and piece request carries as a Bearer "
-               f"token (or env {CLUSTER_SECRET_ENV}; prefer the env var or the config file to a flag)",
-               secret=True)
+    return opt(
+        None,
+        _opt_secret,
+        f"shared secret every scheduler and piece request carries as a Bearer "
+        f"token (or env {CLUSTER_SECRET_ENV}; prefer the env var or the config file to a flag)",
+        secret=True,
+    )
 
 
 _TLS_CERT_HELP = "PEM certificate chain: serve TLS on this port (with tls_key)"
@@ -187,7 +209,9 @@ class SchedulerConfig(ServiceConfig):
     peer_ttl_s: float = opt(60.0, _float, "forget a peer not heard from for this long")
     bad_parent_ttl_s: float = opt(30.0, _float, "avoid a parent reported bad for this long")
     seed_retry_s: float = opt(5.0, _float, "ask another seed when one has shown no progress for this long")
-    startup_grace_s: float = opt(5.0, _float, "after a (re)start, wait this long for seeds to announce before sending peers to the origin")
+    startup_grace_s: float = opt(
+        5.0, _float, "after a (re)start, wait this long for seeds to announce before sending peers to the origin"
+    )
 
 
 def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, highest: int) -> int:
@@ -223,16 +247,26 @@ class NodeConfig(ServiceConfig):
     advertise: str | None = opt(None, _opt_url, "URL other peers use for this piece server", flag="--advertise")
     upload_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s served to peers", flag="--upload-rate")
     upload_slots: int = opt(0, _int, "concurrent piece uploads before answering busy; 0: from the upload rate")
-    announce_interval_s: float = opt(3.0, _float, "how often to tell the scheduler this host is alive and what it holds")
-    cache_quota_bytes: int | None = opt(None, parse_rate, "disk quota for cached pieces; past the high watermark the least recently used blobs go", flag="--cache-quota")
+    announce_interval_s: float = opt(
+        3.0, _float, "how often to tell the scheduler this host is alive and what it holds"
+    )
+    cache_quota_bytes: int | None = opt(
+        None,
+        parse_rate,
+        "disk quota for cached pieces; past the high watermark the least recently used blobs go",
+        flag="--cache-quota",
+    )
     cache_high_watermark: float = opt(0.9, _fraction, "fraction of the quota that starts eviction")
     cache_low_watermark: float = opt(0.7, _fraction, "fraction of the quota eviction brings usage down to")
-    insecure_registries: tuple[str, ...] = opt((), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True)
+    insecure_registries: tuple[str, ...] = opt(
+        (), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True
+    )
 
     def effective_upload_slots(self) -> int:
         per_slot_bps, lowest, highest = self.slot_tuning
-        return self.upload_slots or upload_slots_for(self.upload_rate_bps, per_slot_bps=per_slot_bps,
-                                                     lowest=lowest, highest=highest)
+        return self.upload_slots or upload_slots_for(
+            self.upload_rate_bps, per_slot_bps=per_slot_bps, lowest=lowest, highest=highest
+        )
 
 
 @dataclass(frozen=True)
@@ -249,7 +283,9 @@ class SeedConfig(NodeConfig):
 @dataclass(frozen=True)
 class PeerConfig(NodeConfig):
     proxy_listen: str = opt("127.0.0.1:4001", _hostport_str, "address local clients pull from", flag="--proxy-listen")
-    download_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from peers and origin", flag="--download-rate")
+    download_rate_bps: int | None = opt(
+        None, parse_rate, "cap on bytes/s fetched from peers and origin", flag="--download-rate"
+    )
     concurrent_pieces: int = opt(8, _int, "pieces in flight per task")
     per_parent_pieces: int = opt(1, _int, "pieces in flight per parent")
     piece_timeout_s: float = opt(4.0, _float, "base time allowed for one piece")
@@ -257,7 +293,9 @@ class PeerConfig(NodeConfig):
     schedule_rounds: int = opt(4, _int, "failed scheduling rounds before going back to source")
     scheduler_timeout_s: float = opt(3.0, _float, "time allowed for one scheduler call")
     wait_for_seed_s: float = opt(60.0, _float, "time to wait for the first piece before going back to source")
-    registry_mirror: str | None = opt(None, _opt_url, "upstream for requests without ?ns= (docker registry-mirrors)", flag="--registry-mirror")
+    registry_mirror: str | None = opt(
+        None, _opt_url, "upstream for requests without ?ns= (docker registry-mirrors)", flag="--registry-mirror"
+    )
 
 
 C = TypeVar("C")

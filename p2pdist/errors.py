@@ -95,8 +95,12 @@ class UpstreamError(P2PError):
 
 
 # What the mirror answers for the origin's own no; anything else is the origin failing (502).
-_ORIGIN_ANSWERS = {401: (401, "UNAUTHORIZED"), 403: (403, "DENIED"), 404: (404, "BLOB_UNKNOWN"),
-                   429: (429, "TOOMANYREQUESTS")}
+_ORIGIN_ANSWERS = {
+    401: (401, "UNAUTHORIZED"),
+    403: (403, "DENIED"),
+    404: (404, "BLOB_UNKNOWN"),
+    429: (429, "TOOMANYREQUESTS"),
+}
 
 
 class OriginError(UpstreamError):
@@ -106,8 +110,14 @@ class OriginError(UpstreamError):
     that knows better (a token service failing means the client must authenticate) passes
     `status` and `code` itself."""
 
-    def __init__(self, message: str = "", *, upstream_status: int | None = None,
-                 status: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        upstream_status: int | None = None,
+        status: int | None = None,
+        code: str | None = None,
+    ) -> None:
         answer = status if status is not None else upstream_status
         self.status, default_code = _ORIGIN_ANSWERS.get(answer or 0, (status or 502, "UNAVAILABLE"))
         super().__init__(message, upstream_status=upstream_status, code=code or default_code)

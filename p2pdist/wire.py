@@ -201,8 +201,7 @@ def _builder(cls: type, where: str) -> Check:
     fields = dataclasses.fields(cls)
     hints = typing.get_type_hints(cls)
     names = frozenset(f.name for f in fields)
-    required = [f.name for f in fields
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     checks = {f.name: _checker(hints[f.name], f"{where}.{f.name}") for f in fields}
 
     def build(raw: object) -> Any:
@@ -264,6 +263,7 @@ def _checker(hint: Any, where: str) -> Check:
 
         return check_literal
     if hint is bool:
+
         def check_bool(value: object) -> Any:
             if not isinstance(value, bool):
                 raise BadRequest(f"{where}: expected a boolean")
@@ -271,6 +271,7 @@ def _checker(hint: Any, where: str) -> Check:
 
         return check_bool
     if hint is int:
+
         def check_int(value: object) -> Any:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
                 raise BadRequest(f"{where}: expected a non-negative integer")
@@ -278,6 +279,7 @@ def _checker(hint: Any, where: str) -> Check:
 
         return check_int
     if hint is str:
+
         def check_str(value: object) -> Any:
             if not isinstance(value, str) or len(value) > 8192:
                 raise BadRequest(f"{where}: expected a string of at most 8192 characters")
@@ -285,6 +287,7 @@ def _checker(hint: Any, where: str) -> Check:
 
         return check_str
     if hint is bytes:
+
         def check_bytes(value: object) -> Any:
             if not isinstance(value, bytes):
                 raise BadRequest(f"{where}: expected bytes")

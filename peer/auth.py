@@ -54,9 +54,15 @@ class Verdict:
 
 
 class AccessCheck:
-    def __init__(self, client: UpstreamClient, *, ttl_s: float = ALLOWED_TTL_S,
-                 max_entries: int = MAX_ENTRIES, clock: Callable[[], float] = time.monotonic,
-                 on_result: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        *,
+        ttl_s: float = ALLOWED_TTL_S,
+        max_entries: int = MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+        on_result: Callable[[str], None] | None = None,
+    ) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.max_entries = max_entries
@@ -79,8 +85,9 @@ class AccessCheck:
             return False, None
         return True, entry[1]
 
-    async def check(self, registry: str, name: str, kind: str, digest: str,
-                    request_headers: dict[str, str], *, hops: int = 0) -> Verdict:
+    async def check(
+        self, registry: str, name: str, kind: str, digest: str, request_headers: dict[str, str], *, hops: int = 0
+    ) -> Verdict:
         """May the client with `request_headers` read `registry`/v2/`name`/`kind`/`digest`?"""
         key = cache_key(request_headers.get("authorization", ""), registry, name, digest)
         known, size = self.recall(key)

@@ -76,8 +76,9 @@ class PeerDaemon(Node[PeerConfig]):
 
         self.proxy = Proxy(self)
         host, port = parse_hostport(self.config.proxy_listen)
-        proxy_bound = await nursery.start(partial(
-            serve_http, self.proxy.handle, host, port, name="proxy", request_timeout_s=3600.0))
+        proxy_bound = await nursery.start(
+            partial(serve_http, self.proxy.handle, host, port, name="proxy", request_timeout_s=3600.0)
+        )
         self.log.info("peer %s: proxy on http://%s:%d", self.host_id, *proxy_bound)
         return bound, proxy_bound
 

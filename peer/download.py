@@ -34,8 +34,9 @@ log = logging.getLogger("p2pdist.peer")
 
 
 class TaskDownload:
-    def __init__(self, daemon: PeerDaemon, task_id: str, url: str, headers: dict[str, str],
-                 store: TaskStore | None = None) -> None:
+    def __init__(
+        self, daemon: PeerDaemon, task_id: str, url: str, headers: dict[str, str], store: TaskStore | None = None
+    ) -> None:
         self.daemon = daemon
         self.task_id = task_id
         self.url = url
@@ -47,8 +48,9 @@ class TaskDownload:
         self.finished = trio.Event()
         self._changed = trio.Event()
         self.rng = random.Random()
-        self.machine = TaskMachine(daemon.host_id, Limits.from_config(daemon.config), self.rng,
-                                   time.monotonic(), label=short(task_id))
+        self.machine = TaskMachine(
+            daemon.host_id, Limits.from_config(daemon.config), self.rng, time.monotonic(), label=short(task_id)
+        )
         self._sha = hashlib.sha256()
         self._sha_next = 0
         self._fatal: P2PError | None = None  # ends the download: nothing to retry elsewhere
@@ -110,8 +112,13 @@ class TaskDownload:
             self.verified = True
             metrics.tasks.labels("done").inc()
             metrics.task_seconds.observe(time.monotonic() - started)
-            log.info("task %s: done, %d bytes in %.2fs%s", short(self.task_id), self.store.layout.blob_size,
-                     time.monotonic() - started, " (back to source)" if self.back_to_source_reason else "")
+            log.info(
+                "task %s: done, %d bytes in %.2fs%s",
+                short(self.task_id),
+                self.store.layout.blob_size,
+                time.monotonic() - started,
+                " (back to source)" if self.back_to_source_reason else "",
+            )
             await self._final_sync()
         except P2PError as exc:
             self.error = exc
@@ -187,15 +194,25 @@ class TaskDownload:
             try:
                 if report.register:
                     await sched.call("/v1/tasks/register", self._register_message(), wire.SyncReply)
-                reply = await sched.call("/v1/tasks/sync", wire.Sync(
-                    host_id=self.daemon.host_id, task_id=self.task_id, new_pieces=report.new_pieces,
-                    have_digests=report.have_digests, bad_parents=report.bad_parents,
-                    failed_parents=report.failed_parents, content_length=report.content_length), wire.SyncReply)
+                reply = await sched.call(
+                    "/v1/tasks/sync",
+                    wire.Sync(
+                        host_id=self.daemon.host_id,
+                        task_id=self.task_id,
+                        new_pieces=report.new_pieces,
+                        have_digests=report.have_digests,
+                        bad_parents=report.bad_parents,
+                        failed_parents=report.failed_parents,
+                        content_length=report.content_length,
+                    ),
+                    wire.SyncReply,
+                )
             except (UpstreamError, P2PError) as exc:
                 machine.sync_failed(report, time.monotonic())
                 self.daemon.metrics.scheduler_errors.inc()
-                log.warning("task %s: scheduler sync failed (%d in a row): %s", short(self.task_id),
-                            machine.sync_failures, exc)
+                log.warning(
+                    "task %s: scheduler sync failed (%d in a row): %s", short(self.task_id), machine.sync_failures, exc
+                )
                 self._notify()
                 continue
             self._answered(report, reply)
@@ -208,10 +225,20 @@ class TaskDownload:
         # Bad parents found in the last moments are reported too, not lost with the sync loop.
         report = self.machine.take_report()
         try:
-            await sched.call("/v1/tasks/sync", wire.Sync(
-                host_id=self.daemon.host_id, task_id=self.task_id, new_pieces=list(self.store.pieces),
-                have_digests=len(self.digests), bad_parents=report.bad_parents,
-                failed_parents=report.failed_parents, done=True, content_length=self.content_length), wire.SyncReply)
+            await sched.call(
+                "/v1/tasks/sync",
+                wire.Sync(
+                    host_id=self.daemon.host_id,
+                    task_id=self.task_id,
+                    new_pieces=list(self.store.pieces),
+                    have_digests=len(self.digests),
+                    bad_parents=report.bad_parents,
+                    failed_parents=report.failed_parents,
+                    done=True,
+                    content_length=self.content_length,
+                ),
+                wire.SyncReply,
+            )
         except (UpstreamError, P2PError):
             pass  # the periodic announce will tell it
 
@@ -271,15 +298,19 @@ class TaskDownload:
             with trio.fail_after(timeout):
                 return await self._receive(request, store, length)
         except trio.TooSlowError:
-            log.info("task %s: piece %d from %s timed out after %.1fs", short(self.task_id), request.number,
-                     request.host_id, timeout)
+            log.info(
+                "task %s: piece %d from %s timed out after %.1fs",
+                short(self.task_id),
+                request.number,
+                request.host_id,
+                timeout,
+            )
             return PieceOutcome.FAILED
         except IntegrityError as exc:
             log.warning("task %s: %s", short(self.task_id), exc)
             return PieceOutcome.CORRUPT
         except UpstreamError as exc:
-            log.info("task %s: piece %d from %s failed: %s", short(self.task_id), request.number,
-                     request.host_id, exc)
+            log.info("task %s: piece %d from %s failed: %s", short(self.task_id), request.number, request.host_id, exc)
             return PieceOutcome.FAILED
 
     async def _receive(self, request: PieceRequest, store: TaskStore, length: int) -> PieceOutcome:
@@ -367,12 +398,16 @@ class TaskDownload:
                     if store is None:
                         store = self._open_store(body.blob_size)
                     elif body.blob_size != store.layout.blob_size:
-                        raise IntegrityError(f"origin says the blob has {body.blob_size} bytes, "
-                                             f"expected {store.layout.blob_size}")
+                        raise IntegrityError(
+                            f"origin says the blob has {body.blob_size} bytes, expected {store.layout.blob_size}"
+                        )
                     if intake is None:
-                        intake = PieceIntake(store, bucket=self.daemon.download_bucket,
-                                             on_bytes=metrics.download_bytes.labels("origin").inc,
-                                             on_piece=self._from_origin)
+                        intake = PieceIntake(
+                            store,
+                            bucket=self.daemon.download_bucket,
+                            on_bytes=metrics.download_bytes.labels("origin").inc,
+                            on_piece=self._from_origin,
+                        )
                     await intake.write(body.start, body.chunks())
             except OriginError as exc:
                 failures += 1
@@ -395,4 +430,5 @@ def _verify_and_write(hasher: PieceHasher, writer: PieceWriter) -> Callable[[mem
     def sink(chunk: memoryview) -> None:
         hasher.update(chunk)
         writer.write(chunk)
+
     return sink

@@ -95,8 +95,12 @@ class Limits:
 
     @classmethod
     def from_config(cls, config: PeerConfig) -> Limits:
-        return cls(concurrent_pieces=config.concurrent_pieces, per_parent_pieces=config.per_parent_pieces,
-                   schedule_rounds=config.schedule_rounds, wait_for_seed_s=config.wait_for_seed_s)
+        return cls(
+            concurrent_pieces=config.concurrent_pieces,
+            per_parent_pieces=config.per_parent_pieces,
+            schedule_rounds=config.schedule_rounds,
+            wait_for_seed_s=config.wait_for_seed_s,
+        )
 
 
 class Parent:
@@ -165,7 +169,7 @@ class TaskMachine:
 
     def sync_delay(self) -> float:
         interval = SYNC_INTERVAL_S if (self._to_report or not self.complete) else IDLE_SYNC_INTERVAL_S
-        return min(MAX_SYNC_INTERVAL_S, interval * 2.0 ** self._sync_failures)
+        return min(MAX_SYNC_INTERVAL_S, interval * 2.0**self._sync_failures)
 
     def wake_at(self, now: float) -> float:
         """The latest time to call `poll` again if no other event comes first."""
@@ -198,9 +202,14 @@ class TaskMachine:
         new, self._to_report = self._to_report, []
         if not self.registered:
             new = [n for n in range(self.count) if self.have >> n & 1]  # all of it, to a fresh registration
-        return Report(register=not self.registered, new_pieces=new, bad_parents=sorted(self._bad),
-                      failed_parents=sorted(self._failed), have_digests=len(self.digests),
-                      content_length=self.content_length if self.store_open else None)
+        return Report(
+            register=not self.registered,
+            new_pieces=new,
+            bad_parents=sorted(self._bad),
+            failed_parents=sorted(self._failed),
+            have_digests=len(self.digests),
+            content_length=self.content_length if self.store_open else None,
+        )
 
     def sync_answered(self, report: Report, reply: wire.SyncReply, now: float) -> None:
         self._sync_failures = 0
@@ -214,8 +223,9 @@ class TaskMachine:
             self._to_report = report.new_pieces + self._to_report
         self._sync_failures += 1
         if self._sync_failures >= self.limits.schedule_rounds and not self._parents_with_work():
-            self._give_up(BackToSourceReason.SCHEDULER_UNREACHABLE,
-                          f"scheduler unreachable after {self._sync_failures} tries")
+            self._give_up(
+                BackToSourceReason.SCHEDULER_UNREACHABLE, f"scheduler unreachable after {self._sync_failures} tries"
+            )
 
     def _apply(self, reply: wire.SyncReply, now: float) -> None:
         state = reply.state
@@ -230,7 +240,7 @@ class TaskMachine:
             if self.content_length is None:
                 self._sized(reply.content_length)
             if reply.first_digest <= len(self.digests):
-                self.digests.extend(reply.piece_digests[len(self.digests) - reply.first_digest:])
+                self.digests.extend(reply.piece_digests[len(self.digests) - reply.first_digest :])
             self._refresh_parents(reply.parents, now)
 
     def _refresh_parents(self, offered: list[wire.Parent], now: float) -> None:
@@ -273,7 +283,7 @@ class TaskMachine:
         self.have |= held & self._whole
         if held and digests:
             # Pieces kept from an earlier run were verified against these when the store loaded.
-            self.digests = digests[: self.count] + self.digests[len(digests):]
+            self.digests = digests[: self.count] + self.digests[len(digests) :]
 
     def piece_from_origin(self, number: int, digest: bytes) -> bool:
         """A piece fetched from the origin is stored; returns True if it contradicts the
@@ -313,15 +323,27 @@ class TaskMachine:
         if not need:
             return []
         blocked = self.blocked
-        views = [ParentView(p.host_id, p.pieces, p.inflight,
-                            p.busy_until <= now and (not blocked or blocked.get(p.host_id, 0.0) <= now))
-                 for p in self.parents.values()]
+        views = [
+            ParentView(
+                p.host_id,
+                p.pieces,
+                p.inflight,
+                p.busy_until <= now and (not blocked or blocked.get(p.host_id, 0.0) <= now),
+            )
+            for p in self.parents.values()
+        ]
         whole = self._whole
         # Every parent holds the whole blob: rarity protects nobody, and a client streaming the
         # blob gets its bytes as they arrive instead of after the last piece.
         in_order = all(v.pieces == whole for v in views)
-        chosen = choose_requests(need, views, room=room, per_parent=per_parent_limit(views, limits.per_parent_pieces),
-                                 rng=self.rng, in_order=in_order)
+        chosen = choose_requests(
+            need,
+            views,
+            room=room,
+            per_parent=per_parent_limit(views, limits.per_parent_pieces),
+            rng=self.rng,
+            in_order=in_order,
+        )
         requests = []
         for number, host_id in chosen:
             parent = self.parents[host_id]

@@ -75,14 +75,18 @@ def head_response(status: int, headers: list[tuple[str, str]]) -> Response:
 class MirrorMetrics:
     def __init__(self, daemon: PeerDaemon) -> None:
         r, p = daemon.metrics.registry, f"p2pdist_{daemon.kind}_mirror"
-        self.requests = Counter(f"{p}_requests", "Registry API requests answered, by kind and status",
-                                ["kind", "status"], registry=r)
-        self.access_checks = Counter(f"{p}_access_checks", "Access checks of a client's credentials, by result",
-                                     ["result"], registry=r)
-        self.blob_bytes = Counter(f"{p}_blob_bytes", "Blob bytes sent to local clients, by how they were served",
-                                  ["source"], registry=r)
-        self.first_byte = Histogram(f"{p}_first_byte_seconds", "Time from a blob GET to its first byte",
-                                    registry=r, buckets=_FIRST_BYTE_BUCKETS)
+        self.requests = Counter(
+            f"{p}_requests", "Registry API requests answered, by kind and status", ["kind", "status"], registry=r
+        )
+        self.access_checks = Counter(
+            f"{p}_access_checks", "Access checks of a client's credentials, by result", ["result"], registry=r
+        )
+        self.blob_bytes = Counter(
+            f"{p}_blob_bytes", "Blob bytes sent to local clients, by how they were served", ["source"], registry=r
+        )
+        self.first_byte = Histogram(
+            f"{p}_first_byte_seconds", "Time from a blob GET to its first byte", registry=r, buckets=_FIRST_BYTE_BUCKETS
+        )
 
 
 class Proxy:
@@ -91,8 +95,7 @@ class Proxy:
         self.config = daemon.config
         self.metrics = MirrorMetrics(daemon)
         self.upstream_client = UpstreamClient()
-        self.access = AccessCheck(self.upstream_client,
-                                  on_result=lambda r: self.metrics.access_checks.labels(r).inc())
+        self.access = AccessCheck(self.upstream_client, on_result=lambda r: self.metrics.access_checks.labels(r).inc())
 
     async def aclose(self) -> None:
         await self.upstream_client.aclose()
@@ -134,8 +137,12 @@ class Proxy:
         raise NotFound(f"no such registry endpoint {path[:100]}")
 
     def upstream(self, request: Request) -> Upstream:
-        return resolve_upstream(request.query.get("ns"), request.headers.get(SCHEME_HEADER),
-                                insecure=self.config.insecure_registries, default=self.config.registry_mirror)
+        return resolve_upstream(
+            request.query.get("ns"),
+            request.headers.get(SCHEME_HEADER),
+            insecure=self.config.insecure_registries,
+            default=self.config.registry_mirror,
+        )
 
     def _hops(self, request: Request) -> int:
         hops = hops_of(request.headers)
@@ -192,8 +199,13 @@ class Proxy:
                 size = (await dl.wait_sized()).layout.blob_size
             except P2PError as exc:
                 return error_response(exc, f"cannot fetch {short(digest)}: ")
-        base = [("content-type", "application/octet-stream"), ("docker-content-digest", digest),
-                ("accept-ranges", "bytes"), ("etag", f'"{digest}"'), ("oci-namespace", up.namespace)]
+        base = [
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", digest),
+            ("accept-ranges", "bytes"),
+            ("etag", f'"{digest}"'),
+            ("oci-namespace", up.namespace),
+        ]
         try:
             span = parse_range(request.headers.get("range", ""), size)
         except RangeNotSatisfiable as exc:
@@ -211,8 +223,9 @@ class Proxy:
         body = self._timed(stream_blob(dl, start, end), dl, source, end - start, started)
         return Response(status, reply, body)
 
-    async def _timed(self, body: AsyncIterator[bytes | FileBody], dl: TaskDownload, source: str,
-                     length: int, started: float) -> AsyncIterator[bytes | FileBody]:
+    async def _timed(
+        self, body: AsyncIterator[bytes | FileBody], dl: TaskDownload, source: str, length: int, started: float
+    ) -> AsyncIterator[bytes | FileBody]:
         """`body`, counted: time to its first byte (from the request) and bytes by source."""
         first = True
         sent = 0
@@ -229,8 +242,14 @@ class Proxy:
         finally:
             self.daemon.store.unpin(dl.task_id)
             await body.aclose()  # type: ignore[attr-defined]
-            log.info("blob %s: sent %d of %d bytes (%s) in %.2fs", short(dl.task_id), sent, length, source,
-                     time.monotonic() - started)
+            log.info(
+                "blob %s: sent %d of %d bytes (%s) in %.2fs",
+                short(dl.task_id),
+                sent,
+                length,
+                source,
+                time.monotonic() - started,
+            )
 
 
 async def stream_blob(dl: TaskDownload, start: int, end: int) -> AsyncIterator[bytes | FileBody]:

@@ -27,9 +27,20 @@ MAX_HOPS = 3
 # What the client may tell the registry, and what of the registry's answer the client sees.
 FORWARDED_REQUEST_HEADERS = ("authorization", "accept", "range", "if-none-match", "user-agent")
 RELAYED_RESPONSE_HEADERS = (
-    "content-type", "content-length", "content-range", "content-encoding", "accept-ranges",
-    "docker-content-digest", "docker-distribution-api-version", "www-authenticate", "etag",
-    "last-modified", "link", "retry-after", "oci-subject", "oci-filters-applied",
+    "content-type",
+    "content-length",
+    "content-range",
+    "content-encoding",
+    "accept-ranges",
+    "docker-content-digest",
+    "docker-distribution-api-version",
+    "www-authenticate",
+    "etag",
+    "last-modified",
+    "link",
+    "retry-after",
+    "oci-subject",
+    "oci-filters-applied",
 )
 
 
@@ -41,8 +52,7 @@ class Upstream:
     namespace: str
 
 
-def resolve_upstream(ns: str | None, scheme: str | None, *, insecure: Collection[str],
-                     default: str | None) -> Upstream:
+def resolve_upstream(ns: str | None, scheme: str | None, *, insecure: Collection[str], default: str | None) -> Upstream:
     """The registry a request is for.
 
     `ns` is containerd's `?ns=HOST[:PORT]`; `scheme` is the scheme `p2pdist get` read from its
@@ -105,8 +115,9 @@ class UpstreamClient:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def send(self, method: str, url: str, headers: dict[str, str], *,
-                   follow_redirects: bool = True) -> httpx.Response:
+    async def send(
+        self, method: str, url: str, headers: dict[str, str], *, follow_redirects: bool = True
+    ) -> httpx.Response:
         """The registry's response, its body not yet read: the caller must close it.
 
         Redirects (registries send blob GETs to storage) are followed, and `authorization`
@@ -119,8 +130,11 @@ class UpstreamClient:
                 response = await self.client.send(request, stream=True)
             except UNREACHABLE as exc:
                 raise OriginError(f"registry {urlsplit(url).netloc[:100]} unreachable: {type(exc).__name__}") from None
-            if not (follow_redirects and response.status_code in (301, 302, 303, 307, 308)
-                    and "location" in response.headers):
+            if not (
+                follow_redirects
+                and response.status_code in (301, 302, 303, 307, 308)
+                and "location" in response.headers
+            ):
                 return response
             await response.aclose()
             url, headers = redirected(response, origin_host, headers)

@@ -93,8 +93,7 @@ def choose_parents(
     chosen = [h for h in keep if h in by_id and worth_keeping(by_id[h])]
     chosen = chosen[:want]
     pool = [
-        c for c in candidates
-        if c.host_id != child and c.host_id not in chosen and (c.useful > 0 or not c.complete)
+        c for c in candidates if c.host_id != child and c.host_id not in chosen and (c.useful > 0 or not c.complete)
     ]
     if len(pool) > sample:
         # Always consider complete peers and the seed; sample the rest.

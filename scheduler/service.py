@@ -37,10 +37,19 @@ class Metrics:
         self.requests = Counter("p2pdist_scheduler_requests", "API requests", ["endpoint", "status"], registry=r)
         self.decisions = Counter("p2pdist_scheduler_schedule_decisions", "Parent choices made", registry=r)
         self.seeds_woken = Counter("p2pdist_scheduler_seeds_woken", "Times a seed was told to fetch a task", registry=r)
-        self.back_to_source = Counter("p2pdist_scheduler_back_to_source", "Replies telling a peer to go to the origin", registry=r)
-        self.bad_reports = Counter("p2pdist_scheduler_bad_parent_reports", "Parents reported for bad pieces", registry=r)
-        self.latency = Histogram("p2pdist_scheduler_request_duration_seconds", "API request handling time",
-                                 ["endpoint"], registry=r, buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1))
+        self.back_to_source = Counter(
+            "p2pdist_scheduler_back_to_source", "Replies telling a peer to go to the origin", registry=r
+        )
+        self.bad_reports = Counter(
+            "p2pdist_scheduler_bad_parent_reports", "Parents reported for bad pieces", registry=r
+        )
+        self.latency = Histogram(
+            "p2pdist_scheduler_request_duration_seconds",
+            "API request handling time",
+            ["endpoint"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1),
+        )
         self.hosts = Gauge("p2pdist_scheduler_hosts", "Hosts known", ["kind"], registry=r)
         self.tasks = Gauge("p2pdist_scheduler_tasks", "Tasks known", registry=r)
         self.peers = Gauge("p2pdist_scheduler_peers", "Peers (host, task pairs) known", registry=r)
@@ -135,8 +144,11 @@ class SchedulerService:
         self.metrics.peers.set(sum(len(t.peers) for t in self.state.tasks.values()))
 
     async def wake_seeds(self) -> None:
-        client = PieceClient(connect_timeout_s=WAKE_TIMEOUT_S, secret=self.config.cluster_secret,
-                             ssl_context=client_context(self.config.tls_ca))
+        client = PieceClient(
+            connect_timeout_s=WAKE_TIMEOUT_S,
+            secret=self.config.cluster_secret,
+            ssl_context=client_context(self.config.tls_ca),
+        )
         try:
             async with trio.open_nursery() as nursery:
                 async for wake in self._wake_recv:
@@ -147,8 +159,12 @@ class SchedulerService:
     async def _wake_one(self, client: PieceClient, wake: WakeSeed) -> None:
         try:
             with trio.fail_after(WAKE_TIMEOUT_S):
-                async with client.request("POST", f"{wake.seed_url}/v1/seed/tasks",
-                                          {"content-type": wire.CONTENT_TYPE}, wire.encode(wake.trigger)) as response:
+                async with client.request(
+                    "POST",
+                    f"{wake.seed_url}/v1/seed/tasks",
+                    {"content-type": wire.CONTENT_TYPE},
+                    wire.encode(wake.trigger),
+                ) as response:
                     text = (await response.read()).decode("utf-8", "replace") if response.length <= 4096 else ""
             if response.status >= 300:
                 raise UpstreamError(f"HTTP {response.status}: {text.strip()[:200]}")
@@ -171,8 +187,11 @@ async def serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any] = 
     host, port = parse_hostport(config.listen)
     tls = server_context(config.tls_cert, config.tls_key)
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(lambda task_status: serve_http(
-            service.handle, host, port, name="scheduler", ssl_context=tls, task_status=task_status))
+        bound = await nursery.start(
+            lambda task_status: serve_http(
+                service.handle, host, port, name="scheduler", ssl_context=tls, task_status=task_status
+            )
+        )
         nursery.start_soon(service.wake_seeds)
         nursery.start_soon(service.expire_loop)
         log.info("scheduler listening on %s://%s:%d", "https" if tls else "http", *bound)

@@ -162,8 +162,9 @@ class Counters:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, *, rng: random.Random | None = None,
-                 started_at: float | None = None) -> None:
+    def __init__(
+        self, config: SchedulerConfig, *, rng: random.Random | None = None, started_at: float | None = None
+    ) -> None:
         self.config = config
         # A scheduler that just (re)started knows no seeds until they announce again; until
         # then "no seed" means "not heard from yet", not "go to the origin".
@@ -189,8 +190,13 @@ class Scheduler:
             if task.content_length is None:
                 task.content_length = holding.content_length
             elif task.content_length != holding.content_length:
-                log.warning("host %s announced %s with %d bytes, expected %d; ignored",
-                            msg.host_id, short(task.task_id), holding.content_length, task.content_length)
+                log.warning(
+                    "host %s announced %s with %d bytes, expected %d; ignored",
+                    msg.host_id,
+                    short(task.task_id),
+                    holding.content_length,
+                    task.content_length,
+                )
                 continue
             layout = task.layout
             assert layout is not None
@@ -243,8 +249,13 @@ class Scheduler:
         for bad in msg.bad_parents:
             self.counters.bad_reports += 1
             self.bad_until[bad] = now + self.config.bad_parent_ttl_s
-            log.warning("peer %s reported parent %s for bad pieces of %s; avoiding it for %.0fs",
-                        msg.host_id, bad, short(task.task_id), self.config.bad_parent_ttl_s)
+            log.warning(
+                "peer %s reported parent %s for bad pieces of %s; avoiding it for %.0fs",
+                msg.host_id,
+                bad,
+                short(task.task_id),
+                self.config.bad_parent_ttl_s,
+            )
         dropped = set(msg.bad_parents) | set(msg.failed_parents)
         if dropped:
             self._set_parents(task, peer, [p for p in peer.parents if p not in dropped])
@@ -272,8 +283,13 @@ class Scheduler:
             return
         if task.content_length != msg.content_length:
             if task.size_from_seed:
-                log.warning("seed %s says %s is %d bytes, another seed said %d; ignored",
-                            msg.host_id, short(task.task_id), msg.content_length, task.content_length)
+                log.warning(
+                    "seed %s says %s is %d bytes, another seed said %d; ignored",
+                    msg.host_id,
+                    short(task.task_id),
+                    msg.content_length,
+                    task.content_length,
+                )
                 return
             # A seed's word on the size beats what peers said before any seed spoke.
             task.content_length = msg.content_length
@@ -281,12 +297,12 @@ class Scheduler:
                 task.set_pieces(other, None)
         task.size_from_seed = True
         end = msg.first_digest + len(msg.piece_digests)
-        known = task.digests[msg.first_digest:end]
+        known = task.digests[msg.first_digest : end]
         if known != msg.piece_digests[: len(known)]:
             log.warning("seed %s disagrees with known digests of %s; ignored", msg.host_id, short(task.task_id))
             return
         if msg.first_digest <= len(task.digests) < end:
-            task.digests.extend(msg.piece_digests[len(task.digests) - msg.first_digest:])
+            task.digests.extend(msg.piece_digests[len(task.digests) - msg.first_digest :])
         elif msg.first_digest > len(task.digests):
             end = len(task.digests)  # a gap: only what is known counts
         peer = task.join(msg.host_id, seed=True)
@@ -330,8 +346,11 @@ class Scheduler:
         for host_id in gone:
             del self.hosts[host_id]
         for task in self.tasks.values():
-            stale = [h for h, p in task.peers.items()
-                     if h in gone or (h not in self.hosts and now - p.last_seen > self.config.peer_ttl_s)]
+            stale = [
+                h
+                for h, p in task.peers.items()
+                if h in gone or (h not in self.hosts and now - p.last_seen > self.config.peer_ttl_s)
+            ]
             for host_id in stale:
                 self.leave(Leave(host_id=host_id, task_id=task.task_id), now)
             if task.seed is not None and task.seed not in self.hosts:
@@ -453,8 +472,12 @@ class Scheduler:
             stalled = now - task.seed_progress_at > self.config.seed_retry_s
             if seed_alive and not stalled:
                 return None
-            log.warning("seed %s for %s %s; trying another", task.seed, short(task.task_id),
-                        "is gone" if not seed_alive else f"made no progress for {self.config.seed_retry_s:.0f}s")
+            log.warning(
+                "seed %s for %s %s; trying another",
+                task.seed,
+                short(task.task_id),
+                "is gone" if not seed_alive else f"made no progress for {self.config.seed_retry_s:.0f}s",
+            )
             task.tried_seeds.add(task.seed)
             task.seed = None
         seeds = [h for h in self.hosts.values() if h.kind == "seed" and h.host_id not in task.tried_seeds]
@@ -474,18 +497,22 @@ class Scheduler:
             # Partial holders cannot finish anyone: fetch the rest from the origin.
             self.counters.back_to_source += 1
             return SyncReply(task_id=task.task_id, state="back_to_source", reason=f"seed failed: {task.failed}")
-        has_seed = task.seed is not None or any(
-            self._is_seed(h) for h in task.seeds if h in task.holders)
+        has_seed = task.seed is not None or any(self._is_seed(h) for h in task.seeds if h in task.holders)
         if not has_seed and not self._has_holders(task):
             if not any(h.kind == "seed" for h in self.hosts.values()):
                 if self.started_at is not None and now - self.started_at < self.config.startup_grace_s:
-                    return SyncReply(task_id=task.task_id, state="waiting",
-                                     reason="scheduler just started; waiting for seeds to announce")
+                    return SyncReply(
+                        task_id=task.task_id,
+                        state="waiting",
+                        reason="scheduler just started; waiting for seeds to announce",
+                    )
                 self.counters.back_to_source += 1
                 return SyncReply(task_id=task.task_id, state="back_to_source", reason="no seed peer available")
         layout = task.layout
         if layout is None or peer.pieces is None:
-            return SyncReply(task_id=task.task_id, state="waiting", reason="waiting for the seed to learn the blob's size")
+            return SyncReply(
+                task_id=task.task_id, state="waiting", reason="waiting for the seed to learn the blob's size"
+            )
         if not peer.done:
             self._set_parents(task, peer, self._choose(task, peer, layout.count, now))
             self.counters.decisions += 1
@@ -511,21 +538,30 @@ class Scheduler:
         held = other.bits & verifiable
         children = self.child_count.get(host_id, 0) - (1 if host_id in peer.parents else 0)
         return Candidate(
-            host_id=host_id, pieces=held.bit_count(), useful=(held & ~peer.bits).bit_count(),
-            complete=other.done, children=children, upload_slots=host.upload_slots,
-            is_seed=host.kind == "seed")
+            host_id=host_id,
+            pieces=held.bit_count(),
+            useful=(held & ~peer.bits).bit_count(),
+            complete=other.done,
+            children=children,
+            upload_slots=host.upload_slots,
+            is_seed=host.kind == "seed",
+        )
 
     def _eligible(self, task: Task, host_id: str, now: float) -> bool:
-        return (host_id in self.hosts and task.peers[host_id].pieces is not None
-                and self.bad_until.get(host_id, 0.0) <= now)
+        return (
+            host_id in self.hosts and task.peers[host_id].pieces is not None and self.bad_until.get(host_id, 0.0) <= now
+        )
 
     def _choose(self, task: Task, peer: PeerTask, total: int, now: float) -> list[str]:
         assert peer.pieces is not None
         sample = self.config.parent_sample
         verifiable = task.verifiable()
         # Most syncs change nothing: every current parent is still worth keeping.
-        kept = [h for h in peer.parents
-                if self._eligible(task, h, now) and worth_keeping(self._candidate(task, peer, h, verifiable))]
+        kept = [
+            h
+            for h in peer.parents
+            if self._eligible(task, h, now) and worth_keeping(self._candidate(task, peer, h, verifiable))
+        ]
         if len(kept) >= self.config.candidate_parents:
             return kept[: self.config.candidate_parents]
         if len(task.peers) <= sample + len(peer.parents) + len(task.seeds) + 1:
@@ -540,6 +576,12 @@ class Scheduler:
                 continue
             candidates.append(self._candidate(task, peer, host_id, verifiable))
         return choose_parents(
-            peer.host_id, candidates, keep=peer.parents, want=self.config.candidate_parents,
-            total_pieces=total, sample=sample, rng=self.rng,
-            closes_cycle=lambda child, parent: self._closes_cycle(task, child, parent))
+            peer.host_id,
+            candidates,
+            keep=peer.parents,
+            want=self.config.candidate_parents,
+            total_pieces=total,
+            sample=sample,
+            rng=self.rng,
+            closes_cycle=lambda child, parent: self._closes_cycle(task, child, parent),
+        )

@@ -29,8 +29,9 @@ class SeedDaemon(Node[SeedConfig]):
     kind = "seed"
 
     def __init__(self, config: SeedConfig) -> None:
-        super().__init__(config, origin=OriginClient(rate=maybe_bucket(config.origin_rate_bps),
-                                                     timeout_s=config.origin_timeout_s))
+        super().__init__(
+            config, origin=OriginClient(rate=maybe_bucket(config.origin_rate_bps), timeout_s=config.origin_timeout_s)
+        )
         self.fetches: dict[str, SeedFetch] = {}
 
     def start(self, trigger: wire.SeedTrigger) -> None:

@@ -54,8 +54,12 @@ class SeedFetch:
             metrics.tasks.labels("done").inc()
             metrics.task_seconds.observe(time.monotonic() - started)
             assert self.store is not None
-            log.info("seeded %s: %d bytes from the origin in %.2fs", short(self.task_id),
-                     self.store.layout.blob_size, time.monotonic() - started)
+            log.info(
+                "seeded %s: %d bytes from the origin in %.2fs",
+                short(self.task_id),
+                self.store.layout.blob_size,
+                time.monotonic() - started,
+            )
         except P2PError as exc:
             self.error = str(exc)
             metrics.tasks.labels("failed").inc()
@@ -88,17 +92,25 @@ class SeedFetch:
                         raise OriginError("origin changed the blob's size or skipped bytes")
                     if intake is None:
                         # The sha256 the seed vouches for: of the origin's bytes as they pass.
-                        intake = PieceIntake(store, sha=hashlib.sha256(),
-                                             on_bytes=self.seed.metrics.download_bytes.labels("origin").inc,
-                                             on_piece=self._piece_stored)
+                        intake = PieceIntake(
+                            store,
+                            sha=hashlib.sha256(),
+                            on_bytes=self.seed.metrics.download_bytes.labels("origin").inc,
+                            on_piece=self._piece_stored,
+                        )
                     await intake.write(body.start, body.chunks())
             except OriginError as exc:
                 failures += 1
                 delay = ORIGIN_RETRY.retry_after(failures, exc, rng)
                 if delay is None:
                     raise
-                log.warning("origin failed for %s (%s); resuming at piece %d in %.1fs",
-                            short(self.task_id), exc, len(self.digests), delay)
+                log.warning(
+                    "origin failed for %s (%s); resuming at piece %d in %.1fs",
+                    short(self.task_id),
+                    exc,
+                    len(self.digests),
+                    delay,
+                )
                 await trio.sleep(delay)
         assert intake is not None and intake.sha is not None
         actual = "sha256:" + intake.sha.hexdigest()
@@ -129,10 +141,19 @@ class SeedFetch:
                 first = self.reported
                 digests = self.digests[first:]
                 try:
-                    await sched.call("/v1/tasks/seed", wire.SeedProgress(
-                        host_id=self.seed.host_id, task_id=self.task_id,
-                        content_length=self.store.layout.blob_size, first_digest=first,
-                        piece_digests=digests, done=self.done and not self.error, error=self.error), wire.Empty)
+                    await sched.call(
+                        "/v1/tasks/seed",
+                        wire.SeedProgress(
+                            host_id=self.seed.host_id,
+                            task_id=self.task_id,
+                            content_length=self.store.layout.blob_size,
+                            first_digest=first,
+                            piece_digests=digests,
+                            done=self.done and not self.error,
+                            error=self.error,
+                        ),
+                        wire.Empty,
+                    )
                     self.reported = first + len(digests)
                 except (UpstreamError, P2PError) as exc:
                     log.warning("seed progress for %s not reported: %s", short(self.task_id), exc)
@@ -142,9 +163,18 @@ class SeedFetch:
             elif self.done:
                 if self.error:
                     try:
-                        await sched.call("/v1/tasks/seed", wire.SeedProgress(
-                            host_id=self.seed.host_id, task_id=self.task_id, content_length=0,
-                            first_digest=0, piece_digests=[], error=self.error), wire.Empty)
+                        await sched.call(
+                            "/v1/tasks/seed",
+                            wire.SeedProgress(
+                                host_id=self.seed.host_id,
+                                task_id=self.task_id,
+                                content_length=0,
+                                first_digest=0,
+                                piece_digests=[],
+                                error=self.error,
+                            ),
+                            wire.Empty,
+                        )
                     except (UpstreamError, P2PError) as exc:
                         log.warning("seed failure for %s not reported: %s", short(self.task_id), exc)
                 return

@@ -81,8 +81,7 @@ def cluster_factory(origin: Origin, tmp_path: Path) -> Iterator[ClusterFactory]:
     made: list[Cluster] = []
 
     def make(*, seeds: int = 1, seed_args: Sequence[str] = (), relay_rate_bps: int | None = None) -> Cluster:
-        cluster = Cluster(tmp_path, origin.host, seeds=seeds, seed_args=seed_args,
-                          relay_rate_bps=relay_rate_bps)
+        cluster = Cluster(tmp_path, origin.host, seeds=seeds, seed_args=seed_args, relay_rate_bps=relay_rate_bps)
         made.append(cluster)
         return cluster
 

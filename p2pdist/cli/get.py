@@ -56,8 +56,9 @@ class Progress:
             self.stream.write("\n")
 
 
-def get(url: str, output: str, peer: str, *, user: str | None = None, timeout_s: float = 600.0,
-        quiet: bool = False) -> int:
+def get(
+    url: str, output: str, peer: str, *, user: str | None = None, timeout_s: float = 600.0, quiet: bool = False
+) -> int:
     """Download `url` to `output` through the daemon at `peer`; returns the byte count.
 
     A URL that names no blob is a BadRequest; every later failure a GetError."""

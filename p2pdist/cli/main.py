@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     from p2pdist.cli import mirrorconfig
 
-    mirrorconfig.add_arguments(sub.add_parser(
-        "mirror-config", help="print or install the containerd/docker settings that pull through the peer"))
+    mirrorconfig.add_arguments(
+        sub.add_parser(
+            "mirror-config", help="print or install the containerd/docker settings that pull through the peer"
+        )
+    )
     return parser
 
 

@@ -27,7 +27,9 @@ DOCKER_HUB_API = "https://registry-1.docker.io"
 # What containerd may ask the mirror: read-only, by tag (resolve) and by digest (pull).
 CAPABILITIES = ("pull", "resolve")
 
-_REGISTRY = re.compile(r"(?:(?P<scheme>https?)://)?(?P<host>[A-Za-z0-9.-]+(?::\d{1,5})?|\[[0-9a-fA-F:]+\](?::\d{1,5})?)/?")
+_REGISTRY = re.compile(
+    r"(?:(?P<scheme>https?)://)?(?P<host>[A-Za-z0-9.-]+(?::\d{1,5})?|\[[0-9a-fA-F:]+\](?::\d{1,5})?)/?"
+)
 _PROXY = re.compile(r"https?://[A-Za-z0-9.-]+(?::\d{1,5})?|https?://\[[0-9a-fA-F:]+\](?::\d{1,5})?")
 
 
@@ -109,15 +111,25 @@ def install(path: Path, content: str, *, stamp: str) -> Path | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runtime", choices=("containerd", "docker"), help="the container runtime to configure")
-    parser.add_argument("--proxy", default=DEFAULT_PROXY, help=f"the local peer's --proxy-listen URL (default: {DEFAULT_PROXY})")
-    parser.add_argument("--registry", action="append", metavar="HOST",
-                        help="registry to pull through the peer, HOST[:PORT] or http://HOST:PORT for plain HTTP; "
-                             "repeatable (default: docker.io; docker mirrors Docker Hub only)")
+    parser.add_argument(
+        "--proxy", default=DEFAULT_PROXY, help=f"the local peer's --proxy-listen URL (default: {DEFAULT_PROXY})"
+    )
+    parser.add_argument(
+        "--registry",
+        action="append",
+        metavar="HOST",
+        help="registry to pull through the peer, HOST[:PORT] or http://HOST:PORT for plain HTTP; "
+        "repeatable (default: docker.io; docker mirrors Docker Hub only)",
+    )
     parser.add_argument("--write", action="store_true", help="install the files, backing up what was there")
-    parser.add_argument("--hosts-dir", default=CONTAINERD_HOSTS_DIR,
-                        help=f"containerd's registry config_path (default: {CONTAINERD_HOSTS_DIR})")
-    parser.add_argument("--daemon-json", default=DOCKER_DAEMON_JSON,
-                        help=f"docker's daemon.json (default: {DOCKER_DAEMON_JSON})")
+    parser.add_argument(
+        "--hosts-dir",
+        default=CONTAINERD_HOSTS_DIR,
+        help=f"containerd's registry config_path (default: {CONTAINERD_HOSTS_DIR})",
+    )
+    parser.add_argument(
+        "--daemon-json", default=DOCKER_DAEMON_JSON, help=f"docker's daemon.json (default: {DOCKER_DAEMON_JSON})"
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -135,13 +147,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 print(f"wrote {path}" + (f" (previous file kept as {backup})" if backup else ""), file=out)
             else:
                 print(f"# {path}\n{content}", file=out)
-        print(f"containerd reads these when its CRI registry config_path is {args.hosts_dir} "
-              f"(`ctr image pull --hosts-dir {args.hosts_dir}` for ctr); no restart is needed.", file=err)
+        print(
+            f"containerd reads these when its CRI registry config_path is {args.hosts_dir} "
+            f"(`ctr image pull --hosts-dir {args.hosts_dir}` for ctr); no restart is needed.",
+            file=err,
+        )
     else:
         hosts = [parse_registry(r)[0] for r in registries]
         if [h for h in hosts if h != DOCKER_HUB]:
-            print("note: docker's registry-mirrors mirror Docker Hub only; other registries are pulled "
-                  "directly (use containerd's hosts.toml for them)", file=err)
+            print(
+                "note: docker's registry-mirrors mirror Docker Hub only; other registries are pulled "
+                "directly (use containerd's hosts.toml for them)",
+                file=err,
+            )
         path = Path(args.daemon_json)
         existing: dict[str, Any] = {}
         if path.exists():
@@ -160,8 +178,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             print("apply it with `systemctl reload docker` (registry-mirrors reload on SIGHUP)", file=err)
         else:
             print(f"# {path}\n{content}", end="", file=out)
-        print(f"the peer answers docker's requests from its default upstream: start it with "
-              f"--registry-mirror {DOCKER_HUB_API}", file=err)
+        print(
+            f"the peer answers docker's requests from its default upstream: start it with "
+            f"--registry-mirror {DOCKER_HUB_API}",
+            file=err,
+        )
     for note in peer_notes(registries):
         print(f"note: {note}", file=err)
     return 0

@@ -24,8 +24,9 @@ def parse_digest(value: object) -> str:
     """Return `value` if it is `sha256:` + 64 lowercase hex, else raise BadRequest."""
     if not isinstance(value, str) or not _DIGEST.fullmatch(value):
         shown = repr(value)[:80]
-        raise BadRequest(f"invalid digest {shown}: want sha256: followed by 64 lowercase hex digits",
-                         code="DIGEST_INVALID")
+        raise BadRequest(
+            f"invalid digest {shown}: want sha256: followed by 64 lowercase hex digits", code="DIGEST_INVALID"
+        )
     return value
 
 

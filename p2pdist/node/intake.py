@@ -33,9 +33,15 @@ class PieceIntake:
     the first `sha_pieces` pieces.
     """
 
-    def __init__(self, store: TaskStore, *, sha: RunningHash | None = None, bucket: TokenBucket | None = None,
-                 on_bytes: Callable[[int], None] | None = None,
-                 on_piece: Callable[[int, bytes], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        *,
+        sha: RunningHash | None = None,
+        bucket: TokenBucket | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+        on_piece: Callable[[int, bytes], None] | None = None,
+    ) -> None:
         self.store = store
         self.sha = sha
         self.sha_pieces = 0
@@ -73,8 +79,9 @@ class PieceIntake:
                         if piece.number + 1 >= layout.count:
                             return
                         piece = _Piece(self, piece.number + 1)
-            raise OriginError(f"origin's body ended at byte {layout.start(piece.number) + piece.filled} "
-                              f"of {layout.blob_size}")
+            raise OriginError(
+                f"origin's body ended at byte {layout.start(piece.number) + piece.filled} of {layout.blob_size}"
+            )
         finally:
             piece.abort()
 

@@ -19,9 +19,15 @@ class DaemonMetrics:
         self.pieces = Counter(f"{p}_pieces", "Pieces fetched, by outcome", ["source", "result"], registry=r)
         self.pieces_served = Counter(f"{p}_pieces_served", "Piece requests answered", ["status"], registry=r)
         self.tasks = Counter(f"{p}_tasks", "Tasks finished, by outcome", ["result"], registry=r)
-        self.back_to_source = Counter(f"{p}_back_to_source", "Tasks that went to the origin themselves", ["reason"], registry=r)
-        self.task_seconds = Histogram(f"{p}_task_duration_seconds", "Time to hold a whole blob", registry=r, buckets=_SECONDS)
-        self.piece_seconds = Histogram(f"{p}_piece_duration_seconds", "Time to fetch one piece", ["source"], registry=r, buckets=_SECONDS)
+        self.back_to_source = Counter(
+            f"{p}_back_to_source", "Tasks that went to the origin themselves", ["reason"], registry=r
+        )
+        self.task_seconds = Histogram(
+            f"{p}_task_duration_seconds", "Time to hold a whole blob", registry=r, buckets=_SECONDS
+        )
+        self.piece_seconds = Histogram(
+            f"{p}_piece_duration_seconds", "Time to fetch one piece", ["source"], registry=r, buckets=_SECONDS
+        )
         self.scheduler_errors = Counter(f"{p}_scheduler_errors", "Failed calls to the scheduler", registry=r)
         self.uploads_active = Gauge(f"{p}_uploads_active", "Piece uploads in progress", registry=r)
         self.tasks_active = Gauge(f"{p}_tasks_active", "Tasks downloading now", registry=r)

@@ -50,15 +50,23 @@ class Node(Generic[ConfigT]):
         self.store, self.host_id = open_host(Path(config.data_dir), self.kind)
         self.metrics = DaemonMetrics(self.kind)
         self.tls_client = client_context(config.tls_ca)
-        self.scheduler = SchedulerClient(config.scheduler, timeout_s=scheduler_timeout_s,
-                                         secret=config.cluster_secret, verify=self.tls_client)
+        self.scheduler = SchedulerClient(
+            config.scheduler, timeout_s=scheduler_timeout_s, secret=config.cluster_secret, verify=self.tls_client
+        )
         self.origin = origin
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
-        self.pieces = PieceServer(self.store, self.metrics, config.effective_upload_slots(),
-                                  secret=config.cluster_secret)
-        self.cache = CacheQuota(self.store, config.cache_quota_bytes, config.cache_high_watermark,
-                                config.cache_low_watermark, busy=self.busy,
-                                registry=self.metrics.registry, role=self.kind)
+        self.pieces = PieceServer(
+            self.store, self.metrics, config.effective_upload_slots(), secret=config.cluster_secret
+        )
+        self.cache = CacheQuota(
+            self.store,
+            config.cache_quota_bytes,
+            config.cache_high_watermark,
+            config.cache_low_watermark,
+            busy=self.busy,
+            registry=self.metrics.registry,
+            role=self.kind,
+        )
         self.advertise = config.advertise or ""  # with port 0, known once bound
         self._nursery: trio.Nursery | None = None
         self._last_announce_error = ""
@@ -105,9 +113,18 @@ class Node(Generic[ConfigT]):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                bound = await nursery.start(partial(
-                    serve_http, self.handle, host, port, name=self.kind, upload_bucket=self.upload_bucket,
-                    on_bytes_sent=self.count_upload, ssl_context=tls))
+                bound = await nursery.start(
+                    partial(
+                        serve_http,
+                        self.handle,
+                        host,
+                        port,
+                        name=self.kind,
+                        upload_bucket=self.upload_bucket,
+                        on_bytes_sent=self.count_upload,
+                        ssl_context=tls,
+                    )
+                )
                 if not self.advertise:
                     self.advertise = f"{'https' if tls else 'http'}://{bound[0]}:{bound[1]}"
                 self.log.info("%s %s: pieces on %s", self.kind, self.host_id, self.advertise)
@@ -137,17 +154,26 @@ class Node(Generic[ConfigT]):
 
     def holdings(self) -> list[wire.TaskHolding]:
         """Every task with a verified piece, as announced (a restarted scheduler rebuilds from it)."""
-        return [wire.TaskHolding(task_id=t.task_id, content_length=t.layout.blob_size,
-                                 pieces=t.pieces.to_bytes(), url=t.url, piece_digests=self.piece_digests(t))
-                for t in self.store.tasks.values() if len(t.pieces)]
+        return [
+            wire.TaskHolding(
+                task_id=t.task_id,
+                content_length=t.layout.blob_size,
+                pieces=t.pieces.to_bytes(),
+                url=t.url,
+                piece_digests=self.piece_digests(t),
+            )
+            for t in self.store.tasks.values()
+            if len(t.pieces)
+        ]
 
     async def enforce_quota(self) -> None:
         """Evict least recently used blobs past the high watermark, and tell the scheduler."""
         for task_id in self.cache.enforce():
             self.forget(task_id)
             try:
-                await self.scheduler.call("/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id),
-                                          wire.Empty)
+                await self.scheduler.call(
+                    "/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id), wire.Empty
+                )
             except (UpstreamError, P2PError) as exc:
                 self.log.debug("leave for an evicted task not sent: %s", exc)  # children stop at its 404s
 
@@ -155,9 +181,17 @@ class Node(Generic[ConfigT]):
         """Tell the scheduler this host is alive and what it holds; a failure is logged, once
         at warning (a wrong cluster secret shows up here), then at debug while it repeats."""
         try:
-            await self.scheduler.call("/v1/hosts", wire.AnnounceHost(
-                host_id=self.host_id, url=self.advertise, kind=self.kind,
-                upload_slots=self.config.effective_upload_slots(), tasks=self.holdings()), wire.Empty)
+            await self.scheduler.call(
+                "/v1/hosts",
+                wire.AnnounceHost(
+                    host_id=self.host_id,
+                    url=self.advertise,
+                    kind=self.kind,
+                    upload_slots=self.config.effective_upload_slots(),
+                    tasks=self.holdings(),
+                ),
+                wire.Empty,
+            )
         except (UpstreamError, P2PError) as exc:
             self.metrics.scheduler_errors.inc()
             said = str(exc) == self._last_announce_error

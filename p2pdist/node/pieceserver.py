@@ -53,8 +53,7 @@ class RangeNotSatisfiable(BadRequest):
 
 
 class PieceServer:
-    def __init__(self, store: Store, metrics: DaemonMetrics, upload_slots: int, *,
-                 secret: str | None = None) -> None:
+    def __init__(self, store: Store, metrics: DaemonMetrics, upload_slots: int, *, secret: str | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.upload_slots = upload_slots

@@ -28,6 +28,8 @@ MAX_REDIRECTS = 5
 # over 63 characters), which surfaces as a bare UnicodeError from getaddrinfo.
 UNREACHABLE: tuple[type[Exception], ...] = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
 def redirected(response: httpx.Response, origin_host: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
     """Where a redirect leads, and the headers to send there: never credentials to another
     host (registries send blob GETs to storage). A Location that is no URL is an OriginError."""
@@ -71,8 +73,10 @@ class OriginResponse:
                 yield chunk
         except httpx.HTTPError as exc:
             # A reset or a stall mid-body is the origin failing: callers retry and resume.
-            raise OriginError(f"origin {self.response.url.netloc.decode()} failed after {received} of "
-                              f"{self.length} bytes: {type(exc).__name__}") from None
+            raise OriginError(
+                f"origin {self.response.url.netloc.decode()} failed after {received} of "
+                f"{self.length} bytes: {type(exc).__name__}"
+            ) from None
 
 
 class OriginClient:
@@ -90,8 +94,9 @@ class OriginClient:
         await self.client.aclose()
 
     @asynccontextmanager
-    async def open_blob(self, url: str, headers: dict[str, str], *, start: int = 0,
-                        end: int | None = None) -> AsyncIterator[OriginResponse]:
+    async def open_blob(
+        self, url: str, headers: dict[str, str], *, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[OriginResponse]:
         """GET bytes [start, end) of a blob, following auth challenges and redirects."""
         request_headers = {k: v for k, v in headers.items() if k.lower() == "authorization"}
         # A p2pdist mirror as origin then relays instead of sending it back into P2P.
@@ -167,9 +172,11 @@ class OriginClient:
         if response.status_code != 200:
             # The client's credentials did not buy a token: it must authenticate, whatever the
             # token service's own failure was.
-            raise OriginError(f"token service refused: HTTP {response.status_code}",
-                              upstream_status=response.status_code,
-                              status=403 if response.status_code == 403 else 401)
+            raise OriginError(
+                f"token service refused: HTTP {response.status_code}",
+                upstream_status=response.status_code,
+                status=403 if response.status_code == 403 else 401,
+            )
         try:
             body = response.json()
             token = body.get("token") or body["access_token"]

@@ -30,7 +30,7 @@ class RetryPolicy:
 
     def delay_s(self, failures: int, rng: random.Random) -> float:
         """Seconds to wait after the `failures`-th failed try (1 for the first)."""
-        return min(self.cap_s, self.base_s * 2.0 ** failures) * (1 - self.jitter + 2 * self.jitter * rng.random())
+        return min(self.cap_s, self.base_s * 2.0**failures) * (1 - self.jitter + 2 * self.jitter * rng.random())
 
     def retry_after(self, failures: int, error: OriginError, rng: random.Random) -> float | None:
         """Seconds to wait before trying again after the `failures`-th failure, or None to give up.

@@ -60,17 +60,26 @@ def held_bytes(task: TaskStore) -> int:
 class CacheQuota:
     """Applies the quota to `store`; `busy(task_id)` says whether the owner is using a task."""
 
-    def __init__(self, store: Store, quota_bytes: int | None, high: float, low: float, *,
-                 busy: Callable[[str], bool] = lambda task_id: False,
-                 registry: CollectorRegistry | None = None, role: str = "peer") -> None:
+    def __init__(
+        self,
+        store: Store,
+        quota_bytes: int | None,
+        high: float,
+        low: float,
+        *,
+        busy: Callable[[str], bool] = lambda task_id: False,
+        registry: CollectorRegistry | None = None,
+        role: str = "peer",
+    ) -> None:
         self.store = store
         self.quota_bytes = quota_bytes
         self.high = high
         self.low = low
         self.busy = busy
         registry = registry or CollectorRegistry()
-        self.evictions = Counter(f"p2pdist_{role}_cache_evictions", "Blobs removed to keep the cache quota",
-                                 registry=registry)
+        self.evictions = Counter(
+            f"p2pdist_{role}_cache_evictions", "Blobs removed to keep the cache quota", registry=registry
+        )
         self.held = Gauge(f"p2pdist_{role}_cache_bytes", "Bytes of verified pieces held", registry=registry)
 
     def used_bytes(self) -> int:
@@ -82,15 +91,21 @@ class CacheQuota:
         self.held.set(self.used_bytes())
         if self.quota_bytes is None:
             return []
-        tasks = [CachedTask(t.task_id, held_bytes(t), t.last_used,
-                            store.in_use(t.task_id) or self.busy(t.task_id))
-                 for t in store.tasks.values()]
+        tasks = [
+            CachedTask(t.task_id, held_bytes(t), t.last_used, store.in_use(t.task_id) or self.busy(t.task_id))
+            for t in store.tasks.values()
+        ]
         chosen = choose_evictions(tasks, self.quota_bytes, self.high, self.low)
         for task_id in chosen:
             task = store.tasks[task_id]
-            log.info("evicting %s (%d bytes, last used %.0fs ago): cache over %.0f%% of %d bytes",
-                     short(task_id), held_bytes(task), time.time() - task.last_used, self.high * 100,
-                     self.quota_bytes)
+            log.info(
+                "evicting %s (%d bytes, last used %.0fs ago): cache over %.0f%% of %d bytes",
+                short(task_id),
+                held_bytes(task),
+                time.time() - task.last_used,
+                self.high * 100,
+                self.quota_bytes,
+            )
             store.remove(task_id)
             self.evictions.inc()
         if chosen:

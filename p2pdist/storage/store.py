@@ -214,8 +214,9 @@ class Store:
             raise _store_error(exc, "cannot create task directory") from None
         layout = PieceLayout.for_blob(content_length)
         task = TaskStore(task_id, root, layout, Bitmap(layout.count), url, time.time())
-        _atomic_write(root / _META, json.dumps(
-            {"task_id": task_id, "content_length": content_length, "url": url}).encode())
+        _atomic_write(
+            root / _META, json.dumps({"task_id": task_id, "content_length": content_length, "url": url}).encode()
+        )
         self.tasks[task_id] = task
         return task
 
@@ -244,15 +245,17 @@ class Store:
                 shutil.rmtree(root, ignore_errors=True)
                 continue
             layout = PieceLayout.for_blob(content_length)
-            task = TaskStore(task_id, root, layout, Bitmap(layout.count), str(meta.get("url", "")),
-                             _last_used(root))
+            task = TaskStore(task_id, root, layout, Bitmap(layout.count), str(meta.get("url", "")), _last_used(root))
             digests = task.load_digests()
             for number in range(layout.count):
                 path = task.path(number)
                 if not path.exists():
                     continue
-                ok = number < len(digests) and path.stat().st_size == layout.length(number) \
+                ok = (
+                    number < len(digests)
+                    and path.stat().st_size == layout.length(number)
                     and piece_digest(path.read_bytes()) == digests[number]
+                )
                 if ok:
                     task.pieces.add(number)
                     kept += 1

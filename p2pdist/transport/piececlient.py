@@ -88,8 +88,9 @@ class PieceResponse:
             self.received += filled
             yield view[:filled]
 
-    async def _tls_chunks(self, stream: trio.SSLStream[trio.SocketStream],
-                          view: memoryview) -> AsyncIterator[memoryview]:
+    async def _tls_chunks(
+        self, stream: trio.SSLStream[trio.SocketStream], view: memoryview
+    ) -> AsyncIterator[memoryview]:
         while self.received < self.length:
             want = min(len(view), self.length - self.received)
             filled = 0
@@ -179,8 +180,9 @@ class _Conn:
 
 
 class PieceClient:
-    def __init__(self, *, connect_timeout_s: float = 5.0, secret: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, *, connect_timeout_s: float = 5.0, secret: str | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.auth_headers = bearer_headers(secret)
         self.ssl_context = ssl_context
@@ -192,8 +194,9 @@ class PieceClient:
             yield response
 
     @asynccontextmanager
-    async def request(self, method: str, url: str, headers: dict[str, str] | None = None,
-                      body: bytes = b"") -> AsyncIterator[PieceResponse]:
+    async def request(
+        self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> AsyncIterator[PieceResponse]:
         """One request on a kept-alive connection. A body the caller leaves unread is drained
         when it is small (a 404 or 503 text), so a refusal does not cost a new connection."""
         parts = urlsplit(url)

@@ -234,8 +234,17 @@ class ServerProtocol:
             name = raw_name.decode("ascii")
             value = raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        return RequestReceived(Request(method=method, target=target, path=path, query=query,
-                                       headers=headers, client=self.client, _read_body=read_body))
+        return RequestReceived(
+            Request(
+                method=method,
+                target=target,
+                path=path,
+                query=query,
+                headers=headers,
+                client=self.client,
+                _read_body=read_body,
+            )
+        )
 
     # --- the request body -----------------------------------------------------------------
 
@@ -367,4 +376,3 @@ class ServerProtocol:
         self._h11.start_next_cycle()
         self._discarded = 0
         return True
-

@@ -18,8 +18,9 @@ MAX_REPLY_BYTES = 16 << 20
 
 
 class SchedulerClient:
-    def __init__(self, url: str, *, timeout_s: float = 3.0, secret: str | None = None,
-                 verify: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, url: str, *, timeout_s: float = 3.0, secret: str | None = None, verify: ssl.SSLContext | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.client = PieceClient(connect_timeout_s=timeout_s, secret=secret, ssl_context=verify)

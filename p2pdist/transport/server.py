@@ -44,8 +44,15 @@ from p2pdist.transport.protocol import (
 from p2pdist.transport.ratelimit import TokenBucket
 
 __all__ = [
-    "BodyTooLarge", "FileBody", "Handler", "Request", "Response", "ResponseBody",
-    "parse_target", "serve_http", "text_response",
+    "BodyTooLarge",
+    "FileBody",
+    "Handler",
+    "Request",
+    "Response",
+    "ResponseBody",
+    "parse_target",
+    "serve_http",
+    "text_response",
 ]
 
 log = logging.getLogger("p2pdist.http")
@@ -170,8 +177,12 @@ def _peer(stream: trio.SocketStream) -> tuple[str, int]:
 class _Connection:
     """One client connection: the trio loop of receive, handler, send around a ServerProtocol."""
 
-    def __init__(self, server: _Server, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
-                 socket_stream: trio.SocketStream) -> None:
+    def __init__(
+        self,
+        server: _Server,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+        socket_stream: trio.SocketStream,
+    ) -> None:
         self.server = server
         self.stream = stream
         # The TCP stream under `stream` (the same one without TLS): its socket for sendfile.

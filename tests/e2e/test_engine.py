@@ -15,7 +15,8 @@ from tests.support.origin import PushToOrigin
 
 
 def test_one_blob_through_seed_and_four_peers_reaches_origin_once(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((48 * MiB,), 11, "engine/once")
     layer = image.layers[0]
     cluster = cluster_factory()
@@ -34,7 +35,8 @@ def test_one_blob_through_seed_and_four_peers_reaches_origin_once(
 
 
 def test_pull_survives_a_parent_killed_mid_transfer(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((32 * MiB,), 12, "engine/killed")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--upload-rate", "4MiB"))
@@ -44,7 +46,11 @@ def test_pull_survives_a_parent_killed_mid_transfer(
     (late,) = cluster.add_peers(1)
     out = cluster.workdir / "late.blob"
     job = cluster.start_get(late, url, out)
-    wait_until(lambda: metric(doomed.url, "p2pdist_peer_upload_bytes_total") > 0, 30, "the late peer to fetch from the doomed parent")
+    wait_until(
+        lambda: metric(doomed.url, "p2pdist_peer_upload_bytes_total") > 0,
+        30,
+        "the late peer to fetch from the doomed parent",
+    )
     doomed.kill()
 
     _, err = job.communicate(timeout=120)
@@ -53,7 +59,8 @@ def test_pull_survives_a_parent_killed_mid_transfer(
 
 
 def test_corrupt_parent_is_avoided_and_pull_comes_out_right(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((40 * MiB,), 13, "engine/corrupt")
     layer = image.layers[0]
     cluster = cluster_factory()
@@ -79,13 +86,16 @@ def test_corrupt_parent_is_avoided_and_pull_comes_out_right(
 
 
 def test_scheduler_stopped_mid_pull_pulls_finish_from_origin(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((48 * MiB,), 14, "engine/nosched")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--upload-rate", "8MiB", "--origin-rate", "8MiB"))
     peers = cluster.add_peers(3)
     url = cluster.blob_url("engine/nosched", layer.digest)
-    jobs = [(cluster.workdir / f"ns-{p.name}", cluster.start_get(p, url, cluster.workdir / f"ns-{p.name}")) for p in peers]
+    jobs = [
+        (cluster.workdir / f"ns-{p.name}", cluster.start_get(p, url, cluster.workdir / f"ns-{p.name}")) for p in peers
+    ]
     wait_until(lambda: any(metric(p.url, "p2pdist_peer_download_bytes_total") > 0 for p in peers), 30, "first piece")
     cluster.scheduler.kill()
 
@@ -97,7 +107,8 @@ def test_scheduler_stopped_mid_pull_pulls_finish_from_origin(
 
 
 def test_disk_full_fails_cleanly_and_leaves_no_valid_looking_piece(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, tmp_path: Path) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, tmp_path: Path
+) -> None:
     image = push_to_origin((24 * MiB,), 15, "engine/full")
     layer = image.layers[0]
     cluster = cluster_factory()
@@ -117,8 +128,14 @@ def test_disk_full_fails_cleanly_and_leaves_no_valid_looking_piece(
             assert not out.exists()
         assert "disk full" in peer.log_path.read_text()
         # Nothing stays that could be served as a piece.
-        leftovers = [p for p in small.rglob("*") if p.is_file() and p.parent.name != small.name
-                     and p.name not in ("meta.json",) and not p.name.startswith(".")]
+        leftovers = [
+            p
+            for p in small.rglob("*")
+            if p.is_file()
+            and p.parent.name != small.name
+            and p.name not in ("meta.json",)
+            and not p.name.startswith(".")
+        ]
         assert leftovers == []
         assert httpx.get(f"{peer.url}/healthz", timeout=5).status_code == 200
     finally:

@@ -51,12 +51,21 @@ def seed_origin_bytes(seed_url: str) -> float:
 
 
 def test_origin_503_reset_and_stall_are_retried_and_resumed_from_the_last_verified_piece(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess
+) -> None:
     image = push_to_origin((24 * MiB,), 42, "faults/origin")
     layer = image.layers[0]
     # One 503, then a body cut mid-piece 2, then a resumed body that goes silent in piece 4.
-    fault_relay.set_plan(FaultPlan(fail_blob_gets=1, resets=1, reset_after_bytes=2 * PIECE + 12345,
-                                   stalls=1, stall_after_bytes=2 * PIECE + 777, stall_s=60))
+    fault_relay.set_plan(
+        FaultPlan(
+            fail_blob_gets=1,
+            resets=1,
+            reset_after_bytes=2 * PIECE + 12345,
+            stalls=1,
+            stall_after_bytes=2 * PIECE + 777,
+            stall_s=60,
+        )
+    )
     cluster = cluster_factory(seed_args=("--origin-timeout-s", "2"))
     peers = cluster.add_peers(2)
 
@@ -79,7 +88,8 @@ def test_origin_503_reset_and_stall_are_retried_and_resumed_from_the_last_verifi
 
 
 def test_back_to_source_peer_resumes_after_the_origin_cuts_the_body(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess
+) -> None:
     image = push_to_origin((20 * MiB,), 43, "faults/b2s")
     layer = image.layers[0]
     fault_relay.set_plan(FaultPlan(fail_blob_gets=1, resets=1, reset_after_bytes=3 * PIECE + 99))
@@ -98,7 +108,8 @@ def test_back_to_source_peer_resumes_after_the_origin_cuts_the_body(
 
 
 def test_origin_that_cannot_serve_gives_the_client_a_clear_error_and_stores_nothing(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, fault_relay: FaultRelayProcess
+) -> None:
     image = push_to_origin((8 * MiB,), 44, "faults/down")
     layer = image.layers[0]
     fault_relay.set_plan(FaultPlan(fail_blob_gets=1_000_000))
@@ -138,13 +149,16 @@ def _wait_for_busy_seed(cluster: Cluster, at_least: int) -> int:
 
 
 def test_seed_killed_mid_blob_a_second_seed_takes_over(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((32 * MiB,), 45, "faults/seed2")
     layer = image.layers[0]
     cluster = cluster_factory(seeds=2, seed_args=("--origin-rate", "6MiB"))
     peers = cluster.add_peers(2)
     url = cluster.blob_url("faults/seed2", layer.digest)
-    jobs = [(cluster.workdir / f"s2-{p.name}", cluster.start_get(p, url, cluster.workdir / f"s2-{p.name}")) for p in peers]
+    jobs = [
+        (cluster.workdir / f"s2-{p.name}", cluster.start_get(p, url, cluster.workdir / f"s2-{p.name}")) for p in peers
+    ]
     doomed = _wait_for_busy_seed(cluster, 8 * MiB)
     cluster.seeds[doomed].kill()
 
@@ -159,7 +173,8 @@ def test_seed_killed_mid_blob_a_second_seed_takes_over(
 
 
 def test_seed_killed_mid_blob_with_no_other_seed_pull_goes_back_to_source(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((24 * MiB,), 46, "faults/seed1")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--origin-rate", "4MiB"))
@@ -181,7 +196,8 @@ def test_seed_killed_mid_blob_with_no_other_seed_pull_goes_back_to_source(
 
 
 def test_stalled_parent_hits_the_piece_timeout_and_is_avoided(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((32 * MiB,), 47, "faults/stall")
     layer = image.layers[0]
     cluster = cluster_factory()
@@ -204,14 +220,17 @@ def test_stalled_parent_hits_the_piece_timeout_and_is_avoided(
 
 
 def test_parents_lying_about_pieces_or_bytes_are_avoided_and_cannot_poison_digests(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((32 * MiB,), 48, "faults/liars")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--upload-rate", "16MiB"))
     # Before anyone asks for the blob, two untrusted peers claim all of it, with made-up
     # piece digests; one answers 404 for every piece, the other random bytes.
-    liars = [FakePeer(cluster.scheduler.url, layer.digest, layer.size, mode=mode, host_id=f"liar-{mode}")
-             for mode in ("absent", "garbage")]
+    liars = [
+        FakePeer(cluster.scheduler.url, layer.digest, layer.size, mode=mode, host_id=f"liar-{mode}")
+        for mode in ("absent", "garbage")
+    ]
     try:
         (victim,) = cluster.add_peers(1)
         (out,) = cluster.pull_all([victim], cluster.blob_url("faults/liars", layer.digest), "victim")

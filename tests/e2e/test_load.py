@@ -54,8 +54,9 @@ def report(result: LoadResult) -> None:
     assert not result.errors, sorted(set(result.errors))[:10]
 
 
-def test_200_concurrent_pulls_through_one_peer(scheduler: Service, tmp_path: Path, origin: Origin,
-                                               push_to_origin: PushToOrigin) -> None:
+def test_200_concurrent_pulls_through_one_peer(
+    scheduler: Service, tmp_path: Path, origin: Origin, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((BLOB_BYTES,), 81, REPO)
     digest = image.layers[0].digest
     seed = procs.start_seed(tmp_path, scheduler.url)

@@ -24,7 +24,8 @@ def cluster(cluster_factory: ClusterFactory) -> Cluster:
 
 
 def test_three_hosts_pull_with_containerd_and_the_origin_sends_each_layer_once(
-        cluster: Cluster, push_to_origin: PushToOrigin, tmp_path: Path) -> None:
+    cluster: Cluster, push_to_origin: PushToOrigin, tmp_path: Path
+) -> None:
     image = push_to_origin((20 * MiB, 12 * MiB, 6 * MiB), 41, "mirror/multi")
     relay = cluster.relay
     peers = cluster.add_peers(3, ("--insecure-registry", relay.host))
@@ -58,15 +59,17 @@ def test_three_hosts_pull_with_containerd_and_the_origin_sends_each_layer_once(
 
 
 def test_docker_pull_through_the_mirror_gives_the_image_of_a_direct_pull(
-        cluster: Cluster, origin: Origin, push_to_origin: PushToOrigin, tmp_path: Path) -> None:
+    cluster: Cluster, origin: Origin, push_to_origin: PushToOrigin, tmp_path: Path
+) -> None:
     # docker's registry-mirrors mirror Docker Hub only: `p2pdist-tiny` means
     # docker.io/library/p2pdist-tiny, which the peer maps to the origin, its default upstream.
     image = push_to_origin((3 * MiB, 1 * MiB), 42, "library/p2pdist-tiny")
     (peer,) = cluster.add_peers(1, ("--registry-mirror", cluster.relay.url))
     assert peer.proxy_url is not None
-    with Containerd(tmp_path, "containerd-docker") as containerd, \
-            Dockerd(tmp_path, containerd, registry_mirrors=[peer.proxy_url],
-                    insecure_registries=[origin.host]) as dockerd:
+    with (
+        Containerd(tmp_path, "containerd-docker") as containerd,
+        Dockerd(tmp_path, containerd, registry_mirrors=[peer.proxy_url], insecure_registries=[origin.host]) as dockerd,
+    ):
         dockerd.pull("p2pdist-tiny:latest", timeout=120)
         through_mirror = dockerd.image_id("p2pdist-tiny:latest")
         # Nothing else could have served it: this machine cannot reach Docker Hub.

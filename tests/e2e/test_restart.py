@@ -13,16 +13,22 @@ from tests.support.origin import PushToOrigin
 
 
 def test_rollout_survives_scheduler_killed_and_restarted_on_the_same_port(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((48 * MiB,), 31, "restart/scheduler")
     layer = image.layers[0]
     cluster = cluster_factory(seed_args=("--origin-rate", "8MiB"))
     peers = cluster.add_peers(4, ("--download-rate", "16MiB"))
     url = cluster.blob_url("restart/scheduler", layer.digest)
-    jobs = [(cluster.workdir / f"rs-{p.name}.blob", cluster.start_get(p, url, cluster.workdir / f"rs-{p.name}.blob"))
-            for p in peers]
-    wait_until(lambda: sum(metric(p.url, "p2pdist_peer_download_bytes_total") for p in peers) >= 8 * MiB,
-               60, "the rollout to be under way")
+    jobs = [
+        (cluster.workdir / f"rs-{p.name}.blob", cluster.start_get(p, url, cluster.workdir / f"rs-{p.name}.blob"))
+        for p in peers
+    ]
+    wait_until(
+        lambda: sum(metric(p.url, "p2pdist_peer_download_bytes_total") for p in peers) >= 8 * MiB,
+        60,
+        "the rollout to be under way",
+    )
     cluster.scheduler.kill()
     scheduler = restart(cluster, cluster.scheduler)
 
@@ -39,15 +45,17 @@ def test_rollout_survives_scheduler_killed_and_restarted_on_the_same_port(
 
 
 def test_restarted_peer_reuses_verified_pieces_and_discards_partial_ones(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((48 * MiB,), 32, "restart/peer")
     layer = image.layers[0]
     cluster = cluster_factory()
     (peer,) = cluster.add_peers(1, ("--download-rate", "6MiB"))
     url = cluster.blob_url("restart/peer", layer.digest)
     job = cluster.start_get(peer, url, cluster.workdir / "first.blob")
-    wait_until(lambda: metric(peer.url, "p2pdist_peer_download_bytes_total") >= 20 * MiB, 60,
-               "the first pull to be under way")
+    wait_until(
+        lambda: metric(peer.url, "p2pdist_peer_download_bytes_total") >= 20 * MiB, 60, "the first pull to be under way"
+    )
     peer.kill()
     job.communicate(timeout=30)
     assert job.returncode != 0
@@ -57,7 +65,7 @@ def test_restarted_peer_reuses_verified_pieces_and_discards_partial_ones(
     assert len(pieces) >= 3, "the kill should land after a few pieces"
     # A piece cut short on disk and a half-written temporary file: neither may survive.
     damaged = pieces[1]
-    damaged.write_bytes(damaged.read_bytes()[: 1000])
+    damaged.write_bytes(damaged.read_bytes()[:1000])
     (task_dir / ".000011.dead.tmp").write_bytes(b"partial")
 
     peer = restart(cluster, peer)

@@ -12,9 +12,30 @@ from pathlib import Path
 def test_small_rollout_writes_results_and_every_blob_is_right(tmp_path: Path) -> None:
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.rollout", "--peers", "3", "--blob-size", "12MiB", "--layers", "2",
-         "--peer-upload-rate", "32MiB", "--origin-rate", "16MiB", "--timeout", "120", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.rollout",
+            "--peers",
+            "3",
+            "--blob-size",
+            "12MiB",
+            "--layers",
+            "2",
+            "--peer-upload-rate",
+            "32MiB",
+            "--origin-rate",
+            "16MiB",
+            "--timeout",
+            "120",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads((out / "result.json").read_text())
     assert result["peers"] == 3 and result["layers"] == 2

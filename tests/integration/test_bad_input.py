@@ -24,7 +24,9 @@ GOOD_DIGEST = "sha256:" + "ab" * 32
 
 
 @pytest.fixture(scope="module")
-def held(origin: Origin, push_to_origin: PushToOrigin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
+def held(
+    origin: Origin, push_to_origin: PushToOrigin, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Cluster, str]]:
     """A cluster whose one peer already holds a 9 MiB blob (3 pieces)."""
     image = push_to_origin((9 * MiB,), 21, "bad/input")
     digest = image.layers[0].digest
@@ -49,15 +51,23 @@ def files_under(path: Path) -> set[Path]:
     return {p for p in path.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("body, reason", [
-    (b"\xc1\x00garbage", "malformed msgpack"),
-    (msgpack.packb([1, 2, 3]), "expected a map"),
-    (msgpack.packb({"host_id": "h", "task_id": GOOD_DIGEST, "url": "http://x/v2/a/blobs/" + GOOD_DIGEST, "evil": 1}), "unknown field"),
-    (msgpack.packb({"host_id": "h", "task_id": "sha256:XYZ", "url": "http://x"}), "invalid digest"),
-    (msgpack.packb({"host_id": "h", "task_id": "md5:" + "a" * 32, "url": "http://x"}), "invalid digest"),
-    (msgpack.packb({"host_id": 5, "task_id": GOOD_DIGEST, "url": "http://x"}), "expected a string"),
-    (msgpack.packb({"task_id": GOOD_DIGEST, "url": "http://x"}), "missing field"),
-])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"\xc1\x00garbage", "malformed msgpack"),
+        (msgpack.packb([1, 2, 3]), "expected a map"),
+        (
+            msgpack.packb(
+                {"host_id": "h", "task_id": GOOD_DIGEST, "url": "http://x/v2/a/blobs/" + GOOD_DIGEST, "evil": 1}
+            ),
+            "unknown field",
+        ),
+        (msgpack.packb({"host_id": "h", "task_id": "sha256:XYZ", "url": "http://x"}), "invalid digest"),
+        (msgpack.packb({"host_id": "h", "task_id": "md5:" + "a" * 32, "url": "http://x"}), "invalid digest"),
+        (msgpack.packb({"host_id": 5, "task_id": GOOD_DIGEST, "url": "http://x"}), "expected a string"),
+        (msgpack.packb({"task_id": GOOD_DIGEST, "url": "http://x"}), "missing field"),
+    ],
+)
 def test_scheduler_rejects_malformed_register(held: tuple[Cluster, str], body: bytes, reason: str) -> None:
     cluster, _ = held
     url = cluster.scheduler.url
@@ -76,14 +86,17 @@ def test_scheduler_unknown_endpoint_and_wrong_method(held: tuple[Cluster, str]) 
     assert httpx.get(f"{url}/healthz").status_code == 200
 
 
-@pytest.mark.parametrize("path, status", [
-    ("/v1/tasks/sha256:zz/pieces/0", 400),
-    ("/v1/tasks/{digest}/pieces/99", 400),
-    ("/v1/tasks/{digest}/pieces/-1", 400),
-    ("/v1/tasks/{digest}/pieces/abc", 400),
-    ("/v1/tasks/{good}/pieces/0", 404),
-    ("/v1/tasks/{digest}/pieces/0/../../../etc/passwd", 404),
-])
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("/v1/tasks/sha256:zz/pieces/0", 400),
+        ("/v1/tasks/{digest}/pieces/99", 400),
+        ("/v1/tasks/{digest}/pieces/-1", 400),
+        ("/v1/tasks/{digest}/pieces/abc", 400),
+        ("/v1/tasks/{good}/pieces/0", 404),
+        ("/v1/tasks/{digest}/pieces/0/../../../etc/passwd", 404),
+    ],
+)
 def test_piece_server_rejects_bad_paths(held: tuple[Cluster, str], path: str, status: int) -> None:
     cluster, digest = held
     peer = cluster.peers[0]
@@ -116,16 +129,27 @@ def test_proxy_rejects_bad_names_digests_and_ranges_writing_nothing(held: tuple[
     before = files_under(data_dir)
     ns = {"ns": cluster.relay.url.removeprefix("http://")}
     hdr = {"x-p2pdist-origin-scheme": "http"}
-    for path in ("/v2/../etc/blobs/" + digest, "/v2/UPPER/blobs/" + digest, "/v2/a//b/blobs/" + digest,
-                 "/v2/bad/input/blobs/sha256:short", "/v2/bad/input/blobs/" + digest.upper()):
+    for path in (
+        "/v2/../etc/blobs/" + digest,
+        "/v2/UPPER/blobs/" + digest,
+        "/v2/a//b/blobs/" + digest,
+        "/v2/bad/input/blobs/sha256:short",
+        "/v2/bad/input/blobs/" + digest.upper(),
+    ):
         response = httpx.get(peer.proxy_url + path, params=ns, headers=hdr)
         assert response.status_code in (400, 404), (path, response.status_code)
-    past = httpx.get(f"{peer.proxy_url}/v2/bad/input/blobs/{digest}", params=ns, headers={**hdr, "range": f"bytes={9 * MiB + 10 ** 6}-"})
+    past = httpx.get(
+        f"{peer.proxy_url}/v2/bad/input/blobs/{digest}",
+        params=ns,
+        headers={**hdr, "range": f"bytes={9 * MiB + 10**6}-"},
+    )
     assert past.status_code == 416
     bad_ns = httpx.get(f"{peer.proxy_url}/v2/bad/input/blobs/{digest}", params={"ns": "a/b@c"}, headers=hdr)
     assert bad_ns.status_code == 400
     assert files_under(data_dir) == before
-    ranged = httpx.get(f"{peer.proxy_url}/v2/bad/input/blobs/{digest}", params=ns, headers={**hdr, "range": "bytes=4194300-4194309"})
+    ranged = httpx.get(
+        f"{peer.proxy_url}/v2/bad/input/blobs/{digest}", params=ns, headers={**hdr, "range": "bytes=4194300-4194309"}
+    )
     assert ranged.status_code == 206 and len(ranged.content) == 10
     assert httpx.get(f"{peer.proxy_url}/healthz").status_code == 200
 
@@ -133,9 +157,12 @@ def test_proxy_rejects_bad_names_digests_and_ranges_writing_nothing(held: tuple[
 def test_missing_blob_is_404_not_500(held: tuple[Cluster, str]) -> None:
     cluster, _ = held
     peer = cluster.peers[0]
-    response = httpx.get(f"{peer.proxy_url}/v2/bad/input/blobs/{GOOD_DIGEST}",
-                         params={"ns": cluster.relay.url.removeprefix("http://")},
-                         headers={"x-p2pdist-origin-scheme": "http"}, timeout=60)
+    response = httpx.get(
+        f"{peer.proxy_url}/v2/bad/input/blobs/{GOOD_DIGEST}",
+        params={"ns": cluster.relay.url.removeprefix("http://")},
+        headers={"x-p2pdist-origin-scheme": "http"},
+        timeout=60,
+    )
     assert response.status_code == 404
     assert response.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
 
@@ -145,8 +172,11 @@ def test_seed_rejects_malformed_trigger(held: tuple[Cluster, str]) -> None:
     seed = cluster.seeds[0]
     data_dir = cluster.workdir / "seed0-data"
     before = files_under(data_dir)
-    for body in (b"junk", msgpack.packb({"task_id": "sha256:1", "url": "http://x"}),
-                 msgpack.packb({"task_id": GOOD_DIGEST, "url": "file:///etc/passwd"})):
+    for body in (
+        b"junk",
+        msgpack.packb({"task_id": "sha256:1", "url": "http://x"}),
+        msgpack.packb({"task_id": GOOD_DIGEST, "url": "file:///etc/passwd"}),
+    ):
         one_line_4xx(httpx.post(f"{seed.url}/v1/seed/tasks", content=body))
     assert files_under(data_dir) == before
     assert httpx.get(f"{seed.url}/healthz").status_code == 200

@@ -23,7 +23,8 @@ MiB = 1 << 20
 
 
 async def test_blob_travels_over_tls_between_members_carrying_the_secret(
-        tmp_path: Path, tls_files: dict[str, str], origin: Origin, push_to_origin: PushToOrigin) -> None:
+    tmp_path: Path, tls_files: dict[str, str], origin: Origin, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((9 * MiB,), 61, "secret/tls")
     digest = image.layers[0].digest
     verify = ssl.create_default_context(cafile=tls_files["tls_ca"])
@@ -32,8 +33,12 @@ async def test_blob_travels_over_tls_between_members_carrying_the_secret(
             cluster = await start_cluster(nursery, tmp_path, tls=True, cluster_secret=SECRET, **tls_files)
             async with httpx.AsyncClient(timeout=60) as client:
                 sha = hashlib.sha256()
-                async with client.stream("GET", f"{cluster.proxy_url}/v2/secret/tls/blobs/{digest}",
-                                         params={"ns": origin.host}, headers={SCHEME_HEADER: "http"}) as response:
+                async with client.stream(
+                    "GET",
+                    f"{cluster.proxy_url}/v2/secret/tls/blobs/{digest}",
+                    params={"ns": origin.host},
+                    headers={SCHEME_HEADER: "http"},
+                ) as response:
                     assert response.status_code == 200
                     async for chunk in response.aiter_raw():
                         sha.update(chunk)

@@ -10,12 +10,14 @@ from tests.support.origin import PushToOrigin
 
 
 def test_peer_over_its_quota_evicts_the_least_recently_used_blob_and_refetches_it_on_demand(
-        cluster_factory: ClusterFactory, push_to_origin: PushToOrigin) -> None:
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
     images = [push_to_origin((16 * MiB,), 51 + i, f"evict/b{i}") for i in range(3)]
     layers = [image.layers[0] for image in images]
     cluster = cluster_factory()
-    (peer,) = cluster.add_peers(1, ("--cache-quota", "40MiB", "--cache-high-watermark", "0.9",
-                                    "--cache-low-watermark", "0.85"))
+    (peer,) = cluster.add_peers(
+        1, ("--cache-quota", "40MiB", "--cache-high-watermark", "0.9", "--cache-low-watermark", "0.85")
+    )
     urls = [cluster.blob_url(f"evict/b{i}", layer.digest) for i, layer in enumerate(layers)]
     tasks = cluster.workdir / f"{peer.name}-data" / "tasks"
 

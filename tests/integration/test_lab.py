@@ -26,9 +26,7 @@ from tests.support.origin import ORIGIN_CREDS, ImageFactory, PushToOrigin, Relay
 MiB = 1 << 20
 
 
-async def test_pushed_image_blobs_match_their_digests(
-    origin: Origin, push_to_origin: PushToOrigin
-) -> None:
+async def test_pushed_image_blobs_match_their_digests(origin: Origin, push_to_origin: PushToOrigin) -> None:
     image = push_to_origin((3 * MiB, 1 * MiB), 1, "lab/two-layers")
     with trio.fail_after(30):
         async with httpx.AsyncClient(base_url=origin.url) as client:
@@ -39,9 +37,7 @@ async def test_pushed_image_blobs_match_their_digests(
             assert response.status_code == 200
             assert response.headers["Docker-Content-Digest"] == image.manifest_digest
             manifest = response.json()
-            assert [layer["digest"] for layer in manifest["layers"]] == [
-                layer.digest for layer in image.layers
-            ]
+            assert [layer["digest"] for layer in manifest["layers"]] == [layer.digest for layer in image.layers]
             assert manifest["config"]["digest"] == image.config_digest
 
             for blob in (image.config, *image.layers):
@@ -142,11 +138,15 @@ def test_service_stop_terminates_the_process_group(tmp_path: Path) -> None:
 
 
 async def test_fault_relay_fails_cuts_and_stalls_blob_gets_in_plan_order(
-        origin: Origin, push_to_origin: PushToOrigin) -> None:
+    origin: Origin, push_to_origin: PushToOrigin
+) -> None:
     image = push_to_origin((3 * MiB,), 41, "faults/relay")
     layer = image.layers[0]
-    relay = FaultRelay(FaultPlan(fail_blob_gets=1, resets=1, reset_after_bytes=MiB + 7,
-                                 stalls=1, stall_after_bytes=MiB // 2, stall_s=5))
+    relay = FaultRelay(
+        FaultPlan(
+            fail_blob_gets=1, resets=1, reset_after_bytes=MiB + 7, stalls=1, stall_after_bytes=MiB // 2, stall_s=5
+        )
+    )
     host, _, port = origin.host.rpartition(":")
     client = OriginClient(timeout_s=1.0)
     outcomes: list[object] = []

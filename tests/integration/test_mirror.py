@@ -122,10 +122,12 @@ def test_missing_things_are_404_with_oci_errors(mirror: Mirror, image: ImageInfo
 
 
 def test_push_requests_are_refused_with_a_clear_error(mirror: Mirror, image: ImageInfo) -> None:
-    for method, path in (("POST", "/v2/mirror/app/blobs/uploads/"),
-                         ("PUT", "/v2/mirror/app/manifests/latest"),
-                         ("PATCH", "/v2/mirror/app/blobs/uploads/some-id"),
-                         ("DELETE", f"/v2/mirror/app/blobs/{image.layers[0].digest}")):
+    for method, path in (
+        ("POST", "/v2/mirror/app/blobs/uploads/"),
+        ("PUT", "/v2/mirror/app/manifests/latest"),
+        ("PATCH", "/v2/mirror/app/blobs/uploads/some-id"),
+        ("DELETE", f"/v2/mirror/app/blobs/{image.layers[0].digest}"),
+    ):
         response = httpx.request(method, mirror.url + path, params=mirror.ns, content=b"{}", timeout=30)
         assert response.status_code == 405, (method, path)
         error = response.json()["errors"][0]
@@ -152,7 +154,7 @@ def test_blob_get_and_ranges_return_the_right_bytes(mirror: Mirror, image: Image
     # A range across the first piece boundary (pieces are 4 MiB), before the whole blob.
     ranged = mirror.get(path, headers={"range": f"bytes={4 * MiB - 100}-{4 * MiB + 99}"})
     assert ranged.status_code == 206
-    assert ranged.content == data[4 * MiB - 100: 4 * MiB + 100]
+    assert ranged.content == data[4 * MiB - 100 : 4 * MiB + 100]
     assert ranged.headers["content-range"] == f"bytes {4 * MiB - 100}-{4 * MiB + 99}/{layer.size}"
     whole = mirror.get(path)
     assert whole.status_code == 200
@@ -188,8 +190,18 @@ def registries_conf(path: Path, registry: str, mirror_host: str) -> Path:
 
 
 def skopeo_copy(conf: Path, ref: str, dest: Path, creds: str | None = None) -> subprocess.CompletedProcess[str]:
-    argv = ["skopeo", "--insecure-policy", "--registries-conf", str(conf), "copy", "--quiet", "--preserve-digests",
-            "--src-tls-verify=false", f"docker://{ref}", f"oci:{dest}:latest"]
+    argv = [
+        "skopeo",
+        "--insecure-policy",
+        "--registries-conf",
+        str(conf),
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        f"docker://{ref}",
+        f"oci:{dest}:latest",
+    ]
     if creds:
         argv[5:5] = ["--src-creds", creds]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
@@ -199,8 +211,9 @@ def oci_layout_blobs(layout: Path) -> set[str]:
     return {"sha256:" + p.name for p in (layout / "blobs" / "sha256").iterdir()}
 
 
-def test_skopeo_copies_through_the_mirror(mirror: Mirror, image_factory: ImageFactory, push_to_origin: PushToOrigin,
-                                          tmp_path: Path) -> None:
+def test_skopeo_copies_through_the_mirror(
+    mirror: Mirror, image_factory: ImageFactory, push_to_origin: PushToOrigin, tmp_path: Path
+) -> None:
     image = push_to_origin((6 * MiB, 1 * MiB), 32, "mirror/skopeo")
     relay = mirror.cluster.relay
     conf = registries_conf(tmp_path / "registries.conf", relay.host, mirror.url.removeprefix("http://"))
@@ -219,8 +232,9 @@ WRONG = "Basic " + base64.b64encode(f"{USER}:not-the-password".encode()).decode(
 
 
 @pytest.fixture(scope="module")
-def private(private_origin: Origin, image_factory: ImageFactory,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mirror, ImageInfo]]:
+def private(
+    private_origin: Origin, image_factory: ImageFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Mirror, ImageInfo]]:
     image = image_factory((8 * MiB, 1 * MiB), 33)
     push_image(image, private_origin.host, "secret/app", creds=ORIGIN_CREDS)
     cluster = start_mirror(tmp_path_factory.mktemp("private"), private_origin.host)
@@ -276,7 +290,8 @@ def test_credentials_never_reach_logs_or_metrics(private: tuple[Mirror, ImageInf
 
 
 def test_blob_streams_as_pieces_arrive_so_the_first_byte_does_not_wait_for_the_whole_blob(
-        origin: Origin, push_to_origin: PushToOrigin, tmp_path: Path) -> None:
+    origin: Origin, push_to_origin: PushToOrigin, tmp_path: Path
+) -> None:
     image = push_to_origin((24 * MiB,), 34, "mirror/stream")
     layer = image.layers[0]
     # The origin link is slow (12 MiB/s): the whole blob takes about 2 s to reach the seed.
@@ -287,8 +302,9 @@ def test_blob_streams_as_pieces_arrive_so_the_first_byte_does_not_wait_for_the_w
         started = time.monotonic()
         first_byte = None
         sha = hashlib.sha256()
-        with httpx.stream("GET", f"{mirror.url}/v2/mirror/stream/blobs/{layer.digest}", params=mirror.ns,
-                          timeout=60) as response:
+        with httpx.stream(
+            "GET", f"{mirror.url}/v2/mirror/stream/blobs/{layer.digest}", params=mirror.ns, timeout=60
+        ) as response:
             assert response.status_code == 200
             for chunk in response.iter_raw():
                 if first_byte is None:

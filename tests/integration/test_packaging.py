@@ -17,8 +17,18 @@ import trio
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = {"p2pdist", "scheduler", "peer", "seed"}
 # What a build leaves behind, or caches: never part of the source the wheel is built from.
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
-                                    ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis")
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    ".hypothesis",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +39,25 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert {"lab", "benchmarks", "tests"} <= {p.name for p in source.iterdir()}
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "-q", "-w", str(out), str(source)],
-        capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(out),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert build.returncode == 0, build.stderr
     (built,) = out.glob("p2pdist-*.whl")
     return built
@@ -53,24 +79,53 @@ def test_wheel_installed_alone_runs_the_cli_and_has_no_lab(wheel: Path, tmp_path
     # passed by path); only the wheel itself is installed.
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-         "--disable-pip-version-check", "-q", str(wheel)],
-        capture_output=True, text=True, timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert install.returncode == 0, install.stderr
     deps = Path(trio.__file__).parents[1]  # this venv's site-packages, for trio & co.
     (Path(site) / "deps.pth").write_text(f"{deps}\n")
     clean = {"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"}  # no PYTHONPATH: not the checkout
-    probe = ("import sys, importlib.util as u; "
-             "assert not u.find_spec('lab') and not u.find_spec('benchmarks') and not u.find_spec('tests'), "
-             "[m for m in ('lab', 'benchmarks', 'tests') if u.find_spec(m)]; "
-             "import p2pdist, scheduler, peer, seed; print(p2pdist.__file__)")
-    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path,
-                            timeout=60, check=False)
+    probe = (
+        "import sys, importlib.util as u; "
+        "assert not u.find_spec('lab') and not u.find_spec('benchmarks') and not u.find_spec('tests'), "
+        "[m for m in ('lab', 'benchmarks', 'tests') if u.find_spec(m)]; "
+        "import p2pdist, scheduler, peer, seed; print(p2pdist.__file__)"
+    )
+    result = subprocess.run(
+        [python, "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(site), result.stdout  # the installed copy, not the checkout
-    cli = subprocess.run([env_dir / "bin" / "p2pdist", "--help"], capture_output=True, text=True, env=clean,
-                         cwd=tmp_path, timeout=60, check=False)
+    cli = subprocess.run(
+        [env_dir / "bin" / "p2pdist", "--help"],
+        capture_output=True,
+        text=True,
+        env=clean,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
     assert cli.returncode == 0 and "scheduler" in cli.stdout, cli.stderr

@@ -67,8 +67,9 @@ def services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[S
             service.stop()
 
 
-def test_no_credential_in_logs_metrics_or_errors(services: list[Service], tmp_path: Path, private_origin: Origin,
-                                                 image_factory: ImageFactory) -> None:
+def test_no_credential_in_logs_metrics_or_errors(
+    services: list[Service], tmp_path: Path, private_origin: Origin, image_factory: ImageFactory
+) -> None:
     scheduler, seed, peer0, peer1, rogue = services
     image = image_factory((5 * MiB,), 71)
     push_image(image, private_origin.host, "secret/app", creds=ORIGIN_CREDS)
@@ -79,8 +80,12 @@ def test_no_credential_in_logs_metrics_or_errors(services: list[Service], tmp_pa
 
     def get(peer: Service, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         assert peer.proxy_url is not None
-        result = subprocess.run([p2pdist_bin(), "get", url, "-o", str(out), "--peer", peer.proxy_url, "-q", *extra],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [p2pdist_bin(), "get", url, "-o", str(out), "--peer", peer.proxy_url, "-q", *extra],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         outputs.append((f"get via {peer.name} {extra[:1]}", result.stdout + result.stderr))
         return result
 
@@ -99,16 +104,25 @@ def test_no_credential_in_logs_metrics_or_errors(services: list[Service], tmp_pa
         basic = {"authorization": "Basic " + base64.b64encode(f"{user}:{WRONG_PASSWORD}".encode()).decode()}
         ns = {"ns": private_origin.host}
         scheme = {"x-p2pdist-origin-scheme": "http"}
-        for path in (f"/v2/secret/app/blobs/{digest}", "/v2/secret/app/manifests/latest", "/v2/secret/app/tags/list",
-                     "/v2/secret/app/blobs/sha256:" + "0" * 64, "/v2/", "/v2/BAD/blobs/x"):
+        for path in (
+            f"/v2/secret/app/blobs/{digest}",
+            "/v2/secret/app/manifests/latest",
+            "/v2/secret/app/tags/list",
+            "/v2/secret/app/blobs/sha256:" + "0" * 64,
+            "/v2/",
+            "/v2/BAD/blobs/x",
+        ):
             response = client.get(peer0.proxy_url + path, params=ns, headers={**basic, **scheme})
             assert response.status_code >= 400, path
             outputs.append((f"mirror {path} {response.status_code}", str(response.headers) + response.text))
         # Wrong cluster secrets at every cluster port.
         for service in (scheduler, seed, peer0):
             for headers in ({}, {"authorization": f"Bearer {SECRET}x"}, {"authorization": f"Bearer {WRONG_PASSWORD}"}):
-                response = client.post(f"{service.url}/v1/tasks/register", headers=headers) \
-                    if service is scheduler else client.get(f"{service.url}/v1/tasks/{digest}/pieces/0", headers=headers)
+                response = (
+                    client.post(f"{service.url}/v1/tasks/register", headers=headers)
+                    if service is scheduler
+                    else client.get(f"{service.url}/v1/tasks/{digest}/pieces/0", headers=headers)
+                )
                 assert response.status_code == 401
                 outputs.append((f"{service.name} 401", response.text))
         # The rogue peer's announcements were refused.

@@ -56,7 +56,9 @@ def test_services_answer_health_and_metrics_and_stop_on_sigterm(trio_of_services
 def test_config_file_with_unknown_key_is_a_one_line_error(tmp_path: Path) -> None:
     config = tmp_path / "peer.yaml"
     config.write_text("listen: 127.0.0.1:0\nupload_rate_bps: 8MiB\nuplaod_slots: 4\n")
-    result = subprocess.run([p2pdist_bin(), "peer", "--config", str(config)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [p2pdist_bin(), "peer", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown key(s) uplaod_slots" in lines[0]
@@ -66,19 +68,26 @@ def test_config_file_values_apply_and_flags_override(tmp_path: Path) -> None:
     config = tmp_path / "scheduler.yaml"
     config.write_text("listen: 127.0.0.1:1\ncandidate_parents: 2\n")
     port = free_port()
-    service = Service("scheduler", [p2pdist_bin(), "scheduler", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
-                      tmp_path / "s.log", f"http://127.0.0.1:{port}")
+    service = Service(
+        "scheduler",
+        [p2pdist_bin(), "scheduler", "--config", str(config), "--listen", f"127.0.0.1:{port}"],
+        tmp_path / "s.log",
+        f"http://127.0.0.1:{port}",
+    )
     try:
         service.wait_healthy(30)
     finally:
         assert service.stop() == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["peer", "--upload-rate", "8 parsecs"], "invalid size"),
-    (["seed", "--listen", "nowhere"], "want HOST:PORT"),
-    (["scheduler", "--config", "/nonexistent.yaml"], "cannot read config"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["peer", "--upload-rate", "8 parsecs"], "invalid size"),
+        (["seed", "--listen", "nowhere"], "want HOST:PORT"),
+        (["scheduler", "--config", "/nonexistent.yaml"], "cannot read config"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(args: list[str], message: str) -> None:
     result = subprocess.run([p2pdist_bin(), *args], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
@@ -87,22 +96,35 @@ def test_bad_flags_are_one_line_errors(args: list[str], message: str) -> None:
 
 def test_get_reports_unreachable_peer_in_one_line(tmp_path: Path) -> None:
     url = "http://127.0.0.1:1/v2/a/blobs/sha256:" + "0" * 64
-    result = subprocess.run([p2pdist_bin(), "get", url, "-o", str(tmp_path / "x"), "--peer", "http://127.0.0.1:1"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [p2pdist_bin(), "get", url, "-o", str(tmp_path / "x"), "--peer", "http://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "failed" in result.stderr
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("url, peer, message", [
-    ("http://../v2/a/blobs/sha256:" + "0" * 64, "http://127.0.0.1:1", "invalid registry '..'"),
-    ("http://127.0.0.1:1/v2/a/blobs/sha256:" + "0" * 64, "http://..:4001", "invalid --peer"),
-    ("http://127.0.0.1:1/v2/a/blobs/sha256:" + "0" * 64, "http://127.0.0.1:99999", "invalid --peer"),
-])
-def test_get_refuses_hosts_that_cannot_be_dialled_in_one_line(tmp_path: Path, url: str, peer: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "url, peer, message",
+    [
+        ("http://../v2/a/blobs/sha256:" + "0" * 64, "http://127.0.0.1:1", "invalid registry '..'"),
+        ("http://127.0.0.1:1/v2/a/blobs/sha256:" + "0" * 64, "http://..:4001", "invalid --peer"),
+        ("http://127.0.0.1:1/v2/a/blobs/sha256:" + "0" * 64, "http://127.0.0.1:99999", "invalid --peer"),
+    ],
+)
+def test_get_refuses_hosts_that_cannot_be_dialled_in_one_line(
+    tmp_path: Path, url: str, peer: str, message: str
+) -> None:
     # These reached the resolver and ended in a UnicodeError (or ValueError) traceback.
-    result = subprocess.run([p2pdist_bin(), "get", url, "-o", str(tmp_path / "x"), "--peer", peer],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [p2pdist_bin(), "get", url, "-o", str(tmp_path / "x"), "--peer", peer],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()

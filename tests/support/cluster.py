@@ -23,14 +23,23 @@ def p2pdist_bin() -> str:
 
 
 class Cluster(Stoppable):
-    def __init__(self, workdir: Path, origin_host: str, *, seeds: int = 1, seed_args: Sequence[str] = (),
-                 relay_rate_bps: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        origin_host: str,
+        *,
+        seeds: int = 1,
+        seed_args: Sequence[str] = (),
+        relay_rate_bps: int | None = None,
+    ) -> None:
         self.workdir = workdir
         self.services: list[Service] = []
         self.relay = RelayProcess(workdir, origin_host, rate_bps=relay_rate_bps)
         self.scheduler = self._own(procs.start_scheduler(workdir))
-        self.seeds = [self._own(procs.start_seed(workdir, self.scheduler.url, f"seed{i}", extra_args=seed_args))
-                      for i in range(seeds)]
+        self.seeds = [
+            self._own(procs.start_seed(workdir, self.scheduler.url, f"seed{i}", extra_args=seed_args))
+            for i in range(seeds)
+        ]
         self.peers: list[Service] = []
 
     def _own(self, service: Service) -> Service:
@@ -38,8 +47,10 @@ class Cluster(Stoppable):
         return service
 
     def add_peers(self, count: int, extra_args: Sequence[str] = ()) -> list[Service]:
-        new = [self._own(procs.start_peer(self.workdir, self.scheduler.url, f"peer{len(self.peers) + i}", extra_args))
-               for i in range(count)]
+        new = [
+            self._own(procs.start_peer(self.workdir, self.scheduler.url, f"peer{len(self.peers) + i}", extra_args))
+            for i in range(count)
+        ]
         self.peers.extend(new)
         return new
 
@@ -48,8 +59,12 @@ class Cluster(Stoppable):
 
     def start_get(self, peer: Service, url: str, out: Path, *extra: str) -> subprocess.Popen[str]:
         assert peer.proxy_url is not None
-        return subprocess.Popen([p2pdist_bin(), "get", url, "-o", str(out), "--peer", peer.proxy_url, "-q", *extra],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [p2pdist_bin(), "get", url, "-o", str(out), "--peer", peer.proxy_url, "-q", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def pull_all(self, peers: Iterable[Service], url: str, tag: str, timeout: float = 120) -> list[Path]:
         """Pull `url` through every peer at once; assert each exits 0; return the files."""
@@ -74,8 +89,9 @@ class Cluster(Stoppable):
 class ClusterFactory(Protocol):
     """The `cluster_factory` fixture: clusters on the session's origin, all stopped after the test."""
 
-    def __call__(self, *, seeds: int = 1, seed_args: Sequence[str] = (),
-                 relay_rate_bps: int | None = None) -> Cluster: ...
+    def __call__(
+        self, *, seeds: int = 1, seed_args: Sequence[str] = (), relay_rate_bps: int | None = None
+    ) -> Cluster: ...
 
 
 def restart(cluster: Cluster, old: Service) -> Service:

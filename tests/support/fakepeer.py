@@ -20,8 +20,7 @@ class FakePeer:
     It is a plain threaded HTTP server: the point is a parent that lies, not a p2pdist daemon.
     """
 
-    def __init__(self, scheduler_url: str, task_id: str, content_length: int, *, mode: str,
-                 host_id: str) -> None:
+    def __init__(self, scheduler_url: str, task_id: str, content_length: int, *, mode: str, host_id: str) -> None:
         assert mode in ("absent", "garbage")
         self.scheduler_url = scheduler_url
         self.task_id = task_id
@@ -52,8 +51,10 @@ class FakePeer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self.server.serve_forever, daemon=True),
-                         threading.Thread(target=self._announce_loop, daemon=True)]
+        self._threads = [
+            threading.Thread(target=self.server.serve_forever, daemon=True),
+            threading.Thread(target=self._announce_loop, daemon=True),
+        ]
         self.announce()
         for thread in self._threads:
             thread.start()
@@ -63,12 +64,25 @@ class FakePeer:
         for number in range(self.layout.count):
             everything.add(number)
         message = wire.AnnounceHost(
-            host_id=self.host_id, url=self.url, kind="peer", upload_slots=16,
-            tasks=[wire.TaskHolding(task_id=self.task_id, content_length=self.layout.blob_size,
-                                    pieces=everything.to_bytes(),
-                                    piece_digests=[os.urandom(32) for _ in range(self.layout.count)])])
-        response = httpx.post(f"{self.scheduler_url}/v1/hosts", content=wire.encode(message),
-                              headers={"content-type": wire.CONTENT_TYPE}, timeout=5)
+            host_id=self.host_id,
+            url=self.url,
+            kind="peer",
+            upload_slots=16,
+            tasks=[
+                wire.TaskHolding(
+                    task_id=self.task_id,
+                    content_length=self.layout.blob_size,
+                    pieces=everything.to_bytes(),
+                    piece_digests=[os.urandom(32) for _ in range(self.layout.count)],
+                )
+            ],
+        )
+        response = httpx.post(
+            f"{self.scheduler_url}/v1/hosts",
+            content=wire.encode(message),
+            headers={"content-type": wire.CONTENT_TYPE},
+            timeout=5,
+        )
         response.raise_for_status()
 
     def _announce_loop(self) -> None:

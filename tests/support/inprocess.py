@@ -29,8 +29,7 @@ def _url(scheme: str, bound: tuple[str, int]) -> str:
     return f"{scheme}://{bound[0]}:{bound[1]}"
 
 
-async def start_cluster(nursery: trio.Nursery, workdir: Path, *, tls: bool = False,
-                        **common: Any) -> InProcessCluster:
+async def start_cluster(nursery: trio.Nursery, workdir: Path, *, tls: bool = False, **common: Any) -> InProcessCluster:
     """Start the three roles; `common` config fields (e.g. cluster_secret, tls_cert) go to all."""
     scheme = "https" if tls else "http"
     scheduler_bound = await nursery.start(serve_scheduler, SchedulerConfig(listen="127.0.0.1:0", **common))
@@ -38,8 +37,10 @@ async def start_cluster(nursery: trio.Nursery, workdir: Path, *, tls: bool = Fal
     seed_dir, peer_dir = workdir / "seed-data", workdir / "peer-data"
     seed_config = SeedConfig(listen="127.0.0.1:0", scheduler=scheduler_url, data_dir=str(seed_dir), **common)
     seed_bound = await nursery.start(serve_seed, seed_config)
-    peer_config = PeerConfig(listen="127.0.0.1:0", proxy_listen="127.0.0.1:0", scheduler=scheduler_url,
-                             data_dir=str(peer_dir), **common)
+    peer_config = PeerConfig(
+        listen="127.0.0.1:0", proxy_listen="127.0.0.1:0", scheduler=scheduler_url, data_dir=str(peer_dir), **common
+    )
     peer_bound, proxy_bound = await nursery.start(serve_peer, peer_config)
-    return InProcessCluster(scheduler_url, _url(scheme, seed_bound), _url(scheme, peer_bound),
-                            _url("http", proxy_bound), seed_dir, peer_dir)
+    return InProcessCluster(
+        scheduler_url, _url(scheme, seed_bound), _url(scheme, peer_bound), _url("http", proxy_bound), seed_dir, peer_dir
+    )

@@ -28,9 +28,7 @@ class Relay:
     stats: RelayStats
 
 
-async def start_relay(
-    nursery: trio.Nursery, target_host: str, *, rate_bps: int | None = None
-) -> Relay:
+async def start_relay(nursery: trio.Nursery, target_host: str, *, rate_bps: int | None = None) -> Relay:
     host, _, port = target_host.rpartition(":")
     stats = RelayStats()
     relay = functools.partial(serve_relay, rate_bps=rate_bps)

@@ -19,16 +19,27 @@ from typing import Any
 import pytest
 
 # Audit events (https://docs.python.org/3/library/audit_events.html) that start a process.
-SPAWN_EVENTS = frozenset({
-    "subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.system", "os.exec",
-})
+SPAWN_EVENTS = frozenset(
+    {
+        "subprocess.Popen",
+        "os.fork",
+        "os.forkpty",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.system",
+        "os.exec",
+    }
+)
 
 _running: list[str] = []  # the node id of the unit test in a phase, while it runs
 
 
 def _refuse(what: str) -> None:
-    pytest.fail(f"{_running[-1]} {what}: tests/unit starts no process and reaches only loopback "
-                "(move the test to tests/integration)", pytrace=True)
+    pytest.fail(
+        f"{_running[-1]} {what}: tests/unit starts no process and reaches only loopback "
+        "(move the test to tests/integration)",
+        pytrace=True,
+    )
 
 
 def _is_loopback(address: Any) -> bool:
@@ -45,8 +56,9 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         return
     if event in SPAWN_EVENTS:
         _refuse(f"starts a process ({event} {args[:2]!r})")
-    elif event == "socket.connect" and args[0].family in (socket.AF_INET, socket.AF_INET6) \
-            and not _is_loopback(args[1]):
+    elif (
+        event == "socket.connect" and args[0].family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(args[1])
+    ):
         _refuse(f"connects to {args[1]!r}")
 
 

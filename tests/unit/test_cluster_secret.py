@@ -58,8 +58,10 @@ async def test_scheduler_api_needs_the_cluster_secret(tmp_path: Path) -> None:
                 post = f"{url}/v1/hosts"
                 assert_401(await client.post(post, content=announce()), "missing cluster secret")
                 for wrong in ("Bearer wrong-" + SECRET[6:], f"Basic {SECRET}", "Bearer", "Bearer " + SECRET[:-1]):
-                    assert_401(await client.post(post, content=announce(), headers={"authorization": wrong}),
-                               "wrong cluster secret")
+                    assert_401(
+                        await client.post(post, content=announce(), headers={"authorization": wrong}),
+                        "wrong cluster secret",
+                    )
                 # Not even a malformed body or an unknown endpoint is looked at without the secret.
                 assert_401(await client.post(f"{url}/v1/tasks/register", content=b"\xc1junk"), "missing")
                 assert_401(await client.post(f"{url}/v1/nope"), "missing")
@@ -69,8 +71,10 @@ async def test_scheduler_api_needs_the_cluster_secret(tmp_path: Path) -> None:
                 metrics = await client.get(f"{url}/metrics")
                 assert metrics.status_code == 200 and SECRET not in metrics.text
                 # The in-process seed and peer carry the secret: both announced themselves.
-                while 'p2pdist_scheduler_hosts{kind="seed"} 1.0' not in metrics.text or \
-                        'p2pdist_scheduler_hosts{kind="peer"} 2.0' not in metrics.text:
+                while (
+                    'p2pdist_scheduler_hosts{kind="seed"} 1.0' not in metrics.text
+                    or 'p2pdist_scheduler_hosts{kind="peer"} 2.0' not in metrics.text
+                ):
                     await trio.sleep(0.05)
                     metrics = await client.get(f"{url}/metrics")
             nursery.cancel_scope.cancel()
@@ -109,11 +113,18 @@ async def test_untrusted_certificate_is_refused_by_members(tmp_path: Path, tls_f
             from peer.daemon import serve as serve_peer
             from scheduler.service import serve as serve_scheduler
 
-            bound = await nursery.start(serve_scheduler, SchedulerConfig(
-                listen="127.0.0.1:0", tls_cert=tls_files["tls_cert"], tls_key=tls_files["tls_key"]))
+            bound = await nursery.start(
+                serve_scheduler,
+                SchedulerConfig(listen="127.0.0.1:0", tls_cert=tls_files["tls_cert"], tls_key=tls_files["tls_key"]),
+            )
             url = f"https://{bound[0]}:{bound[1]}"
-            peer = PeerConfig(listen="127.0.0.1:0", proxy_listen="127.0.0.1:0", scheduler=url,
-                              data_dir=str(tmp_path / "peer"), tls_ca=str(other_ca))
+            peer = PeerConfig(
+                listen="127.0.0.1:0",
+                proxy_listen="127.0.0.1:0",
+                scheduler=url,
+                data_dir=str(tmp_path / "peer"),
+                tls_ca=str(other_ca),
+            )
             (peer_bound, _) = await nursery.start(serve_peer, peer)
             async with httpx.AsyncClient(timeout=10, verify=verify) as client:
                 peer_metrics = f"http://{peer_bound[0]}:{peer_bound[1]}/metrics"

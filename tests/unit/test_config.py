@@ -38,14 +38,17 @@ def test_defaults_without_file() -> None:
 
 
 def test_yaml_load_and_flag_overrides_win(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 listen: 127.0.0.1:5000
 data_dir: /tmp/peer-a
 upload_rate_bps: 8MiB
 concurrent_pieces: 3
 piece_timeout_s: 2.5
 insecure_registries: [a.example:5000, b.example]
-""")
+""",
+    )
     cfg = load(PeerConfig, path, {"listen": "0.0.0.0:6000", "concurrent_pieces": "5", "data_dir": None})
     assert cfg.listen == "0.0.0.0:6000"  # flag wins
     assert cfg.concurrent_pieces == 5  # flag wins, parsed from a string
@@ -200,8 +203,9 @@ def test_frozen() -> None:
 def test_flags_round_trip() -> None:
     parser = argparse.ArgumentParser()
     add_flags(parser, SeedConfig)
-    args = parser.parse_args(["--upload-rate", "500KiB", "--insecure-registry", "a:5000",
-                              "--insecure-registry", "b", "--upload-slots", "2"])
+    args = parser.parse_args(
+        ["--upload-rate", "500KiB", "--insecure-registry", "a:5000", "--insecure-registry", "b", "--upload-slots", "2"]
+    )
     overrides = flag_overrides(args, SeedConfig)
     assert "config" not in overrides and "listen" not in overrides
     cfg = load(SeedConfig, None, overrides)

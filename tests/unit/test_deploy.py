@@ -42,6 +42,7 @@ def port_of(address: str) -> int:
 
 # -- Kubernetes ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def k8s() -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
@@ -78,7 +79,9 @@ def workloads(docs: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dic
     for doc in docs:
         if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet"):
             pod = doc["spec"]["template"]["spec"]
-            assert doc["spec"]["selector"]["matchLabels"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+            assert (
+                doc["spec"]["selector"]["matchLabels"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+            )
             for container in pod["containers"]:
                 found[container["args"][0]] = (pod, container)
     return found
@@ -93,7 +96,9 @@ def test_kubernetes_set_has_every_part_and_kustomize_lists_every_file(k8s: list[
     for name in ("p2pdist-scheduler", "p2pdist-seed", "p2pdist-peer", "p2pdist-containerd-hosts"):
         find(k8s, "ConfigMap", name)
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
 
 
 def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str, Any]]) -> None:
@@ -126,7 +131,9 @@ def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str,
     scheduler_service = find(k8s, "Service", "p2pdist-scheduler")
     (port,) = scheduler_service["spec"]["ports"]
     sched_pod, sched = roles["scheduler"]
-    assert {p["name"]: p["containerPort"] for p in sched["ports"]}[port["targetPort"]] == port_of(configs["scheduler"].listen)
+    assert {p["name"]: p["containerPort"] for p in sched["ports"]}[port["targetPort"]] == port_of(
+        configs["scheduler"].listen
+    )
     for role in ("seed", "peer"):
         url = urlsplit(configs[role].scheduler)
         assert url.hostname == "p2pdist-scheduler.p2pdist.svc.cluster.local" and url.port == port["port"], role
@@ -160,6 +167,7 @@ def test_kubernetes_hosts_toml_is_what_mirror_config_writes_and_lands_in_certs_d
 
 # -- docker compose --------------------------------------------------------------------------
 
+
 def test_compose_commands_configs_and_ports_match_the_cli() -> None:
     compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text())
     services = compose["services"]
@@ -191,19 +199,24 @@ def test_compose_commands_configs_and_ports_match_the_cli() -> None:
 
 # -- the image -------------------------------------------------------------------------------
 
+
 def dockerfile_instructions() -> list[tuple[str, list[str]]]:
     """(INSTRUCTION, arguments) per line of deploy/Dockerfile, comments and blanks left out."""
     lines = [line.strip() for line in (DEPLOY / "Dockerfile").read_text().splitlines()]
-    return [(words[0].upper(), words[1:]) for words in (line.split() for line in lines)
-            if words and not words[0].startswith("#")]
+    return [
+        (words[0].upper(), words[1:])
+        for words in (line.split() for line in lines)
+        if words and not words[0].startswith("#")
+    ]
 
 
 def test_image_copies_only_the_product_the_wheel_is_built_from() -> None:
     pyproject = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
     packages = {pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     instructions = dockerfile_instructions()
-    copied = {source for name, args in instructions if name == "COPY"
-              for source in args[:-1] if not source.startswith("--")}
+    copied = {
+        source for name, args in instructions if name == "COPY" for source in args[:-1] if not source.startswith("--")
+    }
     assert not [args for name, args in instructions if name == "ADD"]
     assert packages == {"p2pdist", "scheduler", "peer", "seed"}
     assert copied == {"pyproject.toml"} | packages  # no lab/, benchmarks/, tests/, deploy/

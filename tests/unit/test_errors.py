@@ -34,44 +34,66 @@ ROOT = Path(__file__).resolve().parents[2]
 # The codes of the OCI distribution spec, plus the Distribution registry's UNAVAILABLE, UNKNOWN
 # and RANGE_INVALID.
 OCI_CODES = {
-    "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID", "MANIFEST_BLOB_UNKNOWN",
-    "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID", "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED",
-    "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS", "UNAVAILABLE", "UNKNOWN", "RANGE_INVALID",
+    "BLOB_UNKNOWN",
+    "BLOB_UPLOAD_INVALID",
+    "BLOB_UPLOAD_UNKNOWN",
+    "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN",
+    "MANIFEST_INVALID",
+    "MANIFEST_UNKNOWN",
+    "NAME_INVALID",
+    "NAME_UNKNOWN",
+    "SIZE_INVALID",
+    "UNAUTHORIZED",
+    "DENIED",
+    "UNSUPPORTED",
+    "TOOMANYREQUESTS",
+    "UNAVAILABLE",
+    "UNKNOWN",
+    "RANGE_INVALID",
 }
 
 
-@pytest.mark.parametrize(("error", "status", "code"), [
-    (P2PError("x"), 500, "UNKNOWN"),
-    (BadRequest("x"), 400, "UNSUPPORTED"),
-    (BadRequest("x", code="NAME_INVALID"), 400, "NAME_INVALID"),
-    (BodyTooLarge("x"), 413, "SIZE_INVALID"),
-    (RangeNotSatisfiable(10), 416, "RANGE_INVALID"),
-    (LoopDetected("x"), 508, "UNSUPPORTED"),
-    (NotFound("x"), 404, "UNSUPPORTED"),
-    (NotFound("x", code="BLOB_UNKNOWN"), 404, "BLOB_UNKNOWN"),
-    (IntegrityError("x"), 502, "UNAVAILABLE"),
-    (UpstreamError("x"), 502, "UNAVAILABLE"),
-    (StoreError("x"), 503, "UNAVAILABLE"),
-    (ConfigError("x"), 500, "UNKNOWN"),
-    (MirrorConfigError("x"), 500, "UNKNOWN"),
-    (GetError("x"), 500, "UNKNOWN"),
-], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v))
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (P2PError("x"), 500, "UNKNOWN"),
+        (BadRequest("x"), 400, "UNSUPPORTED"),
+        (BadRequest("x", code="NAME_INVALID"), 400, "NAME_INVALID"),
+        (BodyTooLarge("x"), 413, "SIZE_INVALID"),
+        (RangeNotSatisfiable(10), 416, "RANGE_INVALID"),
+        (LoopDetected("x"), 508, "UNSUPPORTED"),
+        (NotFound("x"), 404, "UNSUPPORTED"),
+        (NotFound("x", code="BLOB_UNKNOWN"), 404, "BLOB_UNKNOWN"),
+        (IntegrityError("x"), 502, "UNAVAILABLE"),
+        (UpstreamError("x"), 502, "UNAVAILABLE"),
+        (StoreError("x"), 503, "UNAVAILABLE"),
+        (ConfigError("x"), 500, "UNKNOWN"),
+        (MirrorConfigError("x"), 500, "UNKNOWN"),
+        (GetError("x"), 500, "UNKNOWN"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v),
+)
 def test_each_error_carries_its_status_and_code(error: P2PError, status: int, code: str) -> None:
     assert (error.status, error.code) == (status, code)
 
 
-@pytest.mark.parametrize(("upstream_status", "status", "code"), [
-    (401, 401, "UNAUTHORIZED"),
-    (403, 403, "DENIED"),
-    (404, 404, "BLOB_UNKNOWN"),
-    (429, 429, "TOOMANYREQUESTS"),
-    (400, 502, "UNAVAILABLE"),
-    (500, 502, "UNAVAILABLE"),
-    (503, 502, "UNAVAILABLE"),
-    (None, 502, "UNAVAILABLE"),
-])
+@pytest.mark.parametrize(
+    ("upstream_status", "status", "code"),
+    [
+        (401, 401, "UNAUTHORIZED"),
+        (403, 403, "DENIED"),
+        (404, 404, "BLOB_UNKNOWN"),
+        (429, 429, "TOOMANYREQUESTS"),
+        (400, 502, "UNAVAILABLE"),
+        (500, 502, "UNAVAILABLE"),
+        (503, 502, "UNAVAILABLE"),
+        (None, 502, "UNAVAILABLE"),
+    ],
+)
 def test_origin_error_answers_for_what_the_origin_said_and_keeps_it_apart(
-        upstream_status: int | None, status: int, code: str) -> None:
+    upstream_status: int | None, status: int, code: str
+) -> None:
     error = OriginError("origin answered", upstream_status=upstream_status)
     assert (error.status, error.code, error.upstream_status) == (status, code, upstream_status)
 
@@ -109,18 +131,22 @@ def body_of(error: P2PError) -> tuple[int, str, str]:
     return response.status, entry["code"], entry["message"]
 
 
-@pytest.mark.parametrize(("error", "status", "code"), [
-    (BadRequest("invalid repository name 'A'", code="NAME_INVALID"), 400, "NAME_INVALID"),
-    (BadRequest("invalid digest 'x'", code="DIGEST_INVALID"), 400, "DIGEST_INVALID"),
-    (LoopDetected("request passed 3 p2pdist daemons"), 508, "UNSUPPORTED"),
-    (NotFound("no such registry endpoint /v2/x"), 404, "UNSUPPORTED"),
-    (OriginError("origin answered HTTP 404", upstream_status=404), 404, "BLOB_UNKNOWN"),
-    (OriginError("origin answered HTTP 401", upstream_status=401), 401, "UNAUTHORIZED"),
-    (OriginError("origin answered HTTP 503", upstream_status=503), 502, "UNAVAILABLE"),
-    (OriginError("registry 127.0.0.1:1 unreachable: ConnectError"), 502, "UNAVAILABLE"),
-    (StoreError("piece 3: disk full"), 503, "UNAVAILABLE"),
-    (IntegrityError("origin sent sha256:ab for sha256:cd"), 502, "UNAVAILABLE"),
-], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v))
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (BadRequest("invalid repository name 'A'", code="NAME_INVALID"), 400, "NAME_INVALID"),
+        (BadRequest("invalid digest 'x'", code="DIGEST_INVALID"), 400, "DIGEST_INVALID"),
+        (LoopDetected("request passed 3 p2pdist daemons"), 508, "UNSUPPORTED"),
+        (NotFound("no such registry endpoint /v2/x"), 404, "UNSUPPORTED"),
+        (OriginError("origin answered HTTP 404", upstream_status=404), 404, "BLOB_UNKNOWN"),
+        (OriginError("origin answered HTTP 401", upstream_status=401), 401, "UNAUTHORIZED"),
+        (OriginError("origin answered HTTP 503", upstream_status=503), 502, "UNAVAILABLE"),
+        (OriginError("registry 127.0.0.1:1 unreachable: ConnectError"), 502, "UNAVAILABLE"),
+        (StoreError("piece 3: disk full"), 503, "UNAVAILABLE"),
+        (IntegrityError("origin sent sha256:ab for sha256:cd"), 502, "UNAVAILABLE"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v),
+)
 def test_mirror_answers_an_error_from_its_status_and_code(error: P2PError, status: int, code: str) -> None:
     assert body_of(error) == (status, code, str(error))
 
@@ -167,7 +193,7 @@ def test_every_error_class_lives_in_errors_py() -> None:
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ClassDef) and any(
-                        isinstance(b, ast.Name) and (b.id in error_names or b.id.endswith("Error"))
-                        for b in node.bases):
+                    isinstance(b, ast.Name) and (b.id in error_names or b.id.endswith("Error")) for b in node.bases
+                ):
                     found.add((relative, node.name))
     assert found <= NOT_IN_ERRORS

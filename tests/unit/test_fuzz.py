@@ -42,8 +42,12 @@ BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
 PIECE_LENGTHS = (4 * MiB, 1 * MiB)
 # The only address a fuzzed message may point a service at: nothing listens on port 1.
 SAFE_URL = "http://127.0.0.1:1/v2/a/blobs/" + "sha256:" + "cd" * 32
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 class _ErrorLog(logging.Handler):
@@ -88,7 +92,7 @@ def hold_blob(data_dir: Path) -> None:
     task = Store(data_dir).open(BLOB_DIGEST, len(BLOB), SAFE_URL)
     digests = []
     for number, start in enumerate((0, PIECE_LENGTHS[0])):
-        piece = BLOB[start:start + PIECE_LENGTHS[number]]
+        piece = BLOB[start : start + PIECE_LENGTHS[number]]
         writer = task.new_piece(number)
         writer.write(piece)
         writer.commit()
@@ -145,27 +149,63 @@ def one_line_4xx(response: httpx.Response) -> str:
 
 # --- the scheduler's msgpack API -----------------------------------------------------------
 
-ENDPOINTS = ("/v1/hosts", "/v1/hosts/leave", "/v1/tasks/register", "/v1/tasks/sync",
-             "/v1/tasks/seed", "/v1/tasks/leave")
+ENDPOINTS = (
+    "/v1/hosts",
+    "/v1/hosts/leave",
+    "/v1/tasks/register",
+    "/v1/tasks/sync",
+    "/v1/tasks/seed",
+    "/v1/tasks/leave",
+)
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
-    | st.floats() | st.text(max_size=30) | st.binary(max_size=40),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+    | st.floats()
+    | st.text(max_size=30)
+    | st.binary(max_size=40),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
     max_leaves=20,
 )
 digests = st.one_of(
     st.sampled_from([BLOB_DIGEST, "sha256:" + "cd" * 32]),
     st.text(alphabet="0123456789abcdefABCDEF", min_size=63, max_size=65).map(lambda h: "sha256:" + h),
-    st.sampled_from(["", "sha256:", "md5:" + "a" * 32, "sha512:" + "a" * 128, BLOB_DIGEST.upper(),
-                     BLOB_DIGEST + "\n", " " + BLOB_DIGEST, "sha256:" + "٣" * 64, "../" * 20]),
+    st.sampled_from(
+        [
+            "",
+            "sha256:",
+            "md5:" + "a" * 32,
+            "sha512:" + "a" * 128,
+            BLOB_DIGEST.upper(),
+            BLOB_DIGEST + "\n",
+            " " + BLOB_DIGEST,
+            "sha256:" + "٣" * 64,
+            "../" * 20,
+        ]
+    ),
     st.text(max_size=80),
 )
-urls = st.sampled_from([SAFE_URL, "", "file:///etc/passwd", "ftp://127.0.0.1:1/x", "http//x",
-                        "javascript:alert(1)", "/v2/a/blobs/x", "gopher://127.0.0.1:1/"])
+urls = st.sampled_from(
+    [
+        SAFE_URL,
+        "",
+        "file:///etc/passwd",
+        "ftp://127.0.0.1:1/x",
+        "http//x",
+        "javascript:alert(1)",
+        "/v2/a/blobs/x",
+        "gopher://127.0.0.1:1/",
+    ]
+)
 # Any of these stand in for a field of the wrong type or size.
 wrong_values = st.one_of(
-    msgpack_values, st.just("x" * 8193), st.just(-1), st.just(1 << 62), st.just([0] * 5000),
-    st.just([b"\x00" * 31]), st.just({"nested": {"deeper": [1, 2, 3]}}),
+    msgpack_values,
+    st.just("x" * 8193),
+    st.just(-1),
+    st.just(1 << 62),
+    st.just([0] * 5000),
+    st.just([b"\x00" * 31]),
+    st.just({"nested": {"deeper": [1, 2, 3]}}),
 )
 
 
@@ -173,8 +213,13 @@ def valid_fields(path: str) -> dict[str, Any]:
     """A message that would be accepted at `path` (its URLs point nowhere)."""
     base: dict[str, Any] = {"host_id": "fuzz-host", "task_id": BLOB_DIGEST}
     if path == "/v1/hosts":
-        return {"host_id": "fuzz-host", "url": SAFE_URL.split("/v2/")[0], "kind": "peer", "upload_slots": 1,
-                "tasks": [{"task_id": BLOB_DIGEST, "content_length": len(BLOB), "pieces": b"\x80"}]}
+        return {
+            "host_id": "fuzz-host",
+            "url": SAFE_URL.split("/v2/")[0],
+            "kind": "peer",
+            "upload_slots": 1,
+            "tasks": [{"task_id": BLOB_DIGEST, "content_length": len(BLOB), "pieces": b"\x80"}],
+        }
     if path == "/v1/hosts/leave":
         return {"host_id": "fuzz-host"}
     if path == "/v1/tasks/register":
@@ -218,27 +263,32 @@ def endpoint_and_body(draw: st.DrawFn) -> tuple[str, bytes]:
 
 @FUZZ
 @given(case=endpoint_and_body())
-def test_scheduler_answers_any_msgpack_with_a_reply_or_a_one_line_4xx(services: Services,
-                                                                       case: tuple[str, bytes]) -> None:
+def test_scheduler_answers_any_msgpack_with_a_reply_or_a_one_line_4xx(
+    services: Services, case: tuple[str, bytes]
+) -> None:
     path, body = case
-    response = services.client.post(services.cluster.scheduler_url + path, content=body,
-                                    headers={"content-type": wire.CONTENT_TYPE})
+    response = services.client.post(
+        services.cluster.scheduler_url + path, content=body, headers={"content-type": wire.CONTENT_TYPE}
+    )
     if response.status_code != 200:
         one_line_4xx(response)
     services.assert_healthy()
 
 
-@pytest.mark.parametrize("body, status", [
-    (b"\x91" * 100_000 + b"\xc0", 400),  # arrays nested 100,000 deep
-    (b"\x81\xa1a" * 50_000 + b"\xc0", 400),  # maps nested 50,000 deep
-    (msgpack.packb({"host_id": "h", "task_id": BLOB_DIGEST, "new_pieces": list(range(300_000))}), 200),
-    (b"\xdd\xff\xff\xff\xff", 400),  # an array header claiming 4 billion items, then nothing
-    (b"\xdb\xff\xff\xff\xff", 400),  # a str header claiming 4 GiB
-    (msgpack.packb({"host_id": "h", "task_id": BLOB_DIGEST}) + b"trailing", 400),
-    (msgpack.packb({"host_id": msgpack.ExtType(1, b"x"), "task_id": BLOB_DIGEST}), 400),
-    (msgpack.packb({1: "h", "task_id": BLOB_DIGEST}), 400),  # a non-string key
-    (b"\x00" * (5 << 20), 413),
-])
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b"\x91" * 100_000 + b"\xc0", 400),  # arrays nested 100,000 deep
+        (b"\x81\xa1a" * 50_000 + b"\xc0", 400),  # maps nested 50,000 deep
+        (msgpack.packb({"host_id": "h", "task_id": BLOB_DIGEST, "new_pieces": list(range(300_000))}), 200),
+        (b"\xdd\xff\xff\xff\xff", 400),  # an array header claiming 4 billion items, then nothing
+        (b"\xdb\xff\xff\xff\xff", 400),  # a str header claiming 4 GiB
+        (msgpack.packb({"host_id": "h", "task_id": BLOB_DIGEST}) + b"trailing", 400),
+        (msgpack.packb({"host_id": msgpack.ExtType(1, b"x"), "task_id": BLOB_DIGEST}), 400),
+        (msgpack.packb({1: "h", "task_id": BLOB_DIGEST}), 400),  # a non-string key
+        (b"\x00" * (5 << 20), 413),
+    ],
+)
 def test_scheduler_survives_bombs_and_oversized_bodies(services: Services, body: bytes, status: int) -> None:
     response = services.client.post(f"{services.cluster.scheduler_url}/v1/tasks/sync", content=body)
     assert response.status_code == status, response.text[:300]
@@ -268,8 +318,9 @@ def test_piece_number_must_be_ascii_digits(services: Services, number: str) -> N
 
 @FUZZ
 @given(digest=digests, number=piece_numbers, junk=path_junk, method=st.sampled_from(["GET", "HEAD", "POST", "DELETE"]))
-def test_piece_servers_refuse_bad_digests_numbers_and_paths(services: Services, digest: str, number: str,
-                                                              junk: str, method: str) -> None:
+def test_piece_servers_refuse_bad_digests_numbers_and_paths(
+    services: Services, digest: str, number: str, junk: str, method: str
+) -> None:
     before = services.files()
     target = f"/v1/tasks/{_quote(digest)}/pieces/{_quote(number)}{junk}"
     for base in (services.cluster.peer_url, services.cluster.seed_url):
@@ -285,11 +336,25 @@ def test_piece_servers_refuse_bad_digests_numbers_and_paths(services: Services, 
 
 
 ranges = st.one_of(
-    st.builds(lambda a, b: f"bytes={a}-{b}", st.integers(0, 5 * MiB).map(str) | st.just(""),
-              st.integers(0, 5 * MiB).map(str) | st.just("")),
+    st.builds(
+        lambda a, b: f"bytes={a}-{b}",
+        st.integers(0, 5 * MiB).map(str) | st.just(""),
+        st.integers(0, 5 * MiB).map(str) | st.just(""),
+    ),
     st.builds(lambda a, b: f"bytes={a}-{b}", st.integers(-10, 10**30), st.integers(-10, 10**30)),
-    st.sampled_from(["bytes=0-1,5-6", "bytes=-", "items=0-1", "bytes= 0-1", "bytes=٣-٤", "bytes=0-1-2",
-                     "bytes=" + "9" * 5000, "bytes=--1", "bytes=1-0"]),
+    st.sampled_from(
+        [
+            "bytes=0-1,5-6",
+            "bytes=-",
+            "items=0-1",
+            "bytes= 0-1",
+            "bytes=٣-٤",
+            "bytes=0-1-2",
+            "bytes=" + "9" * 5000,
+            "bytes=--1",
+            "bytes=1-0",
+        ]
+    ),
     st.text(max_size=40).filter(lambda t: "\n" not in t and "\r" not in t and "\x00" not in t),
 )
 
@@ -303,12 +368,14 @@ def test_piece_ranges_are_served_exactly_or_refused(services: Services, range_he
     except httpx.LocalProtocolError:
         return  # a header value httpx itself will not send
     start = number * PIECE_LENGTHS[0]
-    piece = BLOB[start:start + PIECE_LENGTHS[number]]
+    piece = BLOB[start : start + PIECE_LENGTHS[number]]
     if response.status_code == 200:
         assert response.content == piece
     elif response.status_code == 206:
-        first, last, total = map(int, re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers["content-range"]).groups())  # type: ignore[union-attr]
-        assert total == len(piece) and response.content == piece[first:last + 1]
+        content_range = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers["content-range"])
+        assert content_range is not None, response.headers["content-range"]
+        first, last, total = map(int, content_range.groups())
+        assert total == len(piece) and response.content == piece[first : last + 1]
     else:
         assert response.status_code in (400, 416), response.status_code
         one_line_4xx(response)
@@ -316,9 +383,18 @@ def test_piece_ranges_are_served_exactly_or_refused(services: Services, range_he
 
 
 @FUZZ
-@given(body=st.one_of(st.binary(max_size=100), msgpack_values.map(lambda v: msgpack.packb(v, use_bin_type=True)),
-                      st.builds(lambda d, u, h: msgpack.packb({"task_id": d, "url": u, "headers": h}),
-                                digests, urls, st.dictionaries(st.text(max_size=5), msgpack_values, max_size=2))))
+@given(
+    body=st.one_of(
+        st.binary(max_size=100),
+        msgpack_values.map(lambda v: msgpack.packb(v, use_bin_type=True)),
+        st.builds(
+            lambda d, u, h: msgpack.packb({"task_id": d, "url": u, "headers": h}),
+            digests,
+            urls,
+            st.dictionaries(st.text(max_size=5), msgpack_values, max_size=2),
+        ),
+    )
+)
 def test_seed_trigger_refuses_malformed_messages(services: Services, body: bytes) -> None:
     before = services.files()
     response = services.client.post(f"{services.cluster.seed_url}/v1/seed/tasks", content=body)
@@ -331,55 +407,113 @@ def test_seed_trigger_refuses_malformed_messages(services: Services, body: bytes
 # --- the mirror ----------------------------------------------------------------------------
 
 names = st.one_of(
-    st.sampled_from(["a", "library/alpine", "..", "../etc", "a//b", "UPPER", "a/../b", "-a", "a-", "a" * 300,
-                     "a/" * 200 + "a", "%2e%2e", "a\x00b", "ä", "a b", "/abs"]),
+    st.sampled_from(
+        [
+            "a",
+            "library/alpine",
+            "..",
+            "../etc",
+            "a//b",
+            "UPPER",
+            "a/../b",
+            "-a",
+            "a-",
+            "a" * 300,
+            "a/" * 200 + "a",
+            "%2e%2e",
+            "a\x00b",
+            "ä",
+            "a b",
+            "/abs",
+        ]
+    ),
     st.text(max_size=40),
 )
-references = st.one_of(digests, st.sampled_from(["latest", "", "-bad", "a" * 200, "../x", "v1.0"]), st.text(max_size=20))
+references = st.one_of(
+    digests, st.sampled_from(["latest", "", "-bad", "a" * 200, "../x", "v1.0"]), st.text(max_size=20)
+)
 # ns values the mirror must refuse before any lookup: nothing here is a hostname it could dial.
-bad_ns = st.one_of(st.sampled_from(["a/b@c", "..", "[::1", "host name", "127.0.0.1:", ":80", "%00", "a:b", "a..b", "-a.io",
-                                    "a" * 64 + ".io", "host:0", "host:65536", "[zz::1]"]),
-                   st.text(max_size=30).filter(lambda t: not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", t)))
+bad_ns = st.one_of(
+    st.sampled_from(
+        [
+            "a/b@c",
+            "..",
+            "[::1",
+            "host name",
+            "127.0.0.1:",
+            ":80",
+            "%00",
+            "a:b",
+            "a..b",
+            "-a.io",
+            "a" * 64 + ".io",
+            "host:0",
+            "host:65536",
+            "[zz::1]",
+        ]
+    ),
+    st.text(max_size=30).filter(lambda t: not re.fullmatch(r"[A-Za-z0-9.-]+(:\d{1,5})?", t)),
+)
 
 
 @FUZZ
-@given(kind=st.sampled_from(["blobs", "manifests", "tags/list", "referrers", "_catalog", "x"]), name=names,
-       reference=references, ns=bad_ns | st.none(), method=st.sampled_from(["GET", "HEAD", "PUT", "PATCH", "DELETE"]))
+@given(
+    kind=st.sampled_from(["blobs", "manifests", "tags/list", "referrers", "_catalog", "x"]),
+    name=names,
+    reference=references,
+    ns=bad_ns | st.none(),
+    method=st.sampled_from(["GET", "HEAD", "PUT", "PATCH", "DELETE"]),
+)
 # Found by this test on 2026-12-02: a blob GET with ns=".." passed the ns check and crashed the
 # handler in the resolver's IDNA step (HTTP 500).
 @example(kind="blobs", name="a", reference="sha256:" + "03" * 32, ns="..", method="GET")
 @example(kind="blobs", name="a", reference="sha256:" + "03" * 32, ns="a" * 64 + ".io", method="GET")
-def test_mirror_refuses_bad_names_references_and_namespaces(services: Services, kind: str, name: str, reference: str,
-                                                            ns: str | None, method: str) -> None:
+def test_mirror_refuses_bad_names_references_and_namespaces(
+    services: Services, kind: str, name: str, reference: str, ns: str | None, method: str
+) -> None:
     before = services.files()
-    target = f"/v2/{_quote(name, safe='/')}/{kind}" + ("" if kind in ("tags/list", "_catalog") else f"/{_quote(reference)}")
+    target = f"/v2/{_quote(name, safe='/')}/{kind}" + (
+        "" if kind in ("tags/list", "_catalog") else f"/{_quote(reference)}"
+    )
     params = {} if ns is None else {"ns": ns}
-    response = services.client.request(method, services.cluster.proxy_url + target, params=params,
-                                       headers={"x-p2pdist-origin-scheme": "http"})
+    response = services.client.request(
+        method, services.cluster.proxy_url + target, params=params, headers={"x-p2pdist-origin-scheme": "http"}
+    )
     one_line_4xx(response)
     assert services.files() == before
     services.assert_healthy()
 
 
-header_values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40)
+header_values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
 
 
 @FUZZ
-@given(headers=st.fixed_dictionaries({}, optional={
-    "x-p2pdist": header_values | st.sampled_from(["0", "1", "999", "-1", "1e9", "00001"]),
-    "x-p2pdist-origin-scheme": header_values | st.sampled_from(["http", "https", "HTTP", "ftp", "file"]),
-    "range": ranges.filter(str.isascii),
-    "authorization": header_values | st.sampled_from(["Basic", "Basic !!!", "Bearer", "Basic " + "QQ==" * 3000]),
-    "accept": header_values,
-}), method=st.sampled_from(["GET", "HEAD"]))
+@given(
+    headers=st.fixed_dictionaries(
+        {},
+        optional={
+            "x-p2pdist": header_values | st.sampled_from(["0", "1", "999", "-1", "1e9", "00001"]),
+            "x-p2pdist-origin-scheme": header_values | st.sampled_from(["http", "https", "HTTP", "ftp", "file"]),
+            "range": ranges.filter(str.isascii),
+            "authorization": header_values
+            | st.sampled_from(["Basic", "Basic !!!", "Bearer", "Basic " + "QQ==" * 3000]),
+            "accept": header_values,
+        },
+    ),
+    method=st.sampled_from(["GET", "HEAD"]),
+)
 def test_mirror_headers_never_break_a_blob_request(services: Services, headers: dict[str, str], method: str) -> None:
     """A well-formed blob request whose registry (nothing on 127.0.0.1:1) cannot be reached:
     whatever its headers, the answer is a 4xx reason, the 502 that says the registry is down, or
     the 508 that says the hop count shows a loop."""
     before = services.files()
     try:
-        response = services.client.request(method, f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
-                                           params={"ns": "127.0.0.1:1"}, headers=headers)
+        response = services.client.request(
+            method,
+            f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
+            params={"ns": "127.0.0.1:1"},
+            headers=headers,
+        )
     except httpx.LocalProtocolError:
         return  # a header httpx itself will not send
     if response.status_code == 508:
@@ -391,19 +525,26 @@ def test_mirror_headers_never_break_a_blob_request(services: Services, headers: 
 
 
 def test_mirror_refuses_a_non_ascii_hop_count(services: Services) -> None:
-    response = services.client.get(f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
-                                   params={"ns": "127.0.0.1:1"}, headers={b"x-p2pdist": b"\xb2"})  # latin-1 "²"
+    response = services.client.get(
+        f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
+        params={"ns": "127.0.0.1:1"},
+        headers={b"x-p2pdist": b"\xb2"},
+    )  # latin-1 "²"
     services.errors.records.clear()  # the traceback this logs is the bug itself
     assert response.status_code != 500, response.text
 
 
 def test_mirror_refuses_a_namespace_with_a_non_ascii_port(services: Services) -> None:
-    response = services.client.get(f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
-                                   params={"ns": "127.0.0.1:\u0663"}, headers={"x-p2pdist-origin-scheme": "http"})
+    response = services.client.get(
+        f"{services.cluster.proxy_url}/v2/a/blobs/{BLOB_DIGEST}",
+        params={"ns": "127.0.0.1:\u0663"},
+        headers={"x-p2pdist-origin-scheme": "http"},
+    )
     assert response.status_code == 400, response.text
 
 
 # --- every port: raw request heads, huge headers and bodies, metrics -----------------------
+
 
 def raw_exchange(url: str, data: bytes) -> bytes:
     host, port = url.removeprefix("http://").split(":")
@@ -424,14 +565,27 @@ def raw_exchange(url: str, data: bytes) -> bytes:
 
 request_heads = st.one_of(
     st.binary(max_size=300),
-    st.builds(lambda m, t, v, h: f"{m} {t} {v}\r\n{h}\r\n".encode("latin-1", "replace"),
-              st.sampled_from(["GET", "POST", "G\x00T", "", "CONNECT", "get"]),
-              st.sampled_from(["/healthz", "*", "http://x/", "/%", "/%zz", "/\x7f", "", "/" + "a" * 9000, "/\xff"]),
-              st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/9", "", "HTTP/1.1 extra"]),
-              st.sampled_from(["", "host: x\r\n", "content-length: -1\r\n", "content-length: 1, 2\r\n",
-                               "transfer-encoding: chunked\r\n\r\nzz\r\n", "content-length: 99999999999999999999\r\n",
-                               "transfer-encoding: gzip, chunked\r\n", "bad header\r\n", " folded: x\r\n",
-                               "host: x\r\nhost: y\r\n", "expect: 100-continue\r\ncontent-length: 10\r\n"])),
+    st.builds(
+        lambda m, t, v, h: f"{m} {t} {v}\r\n{h}\r\n".encode("latin-1", "replace"),
+        st.sampled_from(["GET", "POST", "G\x00T", "", "CONNECT", "get"]),
+        st.sampled_from(["/healthz", "*", "http://x/", "/%", "/%zz", "/\x7f", "", "/" + "a" * 9000, "/\xff"]),
+        st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/9", "", "HTTP/1.1 extra"]),
+        st.sampled_from(
+            [
+                "",
+                "host: x\r\n",
+                "content-length: -1\r\n",
+                "content-length: 1, 2\r\n",
+                "transfer-encoding: chunked\r\n\r\nzz\r\n",
+                "content-length: 99999999999999999999\r\n",
+                "transfer-encoding: gzip, chunked\r\n",
+                "bad header\r\n",
+                " folded: x\r\n",
+                "host: x\r\nhost: y\r\n",
+                "expect: 100-continue\r\ncontent-length: 10\r\n",
+            ]
+        ),
+    ),
 )
 
 
@@ -461,22 +615,34 @@ def test_connect_is_refused_not_a_tunnel(services: Services, port: str) -> None:
 @pytest.mark.parametrize("port", ["scheduler", "seed", "peer", "proxy"])
 def test_every_port_refuses_huge_headers_and_bodies(services: Services, port: str) -> None:
     url = services.ports[port]
-    target = {"scheduler": "/v1/tasks/sync", "seed": "/v1/seed/tasks",
-              "peer": f"/v1/tasks/{BLOB_DIGEST}/pieces/0", "proxy": f"/v2/a/blobs/{BLOB_DIGEST}"}[port]
+    target = {
+        "scheduler": "/v1/tasks/sync",
+        "seed": "/v1/seed/tasks",
+        "peer": f"/v1/tasks/{BLOB_DIGEST}/pieces/0",
+        "proxy": f"/v2/a/blobs/{BLOB_DIGEST}",
+    }[port]
     client = services.client
     assert client.get(url + target, headers={"x-big": "a" * (20 << 10)}).status_code == 431
     many = [(f"x-{i}", "v" * 100) for i in range(300)]
     assert client.get(url + target, headers=many).status_code == 431
     assert client.get(url + "/" + "a" * (20 << 10)).status_code in (414, 431)
     # 100 MiB declared, 1 MiB sent: refused without reading the rest, the connection closed.
-    answer = raw_exchange(url, f"POST {target} HTTP/1.1\r\nhost: x\r\ncontent-length: {100 << 20}\r\n\r\n".encode()
-                          + b"\x00" * MiB)
+    answer = raw_exchange(
+        url, f"POST {target} HTTP/1.1\r\nhost: x\r\ncontent-length: {100 << 20}\r\n\r\n".encode() + b"\x00" * MiB
+    )
     assert re.match(rb"HTTP/1\.1 4\d\d ", answer), answer[:200]
     if port in ("scheduler", "seed"):
         assert answer.startswith(b"HTTP/1.1 413 ")
-        chunked = raw_exchange(url, f"POST {target} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".encode()
-                               + b"100000\r\n" + b"\x00" * 0x100000 + b"\r\n" + b"400000\r\n"
-                               + b"\x00" * 0x400000 + b"\r\n0\r\n\r\n")
+        chunked = raw_exchange(
+            url,
+            f"POST {target} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".encode()
+            + b"100000\r\n"
+            + b"\x00" * 0x100000
+            + b"\r\n"
+            + b"400000\r\n"
+            + b"\x00" * 0x400000
+            + b"\r\n0\r\n\r\n",
+        )
         assert chunked.startswith(b"HTTP/1.1 413 "), chunked[:200]
     # A body shorter than its content-length, then the client gives up: no hang for others.
     raw_exchange(url, f"POST {target} HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\nshort".encode())
@@ -484,10 +650,15 @@ def test_every_port_refuses_huge_headers_and_bodies(services: Services, port: st
 
 
 @FUZZ
-@given(port=st.sampled_from(["scheduler", "seed", "peer", "proxy"]), path=st.sampled_from(["/metrics", "/healthz"]),
-       query=st.text(max_size=30), method=st.sampled_from(["GET", "HEAD", "POST", "OPTIONS"]))
-def test_metrics_and_health_answer_or_refuse_any_request(services: Services, port: str, path: str, query: str,
-                                                         method: str) -> None:
+@given(
+    port=st.sampled_from(["scheduler", "seed", "peer", "proxy"]),
+    path=st.sampled_from(["/metrics", "/healthz"]),
+    query=st.text(max_size=30),
+    method=st.sampled_from(["GET", "HEAD", "POST", "OPTIONS"]),
+)
+def test_metrics_and_health_answer_or_refuse_any_request(
+    services: Services, port: str, path: str, query: str, method: str
+) -> None:
     response = services.client.request(method, services.ports[port] + path, params={"q": query})
     if response.status_code != 200:
         one_line_4xx(response)

@@ -30,9 +30,7 @@ MiB = 1024 * 1024
 
 
 async def start(nursery: trio.Nursery, handler: Handler, **options: Any) -> str:
-    host, port = await nursery.start(
-        partial(serve_http, handler, "127.0.0.1", 0, name="test", **options)
-    )
+    host, port = await nursery.start(partial(serve_http, handler, "127.0.0.1", 0, name="test", **options))
     return f"http://{host}:{port}"
 
 
@@ -113,9 +111,7 @@ def test_parse_target_rejects_what_it_cannot_decode() -> None:
             parse_target(target)
 
 
-async def test_file_body_sends_exactly_the_requested_slice(
-    nursery: trio.Nursery, blob: tuple[Path, bytes]
-) -> None:
+async def test_file_body_sends_exactly_the_requested_slice(nursery: trio.Nursery, blob: tuple[Path, bytes]) -> None:
     with trio.fail_after(10):
         path, data = blob
         offset, length = 12_345, 2 * MiB + 7
@@ -150,9 +146,7 @@ async def test_file_body_past_the_end_of_the_file_is_a_500_not_a_short_body(
             assert response.status_code == 500
 
 
-async def test_head_gives_the_get_content_length_and_no_body(
-    nursery: trio.Nursery, blob: tuple[Path, bytes]
-) -> None:
+async def test_head_gives_the_get_content_length_and_no_body(nursery: trio.Nursery, blob: tuple[Path, bytes]) -> None:
     with trio.fail_after(10):
         path, data = blob
 
@@ -246,9 +240,7 @@ async def test_malformed_request_gets_400_and_the_server_keeps_serving(
         reply = await raw_exchange(url, b"THIS IS NOT\x01 HTTP\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 400 ")
         assert reply.count(b"\n", reply.index(b"\r\n\r\n") + 4) == 1  # a one-line reason
-        reply = await raw_exchange(
-            url, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"
-        )
+        reply = await raw_exchange(url, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 400 ")
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"{url}/")).text == "fine\n"
@@ -399,9 +391,7 @@ async def test_client_that_stops_reading_a_file_body_is_dropped_after_the_reques
         assert response.status_code == 200 and len(response.content) == 32 * MiB
 
 
-async def test_upload_bucket_limits_file_throughput(
-    nursery: trio.Nursery, blob: tuple[Path, bytes]
-) -> None:
+async def test_upload_bucket_limits_file_throughput(nursery: trio.Nursery, blob: tuple[Path, bytes]) -> None:
     with trio.fail_after(10):
         path, data = blob
         size = 2 * MiB

@@ -115,12 +115,15 @@ def test_a_timed_out_head_can_still_be_answered_408() -> None:
     assert isinstance(refusal, Refusal) and refusal.response.status == 408
 
 
-@pytest.mark.parametrize("data, status", [
-    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", 405),
-    (b"GET /%ff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"GET http://elsewhere/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n", 431),
-])
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", 405),
+        (b"GET /%ff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET http://elsewhere/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n", 431),
+    ],
+)
 def test_requests_the_handler_never_sees_are_answered_and_the_connection_kept(data: bytes, status: int) -> None:
     # h11 limits only a head still incomplete; one that arrived whole but is over
     # max_header_bytes gets a 431 without the handler.
@@ -171,8 +174,7 @@ def test_a_streamed_body_without_a_length_is_sent_chunked() -> None:
     request(p, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
     response = Response(200, body=parts())
     assert p.body_length(response) is None
-    data = wire(p.respond_head(response, None) + p.respond_data(b"hello ") + p.respond_data(b"world")
-                + p.respond_end())
+    data = wire(p.respond_head(response, None) + p.respond_data(b"hello ") + p.respond_data(b"world") + p.respond_end())
     head, body = parse_response(data)
     assert dict(head.headers)[b"transfer-encoding"] == b"chunked" and body == b"hello world"
 

@@ -70,8 +70,7 @@ async def test_pieces_are_committed_with_their_blake3_digests(task: TaskStore) -
     assert b"".join(task.path(n).read_bytes() for n in range(3)) == BLOB
 
 
-async def test_a_cut_stream_resumes_at_a_piece_boundary_and_the_sha_counts_each_piece_once(
-        task: TaskStore) -> None:
+async def test_a_cut_stream_resumes_at_a_piece_boundary_and_the_sha_counts_each_piece_once(task: TaskStore) -> None:
     intake = PieceIntake(task, sha=hashlib.sha256())
     with pytest.raises(OriginError):
         await intake.write(0, chunks_of(BLOB, fail_after=6 * MiB))  # cut in the middle of piece 1
@@ -88,8 +87,7 @@ async def test_a_start_off_a_piece_boundary_is_refused(task: TaskStore) -> None:
     assert len(task.pieces) == 0
 
 
-async def test_a_stream_ending_before_the_blob_is_an_origin_error_and_leaves_no_partial_piece(
-        task: TaskStore) -> None:
+async def test_a_stream_ending_before_the_blob_is_an_origin_error_and_leaves_no_partial_piece(task: TaskStore) -> None:
     with pytest.raises(OriginError, match="ended"):
         await PieceIntake(task).write(0, chunks_of(BLOB[: 5 * MiB]))
     assert list(task.pieces) == [0]
@@ -120,7 +118,7 @@ async def test_the_one_empty_piece_of_an_empty_blob_is_committed(tmp_path: Path)
 def test_retry_policy_backs_off_with_jitter_and_gives_up() -> None:
     policy = RetryPolicy(attempts=3, base_s=0.25, cap_s=0.6, jitter=0.5)
     rng = random.Random(4)
-    assert 0.25 <= policy.retry_after(1, origin_error(), rng)  <= 0.75  # type: ignore[operator]
+    assert 0.25 <= policy.retry_after(1, origin_error(), rng) <= 0.75  # type: ignore[operator]
     assert 0.3 <= policy.retry_after(2, origin_error(), rng) <= 0.9  # type: ignore[operator]
     assert policy.retry_after(3, origin_error(), rng) is None
     assert policy.retry_after(1, origin_error(503), rng) is not None
@@ -152,8 +150,9 @@ class FakeOrigin:
     starts: list[int] = field(default_factory=list)
 
     @asynccontextmanager
-    async def open_blob(self, url: str, headers: dict[str, str], *, start: int = 0,
-                        end: int | None = None) -> AsyncIterator[FakeBody]:
+    async def open_blob(
+        self, url: str, headers: dict[str, str], *, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[FakeBody]:
         self.starts.append(start)
         step = self.plan.pop(0) if self.plan else None
         await trio.lowlevel.checkpoint()
@@ -181,7 +180,9 @@ async def seed_fetch(tmp_path: Path, plan: Sequence[Any]) -> tuple[SeedFetch, Fa
     return fetch, origin
 
 
-async def test_seed_fetch_resumes_after_the_origin_cuts_the_body(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+async def test_seed_fetch_resumes_after_the_origin_cuts_the_body(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
     fetch, origin = await seed_fetch(tmp_path, [("cut", 6 * MiB), ("cut", 4 * MiB)])
     assert fetch.error == ""
     assert origin.starts == [0, PIECE, 2 * PIECE]  # each try from the first piece not stored
@@ -190,8 +191,9 @@ async def test_seed_fetch_resumes_after_the_origin_cuts_the_body(tmp_path: Path,
     assert fetch.store.load_digests() == fetch.digests
 
 
-async def test_seed_fetch_survives_an_origin_that_ignores_the_range(tmp_path: Path,
-                                                                    autojump_clock: trio.abc.Clock) -> None:
+async def test_seed_fetch_survives_an_origin_that_ignores_the_range(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
     fetch, origin = await seed_fetch(tmp_path, [("cut", 6 * MiB), "whole"])
     assert fetch.error == "" and origin.starts == [0, PIECE]
     assert fetch.digests == [piece_digest(span(n)) for n in range(3)]  # sha256 checked: piece 0 not hashed twice

@@ -22,22 +22,38 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def test_containerd_config_names_the_proxy_as_mirror_and_the_registry_as_fallback(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, out, err = run(capsys, "containerd", "--proxy", "http://127.0.0.1:4001", "--registry", "docker.io",
-                         "--registry", "http://10.0.0.5:5000", "--hosts-dir", str(tmp_path))
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, err = run(
+        capsys,
+        "containerd",
+        "--proxy",
+        "http://127.0.0.1:4001",
+        "--registry",
+        "docker.io",
+        "--registry",
+        "http://10.0.0.5:5000",
+        "--hosts-dir",
+        str(tmp_path),
+    )
     assert code == 0
     assert not list(tmp_path.iterdir())  # printing writes nothing
-    sections = {chunk.split("\n", 1)[0]: chunk.split("\n", 1)[1] for chunk in out.strip().split("# " + str(tmp_path))[1:]}
+    sections = {
+        chunk.split("\n", 1)[0]: chunk.split("\n", 1)[1] for chunk in out.strip().split("# " + str(tmp_path))[1:]
+    }
     assert set(sections) == {"/docker.io/hosts.toml", "/10.0.0.5:5000/hosts.toml"}
     hub = tomllib.loads(sections["/docker.io/hosts.toml"])
-    assert hub == {"server": "https://registry-1.docker.io",
-                   "host": {"http://127.0.0.1:4001": {"capabilities": ["pull", "resolve"]}}}
+    assert hub == {
+        "server": "https://registry-1.docker.io",
+        "host": {"http://127.0.0.1:4001": {"capabilities": ["pull", "resolve"]}},
+    }
     assert tomllib.loads(sections["/10.0.0.5:5000/hosts.toml"])["server"] == "http://10.0.0.5:5000"
     assert "--insecure-registry 10.0.0.5:5000" in err
 
 
 def test_containerd_write_installs_and_keeps_a_backup_of_what_was_there(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     existing = tmp_path / "ghcr.io" / "hosts.toml"
     existing.parent.mkdir()
     existing.write_text('server = "https://ghcr.io"\n')
@@ -55,10 +71,14 @@ def test_docker_write_merges_daemon_json_and_keeps_a_backup(capsys: pytest.Captu
     daemon_json = tmp_path / "daemon.json"
     original = {"log-driver": "journald", "registry-mirrors": ["https://mirror.example"]}
     daemon_json.write_text(json.dumps(original))
-    code, _, err = run(capsys, "docker", "--proxy", "http://127.0.0.1:4001", "--daemon-json", str(daemon_json), "--write")
+    code, _, err = run(
+        capsys, "docker", "--proxy", "http://127.0.0.1:4001", "--daemon-json", str(daemon_json), "--write"
+    )
     assert code == 0
     assert json.loads(daemon_json.read_text()) == {
-        "log-driver": "journald", "registry-mirrors": ["http://127.0.0.1:4001", "https://mirror.example"]}
+        "log-driver": "journald",
+        "registry-mirrors": ["http://127.0.0.1:4001", "https://mirror.example"],
+    }
     (backup,) = tmp_path.glob("daemon.json.p2pdist-backup-*")
     assert json.loads(backup.read_text()) == original
     assert "--registry-mirror https://registry-1.docker.io" in err
@@ -88,8 +108,23 @@ def test_upstream_is_https_unless_listed_insecure_or_asked_for_http() -> None:
     assert resolve("a" * 63 + ".example:443").namespace == "a" * 63 + ".example:443"
     # Each of these once got past the check and crashed the handler in the resolver's IDNA step
     # ("..": a 500 where the client should see 400), or would have been dialled as nonsense.
-    for bad_ns in ("a/b", "user@host", "host:99999999", "..", ".", "a..b", "-a.io", "a-.io", "a" * 64 + ".io",
-                   ".".join(["a" * 60] * 5), "host:0", "host:65536", "[zz::1]", "[::1", "::1"):
+    for bad_ns in (
+        "a/b",
+        "user@host",
+        "host:99999999",
+        "..",
+        ".",
+        "a..b",
+        "-a.io",
+        "a-.io",
+        "a" * 64 + ".io",
+        ".".join(["a" * 60] * 5),
+        "host:0",
+        "host:65536",
+        "[zz::1]",
+        "[::1",
+        "::1",
+    ):
         with pytest.raises(BadRequest):
             resolve(bad_ns)
     with pytest.raises(BadRequest):

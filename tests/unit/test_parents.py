@@ -7,17 +7,48 @@ import random
 from scheduler.parents import Candidate, choose_parents, creates_cycle, score
 
 
-def cand(host_id: str, *, useful: int = 5, pieces: int | None = None, complete: bool = False,
-         children: int = 0, slots: int = 4, seed: bool = False) -> Candidate:
-    return Candidate(host_id=host_id, pieces=useful if pieces is None else pieces, useful=useful,
-                     complete=complete, children=children, upload_slots=slots, is_seed=seed)
+def cand(
+    host_id: str,
+    *,
+    useful: int = 5,
+    pieces: int | None = None,
+    complete: bool = False,
+    children: int = 0,
+    slots: int = 4,
+    seed: bool = False,
+) -> Candidate:
+    return Candidate(
+        host_id=host_id,
+        pieces=useful if pieces is None else pieces,
+        useful=useful,
+        complete=complete,
+        children=children,
+        upload_slots=slots,
+        is_seed=seed,
+    )
 
 
-def choose(child: str, candidates: list[Candidate], *, keep: tuple[str, ...] = (), want: int = 4,
-           total: int = 10, parents_of: dict[str, list[str]] | None = None, sample: int = 40,
-           seed: int = 0) -> list[str]:
-    return choose_parents(child, candidates, keep=keep, want=want, total_pieces=total,
-                          parents_of=parents_of or {}, sample=sample, rng=random.Random(seed))
+def choose(
+    child: str,
+    candidates: list[Candidate],
+    *,
+    keep: tuple[str, ...] = (),
+    want: int = 4,
+    total: int = 10,
+    parents_of: dict[str, list[str]] | None = None,
+    sample: int = 40,
+    seed: int = 0,
+) -> list[str]:
+    return choose_parents(
+        child,
+        candidates,
+        keep=keep,
+        want=want,
+        total_pieces=total,
+        parents_of=parents_of or {},
+        sample=sample,
+        rng=random.Random(seed),
+    )
 
 
 def test_never_returns_child() -> None:

@@ -36,8 +36,15 @@ def parent(host_id: str, pieces: range | list[int] = range(PIECES)) -> Parent:
 
 
 def running(*parents: Parent, digests: list[bytes] = DIGESTS) -> SyncReply:
-    return SyncReply(task_id=TASK, state="running", content_length=SIZE, piece_size=4 * MiB,
-                     first_digest=0, piece_digests=digests, parents=list(parents))
+    return SyncReply(
+        task_id=TASK,
+        state="running",
+        content_length=SIZE,
+        piece_size=4 * MiB,
+        first_digest=0,
+        piece_digests=digests,
+        parents=list(parents),
+    )
 
 
 def machine(*parents: Parent, seed: int = 1, now: float = 0.0, **limits: int | float) -> TaskMachine:

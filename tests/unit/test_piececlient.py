@@ -61,8 +61,9 @@ async def test_body_cut_short_is_an_upstream_error_naming_the_bytes_received(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        url = await serve_raw(nursery, b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + b"x" * 300,
-                              then_stall=False)
+        url = await serve_raw(
+            nursery, b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + b"x" * 300, then_stall=False
+        )
         client = PieceClient()
         received: list[int] = []
         with pytest.raises(UpstreamError, match="after 300 of 1000 bytes"):
@@ -74,8 +75,7 @@ async def test_body_cut_short_is_an_upstream_error_naming_the_bytes_received(
 
 async def test_cancelling_a_body_received_in_a_thread_stops_it_promptly(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        url = await serve_raw(nursery, b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + b"x" * 10,
-                              then_stall=True)
+        url = await serve_raw(nursery, b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + b"x" * 10, then_stall=True)
         client = PieceClient()
         started = time.monotonic()
         with trio.move_on_after(0.3) as scope:

@@ -142,8 +142,7 @@ def test_pieces_for_range_matches_spans(piece_size: int, pieces: int, data: st.D
     layout = PieceLayout(size, piece_size)
     start = data.draw(st.integers(0, size))
     end = data.draw(st.integers(start, size))
-    expected = [n for n in range(layout.count)
-                if max(start, layout.span(n)[0]) < min(end, layout.span(n)[1])]
+    expected = [n for n in range(layout.count) if max(start, layout.span(n)[0]) < min(end, layout.span(n)[1])]
     assert list(layout.pieces_for_range(start, end)) == expected
 
 

@@ -79,9 +79,14 @@ def test_cache_flags_exist_and_watermarks_are_checked() -> None:
         flags = flag_names(cls)
         assert flags["cache_quota_bytes"] == "--cache-quota"
         assert flags["cache_high_watermark"] == "--cache-high-watermark"
-        config = from_mapping(cls, {"cache_quota_bytes": "10GiB", "cache_high_watermark": 0.8,
-                                    "cache_low_watermark": "0.6"})
-        assert (config.cache_quota_bytes, config.cache_high_watermark, config.cache_low_watermark) == (10 << 30, 0.8, 0.6)
+        config = from_mapping(
+            cls, {"cache_quota_bytes": "10GiB", "cache_high_watermark": 0.8, "cache_low_watermark": "0.6"}
+        )
+        assert (config.cache_quota_bytes, config.cache_high_watermark, config.cache_low_watermark) == (
+            10 << 30,
+            0.8,
+            0.6,
+        )
         with pytest.raises(ConfigError, match="cache_low_watermark"):
             from_mapping(cls, {"cache_high_watermark": 0.5, "cache_low_watermark": 0.7})
         with pytest.raises(ConfigError, match="fraction"):

@@ -15,8 +15,9 @@ async def serve_redirect(nursery: trio.Nursery, location: str) -> str:
 
     async def handle(stream: trio.SocketStream) -> None:
         await stream.receive_some(65536)
-        await stream.send_all(f"HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n"
-                              "connection: close\r\n\r\n".encode())
+        await stream.send_all(
+            f"HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".encode()
+        )
         await stream.aclose()
 
     listeners = await nursery.start(trio.serve_tcp, handle, 0)

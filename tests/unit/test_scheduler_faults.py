@@ -20,9 +20,12 @@ def _scheduler() -> Scheduler:
     return Scheduler(SchedulerConfig(seed_retry_s=5.0), rng=random.Random(3))
 
 
-def _announce(s: Scheduler, host: str, kind: wire.HostKind, now: float, tasks: list[wire.TaskHolding] | None = None) -> None:
-    s.announce(wire.AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=4,
-                                 tasks=tasks or []), now)
+def _announce(
+    s: Scheduler, host: str, kind: wire.HostKind, now: float, tasks: list[wire.TaskHolding] | None = None
+) -> None:
+    s.announce(
+        wire.AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=4, tasks=tasks or []), now
+    )
 
 
 def _register(s: Scheduler, host: str, now: float) -> tuple[wire.SyncReply, WakeSeed | None]:
@@ -38,8 +41,17 @@ def test_seed_failing_after_it_was_given_up_as_stalled_sends_peers_back_to_sourc
     # Retrying the origin with backoff, the seed shows no progress; there is no other seed.
     reply, wake = s.sync(wire.Sync(host_id="peer-1", task_id=TASK), 6.0)
     assert wake is None and reply.state == "waiting"
-    s.seed_progress(wire.SeedProgress(host_id="seed-a", task_id=TASK, content_length=0, first_digest=0,
-                                      piece_digests=[], error="origin answered HTTP 503"), 8.0)
+    s.seed_progress(
+        wire.SeedProgress(
+            host_id="seed-a",
+            task_id=TASK,
+            content_length=0,
+            first_digest=0,
+            piece_digests=[],
+            error="origin answered HTTP 503",
+        ),
+        8.0,
+    )
     reply, _ = s.sync(wire.Sync(host_id="peer-1", task_id=TASK), 8.5)
     assert reply.state == "back_to_source" and "503" in reply.reason
 
@@ -49,12 +61,20 @@ def test_seed_failing_mid_blob_is_no_parent_and_partial_holders_go_back_to_sourc
     _announce(s, "seed-a", "seed", 0.0)
     _announce(s, "peer-1", "peer", 0.0)
     _register(s, "peer-1", 0.0)
-    s.seed_progress(wire.SeedProgress(host_id="seed-a", task_id=TASK, content_length=SIZE, first_digest=0,
-                                      piece_digests=[b"d" * 32]), 1.0)
+    s.seed_progress(
+        wire.SeedProgress(
+            host_id="seed-a", task_id=TASK, content_length=SIZE, first_digest=0, piece_digests=[b"d" * 32]
+        ),
+        1.0,
+    )
     reply, _ = s.sync(wire.Sync(host_id="peer-1", task_id=TASK, new_pieces=[0], have_digests=1), 2.0)
     assert [p.host_id for p in reply.parents] == ["seed-a"]
-    s.seed_progress(wire.SeedProgress(host_id="seed-a", task_id=TASK, content_length=0, first_digest=0,
-                                      piece_digests=[], error="origin reset"), 3.0)
+    s.seed_progress(
+        wire.SeedProgress(
+            host_id="seed-a", task_id=TASK, content_length=0, first_digest=0, piece_digests=[], error="origin reset"
+        ),
+        3.0,
+    )
     reply, _ = s.sync(wire.Sync(host_id="peer-1", task_id=TASK, have_digests=1), 3.5)
     assert reply.state == "back_to_source"
     assert "seed-a" not in s.tasks[TASK].peers
@@ -66,9 +86,20 @@ def test_peer_claiming_the_whole_blob_with_its_own_digests_does_not_stand_in_for
     everything = Bitmap(LAYOUT.count)
     for n in range(LAYOUT.count):
         everything.add(n)
-    _announce(s, "liar", "peer", 0.0, [wire.TaskHolding(
-        task_id=TASK, content_length=SIZE, pieces=everything.to_bytes(),
-        piece_digests=[b"x" * 32] * LAYOUT.count)])
+    _announce(
+        s,
+        "liar",
+        "peer",
+        0.0,
+        [
+            wire.TaskHolding(
+                task_id=TASK,
+                content_length=SIZE,
+                pieces=everything.to_bytes(),
+                piece_digests=[b"x" * 32] * LAYOUT.count,
+            )
+        ],
+    )
     _announce(s, "peer-1", "peer", 0.0)
     reply, wake = _register(s, "peer-1", 1.0)
     assert wake is not None and wake.seed_id == "seed-a"

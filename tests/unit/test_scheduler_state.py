@@ -34,21 +34,46 @@ def make(**cfg: object) -> Scheduler:
     return Scheduler(SchedulerConfig(**cfg), rng=random.Random(7))  # type: ignore[arg-type]
 
 
-def announce(s: Scheduler, host: str, kind: HostKind = "peer", now: float = 0.0, slots: int = 4,
-             tasks: list[TaskHolding] | None = None) -> None:
-    s.announce(AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=slots,
-                            tasks=tasks or []), now)
+def announce(
+    s: Scheduler,
+    host: str,
+    kind: HostKind = "peer",
+    now: float = 0.0,
+    slots: int = 4,
+    tasks: list[TaskHolding] | None = None,
+) -> None:
+    s.announce(
+        AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=slots, tasks=tasks or []), now
+    )
 
 
 def register(s: Scheduler, host: str, now: float, task: str = TASK) -> tuple[SyncReply, WakeSeed | None]:
     return s.register(Register(host_id=host, task_id=task, url=URL, headers={"Authorization": "x"}), now)
 
 
-def progress(s: Scheduler, seed: str, now: float, first: int = 0, digests: list[bytes] | None = None,
-             done: bool = False, size: int = SIZE, error: str = "") -> None:
+def progress(
+    s: Scheduler,
+    seed: str,
+    now: float,
+    first: int = 0,
+    digests: list[bytes] | None = None,
+    done: bool = False,
+    size: int = SIZE,
+    error: str = "",
+) -> None:
     digests = DIGESTS[first:] if digests is None else digests
-    s.seed_progress(SeedProgress(host_id=seed, task_id=TASK, content_length=size, first_digest=first,
-                                 piece_digests=digests, done=done, error=error), now)
+    s.seed_progress(
+        SeedProgress(
+            host_id=seed,
+            task_id=TASK,
+            content_length=size,
+            first_digest=first,
+            piece_digests=digests,
+            done=done,
+            error=error,
+        ),
+        now,
+    )
 
 
 def sync(s: Scheduler, host: str, now: float, **kw: object) -> tuple[SyncReply, WakeSeed | None]:
@@ -365,8 +390,13 @@ def test_leave_removes_peer_and_parent_links() -> None:
 
 def test_restart_rebuild_from_announcements() -> None:
     s = make()
-    announce(s, "seed1", "seed", now=0.0, tasks=[
-        TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), url=URL, piece_digests=DIGESTS)])
+    announce(
+        s,
+        "seed1",
+        "seed",
+        now=0.0,
+        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), url=URL, piece_digests=DIGESTS)],
+    )
     partial = Bitmap(LAYOUT.count)
     partial.add(1)
     announce(s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=partial.to_bytes())])
@@ -382,16 +412,33 @@ def test_restart_rebuild_from_announcements() -> None:
 
 def test_restart_peer_cannot_inject_digests() -> None:
     s = make()
-    announce(s, "p1", now=0.0, tasks=[
-        TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=DIGESTS)])
+    announce(
+        s,
+        "p1",
+        now=0.0,
+        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=DIGESTS)],
+    )
     assert s.tasks[TASK].digests == []
-    announce(s, "seed1", "seed", now=0.0, tasks=[
-        TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=DIGESTS)])
+    announce(
+        s,
+        "seed1",
+        "seed",
+        now=0.0,
+        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=DIGESTS)],
+    )
     assert s.tasks[TASK].digests == DIGESTS
     # A seed that later announces different digests does not replace them.
-    announce(s, "seed2", "seed", now=0.0, tasks=[
-        TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(),
-                    piece_digests=[b"\xee" * 32] * LAYOUT.count)])
+    announce(
+        s,
+        "seed2",
+        "seed",
+        now=0.0,
+        tasks=[
+            TaskHolding(
+                task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=[b"\xee" * 32] * LAYOUT.count
+            )
+        ],
+    )
     assert s.tasks[TASK].digests == DIGESTS
 
 

@@ -26,8 +26,10 @@ def test_rarest_first() -> None:
 
 def test_equally_rare_pieces_are_spread_not_all_earliest() -> None:
     parents = [ParentView("a", piece_set(range(64)), 0)]
-    firsts = {choose_requests(piece_set(range(64)), parents, room=1, per_parent=3, rng=random.Random(seed))[0][0]
-              for seed in range(50)}
+    firsts = {
+        choose_requests(piece_set(range(64)), parents, room=1, per_parent=3, rng=random.Random(seed))[0][0]
+        for seed in range(50)
+    }
     assert len(firsts) > 20
 
 
@@ -41,8 +43,10 @@ def test_random_cases_keep_every_rule() -> None:
     for seed in range(300):
         rng = random.Random(seed)
         size = rng.randint(1, 40)
-        parents = [ParentView(f"p{i}", rng.getrandbits(size), rng.randint(0, 3), rng.random() > 0.2)
-                   for i in range(rng.randint(0, 6))]
+        parents = [
+            ParentView(f"p{i}", rng.getrandbits(size), rng.randint(0, 3), rng.random() > 0.2)
+            for i in range(rng.randint(0, 6))
+        ]
         need = rng.getrandbits(size)
         room, per = rng.randint(0, 8), rng.randint(1, 3)
         got = choose_requests(need, parents, room=room, per_parent=per, rng=random.Random(seed))

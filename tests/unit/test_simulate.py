@@ -13,8 +13,24 @@ MiB = 1 << 20
 
 def test_small_swarm_every_host_completes_with_all_pieces(tmp_path: Path) -> None:
     out = tmp_path / "sim"
-    assert main(["--peers", "40", "--blob-size", "48MiB", "--peer-rate", "100MiB", "--origin-rate", "400MiB",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--peers",
+                "40",
+                "--blob-size",
+                "48MiB",
+                "--peer-rate",
+                "100MiB",
+                "--origin-rate",
+                "400MiB",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "result.json").read_text())
     for key in ("peers", "blob_bytes", "lower_bound_s", "p2p", "direct"):
         assert key in result
@@ -38,8 +54,16 @@ def test_small_swarm_every_host_completes_with_all_pieces(tmp_path: Path) -> Non
 
 
 def test_every_simulated_peer_holds_every_piece() -> None:
-    result, sim = simulate(SimConfig(peers=25, blob_bytes=20 * MiB + 123, peer_upload_bps=50 * MiB,
-                                     peer_download_bps=80 * MiB, origin_bps=200 * MiB, seed=3))
+    result, sim = simulate(
+        SimConfig(
+            peers=25,
+            blob_bytes=20 * MiB + 123,
+            peer_upload_bps=50 * MiB,
+            peer_download_bps=80 * MiB,
+            origin_bps=200 * MiB,
+            seed=3,
+        )
+    )
     assert sim.layout.count == 6  # a short last piece too
     assert all(p.have == sim.all_pieces and p.done_s is not None for p in sim.peers)
     assert not any(sim.f_live)  # no transfer left running

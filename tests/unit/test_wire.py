@@ -35,20 +35,39 @@ def pack(obj: Any) -> bytes:
 MESSAGES: list[object] = [
     TaskHolding(task_id=TASK, content_length=10, pieces=b"\x80", url="http://o/x", piece_digests=[D]),
     AnnounceHost(host_id="h1", url="http://127.0.0.1:4000", kind="peer", upload_slots=16),
-    AnnounceHost(host_id="s1", url="https://seed:4010", kind="seed", upload_slots=32, tasks=[
-        TaskHolding(task_id=TASK, content_length=9 << 20, pieces=b"\xe0", piece_digests=[D, D, D]),
-    ]),
-    Register(host_id="h1", task_id=TASK, url="http://origin/v2/r/blobs/" + TASK,
-             headers={"Authorization": "Bearer x"}),
-    Sync(host_id="h1", task_id=TASK, new_pieces=[0, 5], have_digests=3, bad_parents=["p"],
-         failed_parents=["q"], done=True, content_length=123),
+    AnnounceHost(
+        host_id="s1",
+        url="https://seed:4010",
+        kind="seed",
+        upload_slots=32,
+        tasks=[
+            TaskHolding(task_id=TASK, content_length=9 << 20, pieces=b"\xe0", piece_digests=[D, D, D]),
+        ],
+    ),
+    Register(host_id="h1", task_id=TASK, url="http://origin/v2/r/blobs/" + TASK, headers={"Authorization": "Bearer x"}),
+    Sync(
+        host_id="h1",
+        task_id=TASK,
+        new_pieces=[0, 5],
+        have_digests=3,
+        bad_parents=["p"],
+        failed_parents=["q"],
+        done=True,
+        content_length=123,
+    ),
     Sync(host_id="h1", task_id=TASK),
-    SeedProgress(host_id="s", task_id=TASK, content_length=0, first_digest=2, piece_digests=[D], done=True,
-                 error=""),
+    SeedProgress(host_id="s", task_id=TASK, content_length=0, first_digest=2, piece_digests=[D], done=True, error=""),
     Leave(host_id="h", task_id=TASK),
     Parent(host_id="p", url="http://p:1", pieces=b"\xff\x00"),
-    SyncReply(task_id=TASK, state="running", content_length=5, piece_size=4 << 20, first_digest=1,
-              piece_digests=[D], parents=[Parent(host_id="p", url="http://p:1", pieces=b"\x80")]),
+    SyncReply(
+        task_id=TASK,
+        state="running",
+        content_length=5,
+        piece_size=4 << 20,
+        first_digest=1,
+        piece_digests=[D],
+        parents=[Parent(host_id="p", url="http://p:1", pieces=b"\x80")],
+    ),
     SyncReply(task_id=TASK, state="waiting"),
     SyncReply(task_id=TASK, state="back_to_source", reason="no seed peer available"),
     SyncReply(task_id=TASK, state="unknown", reason="register first"),
@@ -102,8 +121,11 @@ def test_unknown_field() -> None:
 
 def test_missing_required_field() -> None:
     bad(Register, pack({"host_id": "h", "task_id": TASK}), r"Register: missing field 'url'")
-    bad(SeedProgress, pack({"host_id": "s", "task_id": TASK, "content_length": 1, "first_digest": 0}),
-        "missing field 'piece_digests'")
+    bad(
+        SeedProgress,
+        pack({"host_id": "s", "task_id": TASK, "content_length": 1, "first_digest": 0}),
+        "missing field 'piece_digests'",
+    )
 
 
 BASE_SYNC = {"host_id": "h", "task_id": TASK}
@@ -137,10 +159,12 @@ def test_wrong_types(field: str, value: object, match: str) -> None:
 
 def test_wrong_types_bytes_and_maps() -> None:
     bad(Parent, pack({"host_id": "p", "url": "http://p", "pieces": "not bytes"}), "Parent.pieces: expected bytes")
-    bad(Register, pack({"host_id": "h", "task_id": TASK, "url": "http://o", "headers": ["a"]}),
-        "Register.headers: expected a map")
-    bad(Register, pack({"host_id": "h", "task_id": TASK, "url": "http://o", "headers": {"a": 1}}),
-        "Register.headers")
+    bad(
+        Register,
+        pack({"host_id": "h", "task_id": TASK, "url": "http://o", "headers": ["a"]}),
+        "Register.headers: expected a map",
+    )
+    bad(Register, pack({"host_id": "h", "task_id": TASK, "url": "http://o", "headers": {"a": 1}}), "Register.headers")
 
 
 @pytest.mark.parametrize(
@@ -152,8 +176,15 @@ def test_invalid_task_id(task_id: str) -> None:
 
 
 def test_invalid_task_id_nested_in_announce() -> None:
-    body = pack({"host_id": "h", "url": "http://h:1", "kind": "peer", "upload_slots": 1,
-                 "tasks": [{"task_id": "sha256:short", "content_length": 1, "pieces": b"\x80"}]})
+    body = pack(
+        {
+            "host_id": "h",
+            "url": "http://h:1",
+            "kind": "peer",
+            "upload_slots": 1,
+            "tasks": [{"task_id": "sha256:short", "content_length": 1, "pieces": b"\x80"}],
+        }
+    )
     bad(AnnounceHost, body, r"AnnounceHost.tasks\[\].task_id: invalid digest")
 
 
@@ -163,8 +194,11 @@ def test_piece_digests_wrong_length() -> None:
     bad(SeedProgress, pack({**base, "piece_digests": [D + b"x"]}), "piece_digests: each must be 32 bytes")
     bad(SeedProgress, pack({**base, "piece_digests": ["a" * 32]}), r"piece_digests\[\]: expected bytes")
     holding = {"task_id": TASK, "content_length": 1, "pieces": b"\x80", "piece_digests": [b"short"]}
-    bad(AnnounceHost, pack({"host_id": "s", "url": "http://s:1", "kind": "seed", "upload_slots": 1,
-                            "tasks": [holding]}), "piece_digests")
+    bad(
+        AnnounceHost,
+        pack({"host_id": "s", "url": "http://s:1", "kind": "seed", "upload_slots": 1, "tasks": [holding]}),
+        "piece_digests",
+    )
 
 
 @pytest.mark.parametrize("kind", ["Peer", "SEED", "origin", ""])
@@ -175,8 +209,11 @@ def test_announce_kind(kind: str) -> None:
 
 @pytest.mark.parametrize("state", ["failed", "RUNNING", "", "done", 1, None, b"running"])
 def test_reply_state_is_one_the_scheduler_sends(state: object) -> None:
-    bad(SyncReply, pack({"task_id": TASK, "state": state}),
-        "SyncReply.state: must be one of waiting, running, back_to_source, unknown$")
+    bad(
+        SyncReply,
+        pack({"task_id": TASK, "state": state}),
+        "SyncReply.state: must be one of waiting, running, back_to_source, unknown$",
+    )
 
 
 def test_decoded_kind_and_state_are_plain_strings() -> None:
@@ -188,8 +225,11 @@ def test_decoded_kind_and_state_are_plain_strings() -> None:
 
 @pytest.mark.parametrize("url", ["ftp://h:1", "h:1", "file:///etc/passwd", "javascript:alert(1)", "HTTP//x"])
 def test_url_must_be_http(url: str) -> None:
-    bad(AnnounceHost, pack({"host_id": "h", "url": url, "kind": "peer", "upload_slots": 1}),
-        "AnnounceHost.url: must be an http")
+    bad(
+        AnnounceHost,
+        pack({"host_id": "h", "url": url, "kind": "peer", "upload_slots": 1}),
+        "AnnounceHost.url: must be an http",
+    )
     bad(Register, pack({"host_id": "h", "task_id": TASK, "url": url}), "Register.url: must be an http")
 
 
