@@ -96,38 +96,33 @@ class TaskDownload:
 
     async def run(self) -> None:
         metrics = self.daemon.metrics
-        started = time.monotonic()
-        metrics.tasks_active.inc()
         try:
-            await self._p2p()
-            decision = self.machine.back_to_source
-            if decision is not None:
-                self.back_to_source_reason = decision.detail
-                metrics.back_to_source.labels(decision.reason.value).inc()
-                log.warning("task %s: going back to source: %s", short(self.task_id), decision.detail)
-                await self._back_to_source()
-            await self._finish_sha()
-            assert self.store is not None
-            self.store.save_digests(self.digests)
-            self.verified = True
-            metrics.tasks.labels("done").inc()
-            metrics.task_seconds.observe(time.monotonic() - started)
+            with metrics.task_run() as elapsed:
+                await self._p2p()
+                decision = self.machine.back_to_source
+                if decision is not None:
+                    self.back_to_source_reason = decision.detail
+                    metrics.back_to_source.labels(decision.reason.value).inc()
+                    log.warning("task %s: going back to source: %s", short(self.task_id), decision.detail)
+                    await self._back_to_source()
+                await self._finish_sha()
+                assert self.store is not None
+                self.store.save_digests(self.digests)
+                self.verified = True
             log.info(
                 "task %s: done, %d bytes in %.2fs%s",
                 short(self.task_id),
                 self.store.layout.blob_size,
-                time.monotonic() - started,
+                elapsed(),
                 " (back to source)" if self.back_to_source_reason else "",
             )
             await self._final_sync()
         except P2PError as exc:
             self.error = exc
-            metrics.tasks.labels("failed").inc()
             log.error("task %s: failed: %s", short(self.task_id), exc)
             if isinstance(exc, IntegrityError | StoreError) and self.store is not None:
                 self.daemon.store.remove(self.task_id)
         finally:
-            metrics.tasks_active.dec()
             self.finished.set()
             self._notify()
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from p2pdist.errors import BadRequest, OriginError
-from p2pdist.registry.client import UNREACHABLE, redirected
+from p2pdist.registry.client import redirected, send_streamed
 from p2pdist.registry.oci import DAEMON_HEADER, is_registry_host
 
 # containerd names Docker Hub `docker.io`; its registry API lives on another host.
@@ -125,11 +125,7 @@ class UpstreamClient:
         """
         origin_host = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
-            try:
-                request = self.client.build_request(method, url, headers=headers)
-                response = await self.client.send(request, stream=True)
-            except UNREACHABLE as exc:
-                raise OriginError(f"registry {urlsplit(url).netloc[:100]} unreachable: {type(exc).__name__}") from None
+            response = await send_streamed(self.client, method, url, headers, who="registry")
             if not (
                 follow_redirects
                 and response.status_code in (301, 302, 303, 307, 308)

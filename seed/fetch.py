@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -46,27 +45,21 @@ class SeedFetch:
         self.changed = trio.Event()
 
     async def run(self) -> None:
-        metrics = self.seed.metrics
-        started = time.monotonic()
-        metrics.tasks_active.inc()
         try:
-            await self._fetch()
-            metrics.tasks.labels("done").inc()
-            metrics.task_seconds.observe(time.monotonic() - started)
+            with self.seed.metrics.task_run() as elapsed:
+                await self._fetch()
             assert self.store is not None
             log.info(
                 "seeded %s: %d bytes from the origin in %.2fs",
                 short(self.task_id),
                 self.store.layout.blob_size,
-                time.monotonic() - started,
+                elapsed(),
             )
         except P2PError as exc:
             self.error = str(exc)
-            metrics.tasks.labels("failed").inc()
             log.error("seeding %s failed: %s", short(self.task_id), exc)
             self.seed.store.remove(self.task_id)
         finally:
-            metrics.tasks_active.dec()
             self.done = True
             self._changed()
         await self.seed.enforce_quota()
@@ -135,49 +128,38 @@ class SeedFetch:
 
     async def report_loop(self) -> None:
         """Tell the scheduler the size and each new piece digest, batched every few ms."""
-        sched = self.seed.scheduler
         while True:
             if self.store is not None and (len(self.digests) > self.reported or self.done or self.reported == 0):
                 first = self.reported
                 digests = self.digests[first:]
-                try:
-                    await sched.call(
-                        "/v1/tasks/seed",
-                        wire.SeedProgress(
-                            host_id=self.seed.host_id,
-                            task_id=self.task_id,
-                            content_length=self.store.layout.blob_size,
-                            first_digest=first,
-                            piece_digests=digests,
-                            done=self.done and not self.error,
-                            error=self.error,
-                        ),
-                        wire.Empty,
-                    )
+                if await self._report(self.store.layout.blob_size, first, digests):
                     self.reported = first + len(digests)
-                except (UpstreamError, P2PError) as exc:
-                    log.warning("seed progress for %s not reported: %s", short(self.task_id), exc)
+                else:
                     await trio.sleep(0.5)
                 if self.done and self.reported == len(self.digests):
                     return
             elif self.done:
                 if self.error:
-                    try:
-                        await sched.call(
-                            "/v1/tasks/seed",
-                            wire.SeedProgress(
-                                host_id=self.seed.host_id,
-                                task_id=self.task_id,
-                                content_length=0,
-                                first_digest=0,
-                                piece_digests=[],
-                                error=self.error,
-                            ),
-                            wire.Empty,
-                        )
-                    except (UpstreamError, P2PError) as exc:
-                        log.warning("seed failure for %s not reported: %s", short(self.task_id), exc)
+                    await self._report(0, 0, [])  # failed before the size was known
                 return
             with trio.move_on_after(REPORT_INTERVAL_S):
                 await self.changed.wait()
             await trio.sleep(REPORT_INTERVAL_S if not self.done else 0)
+
+    async def _report(self, content_length: int, first: int, digests: list[bytes]) -> bool:
+        """One SeedProgress to the scheduler; False (logged) if it did not take it."""
+        progress = wire.SeedProgress(
+            host_id=self.seed.host_id,
+            task_id=self.task_id,
+            content_length=content_length,
+            first_digest=first,
+            piece_digests=digests,
+            done=self.done and not self.error,
+            error=self.error,
+        )
+        try:
+            await self.seed.scheduler.call("/v1/tasks/seed", progress, wire.Empty)
+        except (UpstreamError, P2PError) as exc:
+            log.warning("seed progress for %s not reported: %s", short(self.task_id), exc)
+            return False
+        return True

@@ -5,7 +5,13 @@ Names are `p2pdist_<role>_...` so a dashboard can tell peers from seeds.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from p2pdist.errors import P2PError
 
 _SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -31,3 +37,20 @@ class DaemonMetrics:
         self.scheduler_errors = Counter(f"{p}_scheduler_errors", "Failed calls to the scheduler", registry=r)
         self.uploads_active = Gauge(f"{p}_uploads_active", "Piece uploads in progress", registry=r)
         self.tasks_active = Gauge(f"{p}_tasks_active", "Tasks downloading now", registry=r)
+
+    @contextmanager
+    def task_run(self) -> Iterator[Callable[[], float]]:
+        """Count one task while the block runs: active inside it, then done with its duration,
+        or failed when a P2PError leaves it. Yields the seconds elapsed so far, for logs."""
+        started = time.monotonic()
+        self.tasks_active.inc()
+        try:
+            yield lambda: time.monotonic() - started
+        except P2PError:
+            self.tasks.labels("failed").inc()
+            raise
+        else:
+            self.tasks.labels("done").inc()
+            self.task_seconds.observe(time.monotonic() - started)
+        finally:
+            self.tasks_active.dec()

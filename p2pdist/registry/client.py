@@ -30,6 +30,17 @@ UNREACHABLE: tuple[type[Exception], ...] = (httpx.HTTPError, httpx.InvalidURL, U
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
+async def send_streamed(
+    client: httpx.AsyncClient, method: str, url: str, headers: dict[str, str], *, who: str = "origin"
+) -> httpx.Response:
+    """One request, its body left to stream; a registry that cannot be reached is an OriginError
+    naming `who` and the host."""
+    try:
+        return await client.send(client.build_request(method, url, headers=headers), stream=True)
+    except UNREACHABLE as exc:
+        raise OriginError(f"{who} {urlsplit(url).netloc[:100]} unreachable: {type(exc).__name__}") from None
+
+
 def redirected(response: httpx.Response, origin_host: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
     """Where a redirect leads, and the headers to send there: never credentials to another
     host (registries send blob GETs to storage). A Location that is no URL is an OriginError."""
@@ -134,11 +145,7 @@ class OriginClient:
         origin_host = urlsplit(url).netloc
         tried_token = False
         for _ in range(MAX_REDIRECTS + 2):
-            try:
-                request = self.client.build_request(method, url, headers=headers)
-                response = await self.client.send(request, stream=True)
-            except UNREACHABLE as exc:
-                raise OriginError(f"origin {urlsplit(url).netloc[:100]} unreachable: {type(exc).__name__}") from None
+            response = await send_streamed(self.client, method, url, headers)
             if response.status_code == 401 and not tried_token:
                 challenge = parse_bearer_challenge(response.headers.get("www-authenticate", ""))
                 if challenge is None:
