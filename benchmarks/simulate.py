@@ -485,7 +485,7 @@ def direct_pull(starts: list[float], blob_bytes: int, origin_bps: float, downloa
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu = platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -18,9 +18,9 @@ from urllib.parse import urlencode
 from prometheus_client import Counter, Histogram
 
 from p2pdist.content.digest import parse_digest, parse_name, parse_reference, short
-from p2pdist.errors import LoopDetected, NotFound, P2PError, StoreError
+from p2pdist.errors import LoopDetected, NotFound, P2PError, RangeNotSatisfiable, StoreError
 from p2pdist.node.endpoints import health_response, metrics_response
-from p2pdist.node.pieceserver import RangeNotSatisfiable, parse_range
+from p2pdist.node.pieceserver import parse_range
 from p2pdist.registry.oci import SCHEME_HEADER
 from p2pdist.transport.server import FileBody, Request, Response
 from peer.auth import AccessCheck, Verdict

@@ -138,7 +138,7 @@ class SchedulerService:
         self._counted = now
 
     def _refresh_gauges(self) -> None:
-        for kind in ("peer", "seed"):
+        for kind in wire.HOST_KINDS:
             self.metrics.hosts.labels(kind).set(sum(1 for h in self.state.hosts.values() if h.kind == kind))
         self.metrics.tasks.set(len(self.state.tasks))
         self.metrics.peers.set(sum(len(t.peers) for t in self.state.tasks.values()))

@@ -13,7 +13,7 @@ import re
 import trio
 
 from p2pdist.content.digest import parse_digest
-from p2pdist.errors import BadRequest, NotFound
+from p2pdist.errors import BadRequest, NotFound, RangeNotSatisfiable
 from p2pdist.node.metrics import DaemonMetrics
 from p2pdist.storage.store import Store
 from p2pdist.transport.server import FileBody, Request, Response, text_response
@@ -42,14 +42,6 @@ def parse_range(header: str, length: int) -> tuple[int, int] | None:
     if start >= length or (last and int(last) < start):
         raise RangeNotSatisfiable(length)
     return start, end
-
-
-class RangeNotSatisfiable(BadRequest):
-    status = 416
-
-    def __init__(self, length: int) -> None:
-        super().__init__(f"range not satisfiable: the resource has {length} bytes")
-        self.length = length
 
 
 class PieceServer:

@@ -14,15 +14,11 @@ from urllib.parse import parse_qsl, unquote
 
 import h11
 
-from p2pdist.errors import BadRequest
+from p2pdist.errors import BadRequest, BodyTooLarge
 
 # A request body the handler did not read is read and discarded to keep the connection alive
 # only if it is at most this big; larger ones close the connection instead.
 DRAIN_LIMIT_BYTES = 1024 * 1024
-
-
-class BodyTooLarge(BadRequest):
-    status = 413
 
 
 @dataclass

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from p2pdist.errors import P2PError
+from p2pdist.errors import BodyTooLarge, P2PError
 from p2pdist.transport.protocol import (
     NEED_DATA,
     Answer,
-    BodyTooLarge,
     ClientClosed,
     FileBody,
     FileSpan,

@@ -174,12 +174,9 @@ def test_every_error_class_is_a_p2p_error_with_a_known_code() -> None:
         assert 400 <= cls.status <= 599 and cls.code in OCI_CODES, cls
 
 
-# Not errors a caller handles, or on their way into errors.py from files other engineers own.
+# Not errors a caller handles.
 NOT_IN_ERRORS = {
     ("p2pdist/transport/server.py", "_ClientGone"),  # control flow inside the HTTP server
-    ("peer/download.py", "BackToSource"),  # being replaced by the download's rewrite
-    ("p2pdist/node/pieceserver.py", "RangeNotSatisfiable"),  # moving: errors.RangeNotSatisfiable
-    ("p2pdist/transport/protocol.py", "BodyTooLarge"),  # moving: errors.BodyTooLarge
 }
 
 

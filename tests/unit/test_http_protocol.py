@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import h11
 import pytest
 
+from p2pdist.errors import BodyTooLarge
 from p2pdist.transport.protocol import (
     NEED_DATA,
     Answer,
-    BodyTooLarge,
     ClientClosed,
     FileBody,
     FileSpan,
