@@ -169,12 +169,12 @@ class SchedulerService:
             if response.status >= 300:
                 raise UpstreamError(f"HTTP {response.status}: {text.strip()[:200]}")
         except (UpstreamError, trio.TooSlowError) as exc:
-            reason = str(exc) or f"no answer in {WAKE_TIMEOUT_S:g}s"
+            if isinstance(exc, trio.TooSlowError):
+                reason = f"no answer in {WAKE_TIMEOUT_S:g}s"
+            else:
+                reason = str(exc) or type(exc).__name__
             log.warning("could not wake seed %s for %s: %s", wake.seed_id, wake.trigger.task_id[:19], reason)
-            task = self.state.tasks.get(wake.trigger.task_id)
-            if task is not None and task.seed == wake.seed_id:
-                task.tried_seeds.add(wake.seed_id)
-                task.seed = None
+            self.state.seed_wake_failed(wake.trigger.task_id, wake.seed_id, trio.current_time())
 
     async def expire_loop(self) -> None:
         while True:

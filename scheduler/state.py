@@ -43,6 +43,9 @@ class Host:
 # A new parent ordered after its child needs a search of the parent graph to rule out a cycle;
 # past this many peers visited the search gives up and treats it as a cycle.
 CYCLE_SEARCH_LIMIT = 8
+# A seed that stalled, vanished or missed its wake-up is asked again after a back-off that
+# doubles per wake-up of the task (from seed_retry_s), up to this; never given up for good.
+SEED_BACKOFF_MAX_S = 30.0
 
 
 @dataclass
@@ -68,7 +71,8 @@ class Task:
     size_from_seed: bool = False
     seed: str | None = None  # the seed fetching it now
     seed_progress_at: float = 0.0
-    tried_seeds: set[str] = field(default_factory=set)
+    seed_retry_at: dict[str, float] = field(default_factory=dict)  # seed -> not woken again before
+    seed_wakes: int = 0
     failed: str = ""
     headers: dict[str, str] = field(default_factory=dict)  # kept only until a seed is woken
     # Indexes over `peers`, kept by the methods below.
@@ -226,7 +230,8 @@ class Scheduler:
         peer.last_seen = now
         if task.failed and not self._has_holders(task):
             task.failed = ""  # a new request deserves a new try
-            task.tried_seeds.clear()
+            task.seed_retry_at.clear()
+            task.seed_wakes = 0
         self._size_bitmap(task, peer)
         wake = self._maybe_wake_seed(task, now, requester=msg.host_id)
         return self._reply(task, peer, have_digests=0, now=now), wake
@@ -273,7 +278,7 @@ class Scheduler:
             return
         if msg.error:
             log.warning("seed %s failed %s: %s", msg.host_id, short(task.task_id), msg.error)
-            task.tried_seeds.add(msg.host_id)
+            self._back_off(task, msg.host_id, now)
             if msg.host_id in task.peers:
                 self.leave(Leave(host_id=msg.host_id, task_id=task.task_id), now)  # it dropped its pieces
             # Also when it had already been given up on as stalled and no other seed took over.
@@ -460,6 +465,17 @@ class Scheduler:
             peers[host_id].order = order
         return False
 
+    def seed_wake_failed(self, task_id: str, seed_id: str, now: float) -> None:
+        """A wake-up did not reach `seed_id`: the task waits for another seed, or this one after a back-off."""
+        task = self.tasks.get(task_id)
+        if task is not None and task.seed == seed_id:
+            self._back_off(task, seed_id, now)
+            task.seed = None
+
+    def _back_off(self, task: Task, seed_id: str, now: float) -> None:
+        delay = min(self.config.seed_retry_s * 2 ** max(task.seed_wakes - 1, 0), SEED_BACKOFF_MAX_S)
+        task.seed_retry_at[seed_id] = now + delay
+
     def _maybe_wake_seed(self, task: Task, now: float, *, requester: str) -> WakeSeed | None:
         if task.failed:
             return None
@@ -478,9 +494,9 @@ class Scheduler:
                 short(task.task_id),
                 "is gone" if not seed_alive else f"made no progress for {self.config.seed_retry_s:.0f}s",
             )
-            task.tried_seeds.add(task.seed)
+            self._back_off(task, task.seed, now)
             task.seed = None
-        seeds = [h for h in self.hosts.values() if h.kind == "seed" and h.host_id not in task.tried_seeds]
+        seeds = [h for h in self.hosts.values() if h.kind == "seed" and task.seed_retry_at.get(h.host_id, 0.0) <= now]
         if not seeds:
             return None
         busy = {t.seed for t in self.tasks.values() if t.seed}
@@ -488,6 +504,7 @@ class Scheduler:
         seed = seeds[0]
         task.seed = seed.host_id
         task.seed_progress_at = now
+        task.seed_wakes += 1
         self.counters.seeds_woken += 1
         log.info("waking seed %s for %s (asked by %s)", seed.host_id, short(task.task_id), requester)
         return WakeSeed(seed.host_id, seed.url, SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers))

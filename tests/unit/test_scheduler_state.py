@@ -323,6 +323,40 @@ def test_stalled_seed_wakes_another() -> None:
     assert wake is None
 
 
+def test_a_lost_wake_up_of_the_only_seed_is_retried_after_a_back_off() -> None:
+    s = make(seed_retry_s=5.0)
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    _, wake = register(s, "p1", 1.0)
+    assert wake is not None and wake.seed_id == "seed1"
+    s.seed_wake_failed(TASK, "seed1", 1.5)  # the POST to the seed timed out
+    _, wake = sync(s, "p1", 3.0)
+    assert wake is None  # backing off, no other seed
+    _, wake = sync(s, "p1", 6.6)
+    assert wake is not None and wake.seed_id == "seed1"
+
+
+def test_a_stalled_only_seed_is_asked_again_with_doubling_back_off() -> None:
+    s = make(seed_retry_s=5.0)
+    announce(s, "seed1", "seed")
+    announce(s, "p1")
+    _, wake = register(s, "p1", 0.0)
+    assert wake is not None
+    _, wake = sync(s, "p1", 5.5)  # stalled: backed off until 10.5
+    assert wake is None
+    announce(s, "seed1", "seed", now=10.0)
+    _, wake = sync(s, "p1", 10.6)
+    assert wake is not None and wake.seed_id == "seed1"  # second wake-up
+    announce(s, "seed1", "seed", now=15.0)
+    _, wake = sync(s, "p1", 16.0)  # stalled again: backed off 10 s this time
+    assert wake is None
+    announce(s, "seed1", "seed", now=25.0)
+    _, wake = sync(s, "p1", 25.5)
+    assert wake is None
+    _, wake = sync(s, "p1", 26.1)
+    assert wake is not None and wake.seed_id == "seed1"
+
+
 def test_progressing_seed_not_replaced() -> None:
     s = make(seed_retry_s=5.0)
     announce(s, "seed1", "seed")
