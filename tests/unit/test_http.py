@@ -111,28 +111,40 @@ def test_parse_target_rejects_what_it_cannot_decode() -> None:
             parse_target(target)
 
 
+class SentBytes:
+    """The server's on_bytes_sent count. The server counts a send once it returns, which can be
+    after the client has read the last byte, so a test waits for `reached` rather than race it."""
+
+    def __init__(self, expected: int) -> None:
+        self.total = 0
+        self.expected = expected
+        self.reached = trio.Event()
+
+    def __call__(self, nbytes: int) -> None:
+        self.total += nbytes
+        if self.total >= self.expected:
+            self.reached.set()
+
+
 async def test_file_body_sends_exactly_the_requested_slice(nursery: trio.Nursery, blob: tuple[Path, bytes]) -> None:
     with trio.fail_after(10):
         path, data = blob
         offset, length = 12_345, 2 * MiB + 7
-        sent: list[int] = []
+        sent = SentBytes(2 * length)
 
         async def handler(request: Request) -> Response:
             return Response(200, [("content-type", "application/octet-stream")],
                             FileBody(path, offset, length))  # fmt: skip
 
-        url = await start(nursery, handler, on_bytes_sent=sent.append)
+        url = await start(nursery, handler, on_bytes_sent=sent)
         async with httpx.AsyncClient() as client:
             for _ in range(2):  # the connection is reusable after a sendfile body
                 response = await client.get(f"{url}/blob")
                 assert response.status_code == 200
                 assert response.headers["content-length"] == str(length)
                 assert response.content == data[offset : offset + length]
-        # The server counts a send once sendfile returns, which can be after the client has
-        # read the last byte: wait for its count rather than race it.
-        while sum(sent) < 2 * length:
-            await trio.sleep(0.01)
-        assert sum(sent) == 2 * length
+        await sent.reached.wait()
+        assert sent.total == 2 * length
 
 
 async def test_file_body_past_the_end_of_the_file_is_a_500_not_a_short_body(
@@ -179,7 +191,6 @@ async def test_head_gives_the_get_content_length_and_no_body(nursery: trio.Nurse
 async def test_async_iterable_body_is_sent_chunked(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         parts = [b"first ", b"", b"x" * 200_000, b" last"]
-        sent: list[int] = []
 
         async def stream() -> AsyncIterator[bytes]:
             for part in parts:
@@ -189,7 +200,8 @@ async def test_async_iterable_body_is_sent_chunked(nursery: trio.Nursery) -> Non
         async def handler(request: Request) -> Response:
             return Response(200, body=stream())
 
-        url = await start(nursery, handler, on_bytes_sent=sent.append)
+        sent = SentBytes(2 * len(b"".join(parts)))
+        url = await start(nursery, handler, on_bytes_sent=sent)
         async with httpx.AsyncClient() as client:
             for _ in range(2):
                 response = await client.get(f"{url}/stream")
@@ -197,7 +209,8 @@ async def test_async_iterable_body_is_sent_chunked(nursery: trio.Nursery) -> Non
                 assert response.headers["transfer-encoding"] == "chunked"
                 assert "content-length" not in response.headers
                 assert response.content == b"".join(parts)
-        assert sum(sent) == 2 * len(b"".join(parts))
+        await sent.reached.wait()
+        assert sent.total == 2 * len(b"".join(parts))
 
 
 async def test_handler_errors_with_a_status_answer_one_line_and_keep_serving(
