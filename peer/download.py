@@ -122,6 +122,7 @@ class TaskDownload:
             log.error("task %s: failed: %s", short(self.task_id), exc)
             if isinstance(exc, IntegrityError | StoreError) and self.store is not None:
                 self.daemon.store.remove(self.task_id)
+                self.daemon.spawn(self.daemon.leave, self.task_id)  # or the scheduler keeps it as a holder
         finally:
             self.finished.set()
             self._notify()

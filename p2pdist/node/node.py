@@ -170,12 +170,15 @@ class Node(Generic[ConfigT]):
         """Evict least recently used blobs past the high watermark, and tell the scheduler."""
         for task_id in self.cache.enforce():
             self.forget(task_id)
-            try:
-                await self.scheduler.call(
-                    "/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id), wire.Empty
-                )
-            except (UpstreamError, P2PError) as exc:
-                self.log.debug("leave for an evicted task not sent: %s", exc)  # children stop at its 404s
+            await self.leave(task_id)
+
+    async def leave(self, task_id: str) -> None:
+        """Tell the scheduler this host no longer holds any of `task_id` (evicted, or dropped
+        because the blob failed its check), so it is no one's parent for it any more."""
+        try:
+            await self.scheduler.call("/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id), wire.Empty)
+        except (UpstreamError, P2PError) as exc:
+            self.log.debug("leave for %s not sent: %s", task_id[:19], exc)  # children stop at its 404s
 
     async def announce(self) -> None:
         """Tell the scheduler this host is alive and what it holds; a failure is logged, once
