@@ -20,6 +20,7 @@ import blake3
 import httpx
 
 from lab import LabError
+from lab.tokenauth import RegistryAuth
 
 OCI_LAYOUT_VERSION = "1.0.0"
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -232,7 +233,7 @@ def push(
         target = f"{registry_host}/{repo}:{tag}"
         raise LabError(f"skopeo copy to {target} failed: {result.stderr.strip()}")
 
-    auth = httpx.BasicAuth(*creds) if creds is not None else None
+    auth = RegistryAuth(*creds) if creds is not None else None
     with httpx.Client(base_url=f"http://{registry_host}", auth=auth, timeout=10.0) as client:
         for digest in verify:
             status = client.head(f"/v2/{repo}/blobs/{digest}").status_code

@@ -1,7 +1,8 @@
 """The origin registry: a real Distribution registry (`docker-registry serve`) on loopback.
 
 Storage, config and log live in a temporary directory that `stop()` removes. Optional
-htpasswd basic auth makes a private registry.
+htpasswd basic auth makes a private registry; `token_users` puts it behind the lab's token
+issuer (lab/tokenauth.py) instead, with Bearer auth and per-user repository grants.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 from lab import LabError, Stoppable
 from lab.ports import free_port
 from lab.procs import Service
+from lab.tokenauth import TokenIssuer, User
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 READY_TIMEOUT_S = 30.0
@@ -38,11 +40,19 @@ class Origin(Stoppable):
     """A running Distribution registry on 127.0.0.1 with filesystem storage.
 
     `creds=(user, password)` turns on htpasswd basic auth; `GET /v2/` then answers 401
-    without credentials.
+    without credentials. `token_users` turns on token auth instead: the registry answers 401
+    with a Bearer challenge naming `self.token_issuer`, which grants each user its repositories.
     """
 
-    def __init__(self, *, creds: tuple[str, str] | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        creds: tuple[str, str] | None = None,
+        token_users: dict[str, User] | None = None,
+        workdir: Path | None = None,
+    ) -> None:
         self.creds = creds
+        self.token_issuer: TokenIssuer | None = None
         self._owns_workdir = workdir is None
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="p2pdist-origin-"))
@@ -55,6 +65,8 @@ class Origin(Stoppable):
         self.port = 0
         self._service: Service | None = None
         try:
+            if token_users is not None:
+                self.token_issuer = TokenIssuer(token_users, self.workdir)
             self._start()
         except BaseException:
             self._cleanup_dir()
@@ -97,12 +109,14 @@ class Origin(Stoppable):
             htpasswd_path = self.workdir / "htpasswd"
             htpasswd_path.write_text(htpasswd_line(*self.creds))
             config["auth"] = {"htpasswd": {"realm": "p2pdist-lab", "path": str(htpasswd_path)}}
+        elif self.token_issuer is not None:
+            config["auth"] = self.token_issuer.registry_auth()
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def _start(self) -> None:
         if not Path(REGISTRY_BINARY).exists():
             raise LabError(f"{REGISTRY_BINARY} not found: install docker-registry (make setup)")
-        ready_statuses = (401,) if self.creds is not None else (200,)
+        ready_statuses = (401,) if self.creds is not None or self.token_issuer is not None else (200,)
         for attempt in range(1, START_ATTEMPTS + 1):
             port = free_port()
             self._write_config(port)
@@ -131,8 +145,11 @@ class Origin(Stoppable):
         self._cleanup_dir()
 
     def _cleanup_dir(self) -> None:
+        if self.token_issuer is not None:
+            self.token_issuer.stop()
+            self.token_issuer = None
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __repr__(self) -> str:
-        return f"Origin({self.url!r}, auth={'on' if self.creds else 'off'})"
+        return f"Origin({self.url!r}, auth={'token' if self.token_issuer else 'on' if self.creds else 'off'})"

@@ -21,6 +21,7 @@ import httpx
 
 from p2pdist.content.digest import short
 from p2pdist.errors import OriginError
+from p2pdist.registry.client import parse_bearer_challenge, request_token
 from peer.upstream import UpstreamClient, forwarded_headers, relayed_headers
 
 log = logging.getLogger("p2pdist.mirror")
@@ -99,6 +100,8 @@ class AccessCheck:
         # A registry that redirects blobs to storage has already checked access when it
         # redirects; the signed storage URL would refuse a HEAD anyway.
         response = await self.client.send("HEAD", url, headers, follow_redirects=False)
+        if response.status_code == 401:
+            response = await self._with_token(response, url, headers)
         try:
             status = response.status_code
             if 200 <= status < 400:
@@ -114,6 +117,26 @@ class AccessCheck:
         if status >= 500 or status in (408, 429):
             raise OriginError(f"registry answered HTTP {status} to the access check", upstream_status=status)
         return Verdict(False, status, None, relayed_headers(response), body)
+
+    async def _with_token(self, refused: httpx.Response, url: str, headers: dict[str, str]) -> httpx.Response:
+        """A client that sent Basic credentials (`p2pdist get --user`) to a registry that wants
+        a Bearer token: buy the token with them, as docker would, and ask again. Any other
+        refusal, or credentials the token service turns down, stays the registry's answer."""
+        challenge = parse_bearer_challenge(refused.headers.get("www-authenticate", ""))
+        authorization = headers.get("authorization", "")
+        if challenge is None or not authorization.lower().startswith("basic "):
+            return refused
+        try:
+            token, _ = await request_token(self.client.client, challenge, authorization)
+        except OriginError as exc:
+            if exc.upstream_status not in (401, 403):
+                await refused.aclose()
+                raise
+            return refused
+        await refused.aclose()
+        return await self.client.send(
+            "HEAD", url, {**headers, "authorization": f"Bearer {token}"}, follow_redirects=False
+        )
 
     def _count(self, result: str) -> None:
         if self.on_result is not None:

@@ -19,7 +19,7 @@ import trustme
 from lab.image import ImageInfo, make_oci_layout, push_image
 from lab.registry import Origin
 from tests.support.cluster import Cluster, ClusterFactory
-from tests.support.origin import ORIGIN_CREDS, ImageFactory, PushToOrigin, Relay, start_relay
+from tests.support.origin import ORIGIN_CREDS, TOKEN_USERS, ImageFactory, PushToOrigin, Relay, start_relay
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +33,14 @@ def origin() -> Iterator[Origin]:
 def private_origin() -> Iterator[Origin]:
     """A real Distribution registry with htpasswd auth; credentials are `ORIGIN_CREDS`."""
     with Origin(creds=ORIGIN_CREDS) as registry:
+        yield registry
+
+
+@pytest.fixture(scope="session")
+def token_origin() -> Iterator[Origin]:
+    """A real Distribution registry with `auth: token`, trusting the lab's token issuer; its
+    users and their grants are `TOKEN_USERS` (PUSHER pushes, TEAM_READER pulls `team/*`)."""
+    with Origin(token_users=TOKEN_USERS) as registry:
         yield registry
 
 

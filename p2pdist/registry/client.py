@@ -163,35 +163,42 @@ class OriginClient:
         raise OriginError(f"too many redirects fetching {_redact(url)}")
 
     async def _token(self, challenge: dict[str, str], authorization: str) -> str:
-        realm = challenge["realm"]
-        key = (realm, challenge.get("scope", ""), authorization)
+        key = (challenge["realm"], challenge.get("scope", ""), authorization)
         cached = self._tokens.get(key)
         if cached and cached[1] > time.monotonic():
             return cached[0]
-        params = {k: v for k, v in challenge.items() if k in ("service", "scope")}
-        headers = {}
-        if authorization.lower().startswith("basic "):
-            headers["authorization"] = authorization
-        try:
-            response = await self.client.get(realm, params=params, headers=headers)
-        except UNREACHABLE as exc:
-            raise OriginError(f"token service {urlsplit(realm).netloc} unreachable: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            # The client's credentials did not buy a token: it must authenticate, whatever the
-            # token service's own failure was.
-            raise OriginError(
-                f"token service refused: HTTP {response.status_code}",
-                upstream_status=response.status_code,
-                status=403 if response.status_code == 403 else 401,
-            )
-        try:
-            body = response.json()
-            token = body.get("token") or body["access_token"]
-            expires = float(body.get("expires_in", 60))
-        except (ValueError, KeyError, TypeError):
-            raise OriginError("token service sent no token") from None
-        self._tokens[key] = (str(token), time.monotonic() + max(0.0, expires - 5))
-        return str(token)
+        token, expires_in = await request_token(self.client, challenge, authorization)
+        self._tokens[key] = (token, time.monotonic() + max(0.0, expires_in - 5))
+        return token
+
+
+async def request_token(client: httpx.AsyncClient, challenge: dict[str, str], authorization: str) -> tuple[str, float]:
+    """(token, seconds it lasts) from the challenge's realm, for the scope it names, paying
+    with the client's Basic credentials if it has them (anonymous otherwise)."""
+    realm = challenge["realm"]
+    params = {k: v for k, v in challenge.items() if k in ("service", "scope")}
+    headers = {}
+    if authorization.lower().startswith("basic "):
+        headers["authorization"] = authorization
+    try:
+        response = await client.get(realm, params=params, headers=headers)
+    except UNREACHABLE as exc:
+        raise OriginError(f"token service {urlsplit(realm).netloc} unreachable: {type(exc).__name__}") from None
+    if response.status_code != 200:
+        # The client's credentials did not buy a token: it must authenticate, whatever the
+        # token service's own failure was.
+        raise OriginError(
+            f"token service refused: HTTP {response.status_code}",
+            upstream_status=response.status_code,
+            status=403 if response.status_code == 403 else 401,
+        )
+    try:
+        body = response.json()
+        token = body.get("token") or body["access_token"]
+        expires = float(body.get("expires_in", 60))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise OriginError("token service sent no token") from None
+    return str(token), expires
 
 
 def _int_header(response: httpx.Response, name: str) -> int:

@@ -31,11 +31,12 @@ class Cluster(Stoppable):
         seeds: int = 1,
         seed_args: Sequence[str] = (),
         relay_rate_bps: int | None = None,
+        scheduler_args: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.services: list[Service] = []
         self.relay = RelayProcess(workdir, origin_host, rate_bps=relay_rate_bps)
-        self.scheduler = self._own(procs.start_scheduler(workdir))
+        self.scheduler = self._own(procs.start_scheduler(workdir, extra_args=scheduler_args))
         self.seeds = [
             self._own(procs.start_seed(workdir, self.scheduler.url, f"seed{i}", extra_args=seed_args))
             for i in range(seeds)

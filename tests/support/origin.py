@@ -11,8 +11,20 @@ import trio
 
 from lab.image import ImageInfo
 from lab.relay import RelayStats, serve_relay
+from lab.tokenauth import User, pull, push_pull
 
 ORIGIN_CREDS = ("lab-user", "lab-password")
+
+# The token-auth origin's users: one that pushes everything, one that may pull `team/*` only,
+# one that may pull only `other/*`.
+PUSHER = ("lab-pusher", "pusher-password")
+TEAM_READER = ("team-reader", "team-reader-password")
+OUTSIDER = ("outsider", "outsider-password")
+TOKEN_USERS = {
+    PUSHER[0]: User(PUSHER[1], push_pull("*")),
+    TEAM_READER[0]: User(TEAM_READER[1], pull("team/*")),
+    OUTSIDER[0]: User(OUTSIDER[1], pull("other/*")),
+}
 
 ImageFactory = Callable[[tuple[int, ...], int], ImageInfo]
 """`make(layer_sizes, seed)`, the `image_factory` fixture."""
