@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from p2pdist.errors import ConfigError as ConfigError  # re-exported
+from p2pdist.site import location_problem, site_problem
 
 _UNITS = {
     "": 1,
@@ -104,6 +105,21 @@ def _float(value: object) -> float:
     return result
 
 
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"expected true or false, got {value!r}")
+
+
+def _at_least_one(value: object) -> int:
+    result = _int(value)
+    if result < 1:
+        raise ConfigError(f"expected an integer of at least 1, got {value!r}")
+    return result
+
+
 def _fraction(value: object) -> float:
     result = _float(value)
     if not 0.0 < result <= 1.0:
@@ -131,6 +147,18 @@ def _strs(value: object) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"expected a list of strings, got {value!r}")
     return tuple(value)
+
+
+def _site(value: object) -> str:
+    if (problem := site_problem(value)) is not None:
+        raise ConfigError(problem)
+    return str(value)
+
+
+def _location(value: object) -> str:
+    if (problem := location_problem(value)) is not None:
+        raise ConfigError(problem)
+    return str(value)
 
 
 def _hostport_str(value: object) -> str:
@@ -212,6 +240,10 @@ class SchedulerConfig(ServiceConfig):
     startup_grace_s: float = opt(
         5.0, _float, "after a (re)start, wait this long for seeds to announce before sending peers to the origin"
     )
+    site_aware: bool = opt(True, _bool, "take parents from the peer's own site; pieces enter a site via few fetchers")
+    site_wan_fetchers: int = opt(
+        1, _at_least_one, "peers per site and task allowed to fetch from outside the site (over its WAN link)"
+    )
 
 
 def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, highest: int) -> int:
@@ -261,6 +293,8 @@ class NodeConfig(ServiceConfig):
     insecure_registries: tuple[str, ...] = opt(
         (), _strs, "registries reached over plain HTTP", flag="--insecure-registry", repeat=True
     )
+    site: str = opt("", _site, "the site (one WAN link: a store, a ship) this host is in; empty: one site for all")
+    location: str = opt("", _location, "where this host is, outermost first (eu/fr/paris-3); nearer parents first")
 
     def effective_upload_slots(self) -> int:
         per_slot_bps, lowest, highest = self.slot_tuning

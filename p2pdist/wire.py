@@ -18,6 +18,7 @@ import msgpack
 
 from p2pdist.content.digest import PIECE_DIGEST_BYTES, parse_digest
 from p2pdist.errors import BadRequest
+from p2pdist.site import location_problem, site_problem
 
 CONTENT_TYPE = "application/msgpack"
 MAX_BODY_BYTES = 4 << 20
@@ -61,6 +62,8 @@ class AnnounceHost:
     kind: HostKind
     upload_slots: int
     tasks: list[TaskHolding] = field(default_factory=list)
+    site: str = ""  # the site (WAN link) it is behind; "" is the one site of an unconfigured cluster
+    location: str = ""  # "eu/fr/paris-3": hosts sharing a longer prefix are nearer
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,10 @@ def _validate(message: object, where: str) -> None:
         url = getattr(message, name, None)
         if isinstance(url, str) and url and not url.startswith(("http://", "https://")):
             raise BadRequest(f"{where}.{name}: must be an http(s) URL")
+    if isinstance(message, AnnounceHost):
+        for name, problem in (("site", site_problem(message.site)), ("location", location_problem(message.location))):
+            if problem:
+                raise BadRequest(f"{where}.{name}: {problem}")
     digests = getattr(message, "piece_digests", None)
     if digests and any(len(d) != PIECE_DIGEST_BYTES for d in digests):
         raise BadRequest(f"{where}.piece_digests: each must be {PIECE_DIGEST_BYTES} bytes")

@@ -23,6 +23,8 @@ class Candidate(NamedTuple):  # a tuple: the scheduler builds dozens per decisio
     children: int  # children currently assigned to it across all tasks
     upload_slots: int
     is_seed: bool
+    same_site: bool = True  # behind the child's WAN link (every host is, until sites are configured)
+    nearness: int = 0  # leading location parts shared with the child (see p2pdist.site.nearness)
 
 
 def capacity(c: Candidate) -> float:
@@ -46,6 +48,26 @@ def score(c: Candidate, total_pieces: int) -> float:
     have = c.useful / max(1, total_pieces)
     # Seeds come last among equals: the origin-facing host is the scarcest upload of all.
     return (1.0 if c.useful else 0.0) + 0.6 * free + 0.4 * have - (0.05 if c.is_seed else 0.0)
+
+
+def site_pool(candidates: list[Candidate], *, may_cross: bool) -> list[Candidate]:
+    """The candidates a child may take under the site rule: pieces cross a site's WAN link only
+    through its few WAN fetchers, so each piece crosses about once.
+
+    A child that may not cross keeps to its own site: peers there that hold pieces or are
+    fetching them (from the site's WAN fetchers, who pass each piece on as it arrives). A WAN
+    fetcher takes what its site already holds from inside, and the rest from outside.
+    """
+    if may_cross:
+        return [c for c in candidates if not c.same_site or c.useful > 0]
+    return [c for c in candidates if c.same_site]
+
+
+def rank(c: Candidate, total_pieces: int) -> tuple[bool, bool, int, float]:
+    """Sort key, higher first: something useful now, then the own site, then the nearest
+    location, then the score. With one site and no locations it orders exactly as `score`
+    (a useful candidate always outscores a useless one)."""
+    return (c.useful > 0, c.same_site, c.nearness, score(c, total_pieces))
 
 
 def creates_cycle(child: str, parent: str, parents_of: Mapping[str, Iterable[str]]) -> bool:
@@ -101,7 +123,7 @@ def choose_parents(
         rest = [c for c in pool if not (c.complete or c.is_seed)]
         pool = sure[:sample] + rng.sample(rest, max(0, min(len(rest), sample - len(sure))))
     rng.shuffle(pool)  # ties broken at random, not by arrival order
-    pool.sort(key=lambda c: score(c, total_pieces), reverse=True)
+    pool.sort(key=lambda c: rank(c, total_pieces), reverse=True)
     for c in pool:
         if len(chosen) >= want:
             break

@@ -6,6 +6,7 @@ cluster secret, every API call must carry it (and the wake-up to a seed carries 
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any
@@ -51,6 +52,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1),
         )
         self.hosts = Gauge("p2pdist_scheduler_hosts", "Hosts known", ["kind"], registry=r)
+        self.site_hosts = Gauge(
+            "p2pdist_scheduler_site_hosts",
+            "Hosts known per site ('' for hosts in no site)",
+            ["site", "kind"],
+            registry=r,
+        )
         self.tasks = Gauge("p2pdist_scheduler_tasks", "Tasks known", registry=r)
         self.peers = Gauge("p2pdist_scheduler_peers", "Peers (host, task pairs) known", registry=r)
 
@@ -140,6 +147,10 @@ class SchedulerService:
     def _refresh_gauges(self) -> None:
         for kind in wire.HOST_KINDS:
             self.metrics.hosts.labels(kind).set(sum(1 for h in self.state.hosts.values() if h.kind == kind))
+        per_site = collections.Counter((h.site, h.kind) for h in self.state.hosts.values())
+        self.metrics.site_hosts.clear()  # a site whose hosts all left is no longer shown
+        for (site, kind), count in per_site.items():
+            self.metrics.site_hosts.labels(site, kind).set(count)
         self.metrics.tasks.set(len(self.state.tasks))
         self.metrics.peers.set(sum(len(t.peers) for t in self.state.tasks.values()))
 

@@ -8,6 +8,7 @@ task has thousands of peers: nothing on the sync path walks every peer or every 
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from p2pdist.config import SchedulerConfig
 from p2pdist.content.digest import short
 from p2pdist.content.pieces import Bitmap, PieceLayout
+from p2pdist.site import nearness
 from p2pdist.wire import (
     AnnounceHost,
     HostKind,
@@ -26,7 +28,7 @@ from p2pdist.wire import (
     Sync,
     SyncReply,
 )
-from scheduler.parents import Candidate, choose_parents, worth_keeping
+from scheduler.parents import Candidate, choose_parents, site_pool, worth_keeping
 
 log = logging.getLogger("p2pdist.scheduler")
 
@@ -38,6 +40,8 @@ class Host:
     kind: HostKind
     upload_slots: int
     last_seen: float
+    site: str = ""
+    location: str = ""
 
 
 # A new parent ordered after its child needs a search of the parent graph to rule out a cycle;
@@ -59,6 +63,7 @@ class PeerTask:
     last_seen: float = 0.0
     bits: int = 0  # the same pieces as an int, bit n for piece n: `useful` is one popcount
     order: int = 0  # position in the task's topological order: parents come before children
+    site: str = ""  # its host's site when it joined
 
 
 @dataclass
@@ -83,19 +88,30 @@ class Task:
     seeds: set[str] = field(default_factory=set)  # peers that joined as seeds
     children: dict[str, set[str]] = field(default_factory=dict)  # parent -> its children here
     next_order: int = 0
+    # Per site: its peers (to sample from, like ids/slot), its complete peers, and the peers
+    # allowed to fetch from outside it (the site's WAN fetchers).
+    site_ids: dict[str, list[str]] = field(default_factory=dict)
+    site_slot: dict[str, int] = field(default_factory=dict)
+    site_done: dict[str, set[str]] = field(default_factory=dict)
+    wan_fetchers: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def layout(self) -> PieceLayout | None:
         return None if self.content_length is None else PieceLayout.for_blob(self.content_length)
 
-    def join(self, host_id: str, *, seed: bool) -> PeerTask:
+    def join(self, host_id: str, *, seed: bool, site: str = "") -> PeerTask:
         peer = self.peers.get(host_id)
         if peer is None:
             self.next_order += 1
             # Seeds never have parents here: ordering them first makes every edge to them cheap.
-            peer = self.peers[host_id] = PeerTask(host_id, order=-self.next_order if seed else self.next_order)
+            peer = self.peers[host_id] = PeerTask(
+                host_id, order=-self.next_order if seed else self.next_order, site=site
+            )
             self.slot[host_id] = len(self.ids)
             self.ids.append(host_id)
+            members = self.site_ids.setdefault(site, [])
+            self.site_slot[host_id] = len(members)
+            members.append(host_id)
             if seed:
                 self.seeds.add(host_id)
         return peer
@@ -112,6 +128,14 @@ class Task:
         self.holders.discard(host_id)
         self.done_peers.discard(host_id)
         self.seeds.discard(host_id)
+        members = self.site_ids[peer.site]
+        index = self.site_slot.pop(host_id)
+        last = members.pop()
+        if last != host_id:
+            members[index] = last
+            self.site_slot[last] = index
+        self.site_done.get(peer.site, set()).discard(host_id)
+        self.wan_fetchers.get(peer.site, set()).discard(host_id)
         return peer
 
     def set_pieces(self, peer: PeerTask, bitmap: Bitmap | None) -> None:
@@ -136,8 +160,10 @@ class Task:
         peer.done = done
         if done:
             self.done_peers.add(peer.host_id)
+            self.site_done.setdefault(peer.site, set()).add(peer.host_id)
         else:
             self.done_peers.discard(peer.host_id)
+            self.site_done.get(peer.site, set()).discard(peer.host_id)
 
     def verifiable(self) -> int:
         """Pieces whose digests are known: only those can be verified, so only those count."""
@@ -179,14 +205,39 @@ class Scheduler:
         self.counters = Counters()
         self.rng = rng or random.Random()
         self.child_count: dict[str, int] = {}  # host -> children it has across all tasks
+        self.site_hosts: collections.Counter[str] = collections.Counter()  # site -> hosts known in it
+        self.located_hosts = 0  # hosts known with a location
 
     # -- events ---------------------------------------------------------------------------
 
     def announce(self, msg: AnnounceHost, now: float) -> None:
-        known = msg.host_id in self.hosts
-        self.hosts[msg.host_id] = Host(msg.host_id, msg.url, msg.kind, max(1, msg.upload_slots), now)
-        if not known:
-            log.info("host %s joined as %s at %s holding %d task(s)", msg.host_id, msg.kind, msg.url, len(msg.tasks))
+        before = self.hosts.get(msg.host_id)
+        if before is not None:
+            self._count_site(before, -1)
+        self.hosts[msg.host_id] = Host(
+            msg.host_id, msg.url, msg.kind, max(1, msg.upload_slots), now, site=msg.site, location=msg.location
+        )
+        self._count_site(self.hosts[msg.host_id], +1)
+        if before is None:
+            log.info(
+                "host %s joined as %s at %s holding %d task(s)%s",
+                msg.host_id,
+                msg.kind,
+                msg.url,
+                len(msg.tasks),
+                f" in site {msg.site or '(none)'} at {msg.location or '(no location)'}"
+                if msg.site or msg.location
+                else "",
+            )
+        elif (before.site, before.location) != (msg.site, msg.location):
+            log.info(
+                "host %s moved from site %s at %s to site %s at %s",
+                msg.host_id,
+                before.site or "(none)",
+                before.location or "(no location)",
+                msg.site or "(none)",
+                msg.location or "(no location)",
+            )
         for holding in msg.tasks:
             task = self.tasks.setdefault(holding.task_id, Task(holding.task_id))
             if holding.url and not task.url:
@@ -212,7 +263,7 @@ class Scheduler:
             if msg.kind == "seed" and len(holding.piece_digests) > len(task.digests):
                 if holding.piece_digests[: len(task.digests)] == task.digests:
                     task.digests = list(holding.piece_digests[: layout.count])
-            peer = task.join(msg.host_id, seed=msg.kind == "seed")
+            peer = task.join(msg.host_id, seed=msg.kind == "seed", site=msg.site)
             task.set_pieces(peer, bitmap)
             task.set_done(peer, task.complete(peer))
             if peer.done:
@@ -226,7 +277,7 @@ class Scheduler:
             task.url = msg.url
         if msg.headers:
             task.headers = dict(msg.headers)
-        peer = task.join(msg.host_id, seed=self._is_seed(msg.host_id))
+        peer = task.join(msg.host_id, seed=self._is_seed(msg.host_id), site=self._site_of(msg.host_id))
         peer.last_seen = now
         if task.failed and not self._has_holders(task):
             task.failed = ""  # a new request deserves a new try
@@ -310,7 +361,7 @@ class Scheduler:
             task.digests.extend(msg.piece_digests[len(task.digests) - msg.first_digest :])
         elif msg.first_digest > len(task.digests):
             end = len(task.digests)  # a gap: only what is known counts
-        peer = task.join(msg.host_id, seed=True)
+        peer = task.join(msg.host_id, seed=True, site=self._site_of(msg.host_id))
         peer.last_seen = now
         self._size_bitmap(task, peer)
         assert peer.pieces is not None
@@ -337,7 +388,8 @@ class Scheduler:
 
     def leave_host(self, host_id: str, now: float) -> None:
         """A host said goodbye: drop it at once instead of waiting for its TTL."""
-        if self.hosts.pop(host_id, None) is not None:
+        if (host := self.hosts.pop(host_id, None)) is not None:
+            self._count_site(host, -1)
             log.info("host %s left", host_id)
         for task in self.tasks.values():
             if host_id in task.peers:
@@ -349,7 +401,7 @@ class Scheduler:
         """Forget hosts not heard from within the TTL; return their ids."""
         gone = [h for h, host in self.hosts.items() if now - host.last_seen > self.config.peer_ttl_s]
         for host_id in gone:
-            del self.hosts[host_id]
+            self._count_site(self.hosts.pop(host_id), -1)
         for task in self.tasks.values():
             stale = [
                 h
@@ -374,6 +426,23 @@ class Scheduler:
         host = self.hosts.get(host_id)
         if host is not None:
             host.last_seen = now
+
+    def _count_site(self, host: Host, change: int) -> None:
+        self.site_hosts[host.site] += change
+        if self.site_hosts[host.site] <= 0:
+            del self.site_hosts[host.site]
+        if host.location:
+            self.located_hosts += change
+
+    @property
+    def site_aware(self) -> bool:
+        """Whether the site rule applies: configured on, and hosts known in two sites or more, or
+        with locations. Else parents are chosen exactly as in a cluster without sites."""
+        return self.config.site_aware and (len(self.site_hosts) > 1 or self.located_hosts > 0)
+
+    def _site_of(self, host_id: str) -> str:
+        host = self.hosts.get(host_id)
+        return "" if host is None else host.site
 
     def _is_seed(self, host_id: str) -> bool:
         host = self.hosts.get(host_id)
@@ -570,6 +639,8 @@ class Scheduler:
         )
 
     def _choose(self, task: Task, peer: PeerTask, total: int, now: float) -> list[str]:
+        if self.site_aware:
+            return self._choose_in_site(task, peer, total, now)
         assert peer.pieces is not None
         sample = self.config.parent_sample
         verifiable = task.verifiable()
@@ -602,3 +673,68 @@ class Scheduler:
             rng=self.rng,
             closes_cycle=lambda child, parent: self._closes_cycle(task, child, parent),
         )
+
+    # -- sites ----------------------------------------------------------------------------
+
+    def _choose_in_site(self, task: Task, peer: PeerTask, total: int, now: float) -> list[str]:
+        """_choose under the site rule: candidates from the peer's own site, and from outside
+        only for one of the site's WAN fetchers (see may_cross); nearer locations first."""
+        assert peer.pieces is not None
+        sample = self.config.parent_sample
+        verifiable = task.verifiable()
+        # With one site and locations only, nothing crosses: locations just order the parents.
+        may_cross = len(self.site_hosts) > 1 and self._may_cross(task, peer)
+        here = self.hosts.get(peer.host_id)
+        location = here.location if here is not None else ""
+
+        def candidate(host_id: str) -> Candidate:
+            host = self.hosts[host_id]
+            return self._candidate(task, peer, host_id, verifiable)._replace(
+                same_site=task.peers[host_id].site == peer.site, nearness=nearness(location, host.location)
+            )
+
+        kept = [
+            h
+            for h in peer.parents
+            if self._eligible(task, h, now)
+            and (may_cross or task.peers[h].site == peer.site)
+            and worth_keeping(candidate(h))
+        ]
+        if len(kept) >= self.config.candidate_parents:
+            return kept[: self.config.candidate_parents]
+        members = task.site_ids.get(peer.site, [])
+        ids = [*peer.parents, *task.seeds, *(members if len(members) <= sample else self.rng.sample(members, sample))]
+        if may_cross:
+            # Outside the site: a sample of everyone (other sites' fetchers hold pieces early).
+            ids += task.ids if len(task.ids) <= sample else self.rng.sample(task.ids, sample)
+        candidates = [candidate(h) for h in dict.fromkeys(ids) if h != peer.host_id and self._eligible(task, h, now)]
+        return choose_parents(
+            peer.host_id,
+            site_pool(candidates, may_cross=may_cross),
+            keep=kept,
+            want=self.config.candidate_parents,
+            total_pieces=total,
+            sample=sample,
+            rng=self.rng,
+            closes_cycle=lambda child, parent: self._closes_cycle(task, child, parent),
+        )
+
+    def _may_cross(self, task: Task, peer: PeerTask) -> bool:
+        """Whether `peer` may take parents outside its site: it is one of the site's WAN fetchers,
+        appointed here (up to site_wan_fetchers per site and task) while nobody in the site
+        holds the whole blob. A fetcher still takes what its site holds from inside first (rank)."""
+        site = peer.site
+        fetchers = task.wan_fetchers.setdefault(site, set())
+        for gone in [f for f in fetchers if f not in self.hosts or task.peers[f].done]:
+            fetchers.discard(gone)
+        if any(h in self.hosts for h in task.site_done.get(site, ())):
+            fetchers.clear()
+            return False  # everything is inside already
+        if peer.host_id not in fetchers:
+            # A seed of the site fetching the task brings it in over the WAN link itself.
+            site_seeds = sum(1 for h in task.seeds if task.peers[h].site == site and h in self.hosts)
+            if len(fetchers) + site_seeds >= self.config.site_wan_fetchers:
+                return False
+            fetchers.add(peer.host_id)
+            log.info("peer %s fetches %s into site %s", peer.host_id, short(task.task_id), site or "(none)")
+        return True

@@ -127,7 +127,15 @@ class Node(Generic[ConfigT]):
                 )
                 if not self.advertise:
                     self.advertise = f"{'https' if tls else 'http'}://{bound[0]}:{bound[1]}"
-                self.log.info("%s %s: pieces on %s", self.kind, self.host_id, self.advertise)
+                self.log.info(
+                    "%s %s: pieces on %s%s",
+                    self.kind,
+                    self.host_id,
+                    self.advertise,
+                    f", site {self.config.site or '(none)'} at {self.config.location or '(no location)'}"
+                    if self.config.site or self.config.location
+                    else "",
+                )
                 report = await self.start_role(nursery, bound)
                 nursery.start_soon(self.announce_loop)
                 task_status.started(report)
@@ -192,6 +200,8 @@ class Node(Generic[ConfigT]):
                     kind=self.kind,
                     upload_slots=self.config.effective_upload_slots(),
                     tasks=self.holdings(),
+                    site=self.config.site,
+                    location=self.config.location,
                 ),
                 wire.Empty,
             )
