@@ -10,59 +10,80 @@ import argparse
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
 from p2pdist.errors import ConfigError as ConfigError  # re-exported
 from p2pdist.site import location_problem, site_problem
 
-_UNITS = {
+# Units are spelled exactly, so that a value means one thing: bytes in SI (kB or KB, MB, GB,
+# TB) or binary (KiB, MiB, GiB, TiB) multiples, or a plain number of bytes; a rate may also be
+# in bits (Kbit, Mbit, Gbit, or Kbps, Mbps, Gbps, as links are sold). `8M`, `100Mb` or `8mib`
+# could mean bytes or bits, SI or binary: they are refused, not guessed.
+_BYTE_UNITS = {
     "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "ki": 1 << 10,
-    "kib": 1 << 10,
-    "mi": 1 << 20,
-    "mib": 1 << 20,
-    "gi": 1 << 30,
-    "gib": 1 << 30,
+    "B": 1,
+    "kB": 10**3,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+    "TiB": 1 << 40,
+}
+_BIT_UNITS = {
+    f"{prefix}{suffix}": 10**power // 8
+    for prefix, power in (("k", 3), ("K", 3), ("M", 6), ("G", 9))
+    for suffix in ("bit", "bps")
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+SIZE_FORMS = "a number of bytes, or with a unit: 8MiB, 500KiB, 1GiB (binary) or 8MB, 500kB (SI)"
+RATE_FORMS = f"bytes/s as {SIZE_FORMS}; or bits/s: 100Mbit or 100Mbps, 1Gbit"
+
+
+def _number_with_unit(value: object, units: Mapping[str, int], what: str, forms: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"invalid {what} {value!r}: want {forms}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what} must not be negative: {value}")
+        return value
+    text = value.strip()
+    if what == "rate" and text.endswith("/s"):
+        text = text[:-2]
+    m = _SIZE.fullmatch(text)
+    if m and m.group(2) in units:
+        return int(float(m.group(1)) * units[m.group(2)])
+    raise ConfigError(f"invalid {what} {value!r}: want {forms}")
 
 
 def parse_size(value: object) -> int:
-    """`8MiB`, `500KiB`, `1G`, `1048576` → bytes. Rates use the same syntax (bytes per second)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"invalid size {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"size must not be negative: {value}")
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lower().endswith("/s"):
-            text = text[:-2]
-        m = _SIZE.fullmatch(text)
-        if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ConfigError(f"invalid size {value!r}: want a number with an optional unit like 8MiB or 500KiB")
+    """`8MiB`, `500KiB`, `1GB`, `1048576` → bytes. Ambiguous units (`8M`, `8mb`) are refused."""
+    return _number_with_unit(value, _BYTE_UNITS, "size", SIZE_FORMS)
+
+
+def _unlimited(value: object) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "unlimited", ""))
 
 
 def parse_rate(value: object) -> int | None:
-    """A rate in bytes per second; 0, `none` or `unlimited` mean no cap."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "unlimited", "")):
+    """A rate in bytes per second (`8MiB`, `8MiB/s`, `100Mbit` = 12,500,000); 0, `none` or
+    `unlimited` mean no cap."""
+    if _unlimited(value):
         return None
-    rate = parse_size(value)
-    return rate or None
+    return _number_with_unit(value, {**_BYTE_UNITS, **_BIT_UNITS}, "rate", RATE_FORMS) or None
+
+
+def parse_quota(value: object) -> int | None:
+    """A size in bytes; 0, `none` or `unlimited` mean no quota."""
+    return None if _unlimited(value) else parse_size(value) or None
 
 
 def parse_hostport(value: object) -> tuple[str, int]:
@@ -182,6 +203,15 @@ def _opt_secret(value: object) -> str | None:
     return value
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: object) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in LOG_LEVELS:
+        raise ConfigError(f"invalid log level {value!r}: want one of {', '.join(LOG_LEVELS)}")
+    return value.strip().lower()
+
+
 def _opt_path(value: object) -> str | None:
     return None if value in (None, "") else _str(value)
 
@@ -222,7 +252,7 @@ _TLS_CA_HELP = "PEM CA bundle trusted for https:// scheduler, seed and parent UR
 class ServiceConfig:
     """What every service is configured with: logging, the cluster secret, TLS."""
 
-    log_level: str = opt("info", _str, "debug, info, warning or error", flag="--log-level")
+    log_level: str = opt("info", _log_level, "debug, info, warning or error", flag="--log-level")
     cluster_secret: str | None = _secret_opt()
     tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
     tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
@@ -284,7 +314,7 @@ class NodeConfig(ServiceConfig):
     )
     cache_quota_bytes: int | None = opt(
         None,
-        parse_rate,
+        parse_quota,
         "disk quota for cached pieces; past the high watermark the least recently used blobs go",
         flag="--cache-quota",
     )
@@ -335,23 +365,56 @@ class PeerConfig(NodeConfig):
 C = TypeVar("C")
 
 
-def from_mapping(cls: type[C], data: Mapping[str, object], *, source: str = "config") -> C:
-    """Build a config from a mapping, parsing each value; unknown keys are errors."""
+def from_mapping(
+    cls: type[C], data: Mapping[str, object], *, source: str = "config", from_flags: Collection[str] = ()
+) -> C:
+    """Build a config from a mapping, parsing each value; unknown keys are errors. An error
+    names the flag and the YAML key, the one the user typed first: `--upload-rate
+    (upload_rate_bps)` for a key in `from_flags`, `FILE: upload_rate_bps (--upload-rate)` else."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(fields)}")
+    flags = flag_names(cls)
+
+    def name(key: str) -> str:
+        return f"{flags[key]} ({key})" if key in from_flags else f"{source}: {key} ({flags[key]})"
+
     values: dict[str, Any] = {}
     for key, value in data.items():
         try:
             values[key] = fields[key].metadata["parse"](value)
         except ConfigError as exc:
-            raise ConfigError(f"{source}: {key}: {exc}") from None
+            raise ConfigError(f"{name(key)}: {exc}") from None
     config = cls(**values)
     high, low = getattr(config, "cache_high_watermark", 1.0), getattr(config, "cache_low_watermark", 0.0)
     if low > high:
         raise ConfigError(f"{source}: cache_low_watermark ({low}) is above cache_high_watermark ({high})")
+    if isinstance(config, NodeConfig):
+        _check_advertise(config, name)
     return config
+
+
+# Addresses that mean "every interface" when listening, and nothing another host can dial.
+_ANY_HOSTS = ("0.0.0.0", "::", "")
+
+
+def _check_advertise(config: NodeConfig, name: Callable[[str], str]) -> None:
+    """Other peers dial the advertised URL: it must name this host, not every interface."""
+    host, port = parse_hostport(config.listen)
+    if config.advertise is not None:
+        advertised = urlsplit(config.advertise).hostname or ""
+        if advertised in _ANY_HOSTS:
+            raise ConfigError(
+                f"{name('advertise')}: {config.advertise!r} cannot be dialled by other peers; "
+                f"advertise this host's own address, e.g. http://10.0.0.5:{port}"
+            )
+    elif host in _ANY_HOSTS:
+        raise ConfigError(
+            f"{name('listen')}: {config.listen!r} listens on every interface and no advertise URL is "
+            f"set (--advertise, YAML advertise), so other peers would be told to dial {host or 'nothing'}; "
+            f"add --advertise http://HOST:{port} with an address of this host they can reach"
+        )
 
 
 def load(cls: type[C], path: str | Path | None, overrides: Mapping[str, object] = {}) -> C:
@@ -371,14 +434,29 @@ def load(cls: type[C], path: str | Path | None, overrides: Mapping[str, object] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    flagged = {k: v for k, v in overrides.items() if v is not None}
+    data.update(flagged)
     from_env = os.environ.get(CLUSTER_SECRET_ENV)
     if not data.get("cluster_secret") and from_env and _has_field(cls, "cluster_secret"):
         try:
             data["cluster_secret"] = _opt_secret(from_env)
         except ConfigError as exc:
             raise ConfigError(f"{CLUSTER_SECRET_ENV}: {exc}") from None
-    return from_mapping(cls, data, source=str(path) if path is not None else "flags")
+    return from_mapping(cls, data, source=str(path) if path is not None else "flags", from_flags=flagged)
+
+
+def describe(config: object) -> str:
+    """Every field as `key=value` for the start-up log line; secret fields only say whether
+    they are set."""
+    parts = []
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if not f.repr:
+            value = "<set>" if value else "<unset>"
+        elif isinstance(value, tuple):
+            value = ",".join(value) or "none"
+        parts.append(f"{f.name}={value}")
+    return " ".join(parts)
 
 
 def _has_field(cls: type[Any], name: str) -> bool:

@@ -18,7 +18,9 @@ from the status we answer.
     │   │                                            or back to source (`upstream_status`: what it answered)
     │   └── OriginError          from upstream_status the origin registry or its token service refused or failed
     ├── StoreError               503 UNAVAILABLE     the local disk failed (e.g. full): nothing partial is kept
-    ├── ConfigError              500 UNKNOWN         a config file or flag is invalid: fix it and restart
+    ├── StartupError             500 UNKNOWN         a service cannot start on this host (a port taken, a data
+    │                                                dir it cannot use): fix the host and restart (exit 1)
+    ├── ConfigError              500 UNKNOWN         a config file or flag is invalid: fix it and restart (exit 2)
     │   └── MirrorConfigError                        a mirror-config flag or runtime config file is unusable
     └── GetError                 500 UNKNOWN         `p2pdist get` could not deliver the blob
 
@@ -34,6 +36,9 @@ class P2PError(Exception):
 
     status: int = 500
     code: str = "UNKNOWN"
+    # What the `p2pdist` command exits with when this ends it: 1 for a failure at run time,
+    # 2 for unusable input (a flag, a config file), as argparse does for usage errors.
+    exit_code: int = 1
 
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message)
@@ -130,12 +135,21 @@ class StoreError(P2PError):
     code = "UNAVAILABLE"
 
 
+class StartupError(P2PError):
+    """A service cannot start on this host: its address is taken, its data dir unusable. The
+    message names the address or path."""
+
+
 class ConfigError(P2PError):
     """The configuration file or a flag is invalid."""
+
+    exit_code = 2
 
 
 class MirrorConfigError(ConfigError):
     """A flag or an existing runtime config file is unusable."""
+
+    exit_code = 1  # mostly a runtime's file found broken on this host
 
 
 class GetError(P2PError):

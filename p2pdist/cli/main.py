@@ -1,17 +1,39 @@
-"""The `p2pdist` command: scheduler, seed and peer services, and the `get` client."""
+"""The `p2pdist` command: scheduler, seed and peer services, and the `get` client.
+
+Whatever ends it is one line on stderr: exit 2 for unusable input (flags, config), 1 for a
+failure at run time (a port taken, a data dir unusable, a transfer failed).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from importlib import metadata
+from typing import Any, NoReturn
 
 from p2pdist import config as cfg
 from p2pdist.errors import P2PError
 
+USAGE_EXIT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_EXIT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    try:
+        return metadata.version("p2pdist")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2pdist", description="Peer-to-peer distribution of container image blobs.")
+    parser = OneLineParser(prog="p2pdist", description="Peer-to-peer distribution of container image blobs.")
+    parser.add_argument("--version", action="version", version=f"p2pdist {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     cfg.add_flags(sub.add_parser("scheduler", help="run the scheduler (control plane)"), cfg.SchedulerConfig)
     cfg.add_flags(sub.add_parser("seed", help="run a seed peer (fetches from the origin)"), cfg.SeedConfig)
@@ -39,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except (P2PError, OSError) as exc:
         print(f"p2pdist {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code if isinstance(exc, P2PError) else 1
     except KeyboardInterrupt:
         return 130
 
@@ -60,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     cls = classes[args.command]
     config = cfg.load(cls, args.config, cfg.flag_overrides(args, cls))
     setup_logging(config.log_level)
+    log_effective_config(args.command, config)
     if args.command == "scheduler":
         from scheduler.service import serve as serve_scheduler
 
@@ -71,6 +94,14 @@ def _run(args: argparse.Namespace) -> int:
     from peer.daemon import serve as serve_peer
 
     return run_service(serve_peer, config, args.command)
+
+
+def log_effective_config(role: str, config: object) -> None:
+    """One line with every setting in force (secrets only as set/unset), so an operator sees
+    what a flag, the file and the defaults came to."""
+    import logging
+
+    logging.getLogger(f"p2pdist.{role}").info("p2pdist %s %s: %s", version(), role, cfg.describe(config))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from p2pdist.errors import P2PError
 from p2pdist.transport.server import Request, Response
 
 SHUTDOWN_DEADLINE_S = 4.0
@@ -63,5 +64,27 @@ def run_service(serve: Callable[..., Awaitable[Any]], config: Any, name: str) ->
             nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_DEADLINE_S
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        raise _first_reportable(group) from None
     return 0
+
+
+def _first_reportable(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a start-up failure is about, out of the nurseries' exception groups: the
+    first P2PError or OSError (each names its address, path or flag), else the group itself."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, P2PError | OSError):
+            return leaf
+    return group

@@ -19,7 +19,7 @@ import trio
 
 from p2pdist import wire
 from p2pdist.config import NodeConfig, parse_hostport
-from p2pdist.errors import NotFound, P2PError, UpstreamError
+from p2pdist.errors import NotFound, P2PError, StartupError, StoreError, UpstreamError
 from p2pdist.node.endpoints import open_endpoint
 from p2pdist.node.metrics import DaemonMetrics
 from p2pdist.node.pieceserver import PieceServer
@@ -47,7 +47,11 @@ class Node(Generic[ConfigT]):
     def __init__(self, config: ConfigT, *, origin: OriginClient, scheduler_timeout_s: float = 3.0) -> None:
         self.config = config
         self.log = logging.getLogger(f"p2pdist.{self.kind}")
-        self.store, self.host_id = open_host(Path(config.data_dir), self.kind)
+        try:
+            self.store, self.host_id = open_host(Path(config.data_dir), self.kind)
+        except (StoreError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StartupError(f"--data-dir (data_dir) {config.data_dir} is unusable: {reason}") from None
         self.metrics = DaemonMetrics(self.kind)
         self.tls_client = client_context(config.tls_ca)
         self.scheduler = SchedulerClient(

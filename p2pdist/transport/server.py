@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from p2pdist.errors import BodyTooLarge, P2PError
+from p2pdist.errors import BodyTooLarge, P2PError, StartupError
 from p2pdist.transport.protocol import (
     NEED_DATA,
     Answer,
@@ -106,7 +106,10 @@ async def serve_http(
         on_bytes_sent=on_bytes_sent,
         ssl_context=ssl_context,
     )
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=LISTEN_BACKLOG)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        raise StartupError(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     if port == 0:
         # Several addresses (a name with IPv4 and IPv6 ones) would each get a port of their
         # own; the caller is told one address, so serve that one only.

@@ -45,13 +45,16 @@ def server_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     if not cert and not key:
         return None
     if not cert or not key:
-        raise ConfigError("tls_cert and tls_key go together: set both or neither")
+        raise ConfigError("--tls-cert (tls_cert) and --tls-key (tls_key) go together: set both or neither")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load tls_cert {cert} / tls_key {key}: {exc}") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(
+            f"cannot load --tls-cert (tls_cert) {cert} with --tls-key (tls_key) {key}: {reason}"
+        ) from None
     return context
 
 
@@ -61,4 +64,5 @@ def client_context(ca: str | None) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load tls_ca {ca}: {exc}") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"cannot load --tls-ca (tls_ca) {ca}: {reason}") from None

@@ -83,7 +83,7 @@ def test_config_file_values_apply_and_flags_override(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["peer", "--upload-rate", "8 parsecs"], "invalid size"),
+        (["peer", "--upload-rate", "8 parsecs"], "invalid rate"),
         (["seed", "--listen", "nowhere"], "want HOST:PORT"),
         (["scheduler", "--config", "/nonexistent.yaml"], "cannot read config"),
     ],

@@ -152,5 +152,5 @@ def test_cluster_secret_comes_from_the_env_and_stays_out_of_repr(monkeypatch: py
 async def test_tls_cert_without_key_is_a_config_error(tmp_path: Path, tls_files: dict[str, str]) -> None:
     from scheduler.service import serve as serve_scheduler
 
-    with trio.fail_after(10), pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+    with trio.fail_after(10), pytest.raises(ConfigError, match=r"\(tls_cert\) and --tls-key \(tls_key\) go together"):
         await serve_scheduler(SchedulerConfig(listen="127.0.0.1:0", tls_cert=tls_files["tls_cert"]))

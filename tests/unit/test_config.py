@@ -49,8 +49,8 @@ piece_timeout_s: 2.5
 insecure_registries: [a.example:5000, b.example]
 """,
     )
-    cfg = load(PeerConfig, path, {"listen": "0.0.0.0:6000", "concurrent_pieces": "5", "data_dir": None})
-    assert cfg.listen == "0.0.0.0:6000"  # flag wins
+    cfg = load(PeerConfig, path, {"listen": "127.0.0.2:6000", "concurrent_pieces": "5", "data_dir": None})
+    assert cfg.listen == "127.0.0.2:6000"  # flag wins
     assert cfg.concurrent_pieces == 5  # flag wins, parsed from a string
     assert cfg.data_dir == "/tmp/peer-a"  # None override means "flag absent"
     assert cfg.upload_rate_bps == 8 * 1024 * 1024
@@ -100,11 +100,15 @@ def test_yaml_boolean_for_int_and_rate(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ("8MiB", 8388608),
-        ("8mib", 8388608),
         ("8 MiB", 8388608),
         ("8MiB/s", 8388608),
         ("500KiB", 512000),
-        ("1G", 1_000_000_000),
+        ("1GB", 1_000_000_000),
+        ("8MB", 8_000_000),
+        ("500kB", 500_000),
+        ("100Mbit", 12_500_000),
+        ("100Mbps", 12_500_000),
+        ("1Gbit/s", 125_000_000),
         ("1GiB", 1 << 30),
         ("1.5KiB", 1536),
         ("1000", 1000),
