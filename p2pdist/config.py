@@ -257,6 +257,10 @@ class ServiceConfig:
     tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
     tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
     tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
+    head_timeout_s: float = opt(
+        5.0, _float, "a request head (and a TLS handshake) must arrive within this, or the connection is closed"
+    )
+    max_connections: int = opt(1024, _int, "open connections per port; past it new ones get 503 and a log line")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,17 @@ class PeerDaemon(Node[PeerConfig]):
         self.proxy = Proxy(self)
         host, port = parse_hostport(self.config.proxy_listen)
         proxy_bound = await nursery.start(
-            partial(serve_http, self.proxy.handle, host, port, name="proxy", request_timeout_s=3600.0)
+            partial(
+                serve_http,
+                self.proxy.handle,
+                host,
+                port,
+                name="proxy",
+                # A blob GET may wait long for its first piece; the head still has head_timeout_s.
+                request_timeout_s=3600.0,
+                head_timeout_s=self.config.head_timeout_s,
+                max_connections=self.config.max_connections,
+            )
         )
         self.log.info("peer %s: proxy on http://%s:%d", self.host_id, *proxy_bound)
         return bound, proxy_bound

@@ -200,7 +200,14 @@ async def serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any] = 
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(
             lambda task_status: serve_http(
-                service.handle, host, port, name="scheduler", ssl_context=tls, task_status=task_status
+                service.handle,
+                host,
+                port,
+                name="scheduler",
+                ssl_context=tls,
+                head_timeout_s=config.head_timeout_s,
+                max_connections=config.max_connections,
+                task_status=task_status,
             )
         )
         nursery.start_soon(service.wake_seeds)

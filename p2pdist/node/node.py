@@ -127,6 +127,8 @@ class Node(Generic[ConfigT]):
                         upload_bucket=self.upload_bucket,
                         on_bytes_sent=self.count_upload,
                         ssl_context=tls,
+                        head_timeout_s=self.config.head_timeout_s,
+                        max_connections=self.config.max_connections,
                     )
                 )
                 if not self.advertise:

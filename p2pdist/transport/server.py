@@ -71,6 +71,14 @@ LISTEN_BACKLOG = 1024
 # Unthrottled file bodies at least this big are sent from a worker thread (see _sendfile_blocking).
 THREAD_SENDFILE_BYTES = 256 * 1024
 POLL_MS = 50  # how often a sending thread looks for its task's cancellation
+# A request head (and a TLS handshake) must arrive within this from its first byte, or for a
+# new connection from the accept: a client that trickles a head holds a connection and a task,
+# so a few seconds, not the handler's budget (a blob GET may wait minutes for its first piece).
+HEAD_TIMEOUT_S = 5.0
+# Open connections per port beyond which new ones are answered 503 and closed at once.
+MAX_CONNECTIONS = 1024
+# How often the "connection cap reached" warning may repeat.
+CAP_LOG_INTERVAL_S = 10.0
 
 
 async def serve_http(
@@ -82,6 +90,8 @@ async def serve_http(
     upload_bucket: TokenBucket | None = None,
     request_timeout_s: float = 30.0,
     idle_timeout_s: float = 60.0,
+    head_timeout_s: float = HEAD_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
     max_header_bytes: int = 16 * 1024,
     on_bytes_sent: Callable[[int], None] | None = None,
     ssl_context: ssl.SSLContext | None = None,
@@ -89,11 +99,13 @@ async def serve_http(
 ) -> None:
     """Serve `handler` on host:port until cancelled; reports the bound (host, port).
 
-    `request_timeout_s` bounds reading a request head plus running the handler, and how long
-    any single write of the response may stall; a slow but moving download is not cut off.
-    `idle_timeout_s` bounds how long a kept-alive connection may wait for its next request.
-    With `ssl_context`, every connection is TLS; the handshake must finish within
-    `request_timeout_s`. `on_bytes_sent` may be called from a worker thread (large unthrottled
+    `head_timeout_s` bounds a request head from its first byte (a new connection's first head
+    from the accept; then 408), and a TLS handshake. `request_timeout_s` bounds running the
+    handler, reading a request body, and how long any single write of the response may stall;
+    a slow but moving download is not cut off. `idle_timeout_s` bounds how long a kept-alive
+    connection may wait for its next request. Past `max_connections` open connections, a new
+    one is answered 503 and closed, with a warning in the log. With `ssl_context`, every
+    connection is TLS. `on_bytes_sent` may be called from a worker thread (large unthrottled
     file bodies are sent from one), so it must be thread-safe, as a Prometheus counter is.
     """
     server = _Server(
@@ -102,6 +114,8 @@ async def serve_http(
         upload_bucket=upload_bucket,
         request_timeout_s=request_timeout_s,
         idle_timeout_s=idle_timeout_s,
+        head_timeout_s=head_timeout_s,
+        max_connections=max_connections,
         max_header_bytes=max_header_bytes,
         on_bytes_sent=on_bytes_sent,
         ssl_context=ssl_context,
@@ -132,11 +146,52 @@ class _Server:
     upload_bucket: TokenBucket | None
     request_timeout_s: float
     idle_timeout_s: float
+    head_timeout_s: float
+    max_connections: int
     max_header_bytes: int
     on_bytes_sent: Callable[[int], None] | None
     ssl_context: ssl.SSLContext | None = None
+    open_connections: int = 0
+    refused_connections: int = 0
+    _cap_logged_at: float = -CAP_LOG_INTERVAL_S
 
     async def serve_connection(self, socket_stream: trio.SocketStream) -> None:
+        if self.open_connections >= self.max_connections:
+            await self._refuse(socket_stream)
+            return
+        self.open_connections += 1
+        try:
+            await self._serve_connection(socket_stream)
+        finally:
+            self.open_connections -= 1
+
+    async def _refuse(self, socket_stream: trio.SocketStream) -> None:
+        """Over the cap: a one-line 503 (plain HTTP only; a TLS client just sees the close)."""
+        self.refused_connections += 1
+        now = time.monotonic()
+        if now - self._cap_logged_at >= CAP_LOG_INTERVAL_S:
+            self._cap_logged_at = now
+            log.warning(
+                "%s: %d connections open (the cap, max_connections); refusing new ones with 503 (%d refused so far)",
+                self.name,
+                self.open_connections,
+                self.refused_connections,
+            )
+        try:
+            if self.ssl_context is None:
+                body = b"too many connections\n"
+                head = (
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+                    b"retry-after: 1\r\ncontent-length: %d\r\n\r\n" % len(body)
+                )
+                with trio.move_on_after(1.0):
+                    await socket_stream.send_all(head + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(socket_stream)
+
+    async def _serve_connection(self, socket_stream: trio.SocketStream) -> None:
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = socket_stream
         if self.ssl_context is not None:
             stream = trio.SSLStream(socket_stream, self.ssl_context, server_side=True, https_compatible=True)
@@ -144,7 +199,7 @@ class _Server:
         try:
             if isinstance(stream, trio.SSLStream):
                 try:
-                    with trio.fail_after(self.request_timeout_s):
+                    with trio.fail_after(self.head_timeout_s):
                         await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
                     # A plain-HTTP client, a scanner, an untrusted certificate: not our error.
@@ -192,6 +247,7 @@ class _Connection:
         self.client = _peer(socket_stream)
         self.client_label = f"{self.client[0]}:{self.client[1]}"
         self.protocol = ServerProtocol(self.client, max_header_bytes=server.max_header_bytes)
+        self.requests = 0  # requests read so far on this connection
 
     # --- the request/response cycle -------------------------------------------------------
 
@@ -212,13 +268,18 @@ class _Connection:
                 return
 
     async def _next_request(self) -> RequestReceived | Answer | Refusal | ClientClosed:
-        """The next request, or what to do instead. The wait for its first byte is bounded by
-        idle_timeout_s (then the connection just closes); the rest of its head by
-        request_timeout_s (then a 408)."""
+        """The next request, or what to do instead. On a kept-alive connection the wait for its
+        first byte is bounded by idle_timeout_s (then the connection just closes); the head is
+        bounded by head_timeout_s from its first byte, or from the accept for a connection's
+        first request (then a 408)."""
         deadline: float | None = None
+        if self.requests == 0:
+            deadline = trio.current_time() + self.server.head_timeout_s
         while True:
             event = self.protocol.next_request(self._read_body)
             if not isinstance(event, NeedData):
+                if not isinstance(event, ClientClosed):
+                    self.requests += 1
                 return event
             if event.idle and deadline is None:
                 data: bytes | None = None
@@ -226,14 +287,16 @@ class _Connection:
                     data = await self._receive()
                 if data is None:
                     return ClientClosed()  # idle too long between requests
-                deadline = trio.current_time() + self.server.request_timeout_s
+                deadline = trio.current_time() + self.server.head_timeout_s
             else:
                 if deadline is None:
-                    deadline = trio.current_time() + self.server.request_timeout_s
+                    deadline = trio.current_time() + self.server.head_timeout_s
                 try:
                     with trio.fail_at(deadline):
                         data = await self._receive()
                 except trio.TooSlowError:
+                    if event.idle:
+                        return ClientClosed()  # connected and never said a word
                     return self.protocol.refusal(408, "request head not received in time")
             self.protocol.receive_data(data)
 

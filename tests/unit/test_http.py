@@ -443,3 +443,79 @@ async def test_cancelling_the_server_closes_idle_connections_promptly() -> None:
         async with httpx.AsyncClient() as client:
             with pytest.raises(httpx.ConnectError):
                 await client.get(f"{url}/")
+
+
+async def test_a_trickled_request_head_gets_408_after_the_head_timeout_even_with_a_long_handler_budget(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(10):
+
+        async def handler(request: Request) -> Response:
+            return text_response(200, "fine")
+
+        # The proxy's shape: an hour for the handler, a second for the head.
+        url = await start(nursery, handler, request_timeout_s=3600.0, head_timeout_s=1.0)
+        host, port = url.removeprefix("http://").split(":")
+        started = time.monotonic()
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            received = b""
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 408 ")
+        assert 0.9 <= time.monotonic() - started < 5
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{url}/")).text == "fine\n"
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+
+        async def handler(request: Request) -> Response:
+            return text_response(200, "fine")
+
+        url = await start(nursery, handler, idle_timeout_s=60.0, head_timeout_s=0.5)
+        host, port = url.removeprefix("http://").split(":")
+        started = time.monotonic()
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            assert await stream.receive_some(65536) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+
+
+async def test_connections_past_the_cap_get_503_with_a_log_line_and_the_server_recovers(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(10):
+
+        async def handler(request: Request) -> Response:
+            return text_response(200, "fine")
+
+        url = await start(nursery, handler, max_connections=3, head_timeout_s=30.0)
+        host, port = url.removeprefix("http://").split(":")
+        held = []
+        for _ in range(3):  # three kept-alive connections, each known to the server by its answer
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while not received.endswith(b"fine\n"):
+                received += await stream.receive_some(65536)
+            held.append(stream)
+        with caplog.at_level(logging.WARNING, logger="p2pdist.http"):
+            reply = await raw_exchange(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 503 ")
+        assert reply.endswith(b"too many connections\n")
+        assert any("max_connections" in r.getMessage() for r in caplog.records)
+        for stream in held:
+            await stream.aclose()
+        # Once the held connections are gone, new ones are served again.
+        async with httpx.AsyncClient() as client:
+            for _ in range(50):
+                try:
+                    if (await client.get(f"{url}/")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.05)
+            assert (await client.get(f"{url}/")).text == "fine\n"
