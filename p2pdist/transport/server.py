@@ -184,8 +184,12 @@ class _Server:
                     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\n"
                     b"retry-after: 1\r\ncontent-length: %d\r\n\r\n" % len(body)
                 )
-                with trio.move_on_after(1.0):
+                with trio.move_on_after(CLOSE_GRACE_S):
                     await socket_stream.send_all(head + body)
+                    # Read what the client sent, or closing would reset the answer away.
+                    await socket_stream.send_eof()
+                    while await socket_stream.receive_some(RECEIVE_BYTES):
+                        pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
