@@ -332,6 +332,11 @@ class Scheduler:
             self._back_off(task, msg.host_id, now)
             if msg.host_id in task.peers:
                 self.leave(Leave(host_id=msg.host_id, task_id=task.task_id), now)  # it dropped its pieces
+            if not any(self._is_seed(h) for h in task.seeds & task.done_peers):
+                # No seed has checked the whole blob's sha256, so nothing binds the digests to
+                # the blob: they may describe corrupt bytes, and so may every piece verified
+                # against them. Drop what the task knows; the next pull starts clean.
+                self._drop_content(task)
             # Also when it had already been given up on as stalled and no other seed took over.
             if task.seed in (msg.host_id, None):
                 task.seed = None
@@ -385,6 +390,25 @@ class Scheduler:
             self._set_parents(task, other, [p for p in other.parents if p != msg.host_id])
         task.children.pop(msg.host_id, None)
         task.drop(msg.host_id)
+
+    def _drop_content(self, task: Task) -> None:
+        """Forget a task's size, digests and every peer's pieces and parents; peers stay joined,
+        so their next sync hears why (the task's `failed`), and none is offered as a holder."""
+        if task.digests or task.holders:
+            log.warning(
+                "dropping %d piece digest(s) and %d holder(s) of %s: no seed has checked its sha256",
+                len(task.digests),
+                len(task.holders),
+                short(task.task_id),
+            )
+        for peer in task.peers.values():
+            self._set_parents(task, peer, [])
+            task.set_pieces(peer, None)
+            task.set_done(peer, False)
+        task.children.clear()
+        task.digests = []
+        task.content_length = None
+        task.size_from_seed = False
 
     def leave_host(self, host_id: str, now: float) -> None:
         """A host said goodbye: drop it at once instead of waiting for its TTL."""

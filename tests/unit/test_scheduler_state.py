@@ -304,6 +304,52 @@ def test_seed_error_fails_task_then_back_to_source() -> None:
     assert "401" in reply.reason
 
 
+def test_a_blob_that_failed_the_seeds_sha256_check_is_dropped_whole_and_the_next_pull_starts_clean() -> None:
+    """The corrupt-origin replay: digests from corrupt bytes and the peers that took pieces
+    against them must not outlive the seed's failed check."""
+    s = make(seed_retry_s=5.0)
+    announce(s, "seed1", "seed")
+    for host in ("p1", "p2", "p3"):
+        announce(s, host)
+    _, wake = register(s, "p1", 1.0)
+    assert wake is not None
+    register(s, "p2", 1.0)
+    stale = [b"\xee" * 32 for _ in DIGESTS]
+    progress(s, "seed1", 1.5, digests=stale)  # every piece, digests of the corrupt bytes
+    sync(s, "p1", 2.0, new_pieces=[0, 1, 2], done=True)  # p1 took all of them: a complete holder
+    sync(s, "p2", 2.0, new_pieces=[0])
+    progress(s, "seed1", 2.5, first=len(stale), digests=[], error="origin sent sha256:d7757fc0424b for sha256:abab")
+    task = s.tasks[TASK]
+    assert task.digests == [] and task.holders == set() and task.done_peers == set()
+    reply, _ = sync(s, "p2", 3.0)
+    assert reply.state == "back_to_source" and "d7757fc0424b" in reply.reason
+    # The failed peers leave (their own checks fail); a new pull after the registry is repaired
+    # wakes the seed again, and its new digests win over the old ones.
+    s.leave(Leave(host_id="p1", task_id=TASK), 4.0)
+    s.leave(Leave(host_id="p2", task_id=TASK), 4.0)
+    reply, wake = register(s, "p3", 10.0)
+    assert wake is not None and wake.seed_id == "seed1"
+    assert reply.state == "waiting"
+    progress(s, "seed1", 10.5, done=True)
+    reply, _ = sync(s, "p3", 11.0)
+    assert reply.state == "running"
+    assert reply.piece_digests == DIGESTS
+    assert [p.host_id for p in reply.parents] == ["seed1"]
+
+
+def test_a_failure_after_another_seed_checked_the_blob_keeps_its_digests() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "seed2", "seed")
+    announce(s, "p1")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 1.5, done=True)  # checked the whole blob: its digests are bound
+    progress(s, "seed2", 2.0, digests=[], size=SIZE, error="origin unreachable")
+    assert s.tasks[TASK].digests == DIGESTS
+    reply, _ = sync(s, "p1", 3.0)
+    assert reply.state == "running" and reply.piece_digests == DIGESTS
+
+
 def test_stalled_seed_wakes_another() -> None:
     s = make(seed_retry_s=5.0)
     announce(s, "seed1", "seed")
