@@ -6,6 +6,8 @@ holds; the peer adds the proxy port and one TaskDownload per blob being fetched.
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,9 @@ from peer.download import TaskDownload
 if TYPE_CHECKING:
     from peer.proxy import Proxy
 
+# Why recent downloads failed, for `p2pdist get` and the status endpoint: this many, newest kept.
+FAILURES_KEPT = 256
+
 
 class PeerDaemon(Node[PeerConfig]):
     kind = "peer"
@@ -35,6 +40,9 @@ class PeerDaemon(Node[PeerConfig]):
         self.piece_client = PieceClient(secret=config.cluster_secret, ssl_context=self.tls_client)
         self.downloads: dict[str, TaskDownload] = {}
         self.proxy: Proxy | None = None
+        # task -> (wall time, reason) of its last failed download; a client whose stream was
+        # cut after its 200 went out reads the reason here (p2pdist get does).
+        self.failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     # -- downloads ------------------------------------------------------------------------
 
@@ -57,10 +65,30 @@ class PeerDaemon(Node[PeerConfig]):
 
     async def _run_download(self, dl: TaskDownload) -> None:
         await dl.run()
+        if dl.error is not None:
+            self.failures[dl.task_id] = (time.time(), str(dl.error))
+            self.failures.move_to_end(dl.task_id)
+            while len(self.failures) > FAILURES_KEPT:
+                self.failures.popitem(last=False)
+        elif dl.verified:
+            self.failures.pop(dl.task_id, None)
         if dl.error is not None and self.downloads.get(dl.task_id) is dl:
             # Keep the failure visible to readers already waiting, but let the next request retry.
             del self.downloads[dl.task_id]
         await self.enforce_quota()
+
+    def download_status(self, task_id: str) -> dict[str, object]:
+        """What this peer knows of a task's download: its state and, if it failed, why."""
+        dl = self.downloads.get(task_id)
+        if dl is not None and not dl.finished.is_set():
+            return {"digest": task_id, "state": "running"}
+        held = self.store.get(task_id)
+        if held is not None and held.complete():
+            return {"digest": task_id, "state": "held", "bytes": held.layout.blob_size}
+        failed = self.failures.get(task_id)
+        if failed is not None:
+            return {"digest": task_id, "state": "failed", "reason": failed[1], "failed_at": failed[0]}
+        return {"digest": task_id, "state": "unknown"}
 
     # -- the node's hooks -----------------------------------------------------------------
 

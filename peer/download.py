@@ -372,7 +372,10 @@ class TaskDownload:
             self._sha_next += 1
         actual = "sha256:" + self._sha.hexdigest()
         if actual != self.task_id:
-            raise IntegrityError(f"assembled blob is {short(actual)}, not {short(self.task_id)}")
+            raise IntegrityError(
+                f"digest mismatch: the blob's bytes hash to {short(actual)}, not {short(self.task_id)} "
+                "(the registry or a seed served corrupt data); nothing was kept"
+            )
 
     # -- back to source -------------------------------------------------------------------
 

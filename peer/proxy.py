@@ -44,6 +44,8 @@ BLOB_PATH = re.compile(r"/v2/(?P<name>.+)/blobs/(?P<digest>[^/]+)")
 MANIFEST_PATH = re.compile(r"/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)")
 TAGS_PATH = re.compile(r"/v2/(?P<name>.+)/tags/list")
 REFERRERS_PATH = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<digest>[^/]+)")
+# Read-only: the state of this peer's download of a blob and why it failed, if it did.
+DOWNLOAD_STATUS_PATH = re.compile(r"/v1/downloads/(?P<digest>[^/]+)")
 API_VERSION = ("docker-distribution-api-version", "registry/2.0")
 PULL_ONLY = "p2pdist is a pull-only registry mirror: push to the registry itself"
 _FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -105,6 +107,8 @@ class Proxy:
             return health_response()
         if request.path == "/metrics":
             return metrics_response(self.daemon.metrics.registry)
+        if m := DOWNLOAD_STATUS_PATH.fullmatch(request.path):
+            return self.download_status(request, m.group("digest"))
         if request.path != "/v2" and not request.path.startswith("/v2/"):
             raise NotFound(f"no such endpoint {request.path[:100]}")
         kind = "other"
@@ -114,6 +118,15 @@ class Proxy:
             response = error_response(exc)
         self.metrics.requests.labels(kind, str(response.status)).inc()
         return response
+
+    def download_status(self, request: Request, digest: str) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            return oci_error(405, "UNSUPPORTED", "/v1/downloads/<digest> takes GET", [("allow", "GET, HEAD")])
+        try:
+            status = self.daemon.download_status(parse_digest(digest))
+        except P2PError as exc:
+            return error_response(exc)
+        return Response(200, [("content-type", "application/json")], json.dumps(status).encode())
 
     async def _route(self, request: Request) -> tuple[str, Response]:
         if request.method not in ("GET", "HEAD"):
@@ -239,6 +252,11 @@ class Proxy:
                 n = chunk.length if isinstance(chunk, FileBody) else len(chunk)
                 sent += n
                 self.metrics.blob_bytes.labels(source).inc(n)
+        except P2PError as exc:
+            # The 200 is out: the client sees the connection close short of Content-Length,
+            # and reads the reason from /v1/downloads/<digest> (p2pdist get does).
+            log.warning("blob %s: stream cut after %d of %d bytes: %s", short(dl.task_id), sent, length, exc)
+            raise
         finally:
             self.daemon.store.unpin(dl.task_id)
             await body.aclose()  # type: ignore[attr-defined]

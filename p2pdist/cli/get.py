@@ -104,11 +104,15 @@ def get(
                 progress.update(n)
         progress.close()
         if total is not None and received != total:
-            raise GetError(f"transfer from {peer} ended after {received} of {total} bytes")
+            raise GetError(
+                _why_cut(peer_parts.hostname, peer_parts.port or 80, digest, timeout_s)
+                or f"transfer from {peer} ended after {received} of {total} bytes"
+            )
     except (OSError, http.client.HTTPException) as exc:
         _discard(tmp)
         what = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-        raise GetError(f"transfer from {peer} failed: {what}") from None
+        cut = received and _why_cut(peer_parts.hostname, peer_parts.port or 80, digest, timeout_s)
+        raise GetError(cut or f"transfer from {peer} failed: {what}") from None
     except GetError:
         _discard(tmp)
         raise
@@ -121,6 +125,22 @@ def get(
     if tmp is not None:
         os.replace(tmp, out)
     return received
+
+
+def _why_cut(host: str, port: int, digest: str, timeout_s: float) -> str | None:
+    """The peer's reason a download it had started streaming failed, if it knows one."""
+    conn = http.client.HTTPConnection(host, port, timeout=min(timeout_s, 10.0))
+    try:
+        conn.request("GET", f"/v1/downloads/{digest}")
+        response = conn.getresponse()
+        status = json.loads(response.read()) if response.status == 200 else {}
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+    if not isinstance(status, dict) or status.get("state") != "failed":
+        return None
+    return f"the peer could not deliver {digest[:19]}: {status.get('reason') or 'no reason given'}"
 
 
 def _discard(tmp: Path | None) -> None:

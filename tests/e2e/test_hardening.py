@@ -1,0 +1,81 @@
+"""Issue 12's findings replayed with real processes and the real Distribution registry: a
+registry that serves corrupt bytes for a blob, then is repaired; what the client is told when
+a pull fails; a cached blob requested while the registry is down."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+from lab.registry import Origin
+from p2pdist.content.digest import digest_hex
+from tests.support.cluster import ClusterFactory, MiB, sha256_file, wait_until
+from tests.support.metrics import metric
+from tests.support.origin import PushToOrigin
+
+
+def stored_blob(origin: Origin, digest: str) -> Path:
+    """The file the registry's filesystem driver serves for `digest`."""
+    hexd = digest_hex(digest)
+    return origin.storage_dir / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_corrupt_origin_fails_pulls_with_the_reason_and_the_repaired_blob_then_pulls_at_once(
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin, origin: Origin
+) -> None:
+    image = push_to_origin((24 * MiB + 3611,), 1201, "hardening/corrupt")
+    layer = image.layers[0]
+    data = stored_blob(origin, layer.digest)
+    flip_byte(data, 13 * MiB + 5)  # bit rot inside piece 3: same size, wrong bytes
+    try:
+        cluster = cluster_factory()
+        first = cluster.add_peers(3)
+        # A slow peer that will hold a few pieces checked against the corrupt digests when it
+        # dies: the scheduler must not keep offering it, nor keep the digests, to later pulls.
+        (slow,) = cluster.add_peers(1, ["--download-rate", "4MiB"])
+        url = cluster.blob_url("hardening/corrupt", layer.digest)
+        slow_job = cluster.start_get(slow, url, cluster.workdir / "slow.blob")
+        jobs = [(peer, cluster.start_get(peer, url, cluster.workdir / f"bad-{peer.name}.blob")) for peer in first]
+        for peer, job in jobs:
+            _, err = job.communicate(timeout=120)
+            assert job.returncode == 1, err
+            # Finding 2: the client is told why, not a byte count.
+            assert "digest mismatch" in err and "corrupt" in err, err
+            assert err.count("\n") == 1, err
+            assert not (cluster.workdir / f"bad-{peer.name}.blob").exists()
+            status = json.loads(
+                urllib.request.urlopen(f"{peer.proxy_url}/v1/downloads/{layer.digest}", timeout=10).read()
+            )
+            assert status["state"] == "failed" and "digest mismatch" in status["reason"]
+        wait_until(
+            lambda: metric(slow.url, "p2pdist_peer_pieces_total", 'result="verified"') >= 1,
+            30,
+            "a piece at the slow peer",
+        )
+        slow.kill()  # no leave: the scheduler still lists it with its pieces until its TTL
+        slow_job.communicate(timeout=60)
+    finally:
+        flip_byte(data, 13 * MiB + 5)  # the registry's data repaired
+    # Finding 1: with the registry repaired and nothing restarted, a new peer's pull is sent to
+    # the seed again (not to the origin, nor to holders of bytes checked against stale
+    # digests) and is quick.
+    fresh = cluster.add_peers(1)[0]
+    started = time.monotonic()
+    (out,) = cluster.pull_all([fresh], url, "repaired", timeout=60)
+    took = time.monotonic() - started
+    assert sha256_file(out) == layer.digest
+    assert took < 15, f"the repaired blob took {took:.1f}s (the peers' 30 s stall means stale digests)"
+    assert "going back to source" not in fresh.log_path.read_text()
+    # The first peers, asked again, pull it right too.
+    outs = cluster.pull_all(first, url, "again", timeout=60)
+    assert [sha256_file(o) for o in outs] == [layer.digest] * 3
