@@ -59,9 +59,9 @@ def test_site_and_location_from_yaml_and_flags(tmp_path: Path) -> None:
 def test_bad_site_in_config_names_the_key(tmp_path: Path) -> None:
     path = tmp_path / "peer.yaml"
     path.write_text("site: 'store 12'\n")
-    with pytest.raises(ConfigError, match="site:"):
+    with pytest.raises(ConfigError, match=r"site \(--site\):"):
         load(PeerConfig, path)
-    with pytest.raises(ConfigError, match="location:"):
+    with pytest.raises(ConfigError, match=r"--location \(location\):"):
         load(PeerConfig, None, {"location": "eu//fr"})
 
 
