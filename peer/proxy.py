@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from prometheus_client import Counter, Histogram
 
 from p2pdist.content.digest import parse_digest, parse_name, parse_reference, short
-from p2pdist.errors import LoopDetected, NotFound, P2PError, RangeNotSatisfiable, StoreError
+from p2pdist.errors import LoopDetected, NotFound, OriginError, P2PError, RangeNotSatisfiable, StoreError
 from p2pdist.node.endpoints import health_response, metrics_response
 from p2pdist.node.pieceserver import parse_range
 from p2pdist.registry.oci import SCHEME_HEADER
@@ -196,7 +196,17 @@ class Proxy:
             # A p2pdist daemon (a seed or peer whose origin is this mirror) is fetching on
             # P2P's behalf: sending it back into P2P would loop.
             return await self.relay(request, path)
-        verdict = await self.access.check(up.base, name, "blobs", digest, request.headers, hops=hops)
+        try:
+            verdict = await self.access.check(up.base, name, "blobs", digest, request.headers, hops=hops)
+        except OriginError as exc:
+            local = self.daemon.store.get(digest)
+            log.warning("blob %s in %s: access check failed: %s", short(digest), name, exc)
+            why = (
+                f"{short(digest)} is held here, but is served only after the registry accepts the client's credentials"
+                if local is not None and local.complete()
+                else "no blob is fetched without it"
+            )
+            return oci_error(exc.status, exc.code, f"cannot check the client's access to {name}: {exc}; {why}")
         if not verdict.allowed:
             return _refusal(verdict, digest, up)
         url = f"{up.base}{path}"

@@ -102,13 +102,17 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 class UpstreamClient:
     """Sends one request to a registry with the client's headers; never adds credentials."""
 
     def __init__(self, *, timeout_s: float = 30.0) -> None:
         self.client = httpx.AsyncClient(
             follow_redirects=False,
-            timeout=httpx.Timeout(timeout_s),
+            # A registry that is down must fail a pull in seconds, not a read timeout's half minute.
+            timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
 

@@ -5,13 +5,15 @@ a pull fails; a cached blob requested while the registry is down."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.request
 from pathlib import Path
 
 from lab.registry import Origin
 from p2pdist.content.digest import digest_hex
-from tests.support.cluster import ClusterFactory, MiB, sha256_file, wait_until
+from tests.support.cluster import ClusterFactory, MiB, restart, sha256_file, wait_until
 from tests.support.metrics import metric
 from tests.support.origin import PushToOrigin
 
@@ -79,3 +81,57 @@ def test_a_corrupt_origin_fails_pulls_with_the_reason_and_the_repaired_blob_then
     # The first peers, asked again, pull it right too.
     outs = cluster.pull_all(first, url, "again", timeout=60)
     assert [sha256_file(o) for o in outs] == [layer.digest] * 3
+
+
+def test_a_cached_blob_with_the_registry_unreachable_fails_at_once_and_says_why(
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
+    image = push_to_origin((6 * MiB,), 1202, "hardening/outage")
+    layer = image.layers[0]
+    cluster = cluster_factory()
+    (peer,) = cluster.add_peers(1)
+    url = cluster.blob_url("hardening/outage", layer.digest)
+    (out,) = cluster.pull_all([peer], url, "cached")
+    assert sha256_file(out) == layer.digest
+    # As reported: the daemon restarted with its cache intact (no access verdict in memory),
+    # and the registry, as the peer reaches it, gone.
+    peer.stop()
+    cluster.relay.stop()
+    peer = restart(cluster, peer)
+    started = time.monotonic()
+    job = cluster.start_get(peer, url, cluster.workdir / "outage.blob")
+    _, err = job.communicate(timeout=60)
+    took = time.monotonic() - started
+    assert job.returncode == 1
+    assert took < 10, f"the refusal took {took:.1f}s"
+    assert "unreachable" in err and "held here" in err and "credentials" in err, err
+    assert err.count("\n") == 1, err
+    assert "access check failed" in peer.log_path.read_text()
+    assert not (cluster.workdir / "outage.blob").exists()
+
+
+def test_a_lost_wake_up_of_the_only_seed_is_retried_and_the_pull_does_not_wait_out_the_peer(
+    cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
+) -> None:
+    image = push_to_origin((12 * MiB,), 1203, "hardening/wake")
+    layer = image.layers[0]
+    cluster = cluster_factory()
+    (peer,) = cluster.add_peers(1)
+    (seed,) = cluster.seeds
+    url = cluster.blob_url("hardening/wake", layer.digest)
+    os.killpg(seed.pid, signal.SIGSTOP)  # its port accepts (the kernel does); the wake-up goes unanswered
+    try:
+        started = time.monotonic()
+        job = cluster.start_get(peer, url, cluster.workdir / "wake.blob")
+        wait_until(lambda: "could not wake seed" in cluster.scheduler.log_path.read_text(), 30, "a lost wake-up")
+    finally:
+        os.killpg(seed.pid, signal.SIGCONT)
+    _, err = job.communicate(timeout=90)
+    took = time.monotonic() - started
+    assert job.returncode == 0, err
+    assert sha256_file(cluster.workdir / "wake.blob") == layer.digest
+    # Before the fix the seed was never asked again and the peer gave up after 60 s.
+    assert took < 30, f"the pull took {took:.1f}s"
+    log = cluster.scheduler.log_path.read_text()
+    assert "could not wake seed" in log and "no answer in" in log  # the reason, never empty
+    assert "going back to source" not in peer.log_path.read_text()
