@@ -157,11 +157,13 @@ def _listen(port: int) -> tuple[str, str]:
     return f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"
 
 
-def start_scheduler(workdir: Path, *, extra_args: Iterable[str] = (), wait: bool = True) -> Service:
+def start_scheduler(
+    workdir: Path, *, extra_args: Iterable[str] = (), wait: bool = True, name: str = "scheduler"
+) -> Service:
     """Start `p2pdist scheduler` on a free port."""
     listen, url = _listen(free_port())
     argv = [str(p2pdist_executable()), "scheduler", "--listen", listen, *extra_args]
-    service = Service("scheduler", argv, workdir / "scheduler.log", url)
+    service = Service(name, argv, workdir / f"{name}.log", url)
     if wait:
         _wait_or_stop(service)
     return service

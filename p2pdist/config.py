@@ -102,6 +102,14 @@ def parse_url(value: object) -> str:
     return value.rstrip("/")
 
 
+def parse_urls(value: object) -> tuple[str, ...]:
+    """One URL or a list of them (YAML list, repeated flag); at least one."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list | tuple) or not values:
+        raise ConfigError(f"expected a URL or a list of URLs, got {value!r}")
+    return tuple(dict.fromkeys(parse_url(v) for v in values))
+
+
 def _opt_url(value: object) -> str | None:
     return None if value in (None, "") else parse_url(value)
 
@@ -308,7 +316,19 @@ class NodeConfig(ServiceConfig):
     slot_tuning: ClassVar[tuple[int, int, int]] = (25 << 20, 1, 8)
 
     listen: str = _listen_opt("127.0.0.1:4000")
-    scheduler: str = opt("http://127.0.0.1:8002", parse_url, "scheduler URL", flag="--scheduler")
+    scheduler: tuple[str, ...] = opt(
+        ("http://127.0.0.1:8002",),
+        parse_urls,
+        "scheduler URL; repeat (or a YAML list) for several, or one DNS name with an address per scheduler",
+        flag="--scheduler",
+        repeat=True,
+    )
+    scheduler_backoff_s: float = opt(
+        10.0, _float, "a scheduler that failed a call gets no task for this long (unless it answers an announce)"
+    )
+    scheduler_dns_interval_s: float = opt(
+        30.0, _float, "how often scheduler host names are resolved again (each address is one scheduler)"
+    )
     data_dir: str = _data_dir_opt("/var/lib/p2pdist/peer")
     advertise: str | None = opt(None, _opt_url, "URL other peers use for this piece server", flag="--advertise")
     upload_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s served to peers", flag="--upload-rate")
@@ -329,6 +349,11 @@ class NodeConfig(ServiceConfig):
     )
     site: str = opt("", _site, "the site (one WAN link: a store, a ship) this host is in; empty: one site for all")
     location: str = opt("", _location, "where this host is, outermost first (eu/fr/paris-3); nearer parents first")
+
+    def __post_init__(self) -> None:
+        # Code that builds a config directly (tests, embedders) may still pass one URL.
+        if isinstance(self.scheduler, str):
+            object.__setattr__(self, "scheduler", (self.scheduler,))
 
     def effective_upload_slots(self) -> int:
         per_slot_bps, lowest, highest = self.slot_tuning

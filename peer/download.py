@@ -54,6 +54,7 @@ class TaskDownload:
         self._sha = hashlib.sha256()
         self._sha_next = 0
         self._fatal: P2PError | None = None  # ends the download: nothing to retry elsewhere
+        self._owner: str | None = None  # the scheduler this download is registered with
 
     # -- what readers use -----------------------------------------------------------------
 
@@ -130,12 +131,11 @@ class TaskDownload:
     async def _p2p(self) -> None:
         """Fetch from parents until every piece is held or the machine gives up on P2P."""
         machine = self.machine
-        sched = self.daemon.scheduler
-        if sched is None:
-            machine.no_scheduler()
-            return
+        pool = self.daemon.scheduler
         try:
-            reply = await sched.call("/v1/tasks/register", self._register_message(), wire.SyncReply)
+            reply, self._owner = await pool.call_task(
+                self.task_id, "/v1/tasks/register", self._register_message(), wire.SyncReply
+            )
         except (UpstreamError, P2PError) as exc:
             self.daemon.metrics.scheduler_errors.inc()
             machine.register_failed(str(exc))
@@ -180,17 +180,31 @@ class TaskDownload:
             self._save_digests()
         self._notify()
 
+    def _follow_owner(self) -> str | None:
+        """The scheduler that owns this task now. When that is not the one this download is
+        registered with (it stopped answering, or came back), the machine registers again with
+        everything it holds; the parents it has keep serving meanwhile."""
+        owner = self.daemon.scheduler.owner(self.task_id)
+        if owner is not None and owner != self._owner:
+            log.info("task %s: scheduler %s owns it now (was %s)", short(self.task_id), owner, self._owner)
+            self._owner = owner
+            self.machine.scheduler_changed()
+        return owner
+
     async def _sync_loop(self) -> None:
-        sched = self.daemon.scheduler
-        assert sched is not None
+        pool = self.daemon.scheduler
         machine = self.machine
         while True:
             await trio.sleep(machine.sync_delay())
+            owner = self._follow_owner()
             report = machine.take_report()
             try:
+                if owner is None:
+                    raise UpstreamError("no scheduler configured")
                 if report.register:
-                    await sched.call("/v1/tasks/register", self._register_message(), wire.SyncReply)
-                reply = await sched.call(
+                    await pool.call(owner, "/v1/tasks/register", self._register_message(), wire.SyncReply)
+                reply = await pool.call(
+                    owner,
                     "/v1/tasks/sync",
                     wire.Sync(
                         host_id=self.daemon.host_id,
@@ -214,14 +228,14 @@ class TaskDownload:
             self._answered(report, reply)
 
     async def _final_sync(self) -> None:
-        sched = self.daemon.scheduler
-        if sched is None or not self.registered:
+        if not self.registered:
             return
         assert self.store is not None
         # Bad parents found in the last moments are reported too, not lost with the sync loop.
         report = self.machine.take_report()
         try:
-            await sched.call(
+            await self.daemon.scheduler.call_task(
+                self.task_id,
                 "/v1/tasks/sync",
                 wire.Sync(
                     host_id=self.daemon.host_id,

@@ -10,6 +10,7 @@ benchmarks/simulate.py feeds it from a model network, so both run the same rules
     store_opened(size, held, digests)            parents to report as bad or failed
     piece_done(number, outcome, now)          back_to_source: a BackToSource with a typed reason
     piece_from_origin(number, digest)         sync_delay(), wake_at(now): when to come back
+    scheduler_changed() (the task's owner)
 
 Piece sets are ints with bit n set for piece n (as in peer/selection.py), which keeps a
 decision cheap at thousands of simulated hosts.
@@ -192,6 +193,11 @@ class TaskMachine:
 
     def register_failed(self, error: str) -> None:
         self._give_up(BackToSourceReason.SCHEDULER_UNREACHABLE, f"scheduler unreachable ({error})")
+
+    def scheduler_changed(self) -> None:
+        """The task has another owner now (its scheduler stopped answering, or came back): the
+        next report registers there with every piece held. Parents and pieces in flight stay."""
+        self.registered = False
 
     def register_answered(self, reply: wire.SyncReply, now: float) -> None:
         self.registered = True

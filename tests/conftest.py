@@ -84,12 +84,21 @@ async def origin_relay(origin: Origin, nursery: trio.Nursery) -> Relay:
 
 @pytest.fixture
 def cluster_factory(origin: Origin, tmp_path: Path) -> Iterator[ClusterFactory]:
-    """`make(seeds=1, seed_args=(), relay_rate_bps=None)`: a cluster of real processes on
-    `origin` in the test's tmp_path; every cluster made is stopped when the test ends."""
+    """`make(seeds=1, seed_args=(), relay_rate_bps=None, schedulers=1)`: a cluster of real
+    processes on `origin` in the test's tmp_path; every cluster made is stopped when the test ends."""
     made: list[Cluster] = []
 
-    def make(*, seeds: int = 1, seed_args: Sequence[str] = (), relay_rate_bps: int | None = None) -> Cluster:
-        cluster = Cluster(tmp_path, origin.host, seeds=seeds, seed_args=seed_args, relay_rate_bps=relay_rate_bps)
+    def make(
+        *, seeds: int = 1, seed_args: Sequence[str] = (), relay_rate_bps: int | None = None, schedulers: int = 1
+    ) -> Cluster:
+        cluster = Cluster(
+            tmp_path,
+            origin.host,
+            seeds=seeds,
+            seed_args=seed_args,
+            relay_rate_bps=relay_rate_bps,
+            schedulers=schedulers,
+        )
         made.append(cluster)
         return cluster
 

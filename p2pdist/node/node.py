@@ -27,7 +27,7 @@ from p2pdist.registry.client import OriginClient
 from p2pdist.storage.quota import CacheQuota, pin_piece_response
 from p2pdist.storage.store import TaskStore, open_host
 from p2pdist.transport.ratelimit import maybe_bucket
-from p2pdist.transport.schedclient import SchedulerClient
+from p2pdist.transport.schedclient import SchedulerPool
 from p2pdist.transport.server import Request, Response, serve_http
 from p2pdist.transport.trust import client_context, server_context
 
@@ -54,9 +54,16 @@ class Node(Generic[ConfigT]):
             raise StartupError(f"--data-dir (data_dir) {config.data_dir} is unusable: {reason}") from None
         self.metrics = DaemonMetrics(self.kind)
         self.tls_client = client_context(config.tls_ca)
-        self.scheduler = SchedulerClient(
-            config.scheduler, timeout_s=scheduler_timeout_s, secret=config.cluster_secret, verify=self.tls_client
+        self.scheduler = SchedulerPool(
+            config.scheduler,
+            timeout_s=scheduler_timeout_s,
+            backoff_s=config.scheduler_backoff_s,
+            secret=config.cluster_secret,
+            verify=self.tls_client,
         )
+        # A scheduler that is new or answers again hears what this host holds at once: it may
+        # own tasks now whose holders it would otherwise learn only at the next announce.
+        self.scheduler.on_up = self._announce_soon
         self.origin = origin
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
         self.pieces = PieceServer(
@@ -73,7 +80,8 @@ class Node(Generic[ConfigT]):
         )
         self.advertise = config.advertise or ""  # with port 0, known once bound
         self._nursery: trio.Nursery | None = None
-        self._last_announce_error = ""
+        self._last_announce_error: dict[str, str] = {}  # scheduler -> its last announce failure
+        self._announcing: set[str] = set()  # schedulers with an announce in flight
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -115,8 +123,10 @@ class Node(Generic[ConfigT]):
         tls = server_context(self.config.tls_cert, self.config.tls_key)
         host, port = parse_hostport(self.config.listen)
         try:
+            await self.scheduler.resolve()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self.scheduler.resolve_loop, self.config.scheduler_dns_interval_s)
                 bound = await nursery.start(
                     partial(
                         serve_http,
@@ -187,40 +197,57 @@ class Node(Generic[ConfigT]):
             await self.leave(task_id)
 
     async def leave(self, task_id: str) -> None:
-        """Tell the scheduler this host no longer holds any of `task_id` (evicted, or dropped
-        because the blob failed its check), so it is no one's parent for it any more."""
-        try:
-            await self.scheduler.call("/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id), wire.Empty)
-        except (UpstreamError, P2PError) as exc:
-            self.log.debug("leave for %s not sent: %s", task_id[:19], exc)  # children stop at its 404s
+        """Tell the schedulers this host no longer holds any of `task_id` (evicted, or dropped
+        because the blob failed its check), so it is no one's parent for it any more. Every
+        scheduler learnt the holding from announces, so every one hears of the leave."""
+        # A scheduler that misses it: children stop at this host's 404s.
+        await self.scheduler.call_all("/v1/tasks/leave", wire.Leave(host_id=self.host_id, task_id=task_id), wire.Empty)
+
+    def _announce_message(self) -> wire.AnnounceHost:
+        return wire.AnnounceHost(
+            host_id=self.host_id,
+            url=self.advertise,
+            kind=self.kind,
+            upload_slots=self.config.effective_upload_slots(),
+            tasks=self.holdings(),
+            site=self.config.site,
+            location=self.config.location,
+        )
 
     async def announce(self) -> None:
-        """Tell the scheduler this host is alive and what it holds; a failure is logged, once
-        at warning (a wrong cluster secret shows up here), then at debug while it repeats."""
+        """Tell every scheduler this host is alive and what it holds, each on its own."""
+        async with trio.open_nursery() as nursery:
+            for url in self.scheduler.members:
+                nursery.start_soon(self.announce_to, url)
+
+    async def announce_to(self, url: str) -> None:
+        """Tell one scheduler this host is alive and what it holds (a restarted or new owner
+        rebuilds from it; it also probes a scheduler counted dead). A failure is logged, once at
+        warning (a wrong cluster secret shows up here), then at debug while it repeats."""
+        if url in self._announcing:
+            return  # the last one is still waiting on a slow scheduler
+        self._announcing.add(url)
         try:
-            await self.scheduler.call(
-                "/v1/hosts",
-                wire.AnnounceHost(
-                    host_id=self.host_id,
-                    url=self.advertise,
-                    kind=self.kind,
-                    upload_slots=self.config.effective_upload_slots(),
-                    tasks=self.holdings(),
-                    site=self.config.site,
-                    location=self.config.location,
-                ),
-                wire.Empty,
-            )
+            await self.scheduler.call(url, "/v1/hosts", self._announce_message(), wire.Empty)
         except (UpstreamError, P2PError) as exc:
             self.metrics.scheduler_errors.inc()
-            said = str(exc) == self._last_announce_error
+            said = str(exc) == self._last_announce_error.get(url)
             (self.log.debug if said else self.log.warning)("announce to the scheduler failed: %s", exc)
-            self._last_announce_error = str(exc)
+            self._last_announce_error[url] = str(exc)
         else:
-            self._last_announce_error = ""
+            self._last_announce_error.pop(url, None)
+        finally:
+            self._announcing.discard(url)
+
+    def _announce_soon(self, url: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self.announce_to, url)
 
     async def announce_loop(self) -> None:
+        assert self._nursery is not None
         while True:
             await self.enforce_quota()
-            await self.announce()
+            # Not waited for: a scheduler that hangs (SIGSTOP) must not delay the others' announces.
+            for url in self.scheduler.members:
+                self._nursery.start_soon(self.announce_to, url)
             await trio.sleep(self.config.announce_interval_s)

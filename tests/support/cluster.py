@@ -32,16 +32,33 @@ class Cluster(Stoppable):
         seed_args: Sequence[str] = (),
         relay_rate_bps: int | None = None,
         scheduler_args: Sequence[str] = (),
+        schedulers: int = 1,
     ) -> None:
         self.workdir = workdir
         self.services: list[Service] = []
         self.relay = RelayProcess(workdir, origin_host, rate_bps=relay_rate_bps)
-        self.scheduler = self._own(procs.start_scheduler(workdir, extra_args=scheduler_args))
+        self.schedulers = [
+            self._own(
+                procs.start_scheduler(
+                    workdir, extra_args=scheduler_args, name="scheduler" if i == 0 else f"scheduler{i}"
+                )
+            )
+            for i in range(schedulers)
+        ]
+        self.scheduler = self.schedulers[0]
         self.seeds = [
-            self._own(procs.start_seed(workdir, self.scheduler.url, f"seed{i}", extra_args=seed_args))
+            self._own(
+                procs.start_seed(
+                    workdir, self.scheduler.url, f"seed{i}", extra_args=[*self.more_schedulers(), *seed_args]
+                )
+            )
             for i in range(seeds)
         ]
         self.peers: list[Service] = []
+
+    def more_schedulers(self) -> list[str]:
+        """`--scheduler` flags for every scheduler past the first (start_* passes the first)."""
+        return [arg for s in self.schedulers[1:] for arg in ("--scheduler", s.url)]
 
     def _own(self, service: Service) -> Service:
         self.services.append(service)
@@ -49,7 +66,14 @@ class Cluster(Stoppable):
 
     def add_peers(self, count: int, extra_args: Sequence[str] = ()) -> list[Service]:
         new = [
-            self._own(procs.start_peer(self.workdir, self.scheduler.url, f"peer{len(self.peers) + i}", extra_args))
+            self._own(
+                procs.start_peer(
+                    self.workdir,
+                    self.scheduler.url,
+                    f"peer{len(self.peers) + i}",
+                    [*self.more_schedulers(), *extra_args],
+                )
+            )
             for i in range(count)
         ]
         self.peers.extend(new)
@@ -91,7 +115,12 @@ class ClusterFactory(Protocol):
     """The `cluster_factory` fixture: clusters on the session's origin, all stopped after the test."""
 
     def __call__(
-        self, *, seeds: int = 1, seed_args: Sequence[str] = (), relay_rate_bps: int | None = None
+        self,
+        *,
+        seeds: int = 1,
+        seed_args: Sequence[str] = (),
+        relay_rate_bps: int | None = None,
+        schedulers: int = 1,
     ) -> Cluster: ...
 
 
@@ -100,7 +129,7 @@ def restart(cluster: Cluster, old: Service) -> Service:
     assert old.poll() is not None, f"{old.name} still runs"
     new = Service(old.name, old.argv, old.log_path, old.url, proxy_url=old.proxy_url)
     cluster.services[cluster.services.index(old)] = new
-    for group in (cluster.peers, cluster.seeds):
+    for group in (cluster.peers, cluster.seeds, cluster.schedulers):
         if old in group:
             group[group.index(old)] = new
     if cluster.scheduler is old:

@@ -35,10 +35,10 @@ async def start_cluster(nursery: trio.Nursery, workdir: Path, *, tls: bool = Fal
     scheduler_bound = await nursery.start(serve_scheduler, SchedulerConfig(listen="127.0.0.1:0", **common))
     scheduler_url = _url(scheme, scheduler_bound)
     seed_dir, peer_dir = workdir / "seed-data", workdir / "peer-data"
-    seed_config = SeedConfig(listen="127.0.0.1:0", scheduler=scheduler_url, data_dir=str(seed_dir), **common)
+    seed_config = SeedConfig(listen="127.0.0.1:0", scheduler=(scheduler_url,), data_dir=str(seed_dir), **common)
     seed_bound = await nursery.start(serve_seed, seed_config)
     peer_config = PeerConfig(
-        listen="127.0.0.1:0", proxy_listen="127.0.0.1:0", scheduler=scheduler_url, data_dir=str(peer_dir), **common
+        listen="127.0.0.1:0", proxy_listen="127.0.0.1:0", scheduler=(scheduler_url,), data_dir=str(peer_dir), **common
     )
     peer_bound, proxy_bound = await nursery.start(serve_peer, peer_config)
     return InProcessCluster(

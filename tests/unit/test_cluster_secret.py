@@ -121,7 +121,7 @@ async def test_untrusted_certificate_is_refused_by_members(tmp_path: Path, tls_f
             peer = PeerConfig(
                 listen="127.0.0.1:0",
                 proxy_listen="127.0.0.1:0",
-                scheduler=url,
+                scheduler=(url,),
                 data_dir=str(tmp_path / "peer"),
                 tls_ca=str(other_ca),
             )

@@ -233,3 +233,22 @@ def test_a_seed_gets_more_upload_slots_than_a_peer_at_the_same_rate() -> None:
     assert SeedConfig(upload_rate_bps=rate).effective_upload_slots() == 8
     assert PeerConfig(upload_rate_bps=rate).effective_upload_slots() == 3
     assert PeerConfig(upload_rate_bps=rate, upload_slots=5).effective_upload_slots() == 5
+
+
+def test_schedulers_come_as_one_url_a_yaml_list_or_repeated_flags(tmp_path: Path) -> None:
+    one = tmp_path / "one.yaml"
+    one.write_text("scheduler: http://sched:8002/\n")
+    assert load(PeerConfig, one).scheduler == ("http://sched:8002",)  # a config from before still works
+    several = tmp_path / "several.yaml"
+    several.write_text("scheduler: [http://a:8002, http://b:8002, http://a:8002]\nscheduler_dns_interval_s: 10\n")
+    config = load(SeedConfig, several)
+    assert config.scheduler == ("http://a:8002", "http://b:8002")
+    assert config.scheduler_dns_interval_s == 10.0
+    parser = argparse.ArgumentParser()
+    add_flags(parser, PeerConfig)
+    args = parser.parse_args(["--scheduler", "http://a:8002", "--scheduler", "http://c:8002"])
+    assert load(PeerConfig, None, flag_overrides(args, PeerConfig)).scheduler == ("http://a:8002", "http://c:8002")
+    assert PeerConfig(scheduler="http://direct:8002").scheduler == ("http://direct:8002",)  # type: ignore[arg-type]
+    for bad in ([], "sched:8002", ["http://a:8002", 5], {"a": 1}):
+        with pytest.raises(ConfigError, match="scheduler"):
+            from_mapping(PeerConfig, {"scheduler": bad})

@@ -135,7 +135,7 @@ def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str,
         configs["scheduler"].listen
     )
     for role in ("seed", "peer"):
-        url = urlsplit(configs[role].scheduler)
+        url = urlsplit(configs[role].scheduler[0])
         assert url.hostname == "p2pdist-scheduler.p2pdist.svc.cluster.local" and url.port == port["port"], role
     seed_service = find(k8s, "Service", "p2pdist-seed")
     assert find(k8s, "StatefulSet", "p2pdist-seed")["spec"]["serviceName"] == "p2pdist-seed"
@@ -191,7 +191,7 @@ def test_compose_commands_configs_and_ports_match_the_cli() -> None:
             assert port in own, name
     scheduler_port = port_of(configs["scheduler"].listen)
     for name in ("seed", "peer"):
-        assert urlsplit(configs[name].scheduler).port == scheduler_port
+        assert urlsplit(configs[name].scheduler[0]).port == scheduler_port
     # What `p2pdist mirror-config docker` writes by default is where this peer's proxy listens.
     assert f"http://{configs['peer'].proxy_listen}" == mirrorconfig.DEFAULT_PROXY
     assert configs["peer"].registry_mirror == mirrorconfig.DOCKER_HUB_API

@@ -4,6 +4,7 @@ object that records calls, so nothing leaves this process."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,10 @@ EMPTY = "sha256:" + "ef" * 32
 
 
 class FakeScheduler:
-    """Records every call; raises `failure` while it is set."""
+    """Stands in for the SchedulerPool: one scheduler; records every call; raises `failure`
+    while it is set."""
+
+    members = ("http://scheduler.invalid:8002",)
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
@@ -36,13 +40,23 @@ class FakeScheduler:
         self.failure: Exception | None = None
         self.announced = trio.Event()
 
-    async def call(self, path: str, message: object, reply: type[Any]) -> Any:
+    async def call(self, url: str, path: str, message: object, reply: type[Any]) -> Any:
         self.calls.append((path, message))
         if path == "/v1/hosts":
             self.announced.set()
         if self.failure is not None:
             raise self.failure
         return reply()
+
+    async def call_all(self, path: str, message: object, reply: type[Any]) -> None:
+        with contextlib.suppress(UpstreamError):
+            await self.call(self.members[0], path, message, reply)
+
+    async def resolve(self) -> None:
+        pass
+
+    async def resolve_loop(self, interval_s: float) -> None:
+        pass
 
     async def say_goodbye(self, host_id: str) -> None:
         self.goodbyes.append(host_id)

@@ -247,3 +247,20 @@ def test_own_host_and_malformed_bitmaps_are_not_parents() -> None:
     bad = Parent(host_id="short", url="http://short:4000", pieces=b"")
     m = machine(parent("me"), bad, parent("a"))
     assert set(m.parents) == {"a"}
+
+
+def test_a_new_owner_is_registered_with_and_told_everything_while_the_parents_keep_serving() -> None:
+    m = machine(parent("a"), concurrent_pieces=2)
+    first, second = m.poll(0.0)
+    m.piece_done(first.number, PieceOutcome.VERIFIED, 0.0)
+    m.sync_answered(m.take_report(), running(parent("a")), 0.2)
+    m.sync_failed(m.take_report(), 0.4)  # the owner stopped answering
+
+    m.scheduler_changed()
+    report = m.take_report()
+    assert report.register and report.new_pieces == [first.number]
+    # The parent it had is still asked, and the piece in flight still counts.
+    (third,) = m.poll(0.5)
+    assert third.host_id == "a" and third.number not in (first.number, second.number)
+    m.sync_answered(report, running(parent("a")), 0.6)
+    assert not m.take_report().register

@@ -1,0 +1,84 @@
+"""The client side of several schedulers, against real in-process schedulers on loopback: a
+task's calls go to its owner and fall to the next in rank when the owner does not answer, a
+refusal (4xx) is not taken for a dead scheduler, and a name resolves to one scheduler per address."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from p2pdist import wire
+from p2pdist.cluster.rendezvous import rank
+from p2pdist.config import SchedulerConfig
+from p2pdist.errors import UpstreamError
+from p2pdist.transport.schedclient import SchedulerPool
+from scheduler.service import serve as serve_scheduler
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def task_owned_by(url: str, members: list[str]) -> str:
+    for n in range(1000):
+        task = "sha256:" + f"{n:064x}"
+        if rank(task, members)[0] == url:
+            return task
+    raise AssertionError("no task hashes to " + url)
+
+
+async def test_a_task_whose_owner_is_down_goes_to_the_next_in_rank_and_stays_there() -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            live = []
+            for _ in range(2):
+                host, port = await nursery.start(serve_scheduler, SchedulerConfig(listen="127.0.0.1:0"))
+                live.append(f"http://{host}:{port}")
+            down = closed_port_url()
+            members = [*live, down]
+            pool = SchedulerPool(members, timeout_s=2.0, backoff_s=30.0)
+            task = task_owned_by(down, members)
+            register = wire.Register(host_id="peer-1", task_id=task, url="http://registry/v2/a/blobs/" + task)
+
+            reply, answered = await pool.call_task(task, "/v1/tasks/register", register, wire.SyncReply)
+
+            assert answered == rank(task, members)[1]
+            assert reply.task_id == task
+            assert pool.owner(task) == answered  # the dead owner is skipped for the back-off
+            with pytest.raises(UpstreamError) as refused:
+                await pool.call(answered, "/v1/no-such-endpoint", register, wire.Empty)
+            assert refused.value.upstream_status == 404
+            assert pool.membership.is_alive(answered, trio.current_time())  # a refusal is not death
+            up: list[str] = []
+            pool.on_up = up.append
+            pool.membership.failed(live[0], trio.current_time())
+            await pool.call(live[0], "/v1/hosts/leave", wire.LeaveHost(host_id="peer-1"), wire.Empty)
+            assert up == [live[0]]  # answered again: the node announces to it at once
+            await pool.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_every_scheduler_down_is_one_clear_error() -> None:
+    with trio.fail_after(10):
+        pool = SchedulerPool([closed_port_url(), closed_port_url()], timeout_s=2.0, backoff_s=30.0)
+        task = "sha256:" + "ab" * 32
+        with pytest.raises(UpstreamError, match="no scheduler answered .*cannot connect"):
+            await pool.call_task(task, "/v1/tasks/register", wire.Empty(), wire.SyncReply)
+        assert pool.membership.alive(trio.current_time()) == []
+        # Every one in its back-off: all are still tried (the first to come back is used at once).
+        assert pool.order(task) == rank(task, pool.members)
+        with pytest.raises(UpstreamError, match="no scheduler answered"):
+            await pool.call_task(task, "/v1/tasks/register", wire.Empty(), wire.SyncReply)
+        await pool.aclose()
+
+
+async def test_a_name_becomes_one_scheduler_per_address() -> None:
+    with trio.fail_after(10):
+        pool = SchedulerPool(["http://localhost:8002", "http://127.0.0.2:9000", "https://localhost:8003"])
+        await pool.resolve()
+        assert pool.members == ("http://127.0.0.1:8002", "http://127.0.0.2:9000", "https://localhost:8003")
+        await pool.aclose()
