@@ -141,11 +141,19 @@ class SyncReply:
 
 @dataclass(frozen=True)
 class SeedTrigger:
-    """POST {seed}/v1/seed/tasks — scheduler tells a seed to fetch a blob from the origin."""
+    """POST {seed}/v1/seed/tasks — scheduler tells a seed to fetch a blob from the origin.
+
+    When another seed got part-way and died, the trigger carries what it left: the blob's size,
+    the digests it computed from the origin's bytes, and peers holding those pieces, so the new
+    seed takes them from peers (verified against the digests, and its sha256 still covers every
+    byte) and asks the origin only for the rest."""
 
     task_id: str
     url: str
     headers: dict[str, str] = field(default_factory=dict)
+    content_length: int | None = None
+    piece_digests: list[bytes] = field(default_factory=list)
+    parents: list[Parent] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 
+from p2pdist.cluster.rendezvous import owner
 from p2pdist.config import SchedulerConfig
 from p2pdist.content.digest import short
 from p2pdist.content.pieces import Bitmap, PieceLayout
@@ -47,6 +48,9 @@ class Host:
 # A new parent ordered after its child needs a search of the parent graph to rule out a cycle;
 # past this many peers visited the search gives up and treats it as a cycle.
 CYCLE_SEARCH_LIMIT = 8
+# A seed taking over a task another seed left part-way is told of this many peers holding its
+# pieces (those holding the most), to fetch them from instead of the origin.
+RESUME_PARENTS = 8
 # A seed that stalled, vanished or missed its wake-up is asked again after a back-off that
 # doubles per wake-up of the task (from seed_retry_s), up to this; never given up for good.
 SEED_BACKOFF_MAX_S = 30.0
@@ -590,17 +594,48 @@ class Scheduler:
             self._back_off(task, task.seed, now)
             task.seed = None
         seeds = [h for h in self.hosts.values() if h.kind == "seed" and task.seed_retry_at.get(h.host_id, 0.0) <= now]
-        if not seeds:
+        # Rendezvous over the live seeds: every scheduler picks the same seed for a task, so a
+        # task that changes owner keeps its seed (its fetch is not started twice), and tasks
+        # spread over the seeds.
+        chosen = owner(task.task_id, [h.host_id for h in seeds])
+        if chosen is None:
             return None
-        busy = {t.seed for t in self.tasks.values() if t.seed}
-        seeds.sort(key=lambda h: (h.host_id in busy, self.rng.random()))
-        seed = seeds[0]
+        seed = self.hosts[chosen]
         task.seed = seed.host_id
         task.seed_progress_at = now
         task.seed_wakes += 1
         self.counters.seeds_woken += 1
         log.info("waking seed %s for %s (asked by %s)", seed.host_id, short(task.task_id), requester)
-        return WakeSeed(seed.host_id, seed.url, SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers))
+        return WakeSeed(seed.host_id, seed.url, self._trigger(task, seed.host_id, now))
+
+    def _trigger(self, task: Task, seed_id: str, now: float) -> SeedTrigger:
+        """What a woken seed is told: the blob, and what an earlier seed left with peers."""
+        layout = task.layout
+        if not task.digests or layout is None or not task.size_from_seed:
+            return SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers)
+        verifiable = task.verifiable()
+        holders = [
+            h
+            for h in task.holders
+            if h != seed_id
+            and task.seed_retry_at.get(h, 0.0) <= now  # not the seed that just stalled
+            and self._eligible(task, h, now)
+            and task.peers[h].bits & verifiable
+        ]
+        holders.sort(key=lambda h: (task.peers[h].bits & verifiable).bit_count(), reverse=True)
+        parents = []
+        for host_id in holders[:RESUME_PARENTS]:
+            pieces = task.peers[host_id].pieces
+            assert pieces is not None
+            parents.append(Parent(host_id=host_id, url=self.hosts[host_id].url, pieces=pieces.to_bytes()))
+        return SeedTrigger(
+            task_id=task.task_id,
+            url=task.url,
+            headers=task.headers,
+            content_length=task.content_length,
+            piece_digests=list(task.digests),
+            parents=parents,
+        )
 
     def _reply(self, task: Task, peer: PeerTask, *, have_digests: int, now: float) -> SyncReply:
         if task.failed and not self._has_complete_holder(task):

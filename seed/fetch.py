@@ -2,7 +2,9 @@
 
 The seed cuts the origin's byte stream into pieces, computes their BLAKE3 digests (the list
 every peer verifies against) and reports each piece to the scheduler the moment it is stored,
-so peers fetch from the seed while its own download is still running.
+so peers fetch from the seed while its own download is still running. A seed taking over from
+one that died part-way first takes the pieces that one already digested from the peers holding
+them, so the origin sends only the rest.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from p2pdist import wire
-from p2pdist.content.digest import short
+from p2pdist.content.digest import PieceHasher, short
+from p2pdist.content.pieces import bits_from_bytes
 from p2pdist.errors import IntegrityError, OriginError, P2PError, UpstreamError
-from p2pdist.node.intake import PieceIntake
+from p2pdist.node.intake import PieceIntake, RunningHash
 from p2pdist.registry.retry import ORIGIN_RETRY
 from p2pdist.storage.store import TaskStore
+from p2pdist.transport.piececlient import PieceClient
 
 if TYPE_CHECKING:
     from seed.daemon import SeedDaemon
@@ -27,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pdist.seed")
 
 REPORT_INTERVAL_S = 0.05
+# Time allowed for one piece from a peer while resuming: as a peer's piece timeout.
+RESUME_PIECE_TIMEOUT_S = 4.0
+RESUME_PIECE_TIMEOUT_PER_MIB_S = 2.0
 
 
 class SeedFetch:
@@ -37,9 +44,11 @@ class SeedFetch:
         self.task_id = trigger.task_id
         self.url = trigger.url
         self.headers = dict(trigger.headers)
+        self.trigger = trigger
         self.store: TaskStore | None = None
         self.digests: list[bytes] = []
         self.reported = 0
+        self.reported_to: str | None = None  # the scheduler `reported` digests went to
         self.done = False
         self.error = ""
         self.changed = trio.Event()
@@ -71,6 +80,11 @@ class SeedFetch:
     async def _fetch(self) -> None:
         rng = random.Random()
         intake: PieceIntake | None = None
+        resumed = await self._from_peers()
+        if resumed is not None:
+            assert self.store is not None
+            intake = self._intake(self.store, resumed)
+            intake.sha_pieces = len(self.digests)
         failures = 0
         while True:
             store = self.store
@@ -85,12 +99,7 @@ class SeedFetch:
                         raise OriginError("origin changed the blob's size or skipped bytes")
                     if intake is None:
                         # The sha256 the seed vouches for: of the origin's bytes as they pass.
-                        intake = PieceIntake(
-                            store,
-                            sha=hashlib.sha256(),
-                            on_bytes=self.seed.metrics.download_bytes.labels("origin").inc,
-                            on_piece=self._piece_stored,
-                        )
+                        intake = self._intake(store, hashlib.sha256())
                     await intake.write(body.start, body.chunks())
             except OriginError as exc:
                 failures += 1
@@ -111,6 +120,83 @@ class SeedFetch:
             raise IntegrityError(f"origin sent {short(actual)} for {short(self.task_id)}")
         store.save_digests(self.digests)
 
+    def _intake(self, store: TaskStore, sha: RunningHash) -> PieceIntake:
+        return PieceIntake(
+            store, sha=sha, on_bytes=self.seed.metrics.download_bytes.labels("origin").inc, on_piece=self._piece_stored
+        )
+
+    async def _from_peers(self) -> RunningHash | None:
+        """Take over from a seed that died part-way: fetch the pieces it digested from the peers
+        the trigger names, in order, each checked against its digest and hashed into the blob's
+        sha256, up to the first piece none of them can give. Returns that sha256 (None if there
+        was nothing to resume); the origin is asked for the rest."""
+        trigger = self.trigger
+        if trigger.content_length is None or not trigger.piece_digests or not trigger.parents:
+            return None
+        store = self._open_store(trigger.content_length)
+        known = trigger.piece_digests[: store.layout.count]
+        parents = [(p.url, p.host_id, bits_from_bytes(p.pieces)) for p in trigger.parents]
+        sha: RunningHash = hashlib.sha256()
+        client = PieceClient(secret=self.seed.config.cluster_secret, ssl_context=self.seed.tls_client)
+        try:
+            for number, digest in enumerate(known):
+                for url, host_id, bits in parents:
+                    if bits >> number & 1:
+                        piece_sha = sha.copy()
+                        if await self._piece_from(client, url, host_id, number, digest, store, piece_sha):
+                            sha = piece_sha
+                            break
+                else:
+                    break  # nobody could give it: the origin sends it and the rest
+        finally:
+            await client.aclose()
+        log.info(
+            "seeding %s: resumed with %d of %d pieces from peers; the origin sends the rest",
+            short(self.task_id),
+            len(self.digests),
+            store.layout.count,
+        )
+        return sha
+
+    async def _piece_from(
+        self,
+        client: PieceClient,
+        url: str,
+        host_id: str,
+        number: int,
+        digest: bytes,
+        store: TaskStore,
+        sha: RunningHash,
+    ) -> bool:
+        """One piece from one peer into the store and `sha`; False (nothing stored) if it failed."""
+        length = store.layout.length(number)
+        writer = store.new_piece(number)
+        hasher = PieceHasher()
+        try:
+            with trio.fail_after(RESUME_PIECE_TIMEOUT_S + RESUME_PIECE_TIMEOUT_PER_MIB_S * length / (1 << 20)):
+                async with client.get(f"{url}/v1/tasks/{self.task_id}/pieces/{number}", {"x-p2pdist": "1"}) as got:
+                    if got.status != 200 or got.length != length:
+                        raise UpstreamError(f"answered HTTP {got.status} with {got.length} bytes")
+                    async for chunk in got.chunks():
+                        hasher.update(chunk)
+                        writer.write(chunk)
+                        sha.update(chunk)
+            if hasher.digest() != digest:
+                raise IntegrityError("failed verification")
+        except (UpstreamError, IntegrityError, trio.TooSlowError) as exc:
+            writer.abort()
+            log.info("seeding %s: piece %d from %s: %s", short(self.task_id), number, host_id, exc or "timed out")
+            return False
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
+        self.seed.metrics.download_bytes.labels("peer").inc(length)
+        self.seed.metrics.pieces.labels("peer", "verified").inc()
+        self.digests.append(digest)
+        self._changed()
+        return True
+
     def _open_store(self, blob_size: int) -> TaskStore:
         store = self.store = self.seed.store.open(self.task_id, blob_size, self.url)
         # Pieces left by an earlier, unfinished fetch have no digests this fetch computed, nor
@@ -127,8 +213,11 @@ class SeedFetch:
         self._changed()
 
     async def report_loop(self) -> None:
-        """Tell the scheduler the size and each new piece digest, batched every few ms."""
+        """Tell the task's scheduler the size and each new piece digest, batched every few ms.
+        A new owner (the last one stopped answering, or came back) is told everything at once."""
         while True:
+            if self.seed.scheduler.owner(self.task_id) not in (self.reported_to, None):
+                self.reported = 0
             if self.store is not None and (len(self.digests) > self.reported or self.done or self.reported == 0):
                 first = self.reported
                 digests = self.digests[first:]
@@ -158,8 +247,14 @@ class SeedFetch:
             error=self.error,
         )
         try:
-            await self.seed.scheduler.call("/v1/tasks/seed", progress, wire.Empty)
+            _, answered = await self.seed.scheduler.call_task(self.task_id, "/v1/tasks/seed", progress, wire.Empty)
         except (UpstreamError, P2PError) as exc:
             log.warning("seed progress for %s not reported: %s", short(self.task_id), exc)
             return False
+        if answered != self.reported_to and first > 0:
+            # Another scheduler took it mid-report: it has not seen the earlier digests.
+            self.reported_to = answered
+            self.reported = 0
+            return False
+        self.reported_to = answered
         return True

@@ -104,3 +104,52 @@ def test_peer_claiming_the_whole_blob_with_its_own_digests_does_not_stand_in_for
     reply, wake = _register(s, "peer-1", 1.0)
     assert wake is not None and wake.seed_id == "seed-a"
     assert reply.piece_digests == []  # a peer's digests are never passed on
+
+
+def test_every_scheduler_picks_the_same_seed_for_a_task_and_seeds_share_the_tasks() -> None:
+    tasks = ["sha256:" + f"{n:064x}" for n in range(200)]
+    picked: list[list[str]] = []
+    for rng_seed in (1, 2):  # two schedulers that share nothing
+        s = Scheduler(SchedulerConfig(seed_retry_s=5.0), rng=random.Random(rng_seed))
+        for seed in ("seed-a", "seed-b", "seed-c"):
+            _announce(s, seed, "seed", 0.0)
+        _announce(s, "peer-1", "peer", 0.0)
+        woken = []
+        for task in tasks:
+            _, wake = s.register(
+                wire.Register(host_id="peer-1", task_id=task, url="http://origin/v2/x/blobs/" + task), 1.0
+            )
+            assert wake is not None
+            woken.append(wake.seed_id)
+        picked.append(woken)
+    assert picked[0] == picked[1]
+    assert all(40 < picked[0].count(seed) < 94 for seed in ("seed-a", "seed-b", "seed-c"))
+
+
+def test_a_seed_taking_over_mid_blob_is_told_the_digests_and_the_peers_holding_them() -> None:
+    s = _scheduler()
+    for host, kind in (("seed-a", "seed"), ("seed-b", "seed"), ("peer-1", "peer"), ("peer-2", "peer")):
+        _announce(s, host, kind, 0.0)  # type: ignore[arg-type]
+    _, first = _register(s, "peer-1", 0.0)
+    _register(s, "peer-2", 0.0)
+    assert first is not None
+    dying = first.seed_id
+    assert first.trigger.piece_digests == [] and first.trigger.parents == []  # nothing to resume
+    s.seed_progress(
+        wire.SeedProgress(
+            host_id=dying, task_id=TASK, content_length=SIZE, first_digest=0, piece_digests=[b"d" * 32, b"e" * 32]
+        ),
+        1.0,
+    )
+    s.sync(wire.Sync(host_id="peer-1", task_id=TASK, new_pieces=[0, 1], have_digests=2), 1.5)
+    s.sync(wire.Sync(host_id="peer-2", task_id=TASK, new_pieces=[0], have_digests=2), 1.5)
+
+    # The seed dies: no progress for seed_retry_s, and the next sync wakes the other seed.
+    _, wake = s.sync(wire.Sync(host_id="peer-2", task_id=TASK, have_digests=2), 7.0)
+
+    assert wake is not None and wake.seed_id != dying
+    trigger = wake.trigger
+    assert trigger.content_length == SIZE and trigger.piece_digests == [b"d" * 32, b"e" * 32]
+    # Peers holding the most first; never the seed that stalled.
+    assert [p.host_id for p in trigger.parents] == ["peer-1", "peer-2"]
+    assert trigger.parents[0].url == "http://peer-1:4000"
