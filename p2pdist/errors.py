@@ -93,6 +93,8 @@ class UpstreamError(P2PError):
 
     status = 502
     code = "UNAVAILABLE"
+    # The likely fix, when one is known (`registry.diagnose`): logged and shown to the operator.
+    hint: str = ""
 
     def __init__(self, message: str = "", *, upstream_status: int | None = None, code: str | None = None) -> None:
         super().__init__(message, code=code)

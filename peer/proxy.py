@@ -18,7 +18,15 @@ from urllib.parse import urlencode
 from prometheus_client import Counter, Histogram
 
 from p2pdist.content.digest import parse_digest, parse_name, parse_reference, short
-from p2pdist.errors import LoopDetected, NotFound, OriginError, P2PError, RangeNotSatisfiable, StoreError
+from p2pdist.errors import (
+    LoopDetected,
+    NotFound,
+    OriginError,
+    P2PError,
+    RangeNotSatisfiable,
+    StoreError,
+    UpstreamError,
+)
 from p2pdist.node.endpoints import health_response, metrics_response
 from p2pdist.node.pieceserver import parse_range
 from p2pdist.registry.oci import SCHEME_HEADER
@@ -51,6 +59,8 @@ PULL_ONLY = "p2pdist is a pull-only registry mirror: push to the registry itself
 _FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The code of a registry's bare no (a refusal without a body), relayed with its status.
 _REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED"}
+# The same upstream failure is logged at most this often.
+WARN_INTERVAL_S = 60.0
 
 
 def oci_error(status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
@@ -98,6 +108,7 @@ class Proxy:
         self.metrics = MirrorMetrics(daemon)
         self.upstream_client = UpstreamClient()
         self.access = AccessCheck(self.upstream_client, on_result=lambda r: self.metrics.access_checks.labels(r).inc())
+        self.upstream_warnings = RateLimitedLog(WARN_INTERVAL_S)
 
     async def aclose(self) -> None:
         await self.upstream_client.aclose()
@@ -111,13 +122,27 @@ class Proxy:
             return self.download_status(request, m.group("digest"))
         if request.path != "/v2" and not request.path.startswith("/v2/"):
             raise NotFound(f"no such endpoint {request.path[:100]}")
-        kind = "other"
+        # Counted by what was asked, so a request that failed is not lost among "other".
+        kind = request_kind(request.method, request.path)
         try:
-            kind, response = await self._route(request)
+            _, response = await self._route(request)
         except P2PError as exc:
+            if isinstance(exc, UpstreamError):
+                self.warn_upstream(exc)
             response = error_response(exc)
         self.metrics.requests.labels(kind, str(response.status)).inc()
         return response
+
+    def warn_upstream(self, exc: UpstreamError, context: str = "") -> None:
+        """A warning for an upstream failure, with its likely fix; the same failure at most
+        once a minute (a runtime retrying every layer would flood the log)."""
+        message = f"{context}{exc}"
+        if exc.hint and exc.hint not in message:
+            message += f"; {exc.hint}"
+        logged, suppressed = self.upstream_warnings.allow(message, time.monotonic())
+        if logged:
+            more = f" (and {suppressed} more like it since the last such line)" if suppressed else ""
+            log.warning("mirror upstream failure: %s%s", message, more)
 
     def download_status(self, request: Request, digest: str) -> Response:
         if request.method not in ("GET", "HEAD"):
@@ -180,6 +205,8 @@ class Proxy:
         response = await self.upstream_client.send(request.method, url, forwarded_headers(request.headers, hops=hops))
         headers = [*relayed_headers(response), ("oci-namespace", up.namespace)]
         log.debug("%s %s → %d", request.method, redact(url), response.status_code)
+        if response.status_code >= 500:
+            self.warn_upstream(UpstreamError(f"{request.method} {redact(url)} answered {response.status_code}"))
         if request.method == "HEAD":
             await response.aclose()
             return head_response(response.status_code, headers)
@@ -200,7 +227,7 @@ class Proxy:
             verdict = await self.access.check(up.base, name, "blobs", digest, request.headers, hops=hops)
         except OriginError as exc:
             local = self.daemon.store.get(digest)
-            log.warning("blob %s in %s: access check failed: %s", short(digest), name, exc)
+            self.warn_upstream(exc, f"blob {short(digest)} in {name}: access check failed: ")
             why = (
                 f"{short(digest)} is held here, but is served only after the registry accepts the client's credentials"
                 if local is not None and local.complete()
@@ -221,6 +248,8 @@ class Proxy:
             try:
                 size = (await dl.wait_sized()).layout.blob_size
             except P2PError as exc:
+                if isinstance(exc, UpstreamError):
+                    self.warn_upstream(exc, f"cannot fetch {short(digest)}: ")
                 return error_response(exc, f"cannot fetch {short(digest)}: ")
         base = [
             ("content-type", "application/octet-stream"),
@@ -278,6 +307,45 @@ class Proxy:
                 source,
                 time.monotonic() - started,
             )
+
+
+def request_kind(method: str, path: str) -> str:
+    """The metric label of a registry API request, from its method and path alone."""
+    if method not in ("GET", "HEAD"):
+        return "push"
+    if path in ("/v2", "/v2/"):
+        return "base"
+    for kind, pattern in (
+        ("blob", BLOB_PATH),
+        ("manifest", MANIFEST_PATH),
+        ("tags", TAGS_PATH),
+        ("referrers", REFERRERS_PATH),
+    ):
+        if pattern.fullmatch(path):
+            return kind
+    return "catalog" if path == "/v2/_catalog" else "other"
+
+
+class RateLimitedLog:
+    """Lets each distinct message through at most once per `interval_s`, and counts the
+    repeats it held back. Pure: the caller passes the clock."""
+
+    def __init__(self, interval_s: float, *, max_messages: int = 256) -> None:
+        self.interval_s = interval_s
+        self.max_messages = max_messages
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def allow(self, message: str, now: float) -> tuple[bool, int]:
+        """(whether to log it now, how many repeats were held back since it was last logged)."""
+        last = self._last.get(message)
+        if last is not None and now - last[0] < self.interval_s:
+            self._last[message] = (last[0], last[1] + 1)
+            return False, 0
+        if last is None and len(self._last) >= self.max_messages:
+            # Bounded memory whatever the upstream says: forget the oldest line.
+            del self._last[min(self._last, key=lambda k: self._last[k][0])]
+        self._last[message] = (now, 0)
+        return True, last[1] if last is not None else 0
 
 
 async def stream_blob(dl: TaskDownload, start: int, end: int) -> AsyncIterator[bytes | FileBody]:

@@ -130,6 +130,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--daemon-json", default=DOCKER_DAEMON_JSON, help=f"docker's daemon.json (default: {DOCKER_DAEMON_JSON})"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="then ask the peer for each registry's /v2/ (and --image's manifest) as the runtime would, "
+        "and say whether the peer reached the registry; exit 1 if it did not",
+    )
+    parser.add_argument("--image", metavar="NAME[:TAG]", help="with --check: a manifest to fetch through the peer")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -185,4 +192,66 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         )
     for note in peer_notes(registries):
         print(f"note: {note}", file=err)
+    if args.check:
+        hosts = [parse_registry(r)[0] for r in registries]
+        # docker sends no ?ns=: the peer answers it from its --registry-mirror.
+        results = [check_through_peer(proxy, None if args.runtime == "docker" else h, args.image) for h in hosts]
+        for host, (ok, line) in zip(hosts, results, strict=True):
+            print(f"{'ok' if ok else 'FAILED'}: {host}: {line}", file=out)
+        return 0 if all(ok for ok, _ in results) else 1
     return 0
+
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, "
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+)
+CHECK_TIMEOUT_S = 30.0
+
+
+def check_through_peer(proxy: str, ns: str | None, image: str | None) -> tuple[bool, str]:
+    """Ask the peer's proxy what a runtime asks first (`/v2/`, then the image's manifest),
+    and whether the answer came from the registry (the peer relays it with OCI-Namespace) or
+    from the peer failing to reach it (its own error, which says what it tried and why)."""
+    import httpx
+
+    paths = ["/v2/"]
+    if image:
+        name, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+        paths.append(f"/v2/{name}/manifests/{tag}")
+    params = {"ns": ns} if ns else {}
+    said = []
+    try:
+        with httpx.Client(timeout=CHECK_TIMEOUT_S) as client:
+            for path in paths:
+                response = client.get(f"{proxy}{path}", params=params, headers={"accept": MANIFEST_TYPES})
+                if "oci-namespace" not in response.headers:
+                    if ns is None and response.status_code == 200:
+                        return (
+                            False,
+                            "the peer answered itself: start it with --registry-mirror URL (docker sends no ?ns=)",
+                        )
+                    return False, f"the peer did not reach the registry: {_peer_reason(response)}"
+                said.append(f"{path} → {response.status_code}{_meaning(response.status_code)}")
+    except httpx.HTTPError as exc:
+        return False, (
+            f"the peer's proxy {proxy} does not answer ({type(exc).__name__}): is the peer running "
+            f"with --proxy-listen at that address?"
+        )
+    return True, "the peer reached the registry: " + ", ".join(said)
+
+
+def _meaning(status: int) -> str:
+    return {
+        200: "",
+        401: " (the registry wants credentials: the runtime sends them)",
+        404: " (not in the registry)",
+    }.get(status, "")
+
+
+def _peer_reason(response: Any) -> str:
+    try:
+        message = str(response.json()["errors"][0]["message"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        message = response.text.strip()[:300]
+    return f"{response.status_code} {message}"

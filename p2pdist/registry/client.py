@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from p2pdist.errors import OriginError
+from p2pdist.registry.diagnose import unreachable
 from p2pdist.registry.oci import DAEMON_HEADER
 from p2pdist.transport.ratelimit import TokenBucket
 
@@ -38,7 +39,10 @@ async def send_streamed(
     try:
         return await client.send(client.build_request(method, url, headers=headers), stream=True)
     except UNREACHABLE as exc:
-        raise OriginError(f"{who} {urlsplit(url).netloc[:100]} unreachable: {type(exc).__name__}") from None
+        why = unreachable(url, exc)
+        error = OriginError(f"{who} {why}")
+        error.hint = why.hint
+        raise error from None
 
 
 def redirected(response: httpx.Response, origin_host: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
