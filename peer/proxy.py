@@ -139,7 +139,8 @@ class Proxy:
         message = f"{context}{exc}"
         if exc.hint and exc.hint not in message:
             message += f"; {exc.hint}"
-        logged, suppressed = self.upstream_warnings.allow(message, time.monotonic())
+        # Keyed by the failure, not by the blob it hit: one line per broken registry, not per layer.
+        logged, suppressed = self.upstream_warnings.allow(str(exc), time.monotonic())
         if logged:
             more = f" (and {suppressed} more like it since the last such line)" if suppressed else ""
             log.warning("mirror upstream failure: %s%s", message, more)
