@@ -53,6 +53,36 @@ def lower_bound_s(peers: int, blob_bytes: int, origin_bps: float, upload_bps: fl
     )
 
 
+def site_lower_bound_s(
+    *,
+    sites: int,
+    site_hosts: int,
+    blob_bytes: int,
+    piece_bytes: int,
+    origin_bps: float,
+    uplink_bps: float,
+    upload_bps: float,
+    download_bps: float,
+) -> float:
+    """No scheme that passes whole pieces on (as p2pdist does) finishes every host of `sites`
+    sites of `site_hosts`, each site behind a WAN uplink of `uplink_bps` each way, before this.
+
+    The blob must cross a site's uplink (F/u_wan) and leave the core (F/u_core, the origin's
+    rate), each host must take it in (F/d); all sites together take S·F in, which only the
+    origin and the other sites' uplinks can send (S·F/(u_s + S·u_wan)); a site's own swarm
+    (Kumar & Ross inside it, the uplink as its server) needs N_s·F/(u_wan + N_s·u). The largest
+    of these is the time the last byte can enter; with more than one host in a site, the last
+    piece then still has to reach another host inside (P/d).
+    """
+    return max(
+        blob_bytes / uplink_bps,
+        blob_bytes / origin_bps,
+        blob_bytes / download_bps,
+        sites * blob_bytes / (origin_bps + sites * uplink_bps),
+        site_hosts * blob_bytes / (uplink_bps + site_hosts * upload_bps),
+    ) + (piece_bytes / download_bps if site_hosts > 1 else 0.0)
+
+
 def write_results(out_dir: Path, result: dict[str, Any]) -> None:
     """Write result.json, report.md and cdf.png for `result`.
 

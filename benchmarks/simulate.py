@@ -15,6 +15,13 @@ rates shared max-min fairly (approximated by a few rounds of progressive filling
 host's upload and download capacity, recomputed every tick. The seed fetches from the origin
 at the origin rate and uploads at that rate too (seed and origin together are the server).
 Direct pull is the same start times against the origin alone, shared fairly, each capped at d.
+
+With `--sites S`, hosts are split into S sites of peers/S (the seed is in the core), each behind
+one shared WAN uplink of `--site-uplink-rate` each way: a transfer between a site and anything
+outside it also shares that link's capacity, in the same max-min filling. The report adds the
+bytes that entered each site and the site-aware lower bound (benchmarks.report.site_lower_bound_s);
+`--no-site-aware` runs the same topology with the scheduler's site rule off. Direct pull then
+shares the origin fairly between sites, each site's share capped by its uplink.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import lower_bound_s, summarize, write_results
+from benchmarks.report import lower_bound_s, percentile, site_lower_bound_s, summarize, write_results
 from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
 from p2pdist.content.pieces import PieceLayout
 from p2pdist.node.pieceserver import QUEUE_WAIT_S
@@ -66,6 +73,12 @@ class SimConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     seed_upload_slots: int = 0  # 0: what a seed whose upload is capped at the origin rate uses
+    sites: int = 0  # 0: no sites, one flat network
+    site_uplink_bps: float = float("inf")  # each site's WAN link, each way
+    site_aware: bool = True  # the scheduler's site rule (SchedulerConfig.site_aware)
+
+    def site_hosts(self) -> int:
+        return -(-self.peers // self.sites) if self.sites else self.peers
 
     def peer_slots(self) -> int:
         """The upload slots a real peer with this upload cap would use."""
@@ -101,7 +114,9 @@ class Simulation:
         self.lengths = [self.layout.length(n) for n in range(self.layout.count)]
         self.all_pieces = (1 << self.layout.count) - 1
         rng = random.Random(config.seed)
-        self.sched = Scheduler(config.scheduler, rng=random.Random(rng.random()))
+        self.sched = Scheduler(
+            dataclasses.replace(config.scheduler, site_aware=config.site_aware), rng=random.Random(rng.random())
+        )
         n = config.peers
         limits = Limits.from_config(config.peer)
         self.peers = [
@@ -140,6 +155,14 @@ class Simulation:
         self.stats = {"requests": 0, "busy": 0, "syncs": 0, "registers": 0, "back_to_source": 0}
         self.utilization: list[tuple[float, float]] = []
         self.origin_start = 0.0
+        # Sites: host index -> site number (-1: the core, where the seed is); the WAN links'
+        # capacities with one more entry of unlimited capacity for transfers that cross none.
+        self.sites = config.sites
+        self.site_of = np.full(hosts, -1, dtype=np.int64)
+        if self.sites:
+            self.site_of[1:] = np.arange(n) // config.site_hosts()
+        self.wan_cap = np.append(np.full(self.sites, float(config.site_uplink_bps)), np.inf)
+        self.site_in_bytes = np.zeros(self.sites + 1)
 
     # -- control plane: the real scheduler --------------------------------------------------
 
@@ -147,10 +170,23 @@ class Simulation:
         self.order += 1
         heapq.heappush(self.events, (when, self.order, kind, peer))
 
+    def site_name(self, index: int) -> str:
+        site = int(self.site_of[index])
+        if not self.sites:
+            return ""
+        return "core" if site < 0 else f"site-{site:03d}"
+
     def start(self) -> None:
         seed_slots = self.config.seed_slots()
         self.sched.announce(
-            AnnounceHost(host_id=self.seed_id, url="http://seed-0.sim:4010", kind="seed", upload_slots=seed_slots), 0.0
+            AnnounceHost(
+                host_id=self.seed_id,
+                url="http://seed-0.sim:4010",
+                kind="seed",
+                upload_slots=seed_slots,
+                site=self.site_name(0),
+            ),
+            0.0,
         )
         for p in self.peers:
             self.sched.announce(
@@ -159,6 +195,7 @@ class Simulation:
                     url=f"http://{p.host_id}.sim:4000",
                     kind="peer",
                     upload_slots=self.config.peer_slots(),
+                    site=self.site_name(p.index),
                 ),
                 0.0,
             )
@@ -323,24 +360,50 @@ class Simulation:
 
     # -- data plane: flows sharing capacity --------------------------------------------------
 
-    def _rates(self, live: np.ndarray) -> np.ndarray:
-        """Max-min fair rates, approximated by progressive filling over upload and download links."""
+    def _wan_links(self, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each live transfer, the site whose uplink it enters and the one it leaves by
+        (`self.sites`, the unlimited entry, where it crosses none)."""
+        child_site = self.site_of[self.f_child[live]]
+        parent_site = self.site_of[self.f_parent[live]]
+        cross = child_site != parent_site
+        none = self.sites
+        return (
+            np.where(cross & (child_site >= 0), child_site, none),
+            np.where(cross & (parent_site >= 0), parent_site, none),
+        )
+
+    def _rates(self, live: np.ndarray, wan: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Max-min fair rates, approximated by progressive filling over upload and download
+        links, and each site's WAN link (in and out) when there are sites."""
         parent = self.f_parent[live]
         child = self.f_child[live]
         hosts = len(self.up_cap)
         up = self.up_cap.copy()
         down = self.down_cap.copy()
+        links = self.sites + 1
+        into, out_of = wan if wan is not None else (None, None)
+        wan_in = self.wan_cap.copy()
+        wan_out = self.wan_cap.copy()
         rate = np.zeros(len(live))
         open_ = np.ones(len(live), dtype=bool)
         for _ in range(FILL_ROUNDS):
             n_up = np.bincount(parent[open_], minlength=hosts)
             n_down = np.bincount(child[open_], minlength=hosts)
             share = np.minimum(up[parent] / np.maximum(n_up[parent], 1), down[child] / np.maximum(n_down[child], 1))
+            if into is not None and out_of is not None:
+                n_in = np.bincount(into[open_], minlength=links)
+                n_out = np.bincount(out_of[open_], minlength=links)
+                share = np.minimum(share, wan_in[into] / np.maximum(n_in[into], 1))
+                share = np.minimum(share, wan_out[out_of] / np.maximum(n_out[out_of], 1))
             share[~open_] = 0.0
             rate += share
             up -= np.bincount(parent, share, minlength=hosts)
             down -= np.bincount(child, share, minlength=hosts)
             open_ &= (up[parent] > 1.0) & (down[child] > 1.0)
+            if into is not None and out_of is not None:
+                wan_in -= np.bincount(into, share, minlength=links)
+                wan_out -= np.bincount(out_of, share, minlength=links)
+                open_ &= (wan_in[into] > 1.0) & (wan_out[out_of] > 1.0)
             if not open_.any():
                 break
         return rate
@@ -386,9 +449,12 @@ class Simulation:
             touched.clear()
             live = np.flatnonzero(self.f_live)
             if len(live):
-                rate = self._rates(live)
+                wan = self._wan_links(live) if self.sites else None
+                rate = self._rates(live, wan)
                 left = self.f_left[live]
                 moved = rate * dt
+                if wan is not None:
+                    self.site_in_bytes += np.bincount(wan[0], np.minimum(moved, left), minlength=self.sites + 1)
                 over = moved >= left
                 self.f_left[live] = left - moved
                 if now >= next_sample:
@@ -417,7 +483,9 @@ class Simulation:
         p2p["hosts_with_all_pieces"] = sum(1 for p in self.peers if p.have == self.all_pieces)
         p2p["back_to_source"] = self.stats["back_to_source"]
         counters = asdict(self.sched.counters)
-        return {
+        if self.sites:
+            direct_times = self._direct_with_sites()
+        result = {
             "title": "Simulated swarm: real scheduler and piece selection, flow-level network",
             "peers": cfg.peers,
             "blob_bytes": cfg.blob_bytes,
@@ -451,6 +519,64 @@ class Simulation:
             "runtime_s": round(runtime_s, 1),
             "machine": machine(),
         }
+        if self.sites:
+            result["sites"] = self._site_result()
+        return result
+
+    def _site_result(self) -> dict[str, Any]:
+        cfg = self.config
+        bound = site_lower_bound_s(
+            sites=self.sites,
+            site_hosts=cfg.site_hosts(),
+            blob_bytes=cfg.blob_bytes,
+            piece_bytes=self.layout.piece_size,
+            origin_bps=cfg.origin_bps,
+            uplink_bps=cfg.site_uplink_bps,
+            upload_bps=cfg.peer_upload_bps,
+            download_bps=cfg.peer_download_bps,
+        )
+        into = self.site_in_bytes[: self.sites] / cfg.blob_bytes
+        per_site = []
+        for site in range(self.sites):
+            times = [p.done_s - p.start_s for p in self.peers if p.done_s is not None and self.site_of[p.index] == site]
+            per_site.append(
+                {
+                    "site": f"site-{site:03d}",
+                    "bytes_in": int(self.site_in_bytes[site]),
+                    "p99_s": round(percentile(times, 99), 4) if times else None,
+                }
+            )
+        done = [p.done_s - p.start_s for p in self.peers if p.done_s is not None]
+        p99 = percentile(done, 99) if done else float("inf")
+        return {
+            "sites": self.sites,
+            "hosts_per_site": cfg.site_hosts(),
+            "site_uplink_bps": cfg.site_uplink_bps,
+            "site_aware": cfg.site_aware,
+            "site_wan_fetchers": cfg.scheduler.site_wan_fetchers,
+            "site_lower_bound_s": bound,
+            "p99_over_site_bound": p99 / bound,
+            "bytes_in_max_F": float(into.max()),
+            "bytes_in_mean_F": float(into.mean()),
+            "bytes_in_min_F": float(into.min()),
+            "per_site": per_site,
+        }
+
+    def _direct_with_sites(self) -> list[float]:
+        """Direct pulls with sites: the origin shared fairly between sites, each site's share
+        capped by its uplink, then shared fairly between the site's hosts."""
+        cfg = self.config
+        share = min(cfg.origin_bps / self.sites, cfg.site_uplink_bps)
+        times = [0.0] * len(self.peers)
+        for site in range(self.sites):
+            members = [p for p in self.peers if self.site_of[p.index] == site]
+            for p, t in zip(
+                members,
+                direct_pull([p.start_s for p in members], cfg.blob_bytes, share, cfg.peer_download_bps),
+                strict=True,
+            ):
+                times[p.index - 1] = t
+        return times
 
 
 def direct_pull(starts: list[float], blob_bytes: int, origin_bps: float, download_bps: float) -> list[float]:
@@ -517,6 +643,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-spread", type=float, default=0.2, help="hosts start within this many seconds")
     parser.add_argument("--tick", type=float, default=0.005, help="seconds between rate recomputations")
     parser.add_argument("--seed", type=int, default=1, help="random seed")
+    parser.add_argument("--sites", type=int, default=0, help="split the hosts into this many sites (0: none)")
+    parser.add_argument("--site-uplink-rate", default="50MiB", help="each site's WAN link, each way, bytes/s")
+    parser.add_argument("--site-wan-fetchers", type=int, default=1, help="peers per site fetching from outside")
+    parser.add_argument(
+        "--no-site-aware", action="store_true", help="the same sites with the scheduler's site rule off"
+    )
+    parser.add_argument("--max-time", type=float, default=3600.0, help="stop the simulation at this simulated time")
     parser.add_argument("--out", type=Path, required=True, help="directory for result.json, report.md, cdf.png")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
@@ -533,6 +666,11 @@ def main(argv: list[str] | None = None) -> int:
         start_spread_s=args.start_spread,
         tick_s=args.tick,
         seed=args.seed,
+        max_time_s=args.max_time,
+        scheduler=SchedulerConfig(site_wan_fetchers=args.site_wan_fetchers),
+        sites=args.sites,
+        site_uplink_bps=parse_size(args.site_uplink_rate) if args.sites else float("inf"),
+        site_aware=not args.no_site_aware,
     )
     result, _ = simulate(config)
     result["command"] = shlex.join([".venv/bin/python", "-m", "benchmarks.simulate", *(argv or sys.argv[1:])])
@@ -544,6 +682,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{scheme:6s} p50 {r['p50_s']:9.2f} s ({r['p50_s'] / bound:6.2f}·T_min)  "
             f"p99 {r['p99_s']:9.2f} s ({r['p99_s'] / bound:6.2f}·T_min)  "
             f"origin {r['origin_bytes'] / config.blob_bytes:7.2f}·F"
+        )
+    if config.sites:
+        sites = result["sites"]
+        print(
+            f"sites  {config.sites} of {sites['hosts_per_site']}, site-aware {'on' if config.site_aware else 'off'}: "
+            f"bytes into each site max {sites['bytes_in_max_F']:.3f}·F (mean {sites['bytes_in_mean_F']:.3f}·F); "
+            f"p99 {result['p2p']['p99_s']:.2f} s = {sites['p99_over_site_bound']:.2f}·bound "
+            f"(site bound {sites['site_lower_bound_s']:.2f} s)"
         )
     print(
         f"T_min {bound:.2f} s; {result['p2p']['hosts_complete']}/{config.peers} hosts done; "

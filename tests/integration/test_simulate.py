@@ -77,3 +77,31 @@ def test_percentile_interpolates_like_numpy() -> None:
     assert percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
     assert percentile(values, 50) == 2.5
     assert abs(percentile(values, 99) - 3.97) < 1e-9
+
+
+def test_sites_each_piece_crosses_each_sites_uplink_about_once() -> None:
+    """40 hosts in 4 sites of 10 behind 50 MiB/s uplinks: with the site rule each site takes
+    the blob in about once and finishes near the site bound; without it, many times over."""
+    common = {
+        "peers": 40,
+        "blob_bytes": 48 * MiB,
+        "peer_upload_bps": 100 * MiB,
+        "peer_download_bps": 100 * MiB,
+        "origin_bps": 1024 * MiB,
+        "sites": 4,
+        "site_uplink_bps": 50 * MiB,
+    }
+    aware, sim = simulate(SimConfig(**common))  # type: ignore[arg-type]
+    sites = aware["sites"]
+    assert aware["p2p"]["hosts_complete"] == 40 and aware["p2p"]["back_to_source"] == 0
+    # bound = max(F/u_wan, ...) + P/d = 48/50 + 4/100 s
+    assert abs(sites["site_lower_bound_s"] - 1.0) < 1e-9
+    assert [s["site"] for s in sites["per_site"]] == ["site-000", "site-001", "site-002", "site-003"]
+    assert all(0.99 * 48 * MiB <= s["bytes_in"] <= 1.05 * 48 * MiB for s in sites["per_site"])
+    assert sites["bytes_in_max_F"] <= 1.05
+    assert aware["p2p"]["p99_s"] >= sites["site_lower_bound_s"]
+    assert sites["p99_over_site_bound"] < 3.0
+    assert all(len(f) == 0 for f in sim.sched.tasks[next(iter(sim.sched.tasks))].wan_fetchers.values())
+    blind, _ = simulate(SimConfig(**common, site_aware=False))  # type: ignore[arg-type]
+    assert blind["sites"]["bytes_in_mean_F"] > 3 * sites["bytes_in_mean_F"]
+    assert blind["p2p"]["p99_s"] > 2 * aware["p2p"]["p99_s"]
