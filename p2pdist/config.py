@@ -265,6 +265,9 @@ class ServiceConfig:
     tls_cert: str | None = opt(None, _opt_path, _TLS_CERT_HELP)
     tls_key: str | None = opt(None, _opt_path, _TLS_KEY_HELP)
     tls_ca: str | None = opt(None, _opt_path, _TLS_CA_HELP)
+    drain_timeout_s: float = opt(
+        30.0, _float, "on SIGTERM, refuse new requests and give those in flight this long to finish"
+    )
     head_timeout_s: float = opt(
         5.0, _float, "a request head (and a TLS handshake) must arrive within this, or the connection is closed"
     )

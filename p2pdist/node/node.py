@@ -26,6 +26,7 @@ from p2pdist.node.pieceserver import PieceServer
 from p2pdist.registry.client import OriginClient
 from p2pdist.storage.quota import CacheQuota, pin_piece_response
 from p2pdist.storage.store import TaskStore, open_host
+from p2pdist.transport.drain import current as current_drain
 from p2pdist.transport.ratelimit import maybe_bucket
 from p2pdist.transport.schedclient import SchedulerPool
 from p2pdist.transport.server import Request, Response, serve_http
@@ -80,6 +81,7 @@ class Node(Generic[ConfigT]):
         )
         self.advertise = config.advertise or ""  # with port 0, known once bound
         self._nursery: trio.Nursery | None = None
+        self._leaving = False  # draining: announce no more
         self._last_announce_error: dict[str, str] = {}  # scheduler -> its last announce failure
         self._announcing: set[str] = set()  # schedulers with an announce in flight
 
@@ -153,6 +155,8 @@ class Node(Generic[ConfigT]):
                     else "",
                 )
                 report = await self.start_role(nursery, bound)
+                if (drain := current_drain()) is not None:
+                    drain.on_drain(self.leave_cluster)
                 nursery.start_soon(self.announce_loop)
                 task_status.started(report)
         finally:
@@ -243,9 +247,16 @@ class Node(Generic[ConfigT]):
         if self._nursery is not None:
             self._nursery.start_soon(self.announce_to, url)
 
+    async def leave_cluster(self) -> None:
+        """Draining: stop announcing and tell the scheduler this host is leaving, so it is
+        offered as nobody's parent while its last streams finish."""
+        self._leaving = True
+        self.log.info("%s %s: leaving: the scheduler is told, no new requests are taken", self.kind, self.host_id)
+        await self.scheduler.say_goodbye(self.host_id)
+
     async def announce_loop(self) -> None:
         assert self._nursery is not None
-        while True:
+        while not self._leaving:
             await self.enforce_quota()
             # Not waited for: a scheduler that hangs (SIGSTOP) must not delay the others' announces.
             for url in self.scheduler.members:

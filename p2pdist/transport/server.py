@@ -21,6 +21,7 @@ import h11
 import trio
 
 from p2pdist.errors import BodyTooLarge, P2PError, StartupError
+from p2pdist.transport.drain import current as current_drain
 from p2pdist.transport.protocol import (
     NEED_DATA,
     Answer,
@@ -264,8 +265,14 @@ class _Connection:
                 await self._send_response(event.response)
                 await self._close_gracefully()
                 return
+            drain = current_drain()
             if isinstance(event, Answer):
                 await self._send_response(event.response)
+            elif drain is not None and drain.refuses(event.request.path):
+                await self._send_response(text_response(503, "draining: shutting down", [("connection", "close")]))
+            elif drain is not None:
+                with drain.request():  # the daemon waits for this response before it exits
+                    await self._send_response(await self._call_handler(event.request))
             else:
                 await self._send_response(await self._call_handler(event.request))
             if not await self._finish_cycle():
