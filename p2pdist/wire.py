@@ -38,6 +38,12 @@ TaskState = Literal[  # what a SyncReply tells the peer to do with its task
     "back_to_source",  # P2P cannot serve this task: fetch it from the origin
     "unknown",  # the scheduler does not know this peer in this task (it restarted?): register again
 ]
+PreheatState = Literal[  # how far a node is with a blob a preheat job asked it to hold
+    "running",  # fetching it
+    "done",  # holds every verified piece
+    "failed",  # gave up: `error` says why
+    "unknown",  # was never asked (it restarted?), nor holds it
+]
 HOST_KINDS: tuple[HostKind, ...] = typing.get_args(HostKind)
 TASK_STATES: tuple[TaskState, ...] = typing.get_args(TaskState)
 
@@ -154,6 +160,27 @@ class SeedTrigger:
     content_length: int | None = None
     piece_digests: list[bytes] = field(default_factory=list)
     parents: list[Parent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PreheatBlob:
+    """POST {node}/v1/preheat — a preheat job asks a seed or peer to hold a blob before anyone
+    pulls it. Headers (the registry credentials) are used for this fetch only, never stored."""
+
+    task_id: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreheatStatus:
+    """GET {node}/v1/preheat/<task_id> — how far the node is with a blob it was asked to hold."""
+
+    task_id: str
+    state: PreheatState
+    content_length: int = 0
+    bytes_done: int = 0
+    error: str = ""
 
 
 @dataclass(frozen=True)

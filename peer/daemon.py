@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from p2pdist import wire
 from p2pdist.config import PeerConfig, parse_hostport
 from p2pdist.content.digest import parse_digest
 from p2pdist.node.node import Node
+from p2pdist.node.preheat import held_status
 from p2pdist.registry.client import OriginClient
 from p2pdist.transport.piececlient import PieceClient
 from p2pdist.transport.ratelimit import maybe_bucket
@@ -62,6 +64,25 @@ class PeerDaemon(Node[PeerConfig]):
         else:
             self.spawn(self._run_download, dl)
         return dl
+
+    def preheat(self, message: wire.PreheatBlob) -> None:
+        self.download(message.task_id, message.url, message.headers)
+
+    def preheat_status(self, task_id: str) -> wire.PreheatStatus:
+        dl = self.downloads.get(task_id)
+        if dl is not None and dl.finished.is_set() and dl.error is not None:
+            return wire.PreheatStatus(task_id=task_id, state="failed", error=str(dl.error))
+        if dl is not None and not dl.finished.is_set():
+            held = held_status(task_id, dl.store)
+            # All pieces in is not done: the blob's sha256 is still being checked.
+            return wire.PreheatStatus(
+                task_id=task_id, state="running", content_length=held.content_length, bytes_done=held.bytes_done
+            )
+        status = super().preheat_status(task_id)
+        failed = self.failures.get(task_id)
+        if status.state != "done" and failed is not None:
+            return wire.PreheatStatus(task_id=task_id, state="failed", error=failed[1])
+        return status
 
     async def _run_download(self, dl: TaskDownload) -> None:
         await dl.run()

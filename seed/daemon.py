@@ -15,6 +15,7 @@ from p2pdist import wire
 from p2pdist.config import SeedConfig
 from p2pdist.content.digest import short
 from p2pdist.node.node import Node
+from p2pdist.node.preheat import held_status
 from p2pdist.registry.client import OriginClient
 from p2pdist.storage.store import TaskStore
 from p2pdist.transport.ratelimit import maybe_bucket
@@ -67,6 +68,22 @@ class SeedDaemon(Node[SeedConfig]):
         trigger = wire.decode(wire.SeedTrigger, await request.body(limit=wire.MAX_BODY_BYTES))
         self.start(trigger)
         return Response(202, [("content-type", wire.CONTENT_TYPE)], wire.encode(wire.Empty()))
+
+    def preheat(self, message: wire.PreheatBlob) -> None:
+        # The same fetch a wake-up starts: one origin fetch per blob whoever asked first.
+        self.start(wire.SeedTrigger(task_id=message.task_id, url=message.url, headers=message.headers))
+
+    def preheat_status(self, task_id: str) -> wire.PreheatStatus:
+        fetch = self.fetches.get(task_id)
+        if fetch is None:
+            return super().preheat_status(task_id)
+        if fetch.error:
+            return wire.PreheatStatus(task_id=task_id, state="failed", error=fetch.error)
+        status = held_status(task_id, fetch.store)
+        if status.state == "done" and not fetch.done:
+            # Every piece is stored but the sha256 of the whole is still being checked.
+            return wire.PreheatStatus(task_id=task_id, state="running", content_length=status.content_length)
+        return status
 
     def busy(self, task_id: str) -> bool:
         fetch = self.fetches.get(task_id)

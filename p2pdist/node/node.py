@@ -23,6 +23,7 @@ from p2pdist.errors import NotFound, P2PError, StartupError, StoreError, Upstrea
 from p2pdist.node.endpoints import open_endpoint
 from p2pdist.node.metrics import DaemonMetrics
 from p2pdist.node.pieceserver import PieceServer
+from p2pdist.node.preheat import held_status, preheat_route
 from p2pdist.registry.client import OriginClient
 from p2pdist.storage.quota import CacheQuota, pin_piece_response
 from p2pdist.storage.store import TaskStore, open_host
@@ -40,7 +41,8 @@ class Node(Generic[ConfigT]):
 
     Hooks a role overrides: `busy` (a task the quota must keep), `forget` (a task the quota
     removed), `piece_digests` (announced with a task), `route` (the role's own endpoints),
-    `start_role` (what runs beside the piece server) and `aclose`.
+    `preheat` and `preheat_status` (holding a blob for a preheat job), `start_role` (what runs
+    beside the piece server) and `aclose`.
     """
 
     kind: ClassVar[wire.HostKind]  # each role sets it: in metric names, logs and announces
@@ -101,6 +103,14 @@ class Node(Generic[ConfigT]):
     async def route(self, request: Request) -> Response | None:
         """The role's own endpoints; None for a path it does not serve."""
         return None
+
+    def preheat(self, message: wire.PreheatBlob) -> None:
+        """A preheat job asks this node to hold a blob: start fetching it (the role's way)."""
+        raise NotFound(f"a {self.kind} does not preheat")
+
+    def preheat_status(self, task_id: str) -> wire.PreheatStatus:
+        """How far this node is with a blob a preheat job asked it to hold."""
+        return held_status(task_id, self.store.get(task_id))
 
     async def start_role(self, nursery: trio.Nursery, bound: tuple[str, int]) -> Any:
         """Start what the role runs beside the piece server; return what `serve` reports."""
@@ -170,6 +180,8 @@ class Node(Generic[ConfigT]):
         if (response := open_endpoint(request, self.metrics.registry)) is not None:
             return response
         if (response := await self.route(request)) is not None:
+            return response
+        if (response := await preheat_route(self, request)) is not None:
             return response
         if self.pieces.match(request):
             return pin_piece_response(self.store, request, await self.pieces.handle(request))
