@@ -196,6 +196,7 @@ def _hostport_str(value: object) -> str:
 
 
 CLUSTER_SECRET_ENV = "P2PDIST_CLUSTER_SECRET"
+PREHEAT_TOKEN_ENV = "P2PDIST_PREHEAT_TOKEN"
 MIN_SECRET_CHARS = 16
 
 
@@ -289,6 +290,19 @@ class SchedulerConfig(ServiceConfig):
     site_wan_fetchers: int = opt(
         1, _at_least_one, "peers per site and task allowed to fetch from outside the site (over its WAN link)"
     )
+    preheat_token: str | None = opt(
+        None,
+        _opt_secret,
+        f"Bearer token the preheat job API (/oapi/v1/jobs) takes besides the cluster secret "
+        f"(or env {PREHEAT_TOKEN_ENV})",
+        secret=True,
+    )
+    preheat_jobs: int = opt(2, _int, "preheat jobs running at once; later ones wait as PENDING")
+    preheat_job_blobs: int = opt(
+        4, _int, "blob copies one preheat job fetches at once (its concurrent_count may lower it)"
+    )
+    preheat_job_timeout_s: float = opt(1800.0, _float, "fail a preheat job that has not finished in this long")
+    preheat_job_ttl_s: float = opt(3600.0, _float, "forget a finished preheat job after this long")
 
 
 def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, highest: int) -> int:
@@ -468,12 +482,13 @@ def load(cls: type[C], path: str | Path | None, overrides: Mapping[str, object] 
         data.update(loaded)
     flagged = {k: v for k, v in overrides.items() if v is not None}
     data.update(flagged)
-    from_env = os.environ.get(CLUSTER_SECRET_ENV)
-    if not data.get("cluster_secret") and from_env and _has_field(cls, "cluster_secret"):
-        try:
-            data["cluster_secret"] = _opt_secret(from_env)
-        except ConfigError as exc:
-            raise ConfigError(f"{CLUSTER_SECRET_ENV}: {exc}") from None
+    for key, env in (("cluster_secret", CLUSTER_SECRET_ENV), ("preheat_token", PREHEAT_TOKEN_ENV)):
+        from_env = os.environ.get(env)
+        if not data.get(key) and from_env and _has_field(cls, key):
+            try:
+                data[key] = _opt_secret(from_env)
+            except ConfigError as exc:
+                raise ConfigError(f"{env}: {exc}") from None
     return from_mapping(cls, data, source=str(path) if path is not None else "flags", from_flags=flagged)
 
 

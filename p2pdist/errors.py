@@ -22,7 +22,9 @@ from the status we answer.
     │                                                dir it cannot use): fix the host and restart (exit 1)
     ├── ConfigError              500 UNKNOWN         a config file or flag is invalid: fix it and restart (exit 2)
     │   └── MirrorConfigError                        a mirror-config flag or runtime config file is unusable
-    └── GetError                 500 UNKNOWN         `p2pdist get` could not deliver the blob
+    ├── GetError                 500 UNKNOWN         `p2pdist get` could not deliver the blob
+    └── PreheatError             500 UNKNOWN         a preheat job could not hold the image where asked
+        └── JobsBusy             429 TOOMANYREQUESTS the scheduler keeps no more preheat jobs: retry later
 
 OriginError answers 401 UNAUTHORIZED, 403 DENIED, 404 BLOB_UNKNOWN or 429 TOOMANYREQUESTS when
 the origin said so (the origin is asked for blobs only), else 502 UNAVAILABLE.
@@ -156,3 +158,15 @@ class MirrorConfigError(ConfigError):
 
 class GetError(P2PError):
     """`p2pdist get` failed: the URL or flags are unusable, or the transfer or its digest failed."""
+
+
+class PreheatError(P2PError):
+    """A preheat job (or `p2pdist preheat`) could not hold the image where it was asked to:
+    the image does not resolve, access is refused, or a target failed."""
+
+
+class JobsBusy(PreheatError):
+    """The scheduler holds as many preheat jobs as it keeps: try again later."""
+
+    status = 429
+    code = "TOOMANYREQUESTS"

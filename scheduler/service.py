@@ -25,6 +25,7 @@ from p2pdist.transport.trust import (
     refuse_unauthorized,
     server_context,
 )
+from scheduler.jobs import JobService
 from scheduler.state import Scheduler, WakeSeed
 
 log = logging.getLogger("p2pdist.scheduler")
@@ -81,6 +82,7 @@ class SchedulerService:
         self._wake_recv: trio.MemoryReceiveChannel[WakeSeed]
         self._wake_send, self._wake_recv = trio.open_memory_channel(1000)
         self._counted = (0, 0, 0, 0)
+        self.jobs = JobService(config, self.state)
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/healthz" and request.method in ("GET", "HEAD"):
@@ -88,6 +90,9 @@ class SchedulerService:
         if request.path == "/metrics" and request.method in ("GET", "HEAD"):
             self._refresh_gauges()
             return metrics_response(self.metrics.registry)
+        # The preheat job API checks its own token (the cluster secret or the preheat token).
+        if (response := await self.jobs.handle(request)) is not None:
+            return response
         if (refused := refuse_unauthorized(request, self.config.cluster_secret)) is not None:
             self.metrics.requests.labels("unauthorized", "error").inc()
             return refused
@@ -212,5 +217,6 @@ async def serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any] = 
         )
         nursery.start_soon(service.wake_seeds)
         nursery.start_soon(service.expire_loop)
+        nursery.start_soon(service.jobs.run)
         log.info("scheduler listening on %s://%s:%d", "https" if tls else "http", *bound)
         task_status.started(bound)

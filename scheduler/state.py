@@ -562,6 +562,20 @@ class Scheduler:
             peers[host_id].order = order
         return False
 
+    def preheating(self, task_id: str, url: str, seed_id: str, now: float) -> None:
+        """A preheat job asked `seed_id` to fetch the task: it counts as the task's seed, so a
+        peer asking meanwhile waits for its pieces rather than waking another seed."""
+        task = self.tasks.setdefault(task_id, Task(task_id))
+        if not task.url:
+            task.url = url
+        if task.failed and not self._has_holders(task):
+            task.failed = ""  # a new request deserves a new try
+            task.seed_retry_at.clear()
+            task.seed_wakes = 0
+        if task.seed is None and not self._has_complete_holder(task):
+            task.seed = seed_id
+            task.seed_progress_at = now
+
     def seed_wake_failed(self, task_id: str, seed_id: str, now: float) -> None:
         """A wake-up did not reach `seed_id`: the task waits for another seed, or this one after a back-off."""
         task = self.tasks.get(task_id)

@@ -145,6 +145,28 @@ class OriginClient:
         await response.aclose()
         return response
 
+    async def get_manifest(self, url: str, headers: dict[str, str], accept: str, *, limit: int) -> tuple[str, bytes]:
+        """(content type, body) of a manifest, by the same auth and redirects as a blob; a body
+        over `limit` bytes or any answer but 200 is an OriginError."""
+        request_headers = {k: v for k, v in headers.items() if k.lower() == "authorization"}
+        request_headers["accept"] = accept
+        request_headers[DAEMON_HEADER] = "1"
+        response = await self._send(url, request_headers)
+        try:
+            if response.status_code != 200:
+                await response.aread()
+                raise OriginError(_describe(response, url), upstream_status=response.status_code)
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > limit:
+                    raise OriginError(f"manifest {_redact(url)} is over {limit} bytes")
+        except httpx.HTTPError as exc:
+            raise OriginError(f"origin failed sending {_redact(url)}: {type(exc).__name__}") from None
+        finally:
+            await response.aclose()
+        return response.headers.get("content-type", "").split(";")[0].strip(), bytes(body)
+
     async def _send(self, url: str, headers: dict[str, str], method: str = "GET") -> httpx.Response:
         origin_host = urlsplit(url).netloc
         tried_token = False

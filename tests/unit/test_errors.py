@@ -168,7 +168,7 @@ def test_mirror_range_error_names_the_length() -> None:
 
 def test_every_error_class_is_a_p2p_error_with_a_known_code() -> None:
     classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
-    assert len(classes) == 14
+    assert len(classes) == 16
     for cls in classes:
         assert issubclass(cls, P2PError), cls
         assert 400 <= cls.status <= 599 and cls.code in OCI_CODES, cls
