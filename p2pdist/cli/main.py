@@ -1,4 +1,4 @@
-"""The `p2pdist` command: scheduler, seed and peer services, and the `get` client.
+"""The `p2pdist` command: scheduler, seed and peer services, the `get` client, and `preheat`.
 
 Whatever ends it is one line on stderr: exit 2 for unusable input (flags, config), 1 for a
 failure at run time (a port taken, a data dir unusable, a transfer failed).
@@ -45,6 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--user", help="USER:PASSWORD for the registry (passed to it, never stored)")
     get.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the whole download")
     get.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pre = sub.add_parser("preheat", help="put an image's blobs on the seeds or peers before a rollout")
+    pre.add_argument("image", help="REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:DIGEST")
+    pre.add_argument("--scheduler", default="http://127.0.0.1:8002", help="the scheduler's URL")
+    pre.add_argument(
+        "--platform", action="append", default=[], help="OS/ARCH of an index to preheat (repeat; default: all)"
+    )
+    pre.add_argument(
+        "--scope",
+        choices=("seeds", "all-seeds", "peers"),
+        default="seeds",
+        help="one seed, every seed, or peers (default: seeds)",
+    )
+    share = pre.add_mutually_exclusive_group()
+    share.add_argument("--percentage", type=int, help="with --scope peers: this percentage of the peers")
+    share.add_argument("--count", type=int, help="with --scope peers: this many peers")
+    pre.add_argument(
+        "--user",
+        help="USER:PASSWORD for the registry, used for this job only (or a Bearer token in $P2PDIST_REGISTRY_TOKEN)",
+    )
+    pre.add_argument("--plain-http", action="store_true", help="the registry speaks HTTP, not HTTPS")
+    pre.add_argument("--wait", action="store_true", help="follow the job to its end with a progress bar")
+    pre.add_argument("--timeout", type=float, default=1800.0, help="seconds the job may take (default: 1800)")
+    pre.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     from p2pdist.cli import mirrorconfig
 
     mirrorconfig.add_arguments(
@@ -73,6 +96,23 @@ def _run(args: argparse.Namespace) -> int:
         from p2pdist.cli.get import get
 
         get(args.url, args.output, args.peer, user=args.user, timeout_s=args.timeout, quiet=args.quiet)
+        return 0
+    if args.command == "preheat":
+        from p2pdist.cli.preheat import preheat
+
+        preheat(
+            args.image,
+            args.scheduler,
+            platforms=args.platform,
+            scope=args.scope,
+            percentage=args.percentage,
+            count=args.count,
+            user=args.user,
+            plain_http=args.plain_http,
+            wait=args.wait,
+            timeout_s=args.timeout,
+            quiet=args.quiet,
+        )
         return 0
     if args.command == "mirror-config":
         from p2pdist.cli import mirrorconfig
