@@ -30,6 +30,10 @@ from scheduler.state import Scheduler, WakeSeed
 
 log = logging.getLogger("p2pdist.scheduler")
 WAKE_TIMEOUT_S = 5.0
+EXPIRE_INTERVAL_S = 1.0
+# A gap this long between two looks at the clock (the expire loop looks every second) means
+# the process did not run: see Scheduler.paused.
+PAUSE_S = 2.5
 
 
 class Metrics:
@@ -83,6 +87,7 @@ class SchedulerService:
         self._wake_send, self._wake_recv = trio.open_memory_channel(1000)
         self._counted = (0, 0, 0, 0)
         self.jobs = JobService(config, self.state)
+        self._last_tick = trio.current_time()
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/healthz" and request.method in ("GET", "HEAD"):
@@ -115,8 +120,15 @@ class SchedulerService:
         self._count()
         return Response(200, [("content-type", wire.CONTENT_TYPE)], wire.encode(reply))
 
+    def _tick(self, now: float) -> None:
+        gap = now - self._last_tick
+        if gap > PAUSE_S:
+            self.state.paused(gap - EXPIRE_INTERVAL_S)
+        self._last_tick = max(self._last_tick, now)
+
     def _dispatch(self, message: object) -> object:
         now = trio.current_time()
+        self._tick(now)
         state = self.state
         wake: WakeSeed | None = None
         reply: object = wire.Empty()
@@ -194,8 +206,10 @@ class SchedulerService:
 
     async def expire_loop(self) -> None:
         while True:
-            await trio.sleep(1.0)
-            self.state.expire(trio.current_time())
+            await trio.sleep(EXPIRE_INTERVAL_S)
+            now = trio.current_time()
+            self._tick(now)
+            self.state.expire(now)
 
 
 async def serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:

@@ -425,6 +425,18 @@ class Scheduler:
             if task.seed == host_id:
                 task.seed = None
 
+    def paused(self, seconds: float) -> None:
+        """The scheduler did not run for `seconds` (SIGSTOP, a frozen VM): time it did not see
+        counts against no one. Without this, a scheduler coming back would take its seeds for
+        stalled and wake other seeds for blobs already being fetched, and forget live hosts."""
+        for host in self.hosts.values():
+            host.last_seen += seconds
+        for task in self.tasks.values():
+            task.seed_progress_at += seconds
+            for peer in task.peers.values():
+                peer.last_seen += seconds
+        log.warning("did not run for %.1fs; timers moved on by as much", seconds)
+
     def expire(self, now: float) -> list[str]:
         """Forget hosts not heard from within the TTL; return their ids."""
         gone = [h for h, host in self.hosts.items() if now - host.last_seen > self.config.peer_ttl_s]

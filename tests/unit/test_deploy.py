@@ -101,6 +101,22 @@ def test_kubernetes_set_has_every_part_and_kustomize_lists_every_file(k8s: list[
     )
 
 
+def test_kubernetes_runs_three_schedulers_behind_a_headless_service_and_two_seeds(
+    k8s: list[dict[str, Any]],
+) -> None:
+    schedulers = find(k8s, "Deployment", "p2pdist-scheduler")
+    assert schedulers["spec"]["replicas"] >= 3
+    # A Recreate rollout would take every scheduler down at once.
+    assert schedulers["spec"].get("strategy", {}).get("type", "RollingUpdate") == "RollingUpdate"
+    service = find(k8s, "Service", "p2pdist-scheduler")
+    assert service["spec"]["clusterIP"] == "None"  # DNS answers every scheduler's address
+    assert not service["spec"].get("publishNotReadyAddresses", False)  # only ready ones
+    assert service["spec"]["selector"].items() <= schedulers["spec"]["template"]["metadata"]["labels"].items()
+    budget = find(k8s, "PodDisruptionBudget", "p2pdist-scheduler")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert find(k8s, "StatefulSet", "p2pdist-seed")["spec"]["replicas"] >= 2
+
+
 def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str, Any]]) -> None:
     roles = workloads(k8s)
     assert set(roles) == {"scheduler", "seed", "peer"}
@@ -137,6 +153,8 @@ def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str,
     for role in ("seed", "peer"):
         url = urlsplit(configs[role].scheduler[0])
         assert url.hostname == "p2pdist-scheduler.p2pdist.svc.cluster.local" and url.port == port["port"], role
+        # One name, resolved to every scheduler, and again as they come and go.
+        assert len(configs[role].scheduler) == 1 and 0 < configs[role].scheduler_dns_interval_s <= 60, role
     seed_service = find(k8s, "Service", "p2pdist-seed")
     assert find(k8s, "StatefulSet", "p2pdist-seed")["spec"]["serviceName"] == "p2pdist-seed"
     (seed_port,) = seed_service["spec"]["ports"]

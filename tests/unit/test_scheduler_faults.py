@@ -153,3 +153,15 @@ def test_a_seed_taking_over_mid_blob_is_told_the_digests_and_the_peers_holding_t
     # Peers holding the most first; never the seed that stalled.
     assert [p.host_id for p in trigger.parents] == ["peer-1", "peer-2"]
     assert trigger.parents[0].url == "http://peer-1:4000"
+
+
+def test_a_scheduler_that_did_not_run_does_not_take_its_seed_for_stalled() -> None:
+    s = _scheduler()
+    for host, kind in (("seed-a", "seed"), ("seed-b", "seed"), ("peer-1", "peer")):
+        _announce(s, host, kind, 0.0)  # type: ignore[arg-type]
+    _, wake = _register(s, "peer-1", 0.0)
+    assert wake is not None
+    s.paused(10.0)  # SIGSTOPped for 10 s: the seed's progress went to another scheduler meanwhile
+    _, again = s.sync(wire.Sync(host_id="peer-1", task_id=TASK), 10.5)
+    assert again is None and s.tasks[TASK].seed == wake.seed_id
+    assert s.expire(10.5) == []
