@@ -22,6 +22,7 @@ from p2pdist import wire
 from p2pdist.content.digest import PIECE_DIGEST_BYTES, PieceHasher, short
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.node.intake import PieceIntake
+from p2pdist.node.pieceserver import KIND_HEADER
 from p2pdist.registry.retry import ORIGIN_RETRY
 from p2pdist.storage.store import PieceWriter, TaskStore
 from p2pdist.transport.piececlient import PieceResponse
@@ -44,6 +45,7 @@ class TaskDownload:
         self.store = store
         self.error: P2PError | None = None
         self.back_to_source_reason = ""
+        self.parent_kinds: dict[str, str] = {}  # host id → "seed" or "peer", as its pieces said
         self.verified = False
         self.finished = trio.Event()
         self._changed = trio.Event()
@@ -98,7 +100,7 @@ class TaskDownload:
     async def run(self) -> None:
         metrics = self.daemon.metrics
         try:
-            with metrics.task_run() as elapsed:
+            with metrics.task_run(lambda: self.store.layout.blob_size if self.store else None) as elapsed:
                 await self._p2p()
                 decision = self.machine.back_to_source
                 if decision is not None:
@@ -291,9 +293,10 @@ class TaskDownload:
             self._notify()
             return
         self.machine.piece_done(request.number, outcome, time.monotonic())
-        metrics.pieces.labels("peer", outcome.value).inc()
+        source = self.parent_kinds.get(request.host_id, "peer")
+        metrics.pieces.labels(source, outcome.value).inc()
         if outcome is PieceOutcome.VERIFIED:
-            metrics.piece_seconds.labels("peer").observe(time.monotonic() - started)
+            metrics.piece_seconds.labels(source).observe(time.monotonic() - started)
         self._notify()
 
     async def _transfer(self, request: PieceRequest) -> PieceOutcome:
@@ -333,11 +336,14 @@ class TaskDownload:
                 return PieceOutcome.BUSY
             if response.status != 200:
                 raise UpstreamError(f"parent answered HTTP {response.status}")
+            # Seed or peer, as the parent says: only the metrics' source label depends on it.
+            source = "seed" if response.headers.get(KIND_HEADER) == "seed" else "peer"
+            self.parent_kinds[request.host_id] = source
             if response.length != length:
                 raise IntegrityError(f"{request.host_id} offered {response.length} bytes for a {length}-byte piece")
             writer = store.new_piece(number)
             try:
-                hasher = await self._receive_body(response, writer)
+                hasher = await self._receive_body(response, writer, source)
                 if hasher.digest() != self.digests[number]:
                     raise IntegrityError(f"piece {number} from {request.host_id} failed verification")
             except BaseException:
@@ -346,7 +352,7 @@ class TaskDownload:
             writer.commit()
             return PieceOutcome.VERIFIED
 
-    async def _receive_body(self, response: PieceResponse, writer: PieceWriter) -> PieceHasher:
+    async def _receive_body(self, response: PieceResponse, writer: PieceWriter, source: str) -> PieceHasher:
         hasher = PieceHasher()
         bucket = self.daemon.download_bucket
         if bucket is None and response.can_drain_in_thread:
@@ -357,7 +363,7 @@ class TaskDownload:
                     await bucket.take(len(chunk))
                 hasher.update(chunk)
                 writer.write(chunk)
-        self.daemon.metrics.download_bytes.labels("peer").inc(hasher.length)
+        self.daemon.metrics.download_bytes.labels(source).inc(hasher.length)
         return hasher
 
     # -- the blob's sha256 ----------------------------------------------------------------

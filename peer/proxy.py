@@ -279,7 +279,8 @@ class Proxy:
     async def _timed(
         self, body: AsyncIterator[bytes | FileBody], dl: TaskDownload, source: str, length: int, started: float
     ) -> AsyncIterator[bytes | FileBody]:
-        """`body`, counted: time to its first byte (from the request) and bytes by source."""
+        """`body`, counted: time to its first byte (from the request) and bytes by source:
+        `local` (held whole when asked), `p2p`, or `origin` (the download went back to source)."""
         first = True
         sent = 0
         self.daemon.store.pin(dl.task_id)  # the cache quota never evicts a blob being sent
@@ -291,6 +292,9 @@ class Proxy:
                 yield chunk
                 n = chunk.length if isinstance(chunk, FileBody) else len(chunk)
                 sent += n
+                # A download that went back to source sends the client origin bytes, not P2P ones.
+                if source != "local":
+                    source = "origin" if dl.back_to_source_reason else "p2p"
                 self.metrics.blob_bytes.labels(source).inc(n)
         except P2PError as exc:
             # The 200 is out: the client sees the connection close short of Content-Length,

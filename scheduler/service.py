@@ -18,6 +18,7 @@ from p2pdist import wire
 from p2pdist.config import SchedulerConfig, parse_hostport
 from p2pdist.errors import NotFound, UpstreamError
 from p2pdist.node.endpoints import health_response, metrics_response
+from p2pdist.node.metrics import add_process_metrics
 from p2pdist.transport.piececlient import PieceClient
 from p2pdist.transport.server import Request, Response, serve_http, text_response
 from p2pdist.transport.trust import (
@@ -65,6 +66,7 @@ class Metrics:
         )
         self.tasks = Gauge("p2pdist_scheduler_tasks", "Tasks known", registry=r)
         self.peers = Gauge("p2pdist_scheduler_peers", "Peers (host, task pairs) known", registry=r)
+        add_process_metrics(r, "scheduler")
 
 
 _ENDPOINTS: dict[str, type[Any]] = {
@@ -99,7 +101,7 @@ class SchedulerService:
         if (response := await self.jobs.handle(request)) is not None:
             return response
         if (refused := refuse_unauthorized(request, self.config.cluster_secret)) is not None:
-            self.metrics.requests.labels("unauthorized", "error").inc()
+            self.metrics.requests.labels("unauthorized", str(refused.status)).inc()
             return refused
         cls = _ENDPOINTS.get(request.path)
         if cls is None:
@@ -107,15 +109,16 @@ class SchedulerService:
         if request.method != "POST":
             return text_response(405, f"{request.path} takes POST", [("allow", "POST")])
         started = time.perf_counter()
-        status = "ok"
+        status = 200
         try:
             message = wire.decode(cls, await request.body(limit=wire.MAX_BODY_BYTES))
             reply = self._dispatch(message)
-        except Exception:
-            status = "error"
+        except Exception as exc:
+            # The status the server answers for it: the error's own, else a 500.
+            status = getattr(exc, "status", 500)
             raise
         finally:
-            self.metrics.requests.labels(request.path, status).inc()
+            self.metrics.requests.labels(request.path, str(status)).inc()
             self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
         self._count()
         return Response(200, [("content-type", wire.CONTENT_TYPE)], wire.encode(reply))

@@ -53,9 +53,12 @@ class SeedFetch:
         self.error = ""
         self.changed = trio.Event()
 
+    def _blob_size(self) -> int | None:
+        return self.store.layout.blob_size if self.store is not None else None
+
     async def run(self) -> None:
         try:
-            with self.seed.metrics.task_run() as elapsed:
+            with self.seed.metrics.task_run(self._blob_size) as elapsed:
                 await self._fetch()
             assert self.store is not None
             log.info(

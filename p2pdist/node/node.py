@@ -69,8 +69,9 @@ class Node(Generic[ConfigT]):
         self.scheduler.on_up = self._announce_soon
         self.origin = origin
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
+        self.metrics.upload_slots.set(config.effective_upload_slots())
         self.pieces = PieceServer(
-            self.store, self.metrics, config.effective_upload_slots(), secret=config.cluster_secret
+            self.store, self.metrics, config.effective_upload_slots(), secret=config.cluster_secret, kind=self.kind
         )
         self.cache = CacheQuota(
             self.store,

@@ -20,6 +20,8 @@ from p2pdist.transport.server import FileBody, Request, Response, text_response
 from p2pdist.transport.trust import refuse_unauthorized
 
 QUEUE_WAIT_S = 0.5
+# What a piece server is (peer or seed), on every piece it sends: a label for the child's metrics.
+KIND_HEADER = "x-p2pdist-kind"
 PIECE_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)/pieces/(?P<number>[^/]+)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -45,8 +47,11 @@ def parse_range(header: str, length: int) -> tuple[int, int] | None:
 
 
 class PieceServer:
-    def __init__(self, store: Store, metrics: DaemonMetrics, upload_slots: int, *, secret: str | None = None) -> None:
+    def __init__(
+        self, store: Store, metrics: DaemonMetrics, upload_slots: int, *, secret: str | None = None, kind: str = "peer"
+    ) -> None:
         self.store = store
+        self.kind = kind  # told to the child in KIND_HEADER, so it counts seed and peer bytes apart
         self.metrics = metrics
         self.upload_slots = upload_slots
         self.secret = secret
@@ -88,7 +93,11 @@ class PieceServer:
             self.metrics.pieces_served.labels("503").inc()
             return text_response(503, "all upload slots busy", [("retry-after", "1")])
         status, start, end = (200, 0, length) if span is None else (206, *span)
-        headers = [("content-type", "application/octet-stream"), ("accept-ranges", "bytes")]
+        headers = [
+            ("content-type", "application/octet-stream"),
+            ("accept-ranges", "bytes"),
+            (KIND_HEADER, self.kind),
+        ]
         if status == 206:
             headers.append(("content-range", f"bytes {start}-{end - 1}/{length}"))
         self.metrics.pieces_served.labels(str(status)).inc()

@@ -9,6 +9,7 @@ to a Store.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -81,6 +82,18 @@ class CacheQuota:
             f"p2pdist_{role}_cache_evictions", "Blobs removed to keep the cache quota", registry=registry
         )
         self.held = Gauge(f"p2pdist_{role}_cache_bytes", "Bytes of verified pieces held", registry=registry)
+        Gauge(f"p2pdist_{role}_cache_quota_bytes", "The cache quota (+Inf: none)", registry=registry).set(
+            float("inf") if quota_bytes is None else quota_bytes
+        )
+        Gauge(
+            f"p2pdist_{role}_disk_free_bytes", "Free bytes on the data dir's file system", registry=registry
+        ).set_function(self.free_bytes)
+
+    def free_bytes(self) -> float:
+        try:
+            return float(shutil.disk_usage(self.store.root).free)
+        except OSError:
+            return float("nan")  # the data dir is gone: say so rather than 0 bytes
 
     def used_bytes(self) -> int:
         return sum(held_bytes(t) for t in self.store.tasks.values())

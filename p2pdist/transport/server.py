@@ -106,8 +106,10 @@ async def serve_http(
     a slow but moving download is not cut off. `idle_timeout_s` bounds how long a kept-alive
     connection may wait for its next request. Past `max_connections` open connections, a new
     one is answered 503 and closed, with a warning in the log. With `ssl_context`, every
-    connection is TLS. `on_bytes_sent` may be called from a worker thread (large unthrottled
-    file bodies are sent from one), so it must be thread-safe, as a Prometheus counter is.
+    connection is TLS. `on_bytes_sent` counts the bytes of file bodies (the pieces a node
+    uploads), not in-memory ones such as /metrics or /healthz answers; it may be called from a
+    worker thread (large unthrottled file bodies are sent from one), so it must be
+    thread-safe, as a Prometheus counter is.
     """
     server = _Server(
         handler=handler,
@@ -394,7 +396,6 @@ class _Connection:
                 await self._send_pieces([*head, *protocol.respond_end()])
             elif isinstance(body, bytes):
                 await self._send_pieces([*head, *protocol.respond_data(body), *protocol.respond_end()])
-                self._count_sent(len(body))
             elif isinstance(body, FileBody):
                 assert fd is not None
                 span = FileSpan(fd, body.offset, body.length)
@@ -429,13 +430,11 @@ class _Connection:
                     continue
                 if bucket is None:
                     await self._send_pieces(protocol.respond_data(chunk))
-                    self._count_sent(len(chunk))
                     continue
                 for start in range(0, len(chunk), LIMITED_CHUNK_BYTES):
                     part = chunk[start : start + LIMITED_CHUNK_BYTES]
                     await bucket.take(len(part))
                     await self._send_pieces(protocol.respond_data(part))
-                    self._count_sent(len(part))
             await self._send_pieces(protocol.respond_end())
         except BaseException:
             # Whatever failed (the iterator, the client, a wrong content-length), the client
