@@ -119,8 +119,10 @@ async def pull_everywhere(
 _SCRAPED = (
     "upload_bytes_total",
     'download_bytes_total{source="peer"}',
+    'download_bytes_total{source="seed"}',
     'download_bytes_total{source="origin"}',
     'pieces_total{result="busy",source="peer"}',
+    'pieces_total{result="busy",source="seed"}',
     'pieces_total{result="failed",source="peer"}',
     'pieces_total{result="verified",source="peer"}',
     "back_to_source_total",
