@@ -7,7 +7,9 @@ mirror ports, then N clients pull it directly from the origin, both under the sa
 Everything is real and on loopback: the Distribution registry as origin behind a counting
 relay capped at the origin rate, one scheduler, one seed (its upload also capped at the
 origin rate, so seed and origin together are the server side u_s of the lower bound), and N
-peers with `--upload-rate`. Each host's completion time is when its last layer's last byte
+peers with `--upload-rate`. `--schedulers N --seeds M` run several of each; `--kill
+scheduler|seed --kill-at SECONDS` SIGKILLs, that long into the P2P rollout, the scheduler
+owning the largest layer or the seed that fetched the most from the origin, and leaves it dead. Each host's completion time is when its last layer's last byte
 arrived through its mirror port; every blob is checked against its digest. Results are
 scored against Kumar & Ross's lower bound T_min (see benchmarks/report.py).
 """
@@ -36,6 +38,7 @@ from benchmarks.report import cpu_seconds, lower_bound_s, summarize, write_resul
 from lab.image import ImageInfo, make_oci_layout, push_image
 from lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
 from lab.registry import Origin
+from p2pdist.cluster.rendezvous import owner
 from p2pdist.config import parse_size
 from p2pdist.transport.piececlient import PieceClient
 
@@ -194,6 +197,40 @@ class UploadSampler:
         return out
 
 
+class Killer:
+    """SIGKILLs one service `at_s` seconds after `start()`, from a thread, and says whom and when."""
+
+    def __init__(self, at_s: float, choose: Any) -> None:
+        self.at_s = at_s
+        self.choose = choose  # () -> Service
+        self.killed: dict[str, Any] = {}
+        self._timer = threading.Timer(at_s, self._kill)
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._timer.start()
+
+    def _kill(self) -> None:
+        victim = self.choose()
+        victim.kill()
+        self.killed = {"name": victim.name, "url": victim.url, "at_s": round(time.monotonic() - self._started, 2)}
+        log(f"killed {victim.name} ({victim.url}) {self.killed['at_s']:.1f}s into the rollout")
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _origin_bytes(seed: Service) -> float:
+    if seed.poll() is not None:
+        return -1.0
+    text = httpx.get(f"{seed.url}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('p2pdist_seed_download_bytes_total{source="origin"}')
+    )
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     blob_bytes = parse_size(args.blob_size)
     origin_bps = parse_size(args.origin_rate)
@@ -209,16 +246,24 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         insecure = ["--insecure-registry", relay.host]
         services: list[Service] = []
         stack.callback(lambda: [s.stop() for s in reversed(services) if s.poll() is None])
-        scheduler = start_scheduler(workdir)
-        services.append(scheduler)
-        services.append(
+        schedulers = [
+            start_scheduler(workdir, name="scheduler" if i == 0 else f"scheduler{i}") for i in range(args.schedulers)
+        ]
+        services.extend(schedulers)
+        scheduler = schedulers[0]
+        more = [arg for s in schedulers[1:] for arg in ("--scheduler", s.url)]
+        seeds = [
             start_seed(
                 workdir,
                 scheduler.url,
-                extra_args=[*insecure, "--upload-rate", args.origin_rate, "--log-level", "warning"],
+                "seed" if i == 0 else f"seed{i}",
+                extra_args=[*more, *insecure, "--upload-rate", args.origin_rate, "--log-level", "warning"],
             )
-        )
+            for i in range(args.seeds)
+        ]
+        services.extend(seeds)
         peer_args = [
+            *more,
             *insecure,
             "--upload-rate",
             args.peer_upload_rate,
@@ -237,24 +282,39 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         roles = {
             "origin": [origin.pid],
             "relay": [relay.service.pid],
-            "scheduler": [scheduler.pid],
-            "seed": [services[1].pid],
+            "scheduler": [s.pid for s in schedulers],
+            "seed": [s.pid for s in seeds],
             "peers": [p.pid for p in peers],
         }
-        cpu_before = {role: sum(map(cpu_seconds, pids)) for role, pids in roles.items()}
+        killer = None
+        if args.kill == "scheduler":
+            largest = max(image.layers, key=lambda layer: layer.size).digest
+            doomed = owner(largest, [s.url for s in schedulers])
+            killer = Killer(args.kill_at, lambda: next(s for s in schedulers if s.url == doomed))
+        elif args.kill == "seed":
+            killer = Killer(args.kill_at, lambda: max(seeds, key=_origin_bytes))
+        cpu_before = {pid: cpu_seconds(pid) for pids in roles.values() for pid in pids}
         harness_before = time.process_time()
         with ExitStack() as sampling:
             sampler = None
             if args.timeline:
-                sampler = sampling.enter_context(UploadSampler(services[1:], origin_bps + args.peers * upload_bps))
+                sampler = sampling.enter_context(UploadSampler([*seeds, *peers], origin_bps + args.peers * upload_bps))
+            if killer is not None:
+                killer.start()
+                sampling.callback(killer.cancel)
             p2p, p2p_verified = trio.run(
                 pull_everywhere, [str(p.proxy_url) for p in peers], image, {"ns": relay.host}, args.timeout
             )
-        cpu = {role: round(sum(map(cpu_seconds, pids)) - cpu_before[role], 1) for role, pids in roles.items()}
+        # A killed process's CPU is no longer readable: it counts for nothing.
+        gone = {s.pid for s in services if s.poll() is not None}
+        cpu = {
+            role: round(sum(cpu_seconds(pid) - cpu_before[pid] for pid in pids if pid not in gone), 1)
+            for role, pids in roles.items()
+        }
         cpu["clients"] = round(time.process_time() - harness_before, 1)
         p2p_origin = relay.downstream_bytes() - before
         log("p2p CPU seconds by role: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
-        detail = scrape([services[1], *peers])
+        detail = scrape([*(s for s in seeds if s.poll() is None), *peers])
         log(
             f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB"
         )
@@ -283,6 +343,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "direct_lower_bound_s": max(args.peers * total / origin_bps, total / download_bps),
         "p2p": summarize(p2p, p2p_origin) | {"blobs_verified": p2p_verified},
         "p2p_detail": detail,
+        "schedulers": args.schedulers,
+        "seeds": args.seeds,
+        **({"killed": killer.killed | {"kind": args.kill}} if killer is not None and killer.killed else {}),
         "p2p_cpu_s": cpu,
         **(
             {"p2p_upload_utilization": sampler.utilization(), "p2p_upload_samples": sampler.samples}
@@ -312,11 +375,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="sample the swarm's upload every 0.5 s into result.json (costs a little CPU)",
     )
+    parser.add_argument("--schedulers", type=int, default=1, help="schedulers to run (every host is given all)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds to run")
+    parser.add_argument(
+        "--kill",
+        choices=("scheduler", "seed"),
+        help="SIGKILL the scheduler owning the largest layer, or the seed that fetched the most, --kill-at into the run",
+    )
+    parser.add_argument("--kill-at", type=float, default=0.0, help="seconds into the P2P rollout for --kill")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.peers < 1 or args.layers < 1:
-        parser.error("--peers and --layers must be at least 1")
+    if args.peers < 1 or args.layers < 1 or args.schedulers < 1 or args.seeds < 1:
+        parser.error("--peers, --layers, --schedulers and --seeds must be at least 1")
+    if args.kill == "seed" and args.seeds < 2:
+        parser.error("--kill seed needs --seeds 2 or more (with one seed the rest goes to the origin)")
     return args
 
 
