@@ -113,6 +113,13 @@ class PeerDaemon(Node[PeerConfig]):
 
     # -- the node's hooks -----------------------------------------------------------------
 
+    def back_to_source_log(self) -> list[dict[str, Any]]:
+        return [
+            {"task_id": dl.task_id, "reason": dl.back_to_source_reason, "error": str(dl.error or "")}
+            for dl in self.downloads.values()
+            if dl.back_to_source_reason
+        ]
+
     def busy(self, task_id: str) -> bool:
         dl = self.downloads.get(task_id)
         return dl is not None and not dl.finished.is_set()

@@ -7,6 +7,7 @@ cluster secret, every API call must carry it (and the wake-up to a seed carries 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
 from typing import Any
@@ -28,6 +29,7 @@ from p2pdist.transport.trust import (
 )
 from scheduler.jobs import JobService
 from scheduler.state import Scheduler, WakeSeed
+from scheduler.status import STATUS_PATH, cluster_status
 
 log = logging.getLogger("p2pdist.scheduler")
 WAKE_TIMEOUT_S = 5.0
@@ -103,6 +105,11 @@ class SchedulerService:
         if (refused := refuse_unauthorized(request, self.config.cluster_secret)) is not None:
             self.metrics.requests.labels("unauthorized", str(refused.status)).inc()
             return refused
+        if request.path == STATUS_PATH:
+            if request.method not in ("GET", "HEAD"):
+                return text_response(405, f"{STATUS_PATH} is read-only: use GET", [("allow", "GET, HEAD")])
+            body = json.dumps(cluster_status(self.state, trio.current_time())).encode()
+            return Response(200, [("content-type", "application/json")], body)
         cls = _ENDPOINTS.get(request.path)
         if cls is None:
             raise NotFound(f"no such endpoint {request.path[:100]}")

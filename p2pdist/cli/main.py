@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--wait", action="store_true", help="follow the job to its end with a progress bar")
     pre.add_argument("--timeout", type=float, default=1800.0, help="seconds the job may take (default: 1800)")
     pre.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    from p2pdist.cli import mirrorconfig
+    from p2pdist.cli import mirrorconfig, status
+
+    status.add_arguments(
+        sub.add_parser("status", help="what the cluster (from the scheduler) or one host (--peer) holds and does")
+    )
 
     mirrorconfig.add_arguments(
         sub.add_parser(
@@ -114,6 +118,10 @@ def _run(args: argparse.Namespace) -> int:
             quiet=args.quiet,
         )
         return 0
+    if args.command == "status":
+        from p2pdist.cli import status
+
+        return status.run(args)
     if args.command == "mirror-config":
         from p2pdist.cli import mirrorconfig
 

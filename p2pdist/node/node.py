@@ -9,6 +9,7 @@ names rather than forwarding them, and a role differs only in the hooks below it
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -24,14 +25,15 @@ from p2pdist.node.endpoints import open_endpoint
 from p2pdist.node.metrics import DaemonMetrics
 from p2pdist.node.pieceserver import PieceServer
 from p2pdist.node.preheat import held_status, preheat_route
+from p2pdist.node.status import STATUS_PATH, node_status
 from p2pdist.registry.client import OriginClient
 from p2pdist.storage.quota import CacheQuota, pin_piece_response
 from p2pdist.storage.store import TaskStore, open_host
 from p2pdist.transport.drain import current as current_drain
 from p2pdist.transport.ratelimit import maybe_bucket
 from p2pdist.transport.schedclient import SchedulerPool
-from p2pdist.transport.server import Request, Response, serve_http
-from p2pdist.transport.trust import client_context, server_context
+from p2pdist.transport.server import Request, Response, serve_http, text_response
+from p2pdist.transport.trust import client_context, refuse_unauthorized, server_context
 
 ConfigT = TypeVar("ConfigT", bound=NodeConfig)
 
@@ -96,6 +98,10 @@ class Node(Generic[ConfigT]):
 
     def forget(self, task_id: str) -> None:
         """The quota removed this task from the store."""
+
+    def back_to_source_log(self) -> list[dict[str, Any]]:
+        """Recent downloads that went to the origin themselves, and why (for status)."""
+        return []
 
     def piece_digests(self, task: TaskStore) -> list[bytes]:
         """The digests announced with a task: only a seed's are trusted, so none by default."""
@@ -180,6 +186,12 @@ class Node(Generic[ConfigT]):
         """The piece server's port: health, metrics, the role's endpoints, then pieces."""
         if (response := open_endpoint(request, self.metrics.registry)) is not None:
             return response
+        if request.path == STATUS_PATH:
+            if (refused := refuse_unauthorized(request, self.config.cluster_secret)) is not None:
+                return refused
+            if request.method not in ("GET", "HEAD"):
+                return text_response(405, f"{STATUS_PATH} is read-only: use GET", [("allow", "GET, HEAD")])
+            return Response(200, [("content-type", "application/json")], json.dumps(node_status(self)).encode())
         if (response := await self.route(request)) is not None:
             return response
         if (response := await preheat_route(self, request)) is not None:
