@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,20 +33,20 @@ def test_status_shows_the_cluster_and_a_peer_after_a_pull(
     (peer,) = cluster.add_peers(1, ("--insecure-registry", cluster.relay.host))
     cluster.pull_all([peer], cluster.blob_url("status/app", layer.digest), "status")
 
-    def cluster_view() -> dict[str, object]:
+    def cluster_view() -> Any:
         result = status("--scheduler", cluster.scheduler.url, "--json")
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
     wait_until(
-        lambda: any(t["task_id"] == layer.digest and t["done"] >= 2 for t in cluster_view()["tasks"]),  # type: ignore[index,union-attr]
+        lambda: any(t["task_id"] == layer.digest and t["done"] >= 2 for t in cluster_view()["tasks"]),
         15,
         "the scheduler to count the seed and the peer as done",
     )
     view = cluster_view()
-    kinds = sorted(h["kind"] for h in view["hosts"])  # type: ignore[union-attr,index]
+    kinds = sorted(h["kind"] for h in view["hosts"])
     assert kinds == ["peer", "seed"]
-    (task,) = [t for t in view["tasks"] if t["task_id"] == layer.digest]  # type: ignore[union-attr,index]
+    (task,) = [t for t in view["tasks"] if t["task_id"] == layer.digest]
     assert task["size"] == layer.size and task["holders"] == 2 and task["in_progress"] == 0
 
     result = status("--peer", peer.url, "--json")
