@@ -1,8 +1,10 @@
 """Load on one daemon and one scheduler: many clients pulling one blob through one peer's
-mirror port at once, and many simulated peers registering and syncing with one scheduler.
-Prints latency percentiles, errors and the daemon's peak RSS (VmHWM from /proc/PID/status).
+mirror port at once, many simulated peers registering and syncing with one scheduler, and a
+flood of bogus registrations while a real pull runs. Prints latency percentiles, errors and
+the daemons' RSS (VmHWM, VmRSS from /proc/PID/status).
 
     .venv/bin/python -m benchmarks.load --pulls 200 --blob-size 8MiB --peers 1000
+    .venv/bin/python -m benchmarks.load --pulls 0 --peers 0 --flood 20000 --flood-seconds 30
 
 Everything is real and on loopback: the Distribution registry as origin, a scheduler, a seed
 and a peer as separate processes. The simulated peers are msgpack calls from this process
@@ -18,6 +20,7 @@ import math
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +193,9 @@ async def simulate_peers(
     result = LoadResult(f"{peers} simulated peers registering and syncing over {concurrency} connections")
     layout = PieceLayout.for_blob(blob_size)
     task_id = "sha256:" + hashlib.sha256(b"p2pdist load task").hexdigest()
-    blob_url = f"http://registry.invalid/v2/{REPO}/blobs/{task_id}"
+    # On an allowed registry (the lab's loopback), or the scheduler refuses the registrations;
+    # the simulated seed holds the task, so nothing is ever fetched from it.
+    blob_url = f"http://127.0.0.1:9/v2/{REPO}/blobs/{task_id}"
     every_piece = bytes([0xFF]) * ((layout.count + 7) // 8)
     headers = {"content-type": wire.CONTENT_TYPE, **({"authorization": f"Bearer {secret}"} if secret else {})}
     client = _Connections(scheduler_url, concurrency, headers)
@@ -258,6 +263,196 @@ async def simulate_peers(
     return result
 
 
+@dataclass
+class FloodResult:
+    """What the scheduler answered a flood of bogus registrations."""
+
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def summary(self) -> str:
+        answers = ", ".join(f"{n} x {status}" for status, n in sorted(self.statuses.items()))
+        return (
+            f"flood: {self.sent} bogus registrations in {self.wall_s:.1f} s ({self.sent / self.wall_s:.0f}/s): "
+            f"{answers}; {len(self.errors)} transport errors"
+        )
+
+
+async def flood_registrations(
+    scheduler_url: str,
+    count: int,
+    seconds: float,
+    registry_host: str,
+    *,
+    hosts: int = 0,
+    concurrency: int = 64,
+    secret: str | None = None,
+) -> FloodResult:
+    """`count` registrations of made-up blobs, spread evenly over `seconds`: URLs of the right
+    shape on an allowed registry (the origin answers 404 for each), so only the per-host rate
+    and the waiting-task cap stand in their way. `hosts` host ids take turns (0: a new host id
+    for every registration, which no per-host rate can catch)."""
+    result = FloodResult()
+    headers = {"content-type": wire.CONTENT_TYPE, **({"authorization": f"Bearer {secret}"} if secret else {})}
+    client = _Connections(scheduler_url, concurrency, headers)
+    nonce = time.time_ns()
+    send, receive = trio.open_memory_channel[int](count)
+    for i in range(count):
+        send.send_nowait(i)
+    send.close()
+    started = trio.current_time()
+
+    async def worker() -> None:
+        async for i in receive:
+            await trio.sleep_until(started + i * seconds / count)
+            digest = "sha256:" + hashlib.sha256(f"p2pdist flood {nonce} {i}".encode()).hexdigest()
+            message = wire.Register(
+                host_id=f"flood-{i % hosts if hosts else i}",
+                task_id=digest,
+                url=f"http://{registry_host}/v2/flood/bogus/blobs/{digest}",
+            )
+            try:
+                status, _, _ = await client.post("/v1/tasks/register", wire.encode(message))
+            except (OSError, ValueError, StopIteration, trio.BrokenResourceError) as exc:
+                result.errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            result.sent += 1
+            result.statuses[status] += 1
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+    finally:
+        await client.aclose()
+    result.wall_s = trio.current_time() - started
+    return result
+
+
+def metric_value(service_url: str, name: str) -> float:
+    """Sum of one Prometheus metric's samples, from a service's /metrics."""
+    text = httpx.get(f"{service_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if not line.startswith("#") and (line.startswith(name + " ") or line.startswith(name + "{"))
+    )
+
+
+@dataclass
+class FloodReport:
+    """A flood while a real pull runs: the pull, the scheduler's answers, and the RSS (KiB) of
+    scheduler and seed idle before, at their peak during, and after the flood's state expired."""
+
+    flood: FloodResult
+    pull: LoadResult  # the real pull during the flood
+    quiet_pull: LoadResult  # the same kind of pull (another blob of the same size) before it
+    rss_kib: dict[str, dict[str, int]]
+    expiry_wait_s: float
+
+    def summary(self) -> str:
+        def took(pull: LoadResult) -> str:
+            if pull.errors:
+                return f"FAILED: {pull.errors[0]}"
+            return f"{pull.latencies_s[0]:.2f} s, sha256 checked"
+
+        lines = [
+            self.flood.summary(),
+            f"real pull during the flood: {took(self.pull)} (the same pull before the flood: {took(self.quiet_pull)})",
+        ]
+        for name, rss in self.rss_kib.items():
+            lines.append(
+                f"{name} VmRSS: before {rss['before'] / 1024:.1f} MiB, during (peak) {rss['during'] / 1024:.1f} MiB, "
+                f"after expiry {rss['after'] / 1024:.1f} MiB ({rss['after'] / rss['before'] - 1:+.0%})"
+            )
+        lines.append(f"flood state expired {self.expiry_wait_s:.1f} s after the flood ended")
+        return "\n".join(lines)
+
+
+def run_flood(
+    workdir: Path,
+    origin: Origin,
+    *,
+    count: int,
+    seconds: float,
+    expiry_s: float,
+    blob_size: int,
+    hosts: int = 0,
+    pull_after_s: float | None = None,
+) -> FloodReport:
+    """Scheduler, seed and peer as processes; a warm-up pull; then `count` bogus registrations
+    in `seconds` with a real pull of another blob started `pull_after_s` in (default: a third
+    of the way); then wait until scheduler and seed have forgotten the flood (`expiry_s` is
+    their peer_ttl_s and failed_fetch_ttl_s) and read their RSS again."""
+    services: list[Service] = []
+    try:
+        images = [make_oci_layout(workdir / f"flood-image-{i}", [blob_size], 90 + i) for i in range(2)]
+        for image in images:
+            push_image(image, origin.host, REPO)
+        warm, real = (image.layers[0].digest for image in images)
+        scheduler = start_scheduler(workdir, extra_args=["--peer-ttl-s", f"{expiry_s:g}"])
+        services.append(scheduler)
+        seed = start_seed(workdir, scheduler.url, extra_args=["--failed-fetch-ttl-s", f"{expiry_s:g}"])
+        services.append(seed)
+        peer = start_peer(workdir, scheduler.url, "peer")
+        services.append(peer)
+        assert peer.proxy_url is not None
+        proxy_url = peer.proxy_url
+        warmup = trio.run(pull_through_mirror, proxy_url, origin.host, warm, 1)
+        if warmup.errors:
+            raise RuntimeError(f"warm-up pull failed: {warmup.errors[0]}")
+        time.sleep(2.0)  # let the warm-up's buffers settle before taking the idle figure
+        daemons = {"scheduler": scheduler, "seed": seed}
+        rss = {name: {"before": rss_kib(s.pid)["VmRSS"], "during": 0} for name, s in daemons.items()}
+        start_pull = seconds / 3 if pull_after_s is None else pull_after_s
+        pulls: list[LoadResult] = []
+
+        async def during() -> FloodResult:
+            async with trio.open_nursery() as nursery:
+                flooding = trio.Event()
+
+                async def sample() -> None:
+                    while True:
+                        for name, service in daemons.items():
+                            rss[name]["during"] = max(rss[name]["during"], rss_kib(service.pid)["VmRSS"])
+                        if flooding.is_set():
+                            return
+                        await trio.sleep(0.25)
+
+                async def pull() -> None:
+                    await trio.sleep(start_pull)
+                    pulls.append(await pull_through_mirror(proxy_url, origin.host, real, 1))
+
+                nursery.start_soon(sample)
+                nursery.start_soon(pull)
+                flood = await flood_registrations(scheduler.url, count, seconds, origin.host, hosts=hosts)
+                flooding.set()
+            return flood
+
+        log(f"flood: {count} bogus registrations in {seconds:g} s against scheduler pid {scheduler.pid}")
+        flood = trio.run(during)
+        ended = time.monotonic()
+        log(f"waiting for scheduler and seed to forget the flood (expiry {expiry_s:g} s)")
+        deadline = ended + expiry_s * 3 + 30
+        while not (
+            metric_value(scheduler.url, "p2pdist_scheduler_tasks") <= 2
+            and metric_value(seed.url, "p2pdist_seed_failed_fetches") == 0
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the flood's tasks were not forgotten in time")
+            time.sleep(0.5)
+        expiry_wait_s = time.monotonic() - ended
+        time.sleep(3.0)  # a few sweeps after the last record went (each may trim the heap)
+        for name, service in daemons.items():
+            rss[name]["after"] = rss_kib(service.pid)["VmRSS"]
+        return FloodReport(flood=flood, pull=pulls[0], quiet_pull=warmup, rss_kib=rss, expiry_wait_s=expiry_wait_s)
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -268,10 +463,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--blob-size", default="8MiB", help="size of the pulled blob")
     parser.add_argument("--peers", type=int, default=1000, help="simulated peers against the scheduler (0: skip)")
     parser.add_argument("--connections", type=int, default=200, help="sockets the simulated peers share")
+    parser.add_argument("--flood", type=int, default=0, help="bogus registrations during a real pull (0: skip)")
+    parser.add_argument("--flood-seconds", type=float, default=30.0, help="time the flood is spread over")
+    parser.add_argument(
+        "--flood-hosts", type=int, default=0, help="host ids the flood takes turns with (0: a new one each time)"
+    )
+    parser.add_argument(
+        "--expiry-s", type=float, default=60.0, help="scheduler peer_ttl_s and seed failed_fetch_ttl_s in the flood"
+    )
     args = parser.parse_args(argv)
     blob_size = parse_size(args.blob_size)
     with tempfile.TemporaryDirectory(prefix="p2pdist-load-") as tmp:
         workdir = Path(tmp)
+        if args.flood:
+            with Origin() as origin:
+                report = run_flood(
+                    workdir / "flood",
+                    origin,
+                    count=args.flood,
+                    seconds=args.flood_seconds,
+                    expiry_s=args.expiry_s,
+                    blob_size=blob_size,
+                    hosts=args.flood_hosts,
+                )
+            print(report.summary())
         services: list[Service] = []
         try:
             scheduler = start_scheduler(workdir)

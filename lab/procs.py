@@ -157,12 +157,22 @@ def _listen(port: int) -> tuple[str, str]:
     return f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"
 
 
+# The lab's registries (the origin, relays in front of it) are all on loopback, on ports picked
+# at run time: scheduler and seeds allow them unless a test names its own allowed registries.
+LAB_REGISTRIES = ("--allowed-registry", "127.0.0.1")
+
+
+def _allow_lab_registries(extra_args: Iterable[str]) -> list[str]:
+    args = list(extra_args)
+    return args if "--allowed-registry" in args else [*LAB_REGISTRIES, *args]
+
+
 def start_scheduler(
     workdir: Path, *, extra_args: Iterable[str] = (), wait: bool = True, name: str = "scheduler"
 ) -> Service:
     """Start `p2pdist scheduler` on a free port."""
     listen, url = _listen(free_port())
-    argv = [str(p2pdist_executable()), "scheduler", "--listen", listen, *extra_args]
+    argv = [str(p2pdist_executable()), "scheduler", "--listen", listen, *_allow_lab_registries(extra_args)]
     service = Service(name, argv, workdir / f"{name}.log", url)
     if wait:
         _wait_or_stop(service)
@@ -186,7 +196,7 @@ def start_seed(
         "--listen", listen,
         "--scheduler", scheduler_url,
         "--data-dir", str(data_dir),
-        *extra_args,
+        *_allow_lab_registries(extra_args),
     ]  # fmt: skip
     service = Service(name, argv, workdir / f"{name}.log", url)
     if wait:

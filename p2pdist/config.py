@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from p2pdist.errors import ConfigError as ConfigError  # re-exported
+from p2pdist.registry.allowlist import ANY_REGISTRY, DEFAULT_ALLOWED_REGISTRIES, parse_allowed_registries
 from p2pdist.site import location_problem, site_problem
 
 # Units are spelled exactly, so that a value means one thing: bytes in SI (kB or KB, MB, GB,
@@ -252,6 +253,17 @@ def _secret_opt() -> Any:
     )
 
 
+def _allowed_registries_opt() -> Any:
+    return opt(
+        DEFAULT_ALLOWED_REGISTRIES,
+        parse_allowed_registries,
+        "registries (HOST for any port, or HOST:PORT) whose blobs seeds may be asked to fetch; "
+        "'*' for any, only with a cluster secret",
+        flag="--allowed-registry",
+        repeat=True,
+    )
+
+
 _TLS_CERT_HELP = "PEM certificate chain: serve TLS on this port (with tls_key)"
 _TLS_KEY_HELP = "PEM private key of tls_cert"
 _TLS_CA_HELP = "PEM CA bundle trusted for https:// scheduler, seed and parent URLs"
@@ -303,6 +315,14 @@ class SchedulerConfig(ServiceConfig):
     )
     preheat_job_timeout_s: float = opt(1800.0, _float, "fail a preheat job that has not finished in this long")
     preheat_job_ttl_s: float = opt(3600.0, _float, "forget a finished preheat job after this long")
+    allowed_registries: tuple[str, ...] = _allowed_registries_opt()
+    host_registrations_per_s: float = opt(
+        20.0, _float, "registrations one host may make per second on average; beyond its burst they get 429"
+    )
+    host_registration_burst: int = opt(200, _int, "registrations one host may make at once before its rate applies")
+    max_waiting_tasks: int = opt(
+        2000, _int, "tasks no host holds a piece of yet (new, seeding or failed); registering another gets 429"
+    )
 
 
 def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, highest: int) -> int:
@@ -388,6 +408,8 @@ class SeedConfig(NodeConfig):
     data_dir: str = _data_dir_opt("/var/lib/p2pdist/seed")
     origin_rate_bps: int | None = opt(None, parse_rate, "cap on bytes/s fetched from origins", flag="--origin-rate")
     origin_timeout_s: float = opt(30.0, _float, "give up on an origin that sends nothing for this long")
+    allowed_registries: tuple[str, ...] = _allowed_registries_opt()
+    failed_fetch_ttl_s: float = opt(60.0, _float, "forget a failed fetch (its error, its record) after this long")
 
 
 @dataclass(frozen=True)
@@ -433,6 +455,11 @@ def from_mapping(
         except ConfigError as exc:
             raise ConfigError(f"{name(key)}: {exc}") from None
     config = cls(**values)
+    if ANY_REGISTRY in getattr(config, "allowed_registries", ()) and not getattr(config, "cluster_secret", None):
+        raise ConfigError(
+            f"{source}: allowed_registries '*' needs a cluster_secret: without one, anyone who reaches "
+            "the scheduler could make seeds fetch from any host"
+        )
     high, low = getattr(config, "cache_high_watermark", 1.0), getattr(config, "cache_low_watermark", 0.0)
     if low > high:
         raise ConfigError(f"{source}: cache_low_watermark ({low}) is above cache_high_watermark ({high})")

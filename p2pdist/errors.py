@@ -10,6 +10,9 @@ from the status we answer.
     │   │                                            (raise sites name NAME_INVALID, DIGEST_INVALID...)
     │   ├── BodyTooLarge         413 SIZE_INVALID    a request body over the limit
     │   ├── RangeNotSatisfiable  416 RANGE_INVALID   a Range past the end (carries the length)
+    │   ├── Forbidden            403 DENIED          well-formed, but this party may not ask it (e.g. a
+    │   │                                            registry the operator does not allow)
+    │   ├── TooManyRequests      429 TOOMANYREQUESTS over a rate or a cap: try again later
     │   └── LoopDetected         508 UNSUPPORTED     p2pdist mirrors forward to each other in a loop
     ├── NotFound                 404 UNSUPPORTED     the thing asked for does not exist here
     │                                                (raise sites name BLOB_UNKNOWN...)
@@ -69,6 +72,20 @@ class RangeNotSatisfiable(BadRequest):
     def __init__(self, length: int) -> None:
         super().__init__(f"range not satisfiable: the resource has {length} bytes")
         self.length = length
+
+
+class Forbidden(BadRequest):
+    """Well-formed, but not allowed: a blob URL on a registry the operator does not allow."""
+
+    status = 403
+    code = "DENIED"
+
+
+class TooManyRequests(BadRequest):
+    """Over a per-host rate or a global cap; the same request may succeed later."""
+
+    status = 429
+    code = "TOOMANYREQUESTS"
 
 
 class LoopDetected(BadRequest):

@@ -7,6 +7,7 @@ cluster secret, every API call must carry it (and the wake-up to a seed carries 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import time
@@ -17,9 +18,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from p2pdist import wire
 from p2pdist.config import SchedulerConfig, parse_hostport
-from p2pdist.errors import NotFound, UpstreamError
+from p2pdist.errors import BadRequest, NotFound, UpstreamError
+from p2pdist.memory import ShrinkWatch, release_freed_memory
 from p2pdist.node.endpoints import health_response, metrics_response
 from p2pdist.node.metrics import add_process_metrics
+from p2pdist.registry.allowlist import check_seed_url
 from p2pdist.transport.piececlient import PieceClient
 from p2pdist.transport.server import Request, Response, serve_http, text_response
 from p2pdist.transport.trust import (
@@ -27,6 +30,7 @@ from p2pdist.transport.trust import (
     refuse_unauthorized,
     server_context,
 )
+from scheduler.admission import Admission
 from scheduler.jobs import JobService
 from scheduler.state import Scheduler, WakeSeed
 from scheduler.status import STATUS_PATH, cluster_status
@@ -37,6 +41,11 @@ EXPIRE_INTERVAL_S = 1.0
 # A gap this long between two looks at the clock (the expire loop looks every second) means
 # the process did not run: see Scheduler.paused.
 PAUSE_S = 2.5
+# Wake-ups in flight at once: each takes a seed a few ms to accept, and a burst of tasks
+# should queue here rather than open as many connections (and coroutines) at once.
+WAKE_CONCURRENCY = 16
+# Refused registrations are summed into one log line this often, not one line each.
+REFUSALS_LOG_INTERVAL_S = 10.0
 
 
 class Metrics:
@@ -69,6 +78,12 @@ class Metrics:
         self.tasks = Gauge("p2pdist_scheduler_tasks", "Tasks known", registry=r)
         self.peers = Gauge("p2pdist_scheduler_peers", "Peers (host, task pairs) known", registry=r)
         add_process_metrics(r, "scheduler")
+        self.refused = Counter(
+            "p2pdist_scheduler_registrations_refused",
+            "Registrations refused: host_rate, waiting_cap (429), url (400), registry (403)",
+            ["reason"],
+            registry=r,
+        )
 
 
 _ENDPOINTS: dict[str, type[Any]] = {
@@ -85,6 +100,9 @@ class SchedulerService:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.state = Scheduler(config, started_at=trio.current_time())
+        self.admission = Admission(config)
+        self._refusals_logged: collections.Counter[str] = collections.Counter()
+        self._refusals_counted: collections.Counter[str] = collections.Counter()
         self.metrics = Metrics()
         self._wake_send: trio.MemorySendChannel[WakeSeed]
         self._wake_recv: trio.MemoryReceiveChannel[WakeSeed]
@@ -119,7 +137,7 @@ class SchedulerService:
         status = 200
         try:
             message = wire.decode(cls, await request.body(limit=wire.MAX_BODY_BYTES))
-            reply = self._dispatch(message)
+            reply = self._dispatch(message, address=request.client[0])
         except Exception as exc:
             # The status the server answers for it: the error's own, else a 500.
             status = getattr(exc, "status", 500)
@@ -136,15 +154,22 @@ class SchedulerService:
             self.state.paused(gap - EXPIRE_INTERVAL_S)
         self._last_tick = max(self._last_tick, now)
 
-    def _dispatch(self, message: object) -> object:
+    def _dispatch(self, message: object, address: str = "") -> object:
         now = trio.current_time()
         self._tick(now)
         state = self.state
         wake: WakeSeed | None = None
         reply: object = wire.Empty()
         if isinstance(message, wire.AnnounceHost):
-            state.announce(message, now)
+            state.announce(self._sane_urls(message), now)
         elif isinstance(message, wire.Register):
+            self.admission.admit(
+                message,
+                now,
+                new_task=message.task_id not in state.tasks,
+                known_host=message.host_id in state.hosts,
+                address=address,
+            )
             reply, wake = state.register(message, now)
         elif isinstance(message, wire.Sync):
             reply, wake = state.sync(message, now)
@@ -160,6 +185,19 @@ class SchedulerService:
             except trio.WouldBlock:
                 log.warning("seed wake-up queue full; %s will be retried", wake.trigger.task_id)
         return reply
+
+    def _sane_urls(self, message: wire.AnnounceHost) -> wire.AnnounceHost:
+        """Drop announced task URLs a seed could not be asked to fetch (the holdings stay): a
+        task first learnt from an announce takes its URL from it."""
+        holdings = []
+        for holding in message.tasks:
+            if holding.url:
+                try:
+                    check_seed_url(holding.url, holding.task_id, self.config.allowed_registries)
+                except BadRequest:
+                    holding = dataclasses.replace(holding, url="")
+            holdings.append(holding)
+        return dataclasses.replace(message, tasks=holdings)
 
     def _count(self) -> None:
         c = self.state.counters
@@ -180,6 +218,9 @@ class SchedulerService:
             self.metrics.site_hosts.labels(site, kind).set(count)
         self.metrics.tasks.set(len(self.state.tasks))
         self.metrics.peers.set(sum(len(t.peers) for t in self.state.tasks.values()))
+        for reason, count in (self.admission.refused - self._refusals_counted).items():
+            self.metrics.refused.labels(reason).inc(count)
+        self._refusals_counted = self.admission.refused.copy()
 
     async def wake_seeds(self) -> None:
         client = PieceClient(
@@ -189,10 +230,14 @@ class SchedulerService:
         )
         try:
             async with trio.open_nursery() as nursery:
-                async for wake in self._wake_recv:
-                    nursery.start_soon(self._wake_one, client, wake)
+                for _ in range(WAKE_CONCURRENCY):
+                    nursery.start_soon(self._wake_worker, client)
         finally:
             await client.aclose()
+
+    async def _wake_worker(self, client: PieceClient) -> None:
+        async for wake in self._wake_recv:
+            await self._wake_one(client, wake)
 
     async def _wake_one(self, client: PieceClient, wake: WakeSeed) -> None:
         try:
@@ -215,11 +260,32 @@ class SchedulerService:
             self.state.seed_wake_failed(wake.trigger.task_id, wake.seed_id, trio.current_time())
 
     async def expire_loop(self) -> None:
+        logged_at = trio.current_time()
+        tasks = ShrinkWatch()
         while True:
             await trio.sleep(EXPIRE_INTERVAL_S)
             now = trio.current_time()
             self._tick(now)
             self.state.expire(now)
+            self.admission.sweep(now, sum(1 for t in self.state.tasks.values() if not t.holders))
+            if tasks.shrunk(len(self.state.tasks)):
+                # Most tasks went (a flood of bogus registrations expiring): hand the freed
+                # heap back to the OS, or the scheduler's RSS keeps its peak for good.
+                release_freed_memory()
+            if now - logged_at >= REFUSALS_LOG_INTERVAL_S:
+                logged_at = now
+                self._log_refusals()
+
+    def _log_refusals(self) -> None:
+        new = self.admission.refused - self._refusals_logged
+        if new:
+            log.warning(
+                "refused %d registration(s) in the last %.0fs: %s",
+                sum(new.values()),
+                REFUSALS_LOG_INTERVAL_S,
+                ", ".join(f"{n} {reason}" for reason, n in sorted(new.items())),
+            )
+            self._refusals_logged = self.admission.refused.copy()
 
 
 async def serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+from prometheus_client import Counter, Gauge
 
 from p2pdist import wire
 from p2pdist.config import SeedConfig
 from p2pdist.content.digest import short
+from p2pdist.errors import BadRequest, Forbidden
+from p2pdist.memory import ShrinkWatch, release_freed_memory
 from p2pdist.node.node import Node
 from p2pdist.node.preheat import held_status
+from p2pdist.registry.allowlist import check_seed_url
 from p2pdist.registry.client import OriginClient
 from p2pdist.storage.store import TaskStore
 from p2pdist.transport.ratelimit import maybe_bucket
@@ -34,6 +38,18 @@ class SeedDaemon(Node[SeedConfig]):
             config, origin=OriginClient(rate=maybe_bucket(config.origin_rate_bps), timeout_s=config.origin_timeout_s)
         )
         self.fetches: dict[str, SeedFetch] = {}
+        self.triggers_refused = Counter(
+            "p2pdist_seed_triggers_refused",
+            "Fetch requests refused before any fetch: url (not this task's blob URL), registry (not allowed)",
+            ["reason"],
+            registry=self.metrics.registry,
+        )
+        self.failed_records = Gauge(
+            "p2pdist_seed_failed_fetches",
+            "Failed fetches still remembered (each is forgotten failed_fetch_ttl_s after it failed)",
+            registry=self.metrics.registry,
+        )
+        self._last_refusal = ""
 
     def start(self, trigger: wire.SeedTrigger) -> None:
         """Fetch the triggered blob, or report it again if it is already held."""
@@ -66,12 +82,16 @@ class SeedDaemon(Node[SeedConfig]):
         if request.method != "POST":
             return text_response(405, f"{TRIGGER_PATH} takes POST", [("allow", "POST")])
         trigger = wire.decode(wire.SeedTrigger, await request.body(limit=wire.MAX_BODY_BYTES))
+        self.check_trigger(trigger)
         self.start(trigger)
         return Response(202, [("content-type", wire.CONTENT_TYPE)], wire.encode(wire.Empty()))
 
     def preheat(self, message: wire.PreheatBlob) -> None:
-        # The same fetch a wake-up starts: one origin fetch per blob whoever asked first.
-        self.start(wire.SeedTrigger(task_id=message.task_id, url=message.url, headers=message.headers))
+        # The same fetch a wake-up starts, under the same check: one origin fetch per blob
+        # whoever asked first, and only of a blob a peer could ask for.
+        trigger = wire.SeedTrigger(task_id=message.task_id, url=message.url, headers=message.headers)
+        self.check_trigger(trigger)
+        self.start(trigger)
 
     def preheat_status(self, task_id: str) -> wire.PreheatStatus:
         fetch = self.fetches.get(task_id)
@@ -84,6 +104,41 @@ class SeedDaemon(Node[SeedConfig]):
             # Every piece is stored but the sha256 of the whole is still being checked.
             return wire.PreheatStatus(task_id=task_id, state="running", content_length=status.content_length)
         return status
+    def check_trigger(self, trigger: wire.SeedTrigger) -> None:
+        """Fetch only what a peer may ask for, whoever sent the trigger: the scheduler checked
+        the same at registration, this holds also against a forged or misrouted trigger."""
+        try:
+            check_seed_url(trigger.url, trigger.task_id, self.config.allowed_registries)
+        except BadRequest as exc:
+            self.triggers_refused.labels("registry" if isinstance(exc, Forbidden) else "url").inc()
+            # Once per distinct reason, not once per request: a flood must not flood the log.
+            said = str(exc) == self._last_refusal
+            (self.log.debug if said else self.log.warning)("refused to fetch %s: %s", short(trigger.task_id), exc)
+            self._last_refusal = str(exc)
+            raise
+
+    async def start_role(self, nursery: trio.Nursery, bound: tuple[str, int]) -> Any:
+        nursery.start_soon(self.expire_failed_loop)
+        return await super().start_role(nursery, bound)
+
+    def expire_failed(self, now: float) -> int:
+        """Forget fetches that failed more than failed_fetch_ttl_s ago; return how many."""
+        ttl = self.config.failed_fetch_ttl_s
+        gone = [t for t, f in self.fetches.items() if f.error and f.failed_at is not None and now - f.failed_at > ttl]
+        for task_id in gone:
+            del self.fetches[task_id]
+        return len(gone)
+
+    async def expire_failed_loop(self) -> None:
+        fetches = ShrinkWatch()
+        while True:
+            await trio.sleep(min(1.0, max(0.1, self.config.failed_fetch_ttl_s / 4)))
+            self.expire_failed(trio.current_time())
+            self.failed_records.set(sum(1 for f in self.fetches.values() if f.error))
+            self.origin.forget_expired_tokens()
+            if fetches.shrunk(len(self.fetches)):
+                # Most of what a burst of failed fetches held went: give the heap back to the OS.
+                release_freed_memory()
 
     def busy(self, task_id: str) -> bool:
         fetch = self.fetches.get(task_id)

@@ -51,6 +51,7 @@ class SeedFetch:
         self.reported_to: str | None = None  # the scheduler `reported` digests went to
         self.done = False
         self.error = ""
+        self.failed_at: float | None = None  # trio time the fetch failed; the record expires after it
         self.changed = trio.Event()
 
     def _blob_size(self) -> int | None:
@@ -69,6 +70,7 @@ class SeedFetch:
             )
         except P2PError as exc:
             self.error = str(exc)
+            self.failed_at = trio.current_time()
             log.error("seeding %s failed: %s", short(self.task_id), exc)
             self.seed.store.remove(self.task_id)
         finally:

@@ -131,6 +131,15 @@ def _run(args: argparse.Namespace) -> int:
     config = cfg.load(cls, args.config, cfg.flag_overrides(args, cls))
     setup_logging(config.log_level)
     log_effective_config(args.command, config)
+    if config.cluster_secret is None:
+        import logging
+
+        logging.getLogger(f"p2pdist.{args.command}").warning(
+            "no cluster secret: anyone who reaches this %s's ports can register tasks, announce "
+            "hosts and read pieces; set cluster_secret (or %s) on every member",
+            args.command,
+            cfg.CLUSTER_SECRET_ENV,
+        )
     if args.command == "scheduler":
         from scheduler.service import serve as serve_scheduler
 

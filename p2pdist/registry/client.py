@@ -188,6 +188,13 @@ class OriginClient:
             return response
         raise OriginError(f"too many redirects fetching {_redact(url)}")
 
+    def forget_expired_tokens(self) -> None:
+        """Drop expired tokens: one is cached per (realm, scope, credentials), and a scope per
+        repository, so a stream of distinct repositories would otherwise grow this for good."""
+        now = time.monotonic()
+        for key in [k for k, (_, until) in self._tokens.items() if until <= now]:
+            del self._tokens[key]
+
     async def _token(self, challenge: dict[str, str], authorization: str) -> str:
         key = (challenge["realm"], challenge.get("scope", ""), authorization)
         cached = self._tokens.get(key)

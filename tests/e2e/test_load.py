@@ -1,7 +1,8 @@
-"""Load: 200 clients pulling one blob at once through one peer daemon, and 1,000 simulated
-peers registering and syncing with one scheduler. No errors, and the daemon's peak RSS stays
-far below what holding a copy per client would take. Prints the latency figures (`-s`);
-`python -m benchmarks.load` runs the same loads as a script.
+"""Load: 200 clients pulling one blob at once through one peer daemon, 1,000 simulated peers
+registering and syncing with one scheduler, and a flood of bogus registrations during a real
+pull. No errors, the daemon's peak RSS stays far below what holding a copy per client would
+take, and after the flood expires scheduler and seed come back near their idle RSS. Prints
+the figures (`-s`); `python -m benchmarks.load` runs the same loads as a script.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TypeVar
 import pytest
 import trio
 
-from benchmarks.load import REPO, LoadResult, pull_through_mirror, simulate_peers
+from benchmarks.load import REPO, LoadResult, pull_through_mirror, run_flood, simulate_peers
 from benchmarks.report import cpu_seconds
 from lab import procs
 from lab.procs import Service
@@ -85,3 +86,25 @@ def test_1000_simulated_peers_register_and_sync_with_one_scheduler(scheduler: Se
     assert len(result.latencies_s) == 1 + PEERS * 5  # the seed, then announce, register, 3 syncs each
     assert result.peak_rss_kib < SCHEDULER_RSS_LIMIT_KIB
     assert scheduler.poll() is None
+
+
+# A small flood (the benchmark sends 20,000 in 30 s): 3,000 in 6 s, with the flood's state
+# expiring after 4 s instead of 60, so the test takes well under a minute.
+FLOOD = 3000
+FLOOD_SECONDS = 6.0
+FLOOD_EXPIRY_S = 4.0
+RSS_RETURN = 1.2  # after expiry, within 20% of the idle figure
+
+
+def test_flood_of_bogus_registrations_gets_429s_while_a_real_pull_succeeds_and_memory_returns(
+    tmp_path: Path, origin: Origin
+) -> None:
+    report = run_flood(
+        tmp_path, origin, count=FLOOD, seconds=FLOOD_SECONDS, expiry_s=FLOOD_EXPIRY_S, blob_size=BLOB_BYTES
+    )
+    print(f"\n{report.summary()}")
+    assert not report.pull.errors and len(report.pull.latencies_s) == 1  # its sha256 was checked
+    assert report.flood.statuses[429] > FLOOD // 2
+    assert not report.flood.errors and set(report.flood.statuses) <= {200, 429}
+    for name, rss in report.rss_kib.items():
+        assert rss["after"] <= rss["before"] * RSS_RETURN, (name, rss)

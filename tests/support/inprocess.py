@@ -32,10 +32,16 @@ def _url(scheme: str, bound: tuple[str, int]) -> str:
 async def start_cluster(nursery: trio.Nursery, workdir: Path, *, tls: bool = False, **common: Any) -> InProcessCluster:
     """Start the three roles; `common` config fields (e.g. cluster_secret, tls_cert) go to all."""
     scheme = "https" if tls else "http"
-    scheduler_bound = await nursery.start(serve_scheduler, SchedulerConfig(listen="127.0.0.1:0", **common))
+    # The lab's registries are on loopback (as lab.procs allows them for process clusters).
+    allowed = ("127.0.0.1",)
+    scheduler_bound = await nursery.start(
+        serve_scheduler, SchedulerConfig(listen="127.0.0.1:0", allowed_registries=allowed, **common)
+    )
     scheduler_url = _url(scheme, scheduler_bound)
     seed_dir, peer_dir = workdir / "seed-data", workdir / "peer-data"
-    seed_config = SeedConfig(listen="127.0.0.1:0", scheduler=(scheduler_url,), data_dir=str(seed_dir), **common)
+    seed_config = SeedConfig(
+        listen="127.0.0.1:0", scheduler=(scheduler_url,), data_dir=str(seed_dir), allowed_registries=allowed, **common
+    )
     seed_bound = await nursery.start(serve_seed, seed_config)
     peer_config = PeerConfig(
         listen="127.0.0.1:0", proxy_listen="127.0.0.1:0", scheduler=(scheduler_url,), data_dir=str(peer_dir), **common

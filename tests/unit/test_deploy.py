@@ -132,6 +132,8 @@ def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str,
         env = {e["name"] for e in container.get("env", [])}
         secret = [e for e in container["env"] if e["name"] == cfg.CLUSTER_SECRET_ENV]
         assert secret and secret[0]["valueFrom"]["secretKeyRef"]["name"] == "p2pdist-cluster-secret", role
+        # Required: a pod without the secret does not start, rather than run open.
+        assert not secret[0]["valueFrom"]["secretKeyRef"].get("optional", False), role
         assert set(re.findall(r"\$\((\w+)\)", " ".join(container["args"]))) <= env
         if role != "scheduler":
             # Other peers must be able to reach the piece server, and find it at the advertised URL.
@@ -159,6 +161,27 @@ def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str,
     assert find(k8s, "StatefulSet", "p2pdist-seed")["spec"]["serviceName"] == "p2pdist-seed"
     (seed_port,) = seed_service["spec"]["ports"]
     assert seed_port["port"] == port_of(configs["seed"].listen)
+
+
+def test_kubernetes_sets_a_cluster_secret_and_seeds_fetch_only_what_the_peers_mirror(
+    k8s: list[dict[str, Any]],
+) -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (generator,) = kustomization["secretGenerator"]
+    assert generator["name"] == "p2pdist-cluster-secret"
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"] is True  # the name the pods use
+    ((key, source),) = (f.split("=", 1) for f in generator["files"])
+    assert key == "secret"
+    # The generated secret file stays out of git; the docs say how to make it.
+    ignored = (DEPLOY.parent / ".gitignore").read_text().split()
+    assert f"deploy/kubernetes/{source}" in ignored
+    assert f"> deploy/kubernetes/{source}" in (DEPLOY.parent / "README.md").read_text()
+    roles = workloads(k8s)
+    mirrored = set(find(k8s, "ConfigMap", "p2pdist-containerd-hosts")["data"])
+    for role in ("scheduler", "seed"):
+        pod, container = roles[role]
+        config = load_service_config(container["args"], mounted_files(k8s, pod, container))
+        assert set(config.allowed_registries) == mirrored, role
 
 
 def test_kubernetes_hosts_toml_is_what_mirror_config_writes_and_lands_in_certs_d(k8s: list[dict[str, Any]]) -> None:
@@ -213,6 +236,13 @@ def test_compose_commands_configs_and_ports_match_the_cli() -> None:
     # What `p2pdist mirror-config docker` writes by default is where this peer's proxy listens.
     assert f"http://{configs['peer'].proxy_listen}" == mirrorconfig.DEFAULT_PROXY
     assert configs["peer"].registry_mirror == mirrorconfig.DOCKER_HUB_API
+    # Every service requires the cluster secret (compose refuses to start without it), and the
+    # seed fetches only from the registry the peer mirrors.
+    for name, service in services.items():
+        assert service["environment"][cfg.CLUSTER_SECRET_ENV].startswith("${P2PDIST_CLUSTER_SECRET:?"), name
+    assert "deploy/compose/.env" in (DEPLOY.parent / ".gitignore").read_text().split()
+    for name in ("scheduler", "seed"):
+        assert configs[name].allowed_registries == ("docker.io",), name
 
 
 # -- the image -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from p2pdist.errors import (
     BadRequest,
     BodyTooLarge,
     ConfigError,
+    Forbidden,
     GetError,
     IntegrityError,
     LoopDetected,
@@ -24,6 +25,7 @@ from p2pdist.errors import (
     P2PError,
     RangeNotSatisfiable,
     StoreError,
+    TooManyRequests,
     UpstreamError,
 )
 from p2pdist.node.pieceserver import parse_range
@@ -63,6 +65,8 @@ OCI_CODES = {
         (BodyTooLarge("x"), 413, "SIZE_INVALID"),
         (RangeNotSatisfiable(10), 416, "RANGE_INVALID"),
         (LoopDetected("x"), 508, "UNSUPPORTED"),
+        (Forbidden("x"), 403, "DENIED"),
+        (TooManyRequests("x"), 429, "TOOMANYREQUESTS"),
         (NotFound("x"), 404, "UNSUPPORTED"),
         (NotFound("x", code="BLOB_UNKNOWN"), 404, "BLOB_UNKNOWN"),
         (IntegrityError("x"), 502, "UNAVAILABLE"),
@@ -168,7 +172,7 @@ def test_mirror_range_error_names_the_length() -> None:
 
 def test_every_error_class_is_a_p2p_error_with_a_known_code() -> None:
     classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
-    assert len(classes) == 16
+    assert len(classes) == 18
     for cls in classes:
         assert issubclass(cls, P2PError), cls
         assert 400 <= cls.status <= 599 and cls.code in OCI_CODES, cls

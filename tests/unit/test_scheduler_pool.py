@@ -36,7 +36,9 @@ async def test_a_task_whose_owner_is_down_goes_to_the_next_in_rank_and_stays_the
         async with trio.open_nursery() as nursery:
             live = []
             for _ in range(2):
-                host, port = await nursery.start(serve_scheduler, SchedulerConfig(listen="127.0.0.1:0"))
+                host, port = await nursery.start(
+                    serve_scheduler, SchedulerConfig(listen="127.0.0.1:0", allowed_registries=("registry",))
+                )
                 live.append(f"http://{host}:{port}")
             down = closed_port_url()
             members = [*live, down]
