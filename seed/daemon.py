@@ -104,6 +104,7 @@ class SeedDaemon(Node[SeedConfig]):
             # Every piece is stored but the sha256 of the whole is still being checked.
             return wire.PreheatStatus(task_id=task_id, state="running", content_length=status.content_length)
         return status
+
     def check_trigger(self, trigger: wire.SeedTrigger) -> None:
         """Fetch only what a peer may ask for, whoever sent the trigger: the scheduler checked
         the same at registration, this holds also against a forged or misrouted trigger."""
