@@ -22,6 +22,13 @@ outside it also shares that link's capacity, in the same max-min filling. The re
 bytes that entered each site and the site-aware lower bound (benchmarks.report.site_lower_bound_s);
 `--no-site-aware` runs the same topology with the scheduler's site rule off. Direct pull then
 shares the origin fairly between sites, each site's share capped by its uplink.
+
+With `--scheduler-service-ms MS`, the scheduler is a server with one core: every request (a
+peer's register and syncs, the seed's progress reports) waits its turn in one FIFO line and
+takes MS of service, and its answer (and its effect on the scheduler's state) comes when that
+service ends; a peer sends its next sync only after the answer, as the daemon does. The report
+adds the scheduler's utilisation over time and the requests' latency. Without it (the default,
+0) the scheduler answers at once, for free.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
 from p2pdist.content.pieces import PieceLayout
 from p2pdist.node.pieceserver import QUEUE_WAIT_S
 from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync
-from peer.machine import Limits, PieceOutcome, TaskMachine
+from peer.machine import Limits, PieceOutcome, Report, TaskMachine
 from scheduler.state import Scheduler
 from seed.fetch import REPORT_INTERVAL_S
 
@@ -57,6 +64,7 @@ URL = "http://origin.sim/v2/sim/blob/blobs/" + TASK
 log = logging.getLogger("p2pdist.simulate")
 
 FILL_ROUNDS = 3  # progressive-filling rounds per tick: enough to hand out nearly all spare capacity
+SCHED_BIN_S = 0.25  # the scheduler's utilisation is reported per this much simulated time
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,7 @@ class SimConfig:
     sites: int = 0  # 0: no sites, one flat network
     site_uplink_bps: float = float("inf")  # each site's WAN link, each way
     site_aware: bool = True  # the scheduler's site rule (SchedulerConfig.site_aware)
+    scheduler_service_s: float = 0.0  # each request's service time at a one-core scheduler (0: free)
 
     def site_hosts(self) -> int:
         return -(-self.peers // self.sites) if self.sites else self.peers
@@ -163,12 +172,38 @@ class Simulation:
             self.site_of[1:] = np.arange(n) // config.site_hosts()
         self.wan_cap = np.append(np.full(self.sites, float(config.site_uplink_bps)), np.inf)
         self.site_in_bytes = np.zeros(self.sites + 1)
+        # The scheduler as a server (scheduler_service_s > 0): when it is next free, what each
+        # queued request carries (by event order), its busy time per SCHED_BIN_S, latencies.
+        self.sched_free_s = 0.0
+        self.pending: dict[int, tuple[Any, ...]] = {}
+        self.sched_busy: collections.Counter[int] = collections.Counter()
+        self.sched_latency: list[float] = []
 
     # -- control plane: the real scheduler --------------------------------------------------
 
-    def _at(self, when: float, kind: str, peer: int) -> None:
+    def _at(self, when: float, kind: str, peer: int) -> int:
         self.order += 1
         heapq.heappush(self.events, (when, self.order, kind, peer))
+        return self.order
+
+    def _queue(self, when: float, kind: str, index: int, *payload: Any) -> bool:
+        """Send one request to the scheduler modelled as a server: it is answered by a `kind`
+        event when its service ends, with `payload`. False: no server modelled, answer now."""
+        service = self.config.scheduler_service_s
+        if not service:
+            return False
+        start = max(when, self.sched_free_s)
+        end = self.sched_free_s = start + service
+        self.sched_latency.append(end - when)
+        # Busy time per bin, split where the service crosses a bin's edge.
+        t = start
+        while t < end:
+            b = int(t / SCHED_BIN_S)
+            edge = min(end, (b + 1) * SCHED_BIN_S)
+            self.sched_busy[b] += edge - t
+            t = edge
+        self.pending[self._at(end, kind, index)] = payload
+        return True
 
     def site_name(self, index: int) -> str:
         site = int(self.site_of[index])
@@ -203,6 +238,10 @@ class Simulation:
 
     def _register(self, p: SimPeer, now: float) -> None:
         self.stats["registers"] += 1
+        if not self._queue(now, "registered", p.index):
+            self._registered(p, now)
+
+    def _registered(self, p: SimPeer, now: float) -> None:
         reply, wake = self.sched.register(Register(host_id=p.host_id, task_id=TASK, url=URL), now)
         if wake is not None:
             self._wake_seed(now)
@@ -211,11 +250,15 @@ class Simulation:
 
     def _sync(self, p: SimPeer, now: float, *, done: bool = False) -> None:
         self.stats["syncs"] += 1
-        machine = p.machine
-        report = machine.take_report()
+        report = p.machine.take_report()
         if report.register:
             self._register(p, now)
             return
+        if not self._queue(now, "synced", p.index, report, done):
+            self._synced(p, now, report, done)
+
+    def _synced(self, p: SimPeer, now: float, report: Report, done: bool) -> None:
+        machine = p.machine
         reply, wake = self.sched.sync(
             Sync(
                 host_id=p.host_id,
@@ -274,19 +317,23 @@ class Simulation:
         have = self._seed_pieces_at(now)
         done = have == self.layout.count
         digests = [n.to_bytes(32, "big") for n in range(self.seed_reported, have)]
-        self.sched.seed_progress(
-            SeedProgress(
-                host_id=self.seed_id,
-                task_id=TASK,
-                content_length=self.config.blob_bytes,
-                first_digest=self.seed_reported,
-                piece_digests=digests,
-                done=done,
-            ),
-            now,
+        progress = SeedProgress(
+            host_id=self.seed_id,
+            task_id=TASK,
+            content_length=self.config.blob_bytes,
+            first_digest=self.seed_reported,
+            piece_digests=digests,
+            done=done,
         )
         self.seed_reported = have
-        self.seed_next_report = float("inf") if done else now + REPORT_INTERVAL_S
+        self.seed_next_report = float("inf")  # the seed waits for the answer before the next
+        if not self._queue(now, "seed_reported", 0, progress):
+            self._seed_reported(now, progress)
+
+    def _seed_reported(self, now: float, progress: SeedProgress) -> None:
+        self.sched.seed_progress(progress, now)
+        if not progress.done:
+            self.seed_next_report = now + REPORT_INTERVAL_S
 
     # -- peers: the daemon's piece selection ------------------------------------------------
 
@@ -421,12 +468,23 @@ class Simulation:
         next_expire = 1.0
         while self.waiting and now < self.config.max_time_s:
             while self.events and self.events[0][0] <= now:
-                when, _, kind, index = heapq.heappop(self.events)
+                when, order, kind, index = heapq.heappop(self.events)
+                payload = self.pending.pop(order, ())
+                if kind == "seed_reported":
+                    self._seed_reported(when, *payload)
+                    continue
                 p = self.peers[index - 1]
+                if kind == "synced" and payload[1]:
+                    self._synced(p, when, *payload)  # a done peer's last sync: the scheduler still hears it
+                    continue
                 if p.done_s is not None or p.gone:
                     continue
                 if kind == "register":
                     self._register(p, when)
+                elif kind == "registered":
+                    self._registered(p, when)
+                elif kind == "synced":
+                    self._synced(p, when, *payload)
                 else:
                     self._sync(p, when)
                 touched.add(index)
@@ -521,7 +579,27 @@ class Simulation:
         }
         if self.sites:
             result["sites"] = self._site_result()
+        if cfg.scheduler_service_s:
+            result["scheduler_server"] = self._server_result()
         return result
+
+    def _server_result(self) -> dict[str, Any]:
+        """The scheduler modelled as a one-core server: its load and its requests' latency."""
+        latency = self.sched_latency
+        bins = range(max(self.sched_busy, default=-1) + 1)
+        series = [(round(b * SCHED_BIN_S, 3), round(self.sched_busy[b] / SCHED_BIN_S, 4)) for b in bins]
+        span = max(self.end_s, self.sched_free_s, 1e-9)  # requests queued at the end are served after it
+        return {
+            "service_ms": self.config.scheduler_service_s * 1000,
+            "requests": len(latency),
+            "requests_per_s": round(len(latency) / span, 1),
+            "utilisation_mean": round(sum(self.sched_busy.values()) / span, 4),
+            "utilisation_peak": max((u for _, u in series), default=0.0),
+            "latency_p50_ms": round(percentile(latency, 50) * 1000, 2),
+            "latency_p99_ms": round(percentile(latency, 99) * 1000, 2),
+            "latency_max_ms": round(max(latency, default=0.0) * 1000, 2),
+            "utilisation": series,
+        }
 
     def _site_result(self) -> dict[str, Any]:
         cfg = self.config
@@ -622,6 +700,25 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
+def plot_utilisation(path: Path, series: list[tuple[float, float]], service_ms: float) -> None:
+    """The scheduler's busy share of its one core over simulated time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot([t for t, _ in series], [u * 100 for _, u in series], drawstyle="steps-post")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("scheduler busy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"scheduler utilisation, {service_ms:g} ms per request")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def simulate(config: SimConfig) -> tuple[dict[str, Any], Simulation]:
     started = time.perf_counter()
     cpu = time.process_time()
@@ -649,6 +746,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-site-aware", action="store_true", help="the same sites with the scheduler's site rule off"
     )
+    parser.add_argument(
+        "--scheduler-service-ms",
+        type=float,
+        default=0.0,
+        help="model the scheduler as one core taking this long per request (0: answers at once, free)",
+    )
     parser.add_argument("--max-time", type=float, default=3600.0, help="stop the simulation at this simulated time")
     parser.add_argument("--out", type=Path, required=True, help="directory for result.json, report.md, cdf.png")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -671,6 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         sites=args.sites,
         site_uplink_bps=parse_size(args.site_uplink_rate) if args.sites else float("inf"),
         site_aware=not args.no_site_aware,
+        scheduler_service_s=args.scheduler_service_ms / 1000,
     )
     result, _ = simulate(config)
     result["command"] = shlex.join([".venv/bin/python", "-m", "benchmarks.simulate", *(argv or sys.argv[1:])])
@@ -691,6 +795,15 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {result['p2p']['p99_s']:.2f} s = {sites['p99_over_site_bound']:.2f}·bound "
             f"(site bound {sites['site_lower_bound_s']:.2f} s)"
         )
+    if "scheduler_server" in result:
+        server = result["scheduler_server"]
+        print(
+            f"scheduler {server['service_ms']:g} ms per request, one core: {server['requests']} requests "
+            f"({server['requests_per_s']:.0f}/s), utilisation mean {server['utilisation_mean']:.0%} "
+            f"peak {server['utilisation_peak']:.0%}; latency p50 {server['latency_p50_ms']:.1f} ms, "
+            f"p99 {server['latency_p99_ms']:.1f} ms, max {server['latency_max_ms']:.1f} ms"
+        )
+        plot_utilisation(args.out / "scheduler.png", server["utilisation"], server["service_ms"])
     print(
         f"T_min {bound:.2f} s; {result['p2p']['hosts_complete']}/{config.peers} hosts done; "
         f"ran {result['runtime_s']:.0f} s ({result['cpu_s']:.0f} s CPU); wrote {args.out}"
