@@ -25,6 +25,8 @@ need ctr containerd
 need dockerd docker.io
 need htpasswd apache2-utils
 need curl curl
+# tests/integration/test_compose.py checks deploy/compose with the compose tool Debian ships.
+need docker-compose docker-compose
 # `python3 -m venv` (setup, and the packaging test's clean venv) needs ensurepip on Debian.
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=("$PYTHON -m venv")
