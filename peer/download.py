@@ -140,7 +140,8 @@ class TaskDownload:
             )
         except (UpstreamError, P2PError) as exc:
             self.daemon.metrics.scheduler_errors.inc()
-            machine.register_failed(str(exc))
+            status = getattr(exc, "upstream_status", None)
+            machine.register_failed(str(exc), refused=status is not None and 400 <= status < 500)
             return
         self._answered(None, reply)
         async with trio.open_nursery() as nursery:

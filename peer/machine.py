@@ -191,8 +191,13 @@ class TaskMachine:
     def no_scheduler(self) -> None:
         self._give_up(BackToSourceReason.NO_SCHEDULER, "no scheduler configured")
 
-    def register_failed(self, error: str) -> None:
-        self._give_up(BackToSourceReason.SCHEDULER_UNREACHABLE, f"scheduler unreachable ({error})")
+    def register_failed(self, error: str, *, refused: bool = False) -> None:
+        """Registering failed: the scheduler could not be reached, or (`refused`) it answered
+        a 4xx (a registry it does not allow, over a rate): either way the origin serves it."""
+        if refused:
+            self._give_up(BackToSourceReason.SCHEDULER_SAID, f"scheduler refused the task ({error})")
+        else:
+            self._give_up(BackToSourceReason.SCHEDULER_UNREACHABLE, f"scheduler unreachable ({error})")
 
     def scheduler_changed(self) -> None:
         """The task has another owner now (its scheduler stopped answering, or came back): the

@@ -5,6 +5,7 @@ Origins sit behind counting relays, so "nothing was fetched" is counted, not ass
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from lab.faultrelay import FaultRelayProcess
 from lab.procs import Service
 from lab.registry import Origin
 from p2pdist import wire
-from tests.support.cluster import MiB, wait_until
+from tests.support.cluster import MiB, p2pdist_bin, sha256_file, wait_until
 from tests.support.metrics import metric
 from tests.support.origin import PushToOrigin
 
@@ -106,6 +107,38 @@ def test_registrations_a_seed_must_not_fetch_are_refused_and_the_origin_sees_not
     assert allowed.stats()["ranges"] == [""]  # one blob GET, for the allowed registration
     assert metric(scheduler.url, "p2pdist_scheduler_seeds_woken_total") == 1
     assert scheduler.poll() is None and seed.poll() is None
+
+
+def test_a_peer_refused_by_the_scheduler_pulls_from_the_origin_itself(
+    tmp_path: Path,
+    push_to_origin: PushToOrigin,
+    relays: tuple[FaultRelayProcess, FaultRelayProcess],
+    services: list[Service],
+) -> None:
+    allowed, other = relays
+    image = push_to_origin((6 * MiB,), 123, REPO)
+    digest = image.layers[0].digest
+    scheduler, seed = start_pair(tmp_path, services, allowed.host)
+    peer = procs.start_peer(tmp_path, scheduler.url, "peer")
+    services.append(peer)
+    assert peer.proxy_url is not None
+    out = tmp_path / "refused.blob"
+
+    # A registry the operator did not allow: no P2P for it, but the pull still works.
+    get = subprocess.run(
+        [p2pdist_bin(), "get", f"{other.url}/v2/{REPO}/blobs/{digest}", "-o", str(out), "--peer", peer.proxy_url, "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert get.returncode == 0, get.stderr
+    assert sha256_file(out) == digest
+    assert metric(peer.url, "p2pdist_peer_back_to_source_total", 'reason="scheduler_said"') == 1
+    assert metric(scheduler.url, "p2pdist_scheduler_registrations_refused_total", 'reason="registry"') == 1
+    assert metric(seed.url, "p2pdist_seed_download_bytes_total") == 0
+    assert allowed.stats()["requests"] == 0
+    assert "scheduler refused the task" in peer.log_path.read_text()
 
 
 def test_seed_refuses_a_forged_trigger_before_any_fetch(

@@ -223,6 +223,13 @@ def test_scheduler_answers_say_why_the_download_goes_back_to_source() -> None:
     assert unreachable.back_to_source is not None
     assert unreachable.back_to_source.reason is BackToSourceReason.SCHEDULER_UNREACHABLE
 
+    # A 4xx at registration (a registry not allowed, over a rate) is the scheduler's no, not an outage.
+    refused = TaskMachine("me", Limits(), random.Random(1), 0.0)
+    refused.register_failed("scheduler answered 429: over the rate", refused=True)
+    assert refused.back_to_source is not None
+    assert refused.back_to_source.reason is BackToSourceReason.SCHEDULER_SAID
+    assert refused.back_to_source.detail == "scheduler refused the task (scheduler answered 429: over the rate)"
+
 
 def test_a_forgetful_scheduler_is_registered_with_again_and_told_everything_held() -> None:
     m = machine(parent("a"), concurrent_pieces=1)
