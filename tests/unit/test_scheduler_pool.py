@@ -81,6 +81,11 @@ async def test_every_scheduler_down_is_one_clear_error() -> None:
 async def test_a_name_becomes_one_scheduler_per_address() -> None:
     with trio.fail_after(10):
         pool = SchedulerPool(["http://localhost:8002", "http://127.0.0.2:9000", "https://localhost:8003"])
+        told: list[str] = []
+        pool.on_up = told.append
         await pool.resolve()
         assert pool.members == ("http://127.0.0.1:8002", "http://127.0.0.2:9000", "https://localhost:8003")
+        assert told == ["http://127.0.0.1:8002"]  # new: the node announces to it at once
+        await pool.resolve()
+        assert told == ["http://127.0.0.1:8002"]  # the same answer changes nothing
         await pool.aclose()
