@@ -37,6 +37,7 @@ from scheduler.preheat import (
     JobState,
     Target,
     TaskResult,
+    assign,
     choose_targets,
     parse_job_request,
     summary,
@@ -193,20 +194,21 @@ class JobService:
             raise UpstreamError(
                 "no seed peer to preheat on" if request.scope != "all_peers" else "no peer to preheat on"
             )
-        job.targets = [t.host_id for t in targets]
+        by_digest = {b.digest: b for b in blobs}
+        # Blob-major order: with few slots, every target starts on the first blobs at once.
+        copies = assign(list(by_digest), targets, request.scope)
+        job.targets = sorted({t.host_id for _, t in copies})
         job.blobs = len(blobs)
-        job.copies_total = len(blobs) * len(targets)
-        job.bytes_total = sum(b.size for b in blobs) * len(targets)
+        job.copies_total = len(copies)
+        job.bytes_total = sum(by_digest[d].size for d, _ in copies)
         job.updated_at = time.time()
         per_job = self.config.preheat_job_blobs or 1
         if request.concurrent_count:
             per_job = min(per_job, request.concurrent_count)
         limiter = trio.CapacityLimiter(max(1, per_job))
         async with trio.open_nursery() as nursery:
-            # Blob-major order: with few slots, every target starts on the first blobs at once.
-            for blob in blobs:
-                for target in targets:
-                    nursery.start_soon(self._copy, client, job, blob, target, headers, limiter)
+            for digest, target in copies:
+                nursery.start_soon(self._copy, client, job, by_digest[digest], target, headers, limiter)
 
     async def _copy(
         self,

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from p2pdist.cluster.rendezvous import owner
 from p2pdist.errors import BadRequest, JobsBusy
 from p2pdist.registry.manifest import parse_manifest_url, parse_platform
 from p2pdist.registry.oci import basic_auth
@@ -260,13 +261,11 @@ class JobBook:
 
 
 def choose_targets(hosts: list[Target], request: JobRequest, rng: random.Random) -> list[Target]:
-    """The hosts a job's scope picks: one seed, every seed, or peers (all, `count` of them, or
-    `percentage` of them rounded up), chosen at random so repeated jobs spread out."""
-    seeds = sorted((h for h in hosts if h.kind == "seed"), key=lambda h: h.host_id)
-    if request.scope == "single_seed_peer":
-        return [rng.choice(seeds)] if seeds else []
-    if request.scope == "all_seed_peers":
-        return seeds
+    """The hosts a job's scope may use: the seeds (one of them per blob for single_seed_peer,
+    see `assign`), or peers (all, `count` of them, or `percentage` of them rounded up), chosen
+    at random so repeated jobs spread out."""
+    if request.scope != "all_peers":
+        return sorted((h for h in hosts if h.kind == "seed"), key=lambda h: h.host_id)
     peers = sorted((h for h in hosts if h.kind == "peer"), key=lambda h: h.host_id)
     wanted = len(peers)
     if request.count is not None:
@@ -274,6 +273,16 @@ def choose_targets(hosts: list[Target], request: JobRequest, rng: random.Random)
     elif request.percentage is not None:
         wanted = math.ceil(len(peers) * request.percentage / 100)
     return sorted(rng.sample(peers, wanted), key=lambda h: h.host_id)
+
+
+def assign(digests: list[str], targets: list[Target], scope: Scope) -> list[tuple[str, Target]]:
+    """Which blob goes on which host. With single_seed_peer, each blob on the seed that a pull
+    would wake for it (rendezvous over the seeds, as scheduler/state.py picks), so the image
+    spreads over the seeds and every scheduler agrees; else every blob on every target."""
+    if scope == "single_seed_peer":
+        by_id = {t.host_id: t for t in targets}
+        return [(d, by_id[chosen]) for d in digests if (chosen := owner(d, by_id)) is not None]
+    return [(d, t) for d in digests for t in targets]
 
 
 def summary(job: Job) -> str:

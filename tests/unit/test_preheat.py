@@ -10,9 +10,10 @@ import random
 import pytest
 
 from p2pdist.cli.preheat import parse_image
+from p2pdist.cluster.rendezvous import owner
 from p2pdist.errors import BadRequest, JobsBusy, PreheatError
 from p2pdist.registry.manifest import MEDIA_INDEX, MEDIA_MANIFEST, parse_manifest, parse_manifest_url
-from scheduler.preheat import JobBook, JobRequest, Target, choose_targets, parse_job_request
+from scheduler.preheat import JobBook, JobRequest, Target, assign, choose_targets, parse_job_request
 
 URL = "https://registry.example/v2/team/app/manifests/v1"
 D1 = "sha256:" + "1" * 64
@@ -115,19 +116,25 @@ def test_the_book_drops_finished_jobs_after_their_ttl_and_refuses_when_full_of_r
     assert book.get(second.id, 81) is None
 
 
-def test_scopes_pick_one_seed_every_seed_or_a_share_of_the_peers() -> None:
+def test_scopes_pick_one_seed_per_blob_every_seed_or_a_share_of_the_peers() -> None:
     hosts = [Target(f"seed-{i}", f"http://s{i}", "seed") for i in range(3)]
     hosts += [Target(f"peer-{i}", f"http://p{i}", "peer") for i in range(8)]
     rng = random.Random(1)
-    one = choose_targets(hosts, JobRequest(URL), rng)
-    assert len(one) == 1 and one[0].kind == "seed"
-    assert len(choose_targets(hosts, JobRequest(URL, scope="all_seed_peers"), rng)) == 3
+    digests = [f"sha256:{i:064x}" for i in range(30)]
+    seeds = choose_targets(hosts, JobRequest(URL), rng)
+    single = assign(digests, seeds, "single_seed_peer")
+    # One seed per blob, the one a pull would wake (rendezvous), and the blobs spread over all three.
+    assert [d for d, _ in single] == digests
+    assert all(t.host_id == owner(d, [s.host_id for s in seeds]) for d, t in single)
+    assert {t.host_id for _, t in single} == {"seed-0", "seed-1", "seed-2"}
+    every = assign(digests, choose_targets(hosts, JobRequest(URL, scope="all_seed_peers"), rng), "all_seed_peers")
+    assert len(every) == 90
     assert len(choose_targets(hosts, JobRequest(URL, scope="all_peers"), rng)) == 8
     half = choose_targets(hosts, JobRequest(URL, scope="all_peers", percentage=50), rng)
     assert len(half) == 4 and all(h.kind == "peer" for h in half)
     assert len(choose_targets(hosts, JobRequest(URL, scope="all_peers", percentage=1), rng)) == 1
     assert len(choose_targets(hosts, JobRequest(URL, scope="all_peers", count=20), rng)) == 8
-    assert choose_targets(hosts[3:], JobRequest(URL), rng) == []
+    assert assign(digests, choose_targets(hosts[3:], JobRequest(URL), rng), "single_seed_peer") == []
 
 
 def test_manifests_and_indexes_parse_to_blobs_and_platform_children() -> None:
