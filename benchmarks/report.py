@@ -53,6 +53,14 @@ def lower_bound_s(peers: int, blob_bytes: int, origin_bps: float, upload_bps: fl
     )
 
 
+def preheated_lower_bound_s(
+    peers: int, blob_bytes: int, seed_bps: float, upload_bps: float, download_bps: float
+) -> float:
+    """The same bound when a seed already holds the blob before the rollout: the origin is out
+    of the picture, and the seed's upload u_seed takes its place, max(F/d, N·F/(u_seed + N·u))."""
+    return max(blob_bytes / download_bps, peers * blob_bytes / (seed_bps + peers * upload_bps))
+
+
 def site_lower_bound_s(
     *,
     sites: int,

@@ -12,6 +12,10 @@ scheduler|seed --kill-at SECONDS` SIGKILLs, that long into the P2P rollout, the 
 owning the largest layer or the seed that fetched the most from the origin, and leaves it dead. Each host's completion time is when its last layer's last byte
 arrived through its mirror port; every blob is checked against its digest. Results are
 scored against Kumar & Ross's lower bound T_min (see benchmarks/report.py).
+
+With `--preheat`, `p2pdist preheat` first puts the image on the seed through the scheduler's
+job API; the rollout then starts with the seed holding every blob, and is scored against
+T_min with the seed as the only server, max(F/d, N·F/(u_seed + N·u)).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import io
 import platform
 import shlex
 import sys
@@ -34,10 +39,11 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import trio
 
-from benchmarks.report import cpu_seconds, lower_bound_s, summarize, write_results
+from benchmarks.report import cpu_seconds, lower_bound_s, preheated_lower_bound_s, summarize, write_results
 from lab.image import ImageInfo, make_oci_layout, push_image
 from lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
 from lab.registry import Origin
+from p2pdist.cli.preheat import preheat
 from p2pdist.cluster.rendezvous import owner
 from p2pdist.config import parse_size
 from p2pdist.transport.piececlient import PieceClient
@@ -277,6 +283,27 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         services.extend(peers)
         for peer in peers:
             peer.wait_healthy()
+        preheated: dict[str, float] = {}
+        if args.preheat:
+            before = relay.downstream_bytes()
+            started = time.monotonic()
+            preheat(
+                f"{relay.host}/{REPO}:{image.tag}",
+                scheduler.url,
+                platforms=[],
+                plain_http=True,
+                wait=True,
+                quiet=True,
+                timeout_s=args.timeout,
+                out=io.StringIO(),
+            )
+            preheated = {
+                "seconds": round(time.monotonic() - started, 2),
+                "origin_bytes": relay.downstream_bytes() - before,
+            }
+            log(
+                f"preheated the seed in {preheated['seconds']:.2f}s, origin sent {preheated['origin_bytes'] / MiB:.1f} MiB"
+            )
         log(f"{args.peers} peers up; p2p rollout starts")
         before = relay.downstream_bytes()
         roles = {
@@ -329,9 +356,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 f"origin sent {direct_origin / MiB:.1f} MiB"
             )
     download_bps = parse_size(args.peer_download_rate) if args.peer_download_rate else float("inf")
-    bound = lower_bound_s(args.peers, total, origin_bps, upload_bps, download_bps)
+    if args.preheat:
+        # The seed's upload is capped at the origin rate: it is u_seed.
+        bound = preheated_lower_bound_s(args.peers, total, origin_bps, upload_bps, download_bps)
+    else:
+        bound = lower_bound_s(args.peers, total, origin_bps, upload_bps, download_bps)
     result: dict[str, Any] = {
-        "title": f"Rollout: {args.peers} hosts, {total / MiB:.0f} MiB image in {args.layers} layer(s)",
+        "title": f"Rollout: {args.peers} hosts, {total / MiB:.0f} MiB image in {args.layers} layer(s)"
+        + (", seed preheated" if args.preheat else ""),
         "command": "python -m benchmarks.rollout " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": f"{platform.node()} {platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
         "peers": args.peers,
@@ -347,6 +379,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "seeds": args.seeds,
         **({"killed": killer.killed | {"kind": args.kill}} if killer is not None and killer.killed else {}),
         "p2p_cpu_s": cpu,
+        **({"preheat": preheated} if preheated else {}),
         **(
             {"p2p_upload_utilization": sampler.utilization(), "p2p_upload_samples": sampler.samples}
             if sampler is not None
@@ -370,6 +403,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated image's bytes")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--skip-direct", action="store_true")
+    parser.add_argument(
+        "--preheat", action="store_true", help="preheat the seed with `p2pdist preheat` before the rollout"
+    )
     parser.add_argument(
         "--timeline",
         action="store_true",

@@ -20,6 +20,7 @@ import pytest
 from lab.image import MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST, ImageInfo, push_image
 from lab.registry import Origin
 from lab.tokenauth import RegistryAuth
+from p2pdist.registry.oci import basic_auth
 from tests.support.cluster import Cluster, p2pdist_bin, sha256_file, wait_until
 from tests.support.metrics import metric
 from tests.support.origin import OUTSIDER, PUSHER, TEAM_READER, ImageFactory
@@ -295,3 +296,16 @@ def test_malformed_jobs_and_preheat_requests_get_a_one_line_4xx_and_everything_k
     assert httpx.get(f"{node}/v1/preheat/not-a-digest", timeout=10).status_code == 400
     assert httpx.get(f"{fleet.scheduler.url}/healthy").status_code == 200
     assert httpx.get(f"{node}/healthz").status_code == 200
+
+
+def test_the_jobs_registry_credentials_reach_no_log_and_no_answer(fleet: Cluster) -> None:
+    # Runs after the tests above, which sent TEAM_READER's password with every job.
+    secrets = (TEAM_READER[1], basic_auth(*TEAM_READER).split()[1])
+    for service in fleet.services:
+        text = service.log_path.read_text()
+        assert not [s for s in secrets if s in text], service.name
+    listing = httpx.get(
+        f"{fleet.scheduler.url}/oapi/v1/jobs", headers={"authorization": f"Bearer {PREHEAT_TOKEN}"}, timeout=10
+    )
+    assert listing.status_code == 200 and len(listing.json()) >= 5
+    assert not [s for s in secrets if s in listing.text]
