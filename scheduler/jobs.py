@@ -17,13 +17,15 @@ import logging
 import random
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import trio
 
 from p2pdist import wire
 from p2pdist.config import SchedulerConfig
-from p2pdist.errors import BadRequest, P2PError, PreheatError, UpstreamError
+from p2pdist.errors import BadRequest, Forbidden, P2PError, PreheatError, UpstreamError
 from p2pdist.node.preheat import PREHEAT_PATH
+from p2pdist.registry.allowlist import registry_allowed
 from p2pdist.registry.client import OriginClient
 from p2pdist.registry.manifest import ImageBlob, resolve_image
 from p2pdist.transport.piececlient import PieceClient
@@ -129,6 +131,10 @@ class JobService:
 
     async def _create(self, request: Request) -> Response:
         job_request = parse_job_request(await request.body(limit=MAX_JOB_BODY_BYTES))
+        # The seeds would refuse each blob of it: say so now, once, before resolving anything.
+        registry = urlsplit(job_request.url).netloc
+        if not registry_allowed(registry, self.config.allowed_registries):
+            raise Forbidden(f"registry {registry[:100]} is not in allowed_registries")
         job = self.book.add(job_request, wall=time.time(), now=trio.current_time())
         self._send.send_nowait((job, job_request.headers))
         log.info(

@@ -286,6 +286,9 @@ def test_malformed_jobs_and_preheat_requests_get_a_one_line_4xx_and_everything_k
         response = httpx.post(jobs, content=body, headers=auth, timeout=10)
         assert 400 <= response.status_code < 500, response.text
         assert "\n" not in response.json()["message"]
+    elsewhere = {"type": "preheat", "args": {"url": "https://registry.example/v2/team/app/manifests/v1"}}
+    refused = httpx.post(jobs, json=elsewhere, headers=auth, timeout=10)
+    assert refused.status_code == 403 and "allowed_registries" in refused.json()["message"]
     assert httpx.get(f"{jobs}/abc", headers=auth).status_code == 400
     assert httpx.get(f"{jobs}/999999", headers=auth).status_code == 404
     assert httpx.delete(f"{jobs}/1", headers=auth).status_code == 405
