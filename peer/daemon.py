@@ -105,7 +105,9 @@ class PeerDaemon(Node[PeerConfig]):
             return {"digest": task_id, "state": "running"}
         held = self.store.get(task_id)
         if held is not None and held.complete():
-            return {"digest": task_id, "state": "held", "bytes": held.layout.blob_size}
+            # Where this peer's own download of it got the bytes (none: it held them already).
+            came = dict(dl.bytes_from) if dl is not None else {"peer": 0, "seed": 0, "origin": 0}
+            return {"digest": task_id, "state": "held", "bytes": held.layout.blob_size, "from": came}
         failed = self.failures.get(task_id)
         if failed is not None:
             return {"digest": task_id, "state": "failed", "reason": failed[1], "failed_at": failed[0]}

@@ -46,6 +46,7 @@ class TaskDownload:
         self.error: P2PError | None = None
         self.back_to_source_reason = ""
         self.parent_kinds: dict[str, str] = {}  # host id → "seed" or "peer", as its pieces said
+        self.bytes_from = {"peer": 0, "seed": 0, "origin": 0}  # verified bytes, by where they came from
         self.verified = False
         self.finished = trio.Event()
         self._changed = trio.Event()
@@ -365,6 +366,7 @@ class TaskDownload:
                 hasher.update(chunk)
                 writer.write(chunk)
         self.daemon.metrics.download_bytes.labels(source).inc(hasher.length)
+        self.bytes_from[source] += hasher.length
         return hasher
 
     # -- the blob's sha256 ----------------------------------------------------------------
@@ -400,6 +402,10 @@ class TaskDownload:
 
     # -- back to source -------------------------------------------------------------------
 
+    def _origin_bytes(self, n: int) -> None:
+        self.daemon.metrics.download_bytes.labels("origin").inc(n)
+        self.bytes_from["origin"] += n
+
     async def _back_to_source(self) -> None:
         """Fetch every missing piece from the origin, resuming at the first missing byte."""
         metrics = self.daemon.metrics
@@ -425,7 +431,7 @@ class TaskDownload:
                         intake = PieceIntake(
                             store,
                             bucket=self.daemon.download_bucket,
-                            on_bytes=metrics.download_bytes.labels("origin").inc,
+                            on_bytes=self._origin_bytes,
                             on_piece=self._from_origin,
                         )
                     await intake.write(body.start, body.chunks())

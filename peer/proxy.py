@@ -59,6 +59,8 @@ PULL_ONLY = "p2pdist is a pull-only registry mirror: push to the registry itself
 _FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # The code of a registry's bare no (a refusal without a body), relayed with its status.
 _REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED"}
+# On a blob answer: 1 when the peer held the whole blob before the request came.
+HELD_HEADER = "x-p2pdist-held"
 # The same upstream failure is logged at most this often.
 WARN_INTERVAL_S = 60.0
 
@@ -274,7 +276,8 @@ class Proxy:
         assert dl is not None
         source = "local" if dl.finished.is_set() and dl.verified else "p2p"
         body = self._timed(stream_blob(dl, start, end), dl, source, end - start, started)
-        return Response(status, reply, body)
+        # `p2pdist get` tells a blob served from the cache from one fetched for this request.
+        return Response(status, [*reply, (HELD_HEADER, "1" if source == "local" else "0")], body)
 
     async def _timed(
         self, body: AsyncIterator[bytes | FileBody], dl: TaskDownload, source: str, length: int, started: float

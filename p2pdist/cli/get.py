@@ -6,11 +6,13 @@ then renames; on any failure exits non-zero with one line on stderr and leaves n
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import http.client
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,8 +23,48 @@ from p2pdist.errors import GetError
 from p2pdist.registry.oci import SCHEME_HEADER, basic_auth, is_registry_host, parse_blob_url
 
 
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
+    )
+
+
+def progress_line(done: int, total: int | None, elapsed_s: float, rate_bps: float, width: int) -> str:
+    """One status line that fits `width` columns: bar (when there is room), percent, bytes,
+    current rate, elapsed time and ETA. Pure, for tests."""
+    if done == 0:
+        return "waiting for the first piece ..."[:width]
+    figures = f"{human(done)}"
+    if total:
+        figures = f"{done / total:6.1%} {human(done)}/{human(total)}"
+    eta = ""
+    if total and rate_bps > 0:
+        eta = f" ETA {clock((total - done) / rate_bps)}"
+    text = f"{figures} {human(rate_bps)}/s {clock(elapsed_s)}{eta}"
+    room = width - len(text) - 3
+    if total and room >= 10:
+        bar_width = min(30, room)
+        filled = int(done / total * bar_width)
+        text = f"[{'#' * filled:<{bar_width}}] {text}"
+    return text[:width]
+
+
 class Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
+    """A one-line progress display on a terminal (silent otherwise): elapsed time, the rate
+    over the last few seconds, the ETA, fitted to the terminal's width."""
+
+    RATE_WINDOW_S = 3.0
 
     def __init__(self, total: int | None, stream: IO[str] = sys.stderr, *, enabled: bool = True) -> None:
         self.total = total
@@ -31,29 +73,57 @@ class Progress:
         self.done = 0
         self.started = time.monotonic()
         self._last = 0.0
+        self._samples: collections.deque[tuple[float, int]] = collections.deque([(self.started, 0)])
+        if self.enabled:
+            self._draw(self.started)  # "waiting for the first piece", not a blank line
 
     def update(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
+        if now - self._samples[-1][0] > 0.2:
+            self._samples.append((now, self.done))
+            while len(self._samples) > 2 and now - self._samples[0][0] > self.RATE_WINDOW_S:
+                self._samples.popleft()
         if self.enabled and (now - self._last > 0.1 or self.done == self.total):
             self._last = now
             self._draw(now)
 
+    def columns(self) -> int:
+        """The width of the terminal the line is drawn on (stderr's, not stdout's)."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            columns = 0
+        return columns or shutil.get_terminal_size((80, 24)).columns
+
+    def rate(self, now: float) -> float:
+        first_at, first_done = self._samples[0]
+        return (self.done - first_done) / max(1e-6, now - first_at)
+
     def _draw(self, now: float) -> None:
-        rate = self.done / max(1e-6, now - self.started)
-        if self.total:
-            frac = self.done / self.total
-            bar = "#" * int(frac * 30)
-            line = f"\r[{bar:<30}] {frac:6.1%} {self.done / 2**20:8.1f}/{self.total / 2**20:.1f} MiB {rate / 2**20:7.1f} MiB/s"
-        else:
-            line = f"\r{self.done / 2**20:8.1f} MiB {rate / 2**20:7.1f} MiB/s"
-        self.stream.write(line)
+        width = self.columns() - 1
+        line = progress_line(self.done, self.total, now - self.started, self.rate(now), width)
+        self.stream.write(f"\r{line:<{width}}")
         self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:
             self._draw(time.monotonic())
             self.stream.write("\n")
+
+
+def summary(received: int, elapsed_s: float, output: str, came: dict[str, int] | None) -> str:
+    """The line `get` ends with: bytes, time, mean rate, where the peer got them."""
+    line = f"{human(received)} in {elapsed_s:.1f} s ({human(received / max(elapsed_s, 1e-6))}/s) to {output}"
+    if came is None:
+        return line
+    if not any(came.values()):
+        return f"{line}: the peer held it already"
+    parts = [
+        f"{human(came.get(k, 0))} from {name}"
+        for k, name in (("peer", "peers"), ("seed", "the seed"), ("origin", "the origin"))
+    ]
+    return f"{line}: {', '.join(parts)}"
 
 
 def get(
@@ -77,11 +147,13 @@ def get(
     tmp = None if in_place else out.with_name(f".{out.name}.part")
     sha = hashlib.sha256()
     received = 0
+    held = False
     peer_parts = urlsplit(peer)
     if peer_parts.scheme != "http" or not peer_parts.hostname or not is_registry_host(peer_parts.netloc):
         raise GetError(f"invalid --peer {peer!r}: want http://HOST:PORT")
     # http.client reads straight into our buffer; httpx's iterator measured 4x slower here.
     conn = http.client.HTTPConnection(peer_parts.hostname, peer_parts.port or 80, timeout=timeout_s)
+    started = time.monotonic()
     try:
         path = f"/v2/{name}/blobs/{digest}?{urlencode({'ns': parts.netloc})}"
         conn.request("GET", path, headers=headers)
@@ -89,16 +161,24 @@ def get(
         if response.status != 200:
             raise GetError(f"{response.status} from {peer}: {_reason(response.read())}")
         total = int(response.getheader("content-length") or 0) or None
+        held = response.getheader("x-p2pdist-held") == "1"
         progress = Progress(total, sys.stderr, enabled=not quiet)
         buf = bytearray(1 << 20)
         view = memoryview(buf)
-        sink = contextlib.nullcontext(sys.stdout.buffer) if output == "-" else open(tmp or out, "wb")
+        local = tmp or out
+        try:
+            sink = contextlib.nullcontext(sys.stdout.buffer) if output == "-" else open(local, "wb")
+        except OSError as exc:
+            raise GetError(f"cannot write {local}: {exc.strerror or exc}") from None
         with sink as f:
             while True:
                 n = response.readinto(buf)
                 if not n:
                     break
-                f.write(view[:n])
+                try:
+                    f.write(view[:n])
+                except OSError as exc:
+                    raise GetError(f"cannot write {local}: {exc.strerror or exc}") from None
                 sha.update(view[:n])
                 received += n
                 progress.update(n)
@@ -123,12 +203,32 @@ def get(
         _discard(tmp)
         raise GetError(f"digest mismatch: got {actual}, want {digest}")
     if tmp is not None:
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            _discard(tmp)
+            raise GetError(f"cannot write {out}: {exc.strerror or exc}") from None
+    if not quiet:
+        came = (
+            {"peer": 0, "seed": 0, "origin": 0}  # served from its cache: nothing fetched for us
+            if held
+            else _sources(peer_parts.hostname, peer_parts.port or 80, digest, timeout_s)
+        )
+        print(summary(received, time.monotonic() - started, output, came), file=sys.stderr)
     return received
 
 
-def _why_cut(host: str, port: int, digest: str, timeout_s: float) -> str | None:
-    """The peer's reason a download it had started streaming failed, if it knows one."""
+def _sources(host: str, port: int, digest: str, timeout_s: float) -> dict[str, int] | None:
+    """Bytes by where the peer got them (peer, seed, origin), if it says."""
+    status = _download_status(host, port, digest, timeout_s)
+    came = status.get("from") if status else None
+    if isinstance(came, dict) and all(isinstance(v, int) for v in came.values()):
+        return came
+    return None
+
+
+def _download_status(host: str, port: int, digest: str, timeout_s: float) -> dict[str, object] | None:
+    """The peer's /v1/downloads/<digest> answer, or None."""
     conn = http.client.HTTPConnection(host, port, timeout=min(timeout_s, 10.0))
     try:
         conn.request("GET", f"/v1/downloads/{digest}")
@@ -138,14 +238,22 @@ def _why_cut(host: str, port: int, digest: str, timeout_s: float) -> str | None:
         return None
     finally:
         conn.close()
-    if not isinstance(status, dict) or status.get("state") != "failed":
+    return status if isinstance(status, dict) else None
+
+
+def _why_cut(host: str, port: int, digest: str, timeout_s: float) -> str | None:
+    """The peer's reason a download it had started streaming failed, if it knows one."""
+    status = _download_status(host, port, digest, timeout_s)
+    if not status or status.get("state") != "failed":
         return None
     return f"the peer could not deliver {digest[:19]}: {status.get('reason') or 'no reason given'}"
 
 
 def _discard(tmp: Path | None) -> None:
     if tmp is not None:
-        tmp.unlink(missing_ok=True)
+        # Not there, or its directory is not one: nothing to remove, and the error said why.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _reason(body: bytes) -> str:
