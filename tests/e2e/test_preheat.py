@@ -312,3 +312,40 @@ def test_the_jobs_registry_credentials_reach_no_log_and_no_answer(fleet: Cluster
     )
     assert listing.status_code == 200 and len(listing.json()) >= 5
     assert not [s for s in secrets if s in listing.text]
+
+
+def test_jobs_run_one_at_a_time_when_so_configured_and_a_job_past_its_timeout_fails(
+    token_origin: Origin, image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    image = pushed(token_origin, image_factory, (6 * MiB,), 77, "team/slow")
+    # The origin link is slow (1 MiB/s): the 6 MiB layer cannot reach the seed in 3 s.
+    cluster = Cluster(
+        tmp_path,
+        token_origin.host,
+        relay_rate_bps=1 * MiB,
+        scheduler_args=("--preheat-jobs", "1", "--preheat-job-timeout-s", "3"),
+    )
+    try:
+        jobs = f"{cluster.scheduler.url}/oapi/v1/jobs"
+        body = {
+            "type": "preheat",
+            "args": {
+                "url": f"http://{cluster.relay.host}/v2/team/slow/manifests/latest",
+                "username": TEAM_READER[0],
+                "password": TEAM_READER[1],
+            },
+        }
+        wait_until(lambda: metric(cluster.scheduler.url, "p2pdist_scheduler_hosts", 'kind="seed"') == 1, 30, "the seed")
+        first = httpx.post(jobs, json=body, timeout=10).json()
+        second = httpx.post(jobs, json=body, timeout=10).json()
+        wait_until(lambda: httpx.get(f"{jobs}/{first['id']}").json()["progress"]["blobs"] == 2, 20, "job 1 resolved")
+        # One job at a time: the second has not even resolved the image while the first runs.
+        assert httpx.get(f"{jobs}/{second['id']}").json()["progress"]["blobs"] == 0
+        wait_until(lambda: httpx.get(f"{jobs}/{first['id']}").json()["state"] != "PENDING", 20, "job 1 to end")
+        ended = httpx.get(f"{jobs}/{first['id']}").json()
+        assert ended["state"] == "FAILURE"
+        assert ended["result"]["job_states"][0]["error"].startswith("timed out after 3s"), ended
+        # The layer had not arrived (6 s at the link's rate); its fetch goes on, for the next pull.
+        assert preheat_state(cluster.seeds[0].url, image.layers[0].digest) == "running"
+    finally:
+        cluster.stop()
