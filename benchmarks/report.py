@@ -91,6 +91,18 @@ def site_lower_bound_s(
     ) + (piece_bytes / download_bps if site_hosts > 1 else 0.0)
 
 
+def site_staged_bound_s(
+    *, site_hosts: int, blob_bytes: int, origin_bps: float, uplink_bps: float, upload_bps: float, download_bps: float
+) -> float:
+    """The bound issue 13 states for a site: the blob into the site first, max(F/u_wan, F/u_core)
+    (u_core: the origin's rate), then the site's own swarm with the uplink as its server
+    (Kumar & Ross inside the site: max(F/d, N_s·F/(u_wan + N_s·u))). Pipelining overlaps the
+    two stages, so a scheme can beat it; site_lower_bound_s is the bound nothing beats."""
+    return max(blob_bytes / uplink_bps, blob_bytes / origin_bps) + max(
+        blob_bytes / download_bps, site_hosts * blob_bytes / (uplink_bps + site_hosts * upload_bps)
+    )
+
+
 def write_results(out_dir: Path, result: dict[str, Any]) -> None:
     """Write result.json, report.md and cdf.png for `result`.
 

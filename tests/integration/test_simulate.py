@@ -96,6 +96,8 @@ def test_sites_each_piece_crosses_each_sites_uplink_about_once() -> None:
     assert aware["p2p"]["hosts_complete"] == 40 and aware["p2p"]["back_to_source"] == 0
     # bound = max(F/u_wan, ...) + P/d = 48/50 + 4/100 s
     assert abs(sites["site_lower_bound_s"] - 1.0) < 1e-9
+    # staged = max(F/u_wan, F/u_core) + max(F/d, N_s·F/(u_wan + N_s·u)) = 0.96 + max(0.48, 480/1050) s
+    assert abs(sites["site_staged_bound_s"] - 1.44) < 1e-9
     assert [s["site"] for s in sites["per_site"]] == ["site-000", "site-001", "site-002", "site-003"]
     assert all(0.99 * 48 * MiB <= s["bytes_in"] <= 1.05 * 48 * MiB for s in sites["per_site"])
     assert sites["bytes_in_max_F"] <= 1.05
