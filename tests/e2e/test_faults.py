@@ -189,7 +189,7 @@ def test_seed_killed_mid_blob_with_no_other_seed_pull_goes_back_to_source(
     assert job.returncode == 0, err
     assert sha256_file(out) == layer.digest
     assert metric(peer.url, "p2pdist_peer_back_to_source_total") == 1
-    assert metric(peer.url, "p2pdist_peer_download_bytes_total", 'source="peer"') > 0  # kept what the seed gave
+    assert metric(peer.url, "p2pdist_peer_download_bytes_total", 'source="seed"') > 0  # kept what the seed gave
 
 
 # -- parents misbehaving --------------------------------------------------------------------

@@ -52,7 +52,7 @@ async def test_blob_travels_over_tls_between_members_carrying_the_secret(
                     assert (await tls_client.get(f"{base}/healthz")).status_code == 200
                 # The blob went seed → peer over TLS, not from the origin by the peer itself.
                 peer_metrics = (await tls_client.get(f"{cluster.peer_url}/metrics")).text
-                assert sample(peer_metrics, 'p2pdist_peer_download_bytes_total{source="peer"}') == image.layers[0].size
+                assert sample(peer_metrics, 'p2pdist_peer_download_bytes_total{source="seed"}') == image.layers[0].size
                 assert sample(peer_metrics, 'p2pdist_peer_download_bytes_total{source="origin"}') == 0
                 seed_metrics = (await tls_client.get(f"{cluster.seed_url}/metrics")).text
                 # (the counter also counts small answers such as /healthz, hence >=)
