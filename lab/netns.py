@@ -223,8 +223,13 @@ class SiteLab(Stoppable):
         """The scheduler and one seed (in site `core`) in the core namespace."""
         exe = str(p2pdist_executable())
         listen = f"{CORE_ADDRESS}:{SCHEDULER_PORT}"
+        # The core's registry is the only origin; scheduler and seed refuse any other.
+        allowed = ["--allowed-registry", CORE_ADDRESS]
         scheduler = self.start(
-            "scheduler", self.core, [exe, "scheduler", "--listen", listen, *scheduler_args], self.scheduler_url
+            "scheduler",
+            self.core,
+            [exe, "scheduler", "--listen", listen, *allowed, *scheduler_args],
+            self.scheduler_url,
         )
         self.wait_healthy(scheduler, self.core)
         data = self.workdir / "seed-data"
@@ -232,7 +237,7 @@ class SiteLab(Stoppable):
         seed_url = f"http://{CORE_ADDRESS}:{SEED_PORT}"
         argv = [
             exe, "seed", "--listen", f"{CORE_ADDRESS}:{SEED_PORT}", "--scheduler", self.scheduler_url,
-            "--data-dir", str(data), "--site", "core", *seed_args,
+            "--data-dir", str(data), "--site", "core", *allowed, *seed_args,
         ]  # fmt: skip
         self.wait_healthy(self.start("seed", self.core, argv, seed_url), self.core)
 

@@ -55,3 +55,33 @@ def test_each_layer_crosses_each_sites_uplink_about_once(tmp_path: Path) -> None
             assert received >= blob_bytes, f"{site}: {received} bytes in, less than the blob's {blob_bytes}"
         # Each site's link alone needs F/u_wan; nothing here is timed beyond the pull's own limit.
         assert elapsed >= blob_bytes / UPLINK_BPS
+
+
+def test_a_site_whose_wan_link_is_down_fails_a_new_pull_fast_and_pulls_again_once_it_returns(tmp_path: Path) -> None:
+    image = make_oci_layout(tmp_path / "image", [6 * MiB], seed=14)
+    with Origin(workdir=tmp_path / "origin") as staging:
+        push_image(image, staging.host, "edge/app")
+    (layer,) = image.layers
+    with SiteLab(tmp_path / "lab", 1, 2, uplink_bps=UPLINK_BPS) as lab:
+        lab.start_registry(tmp_path / "origin" / "storage")
+        lab.start_core()
+        lab.start_peers()
+        (site,) = lab.site_names
+        host = lab.hosts[site][0]
+        url = f"{lab.registry_url}/v2/edge/app/blobs/{layer.digest}"
+        lab.set_uplink(site, up=False)
+        started = time.monotonic()
+        job = lab.get(host, url, tmp_path / "cut")
+        _, err = job.communicate(timeout=60)
+        took = time.monotonic() - started
+        print(f"with the WAN link down: exit {job.returncode} after {took:.1f} s: {err.strip()}")
+        assert job.returncode != 0
+        assert took <= 10.0, f"took {took:.1f} s to fail"
+        reason = err.strip()
+        assert reason and "\n" not in reason and len(reason) < 500
+        assert not (tmp_path / "cut").exists()
+        lab.set_uplink(site, up=True)
+        job = lab.get(host, url, tmp_path / "back")
+        _, err = job.communicate(timeout=PULL_TIMEOUT_S)
+        assert job.returncode == 0, f"after the link came back: {err.strip()}"
+        assert sha256_file(tmp_path / "back") == layer.digest
