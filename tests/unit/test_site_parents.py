@@ -3,6 +3,7 @@ fetchers, nearer locations first; and no change at all without sites."""
 
 from __future__ import annotations
 
+import collections
 import random
 
 from p2pdist.config import SchedulerConfig
@@ -219,3 +220,25 @@ def test_site_awareness_can_be_turned_off() -> None:
     register(s, "a1")
     assert "seed" in register(s, "a2")
     assert not s.tasks[TASK].wan_fetchers
+
+
+def test_site_indexes_stay_consistent_as_peers_join_and_leave() -> None:
+    s = make()
+    ready(s)
+    rng = random.Random(5)
+    hosts = [f"h{i}" for i in range(60)]
+    for i, h in enumerate(hosts):
+        announce(s, h, f"store-{i % 4}")
+        register(s, h, 2.0)
+    task = s.tasks[TASK]
+    for h in rng.sample(hosts, 25):
+        s.leave_host(h, 3.0)
+    for site, members in task.site_ids.items():
+        assert sorted(members) == sorted(h for h, p in task.peers.items() if p.site == site)
+        assert all(members[task.site_slot[h]] == h for h in members)
+    for site, fetchers in task.wan_fetchers.items():
+        assert fetchers <= set(task.site_ids[site])
+    assert s.site_hosts == collections.Counter(h.site for h in s.hosts.values())
+    # Hosts not heard from go too, and their sites' counts with them.
+    s.expire(1000.0)
+    assert not s.site_hosts and not s.hosts
