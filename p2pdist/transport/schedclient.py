@@ -18,7 +18,6 @@ import trio
 
 from p2pdist import wire
 from p2pdist.cluster.membership import Membership
-from p2pdist.cluster.rendezvous import rank
 from p2pdist.errors import UpstreamError
 from p2pdist.transport.piececlient import PieceClient
 
@@ -109,10 +108,11 @@ class SchedulerPool:
         return client
 
     def order(self, task_id: str) -> list[str]:
-        """The schedulers to try for `task_id`, its owner first. While none counts as alive,
-        all of them: with every scheduler failing, trying again costs no more than waiting, and
-        the first to come back is used at once."""
-        return self.membership.order(task_id, trio.current_time()) or rank(task_id, self.members)
+        """The schedulers to try for `task_id`, its owner first; none while every one is in its
+        back-off. That is the circuit breaker: a scheduler that stopped answering (a frozen
+        process, a dropped link) would cost every blob its timeout, so between failures only
+        the announce loop, which calls every scheduler every announce interval, probes it."""
+        return self.membership.order(task_id, trio.current_time())
 
     def owner(self, task_id: str) -> str | None:
         """The scheduler that owns `task_id` now."""
@@ -140,8 +140,14 @@ class SchedulerPool:
 
     async def call_task(self, task_id: str, path: str, message: object, reply: type[R]) -> tuple[R, str]:
         """Call the owner of `task_id`, falling back in rank order; return the reply and who gave it."""
+        order = self.order(task_id)
+        if not order:
+            raise UpstreamError(
+                f"no scheduler answered in the last {self.membership.backoff_s:g}s "
+                f"({len(self.members)} known; the announce loop retries them)"
+            )
         errors = []
-        for url in self.order(task_id):
+        for url in order:
             try:
                 return await self.call(url, path, message, reply), url
             except UpstreamError as exc:

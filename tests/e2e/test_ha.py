@@ -193,6 +193,9 @@ def test_with_every_scheduler_down_pulls_go_to_the_origin_and_p2p_resumes_when_o
     assert peer.log_path.read_text().count("announce to the scheduler failed") <= 3
 
     back = restart(cluster, cluster.schedulers[1])
+    # The peer takes it back once its announce loop (every 3 s) gets an answer; pulls before
+    # that go to the origin at once rather than each waiting for a scheduler.
+    wait_until(lambda: f"scheduler {back.url} answers again" in peer.log_path.read_text(), 30, "the peer to see it")
     (out,) = cluster.pull_all([peer], cluster.blob_url("ha/down", second.digest), "down-2")
 
     assert sha256_file(out) == second.digest

@@ -71,11 +71,36 @@ async def test_every_scheduler_down_is_one_clear_error() -> None:
         with pytest.raises(UpstreamError, match="no scheduler answered .*cannot connect"):
             await pool.call_task(task, "/v1/tasks/register", wire.Empty(), wire.SyncReply)
         assert pool.membership.alive(trio.current_time()) == []
-        # Every one in its back-off: all are still tried (the first to come back is used at once).
-        assert pool.order(task) == rank(task, pool.members)
-        with pytest.raises(UpstreamError, match="no scheduler answered"):
+        # Every one in its back-off: none is tried until a probe (the announce loop) gets an answer.
+        assert pool.order(task) == []
+        with pytest.raises(UpstreamError, match="no scheduler answered in the last 30s"):
             await pool.call_task(task, "/v1/tasks/register", wire.Empty(), wire.SyncReply)
         await pool.aclose()
+
+
+async def test_a_scheduler_that_does_not_answer_costs_one_timeout_not_one_per_blob() -> None:
+    """The circuit breaker: a frozen scheduler (it accepts, never answers) is skipped for its
+    back-off after one timed-out call, so the next blobs fail over at once."""
+    with trio.fail_after(10):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # the kernel accepts; nobody ever reads or answers
+        frozen = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        pool = SchedulerPool([frozen], timeout_s=1.0, backoff_s=30.0)
+        try:
+            started = trio.current_time()
+            with pytest.raises(UpstreamError):
+                await pool.call_task("sha256:" + "ab" * 32, "/v1/tasks/register", wire.Empty(), wire.SyncReply)
+            assert trio.current_time() - started >= 1.0  # the first blob pays the timeout
+            started = trio.current_time()
+            for n in range(20):
+                with pytest.raises(UpstreamError, match="no scheduler answered in the last"):
+                    task = "sha256:" + f"{n:064x}"
+                    await pool.call_task(task, "/v1/tasks/register", wire.Empty(), wire.SyncReply)
+            assert trio.current_time() - started < 0.5  # the next twenty pay nothing
+        finally:
+            await pool.aclose()
+            listener.close()
 
 
 async def test_a_name_becomes_one_scheduler_per_address() -> None:
