@@ -50,6 +50,7 @@ class SeedFetch:
         self.reported = 0
         self.reported_to: str | None = None  # the scheduler `reported` digests went to
         self.done = False
+        self.end_reported = False  # a report sent after `done` reached the scheduler
         self.error = ""
         self.failed_at: float | None = None  # trio time the fetch failed; the record expires after it
         self.changed = trio.Event()
@@ -230,7 +231,9 @@ class SeedFetch:
                     self.reported = first + len(digests)
                 else:
                     await trio.sleep(0.5)
-                if self.done and self.reported == len(self.digests):
+                # Not before the end itself (done, or the error) went out: a report sent just
+                # before the fetch failed carried neither, and the scheduler must hear the failure.
+                if self.done and self.reported == len(self.digests) and self.end_reported:
                     return
             elif self.done:
                 if self.error:
@@ -242,6 +245,7 @@ class SeedFetch:
 
     async def _report(self, content_length: int, first: int, digests: list[bytes]) -> bool:
         """One SeedProgress to the scheduler; False (logged) if it did not take it."""
+        ending = self.done
         progress = wire.SeedProgress(
             host_id=self.seed.host_id,
             task_id=self.task_id,
@@ -262,4 +266,5 @@ class SeedFetch:
             self.reported = 0
             return False
         self.reported_to = answered
+        self.end_reported = ending
         return True
