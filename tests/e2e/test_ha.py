@@ -3,8 +3,8 @@ schedulers and two seeds; the scheduler owning the largest layer SIGKILLed mid-r
 seed fetching it SIGKILLed mid-blob, every scheduler down, and a scheduler SIGSTOPped for 10 s.
 Every pulled blob's sha256 is checked.
 
-The image is 64 MiB (a 48 MiB and a 16 MiB layer), not the 128 MiB of the issue, so that the
-suite stays within its CI time on 2 cores: each rollout here moves 8 x 64 MiB through 8 peers.
+The image is the issue's 128 MiB (a 96 MiB and a 32 MiB layer); the origin's cap is set so
+that the largest layer still takes about 12 s, and a kill lands mid-rollout.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from tests.support.cluster import Cluster, ClusterFactory, MiB, restart, sha256_
 from tests.support.metrics import metric
 from tests.support.origin import PushToOrigin
 
-LAYERS = (48 * MiB, 16 * MiB)
+LAYERS = (96 * MiB, 32 * MiB)
 PEERS = 8
 # In the seed test, seeds fetch from the origin at this rate, so the largest layer takes 12 s and a kill lands
 # in the middle of the rollout (peers follow the seed closely); peers are not capped.
-ORIGIN_RATE = "4MiB"
-KILL_AFTER_BYTES = 36 * MiB  # from the origin: the 16 MiB layer and 20 MiB of the 48 MiB one
+ORIGIN_RATE = "8MiB"
+KILL_AFTER_BYTES = 72 * MiB  # from the origin: the 32 MiB layer and 40 MiB of the 96 MiB one
 
 
 @dataclass
@@ -105,7 +105,7 @@ def test_scheduler_owning_the_largest_layer_killed_mid_rollout_costs_no_origin_t
     # The origin is capped for the whole cluster (at the relay), not per seed: which seed gets
     # which layer is a hash of random host ids, and with per-seed caps a run whose two layers
     # fell to one seed would be slower for that alone.
-    relay_rate = 5 * MiB
+    relay_rate = 10 * MiB
 
     # The same rollout without the kill, on its own cluster: what the kill is measured against.
     baseline_cluster = Cluster(tmp_path / "baseline", origin.host, schedulers=3, seeds=2, relay_rate_bps=relay_rate)
