@@ -199,12 +199,12 @@ class ServerProtocol:
             raise RuntimeError(f"unexpected h11 event {event!r}")
         return self._accept(event, read_body)
 
-    def refusal(self, status: int, message: str) -> Refusal | ClientClosed:
+    def refusal(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> Refusal | ClientClosed:
         """A one-line refusal that closes the connection, if a response can still be sent."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return ClientClosed()
         self._method = "GET"  # whatever the unparsed request was, the refusal has a body
-        return Refusal(text_response(status, message, [("connection", "close")]))
+        return Refusal(text_response(status, message, [("connection", "close"), *headers]))
 
     def _accept(self, event: h11.Request, read_body: Callable[[int], Awaitable[bytes]] | None) -> ProtocolEvent:
         method = event.method.decode("ascii")

@@ -182,18 +182,15 @@ class _Server:
             )
         try:
             if self.ssl_context is None:
-                body = b"too many connections\n"
-                head = (
-                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\n"
-                    b"retry-after: 1\r\ncontent-length: %d\r\n\r\n" % len(body)
-                )
+                # The same refusal a late request head gets, with its graceful close (read what
+                # the client sent, or closing would reset the answer away).
+                connection = _Connection(self, socket_stream, socket_stream)
+                refusal = connection.protocol.refusal(503, "too many connections", [("retry-after", "1")])
                 with trio.move_on_after(CLOSE_GRACE_S):
-                    await socket_stream.send_all(head + body)
-                    # Read what the client sent, or closing would reset the answer away.
-                    await socket_stream.send_eof()
-                    while await socket_stream.receive_some(RECEIVE_BYTES):
-                        pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    if isinstance(refusal, Refusal):
+                        await connection._send_response(refusal.response)
+                    await connection._close_gracefully()
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             await trio.aclose_forcefully(socket_stream)

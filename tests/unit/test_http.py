@@ -506,6 +506,7 @@ async def test_connections_past_the_cap_get_503_with_a_log_line_and_the_server_r
             reply = await raw_exchange(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 503 ")
         assert reply.endswith(b"too many connections\n")
+        assert b"\r\nretry-after: 1\r\n" in reply.lower()
         assert any("max_connections" in r.getMessage() for r in caplog.records)
         for stream in held:
             await stream.aclose()
