@@ -1,9 +1,12 @@
 """Edge sites in network namespaces: a core namespace (registry, scheduler, seed) and one
 namespace per site, whose hosts share a bridge behind one veth uplink to the core, shaped
 with tbf each way. The bytes crossing an uplink are read from the kernel's interface counters.
+Both shapes: the central one (every peer uses the core's scheduler), and the tiered one (a
+site runs its own scheduler and a seed whose upstream is a core peer's mirror).
 
 Addresses are 10.213.x.y and exist only inside these namespaces: 10.213.0.1 in the core,
-10.213.<k>.0/24 for site k (1, 2, ...: the core's end of its uplink .1, its hosts .10 up).
+10.213.<k>.0/24 for site k (1, 2, ...: the core's end of its uplink .1, a tiered site's
+scheduler and seed .2, its hosts .10 up).
 Every namespace is named from one run id and removed by that exact name in `stop()`, which
 also runs when setting up fails half way.
 """
@@ -77,6 +80,7 @@ class SiteLab(Stoppable):
         self.site_netns = {name: f"{self.run_id}-s{k}" for k, name in enumerate(self.site_names, 1)}
         self.uplink_bps = uplink_bps
         self.hosts: dict[str, list[SiteHost]] = {}
+        self.tiered_sites: set[str] = set()  # sites with their own scheduler and seed
         self.services: list[Service] = []
         self._created: list[str] = []
         try:
@@ -241,24 +245,96 @@ class SiteLab(Stoppable):
         ]  # fmt: skip
         self.wait_healthy(self.start("seed", self.core, argv, seed_url), self.core)
 
-    def start_peers(self, peer_args: Iterable[str] = ()) -> list[Service]:
-        """A peer on every host of every site, announcing its site; waits until all are healthy."""
+    def start_peers(self, peer_args: Iterable[str] = (), hosts: Iterable[SiteHost] | None = None) -> list[Service]:
+        """A peer on every host of every site (or on `hosts`), announcing its site, pointed at
+        its site's scheduler in the tiered shape and at the core's otherwise; waits until all
+        are healthy."""
         exe = str(p2pdist_executable())
         started = []
-        for site, hosts in self.hosts.items():
-            for i, host in enumerate(hosts):
-                name = f"{site}-h{i}"
-                data = self.workdir / f"{name}-data"
-                data.mkdir(parents=True, exist_ok=True)
-                argv = [
-                    exe, "peer", "--listen", f"{host.address}:{PEER_PORT}",
-                    "--proxy-listen", f"{host.address}:{PROXY_PORT}", "--scheduler", self.scheduler_url,
-                    "--data-dir", str(data), "--site", site, *peer_args,
-                ]  # fmt: skip
-                started.append((host, self.start(name, host.netns, argv, host.url, proxy_url=host.proxy_url)))
+        chosen = [h for site_hosts in self.hosts.values() for h in site_hosts] if hosts is None else list(hosts)
+        for host in chosen:
+            name = f"{host.site}-h{self.hosts[host.site].index(host)}"
+            data = self.workdir / f"{name}-data"
+            data.mkdir(parents=True, exist_ok=True)
+            scheduler = self.site_scheduler_url(host.site) if host.site in self.tiered_sites else self.scheduler_url
+            argv = [
+                exe, "peer", "--listen", f"{host.address}:{PEER_PORT}",
+                "--proxy-listen", f"{host.address}:{PROXY_PORT}", "--scheduler", scheduler,
+                "--data-dir", str(data), "--site", host.site, *peer_args,
+            ]  # fmt: skip
+            started.append((host, self.start(name, host.netns, argv, host.url, proxy_url=host.proxy_url)))
         for host, service in started:
             self.wait_healthy(service, host.netns)
         return [service for _, service in started]
+
+    def add_host(self, site: str) -> SiteHost:
+        """One more host address in `site` (its peer is started with `start_peers(hosts=...)`):
+        works with the uplink down, as a machine that joins a cut-off site."""
+        k = self.site_names.index(site) + 1
+        host = SiteHost(site, self.site_netns[site], f"10.213.{k}.{10 + len(self.hosts[site])}")
+        _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", "br0")
+        self.hosts[site].append(host)
+        return host
+
+    # -- the tiered shape -----------------------------------------------------------------
+
+    @property
+    def core_mirror_url(self) -> str:
+        """The core peer's registry mirror: the upstream of every site's seed."""
+        return f"http://{CORE_ADDRESS}:{PROXY_PORT}"
+
+    def start_core_peer(self, peer_args: Iterable[str] = ()) -> Service:
+        """A peer in the core (site `core`) whose mirror port, open to the sites, is what the
+        sites' seeds pull through: the core cluster's mirror endpoint."""
+        exe = str(p2pdist_executable())
+        data = self.workdir / "core-peer-data"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            exe, "peer", "--listen", f"{CORE_ADDRESS}:{PEER_PORT}", "--proxy-listen", f"{CORE_ADDRESS}:{PROXY_PORT}",
+            "--scheduler", self.scheduler_url, "--data-dir", str(data), "--site", "core", *peer_args,
+        ]  # fmt: skip
+        url = f"http://{CORE_ADDRESS}:{PEER_PORT}"
+        service = self.start("core-peer", self.core, argv, url, proxy_url=self.core_mirror_url)
+        self.wait_healthy(service, self.core)
+        return service
+
+    def site_services_address(self, site: str) -> str:
+        """Where a tiered site's own scheduler and seed listen (a host of the site's bridge)."""
+        return f"10.213.{self.site_names.index(site) + 1}.2"
+
+    def site_scheduler_url(self, site: str) -> str:
+        return f"http://{self.site_services_address(site)}:{SCHEDULER_PORT}"
+
+    def site_seed_url(self, site: str) -> str:
+        return f"http://{self.site_services_address(site)}:{SEED_PORT}"
+
+    def start_site_cluster(
+        self, site: str, scheduler_args: Iterable[str] = (), seed_args: Iterable[str] = ()
+    ) -> tuple[Service, Service]:
+        """The tiered shape for `site`: its own scheduler and seed inside the site, the seed's
+        upstream the core's mirror. Peers started after this use the site's scheduler."""
+        exe = str(p2pdist_executable())
+        ns = self.site_netns[site]
+        address = self.site_services_address(site)
+        _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "br0")
+        allowed = ["--allowed-registry", CORE_ADDRESS]
+        scheduler = self.start(
+            f"{site}-scheduler",
+            ns,
+            [exe, "scheduler", "--listen", f"{address}:{SCHEDULER_PORT}", *allowed, *scheduler_args],
+            self.site_scheduler_url(site),
+        )
+        self.wait_healthy(scheduler, ns)
+        data = self.workdir / f"{site}-seed-data"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            exe, "seed", "--listen", f"{address}:{SEED_PORT}", "--scheduler", self.site_scheduler_url(site),
+            "--data-dir", str(data), "--site", site, "--upstream", self.core_mirror_url, *allowed, *seed_args,
+        ]  # fmt: skip
+        seed = self.start(f"{site}-seed", ns, argv, self.site_seed_url(site))
+        self.wait_healthy(seed, ns)
+        self.tiered_sites.add(site)
+        return scheduler, seed
 
     def get(self, host: SiteHost, url: str, out: Path) -> subprocess.Popen[str]:
         """`p2pdist get url` on `host`, through its own peer."""

@@ -410,6 +410,22 @@ class SeedConfig(NodeConfig):
     origin_timeout_s: float = opt(30.0, _float, "give up on an origin that sends nothing for this long")
     allowed_registries: tuple[str, ...] = _allowed_registries_opt()
     failed_fetch_ttl_s: float = opt(60.0, _float, "forget a failed fetch (its error, its record) after this long")
+    # The tiered shape of edge sites: a site's seed pulls through the core cluster's mirror.
+    upstream: str | None = opt(
+        None,
+        _opt_url,
+        "a p2pdist mirror (the core cluster's peer proxy) to fetch blobs through instead of the origin",
+        flag="--upstream",
+    )
+    upstream_connect_timeout_s: float = opt(
+        2.0, _float, "give up on an upstream that does not accept a connection for this long (WAN down)"
+    )
+    wan_rate_bps: int | None = opt(
+        None,
+        parse_rate,
+        "cap on bytes/s fetched over the WAN link (through the upstream, else from origins)",
+        flag="--wan-rate",
+    )
 
 
 @dataclass(frozen=True)

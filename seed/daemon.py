@@ -34,9 +34,18 @@ class SeedDaemon(Node[SeedConfig]):
     kind = "seed"
 
     def __init__(self, config: SeedConfig) -> None:
-        super().__init__(
-            config, origin=OriginClient(rate=maybe_bucket(config.origin_rate_bps), timeout_s=config.origin_timeout_s)
-        )
+        if config.upstream:
+            # Every blob comes over the site's WAN link from the core's mirror: the WAN cap is
+            # the only one, and a link that is down is told in seconds, not an origin timeout.
+            origin = OriginClient(
+                rate=maybe_bucket(config.wan_rate_bps),
+                timeout_s=config.origin_timeout_s,
+                connect_timeout_s=config.upstream_connect_timeout_s,
+            )
+        else:
+            caps = [r for r in (config.origin_rate_bps, config.wan_rate_bps) if r]
+            origin = OriginClient(rate=maybe_bucket(min(caps, default=None)), timeout_s=config.origin_timeout_s)
+        super().__init__(config, origin=origin)
         self.fetches: dict[str, SeedFetch] = {}
         self.triggers_refused = Counter(
             "p2pdist_seed_triggers_refused",

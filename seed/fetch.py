@@ -4,7 +4,8 @@ The seed cuts the origin's byte stream into pieces, computes their BLAKE3 digest
 every peer verifies against) and reports each piece to the scheduler the moment it is stored,
 so peers fetch from the seed while its own download is still running. A seed taking over from
 one that died part-way first takes the pieces that one already digested from the peers holding
-them, so the origin sends only the rest.
+them, so the origin sends only the rest. A site's seed in the tiered shape (`upstream`) takes
+the same bytes from the core cluster's mirror instead, resuming by Range after a cut.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import logging
 import random
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode, urlsplit
 
 import trio
 
@@ -34,6 +36,15 @@ REPORT_INTERVAL_S = 0.05
 # Time allowed for one piece from a peer while resuming: as a peer's piece timeout.
 RESUME_PIECE_TIMEOUT_S = 4.0
 RESUME_PIECE_TIMEOUT_PER_MIB_S = 2.0
+
+
+def upstream_url(url: str, upstream: str | None) -> tuple[str, str | None]:
+    """Where a seed fetches the origin's blob `url`, and the origin's scheme when that is
+    through `upstream` (a p2pdist mirror, asked as containerd asks one: `?ns=<registry>`)."""
+    if not upstream:
+        return url, None
+    parts = urlsplit(url)
+    return f"{upstream.rstrip('/')}{parts.path}?{urlencode({'ns': parts.netloc})}", parts.scheme
 
 
 class SeedFetch:
@@ -92,13 +103,19 @@ class SeedFetch:
             intake = self._intake(self.store, resumed)
             intake.sha_pieces = len(self.digests)
         failures = 0
+        url, through_mirror = upstream_url(self.url, self.seed.config.upstream)
         while True:
             store = self.store
             if store is not None and len(self.digests) == store.layout.count:
                 break
             start = 0 if store is None else len(self.digests) * store.layout.piece_size
+            held = len(self.digests)
+            opened = False
             try:
-                async with self.seed.origin.open_blob(self.url, self.headers, start=start) as body:
+                async with self.seed.origin.open_blob(
+                    url, self.headers, start=start, through_mirror=through_mirror
+                ) as body:
+                    opened = True
                     if store is None:
                         store = self._open_store(body.blob_size)
                     elif body.blob_size != store.layout.blob_size or body.start > start:
@@ -108,7 +125,13 @@ class SeedFetch:
                         intake = self._intake(store, hashlib.sha256())
                     await intake.write(body.start, body.chunks())
             except OriginError as exc:
-                failures += 1
+                if through_mirror is not None and not opened and exc.upstream_status is None:
+                    # The core's mirror cannot be reached: the WAN link is down. Fail now, so
+                    # the site's peers hear it in seconds; the next pull tries again.
+                    raise OriginError(f"upstream {str(exc).removeprefix('origin ')}") from None
+                # A slow link is cut now and then: each try that stored pieces earns the
+                # next its full set of retries, so a long transfer is not lost to old cuts.
+                failures = 1 if len(self.digests) > held else failures + 1
                 delay = ORIGIN_RETRY.retry_after(failures, exc, rng)
                 if delay is None:
                     raise

@@ -18,7 +18,7 @@ import httpx
 
 from p2pdist.errors import OriginError
 from p2pdist.registry.diagnose import unreachable
-from p2pdist.registry.oci import DAEMON_HEADER
+from p2pdist.registry.oci import DAEMON_HEADER, SCHEME_HEADER
 from p2pdist.transport.ratelimit import TokenBucket
 
 log = logging.getLogger("p2pdist.origin")
@@ -95,11 +95,13 @@ class OriginResponse:
 
 
 class OriginClient:
-    def __init__(self, *, rate: TokenBucket | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, *, rate: TokenBucket | None = None, timeout_s: float = 30.0, connect_timeout_s: float | None = None
+    ) -> None:
         self.bucket = rate
         self.client = httpx.AsyncClient(
             follow_redirects=False,
-            timeout=httpx.Timeout(timeout_s),
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s if connect_timeout_s is not None else timeout_s),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
         self._tokens: dict[tuple[str, str, str], tuple[str, float]] = {}
@@ -110,12 +112,25 @@ class OriginClient:
 
     @asynccontextmanager
     async def open_blob(
-        self, url: str, headers: dict[str, str], *, start: int = 0, end: int | None = None
+        self,
+        url: str,
+        headers: dict[str, str],
+        *,
+        start: int = 0,
+        end: int | None = None,
+        through_mirror: str | None = None,
     ) -> AsyncIterator[OriginResponse]:
-        """GET bytes [start, end) of a blob, following auth challenges and redirects."""
+        """GET bytes [start, end) of a blob, following auth challenges and redirects.
+
+        `through_mirror` is the origin's scheme when `url` is another cluster's p2pdist mirror
+        (a tiered site's seed pulling through the core): asked as a runtime would ask it, so
+        that mirror fetches through its own swarm instead of relaying to the origin."""
         request_headers = {k: v for k, v in headers.items() if k.lower() == "authorization"}
-        # A p2pdist mirror as origin then relays instead of sending it back into P2P.
-        request_headers[DAEMON_HEADER] = "1"
+        if through_mirror is None:
+            # A p2pdist mirror as origin then relays instead of sending it back into P2P.
+            request_headers[DAEMON_HEADER] = "1"
+        else:
+            request_headers[SCHEME_HEADER] = through_mirror
         if start or end is not None:
             request_headers["range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
         response = await self._send(url, request_headers)

@@ -14,6 +14,7 @@ from typing import Any, cast
 import pytest
 import trio
 
+from p2pdist.config import SeedConfig
 from p2pdist.content.digest import piece_digest
 from p2pdist.content.pieces import MiB
 from p2pdist.errors import OriginError
@@ -148,23 +149,34 @@ class FakeOrigin:
     data: bytes
     plan: list[Any] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
+    asked: list[tuple[str, str | None]] = field(default_factory=list)  # (url, through_mirror)
 
     @asynccontextmanager
     async def open_blob(
-        self, url: str, headers: dict[str, str], *, start: int = 0, end: int | None = None
+        self,
+        url: str,
+        headers: dict[str, str],
+        *,
+        start: int = 0,
+        end: int | None = None,
+        through_mirror: str | None = None,
     ) -> AsyncIterator[FakeBody]:
         self.starts.append(start)
+        self.asked.append((url, through_mirror))
         step = self.plan.pop(0) if self.plan else None
         await trio.lowlevel.checkpoint()
         if isinstance(step, int):
             raise origin_error(step)
+        if step == "unreachable":
+            raise origin_error()
         if step == "whole":
             start = 0
         yield FakeBody(len(self.data), start, self.data, step[1] if isinstance(step, tuple) else None)
 
 
 class FakeSeed:
-    def __init__(self, tmp_path: Path, origin: FakeOrigin) -> None:
+    def __init__(self, tmp_path: Path, origin: FakeOrigin, config: SeedConfig | None = None) -> None:
+        self.config = config or SeedConfig()
         self.origin = origin
         self.store = Store(tmp_path)
         self.metrics = DaemonMetrics("seed")
@@ -173,9 +185,11 @@ class FakeSeed:
         await trio.lowlevel.checkpoint()
 
 
-async def seed_fetch(tmp_path: Path, plan: Sequence[Any]) -> tuple[SeedFetch, FakeOrigin]:
+async def seed_fetch(
+    tmp_path: Path, plan: Sequence[Any], config: SeedConfig | None = None
+) -> tuple[SeedFetch, FakeOrigin]:
     origin = FakeOrigin(BLOB, list(plan))
-    fetch = SeedFetch(cast(Any, FakeSeed(tmp_path, origin)), SeedTrigger(task_id=TASK, url=URL))
+    fetch = SeedFetch(cast(Any, FakeSeed(tmp_path, origin, config)), SeedTrigger(task_id=TASK, url=URL))
     await fetch.run()
     return fetch, origin
 
@@ -203,6 +217,39 @@ async def test_seed_fetch_does_not_retry_a_4xx(tmp_path: Path, autojump_clock: t
     fetch, origin = await seed_fetch(tmp_path, [404])
     assert origin.starts == [0] and "404" in fetch.error
     assert fetch.seed.store.get(TASK) is None
+
+
+async def test_a_seed_fetch_that_keeps_storing_pieces_earns_fresh_retries(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    # Four failures, a cut after piece 0 was stored, three more failures: eight in all, but
+    # never five in a row without progress, which is what a slow, flaky WAN link looks like.
+    plan = [503] * 4 + [("cut", PIECE + 10)] + [503] * 3 + [None]
+    fetch, origin = await seed_fetch(tmp_path, plan)
+    assert fetch.error == ""
+    assert origin.starts[-1] == PIECE
+    assert fetch.store is not None and fetch.store.complete()
+
+
+async def test_a_site_seed_asks_its_upstream_mirror_and_fails_at_once_when_it_cannot_reach_it(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    config = SeedConfig(upstream="http://core-mirror:4001")
+    fetch, origin = await seed_fetch(tmp_path, ["unreachable"], config)
+    # One try: the WAN link is down, the site's peers must hear it now, not after the retries.
+    assert len(origin.starts) == 1
+    assert origin.asked == [("http://core-mirror:4001/v2/x/blobs/" + TASK + "?ns=origin.test", "http")]
+    assert fetch.error.startswith("upstream ")
+
+
+async def test_a_site_seed_resumes_from_its_upstream_by_range_after_a_cut(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    config = SeedConfig(upstream="http://core-mirror:4001")
+    fetch, origin = await seed_fetch(tmp_path, [("cut", 6 * MiB)], config)
+    assert fetch.error == ""
+    assert origin.starts == [0, PIECE]
+    assert fetch.store is not None and fetch.store.complete()
 
 
 async def test_seed_fetch_gives_up_after_the_policy_s_attempts(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
