@@ -196,6 +196,19 @@ def _hostport_str(value: object) -> str:
     return str(value)
 
 
+def _site_peers(value: object) -> tuple[str, ...]:
+    """HOST:PORT entries (a host name may stand for several addresses); a URL is taken too."""
+    entries = []
+    for entry in _strs(value):
+        text = entry.strip().rstrip("/")
+        address = urlsplit(text).netloc if text.startswith(("http://", "https://")) else text
+        host, _ = parse_hostport(address)
+        if not host or any(c.isspace() or c in "/@?#" for c in host):
+            raise ConfigError(f"invalid site peer {entry!r}: want HOST:PORT")
+        entries.append(text)  # without a scheme: the scheme of this host's own piece server
+    return tuple(dict.fromkeys(entries))
+
+
 CLUSTER_SECRET_ENV = "P2PDIST_CLUSTER_SECRET"
 PREHEAT_TOKEN_ENV = "P2PDIST_PREHEAT_TOKEN"
 MIN_SECRET_CHARS = 16
@@ -443,6 +456,27 @@ class PeerConfig(NodeConfig):
     wait_for_seed_s: float = opt(60.0, _float, "time to wait for the first piece before going back to source")
     registry_mirror: str | None = opt(
         None, _opt_url, "upstream for requests without ?ns= (docker registry-mirrors)", flag="--registry-mirror"
+    )
+    # When the WAN link is down (issue 13): see peer/verdicts.py, peer/sitepeers.py, peer/manifests.py.
+    site_peers: tuple[str, ...] = opt(
+        (),
+        _site_peers,
+        "hosts of this site asked for a blob when no scheduler answers: HOST:PORT of a piece server "
+        "(or its URL), or one DNS NAME:PORT with an address per host",
+        flag="--site-peer",
+        repeat=True,
+    )
+    site_lookup_timeout_s: float = opt(
+        1.0, _float, "time allowed for asking the site's hosts who holds a blob (no scheduler answering)"
+    )
+    offline_grace_s: float = opt(
+        86400.0,
+        _float,
+        "while the registry cannot be reached, reuse its last yes to the same credentials and repository "
+        "if no older than this; 0: never",
+    )
+    serve_stale_tags: bool = opt(
+        False, _bool, "while the registry cannot be reached, answer a manifest by tag with its last known digest"
     )
 
 

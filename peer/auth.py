@@ -63,12 +63,18 @@ class AccessCheck:
         max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
         on_result: Callable[[str], None] | None = None,
+        on_allowed: Callable[[str, str, str, str], None] | None = None,
+        on_refused: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.clock = clock
         self.on_result = on_result
+        # The registry's yes (credentials, registry, repository, digest) and no (401/403), for
+        # the verdicts kept for when it cannot be reached (peer/offline.py).
+        self.on_allowed = on_allowed
+        self.on_refused = on_refused
         self._allowed: OrderedDict[str, tuple[float, int | None]] = OrderedDict()
 
     def remember(self, key: str, size: int | None) -> None:
@@ -107,12 +113,16 @@ class AccessCheck:
             if 200 <= status < 400:
                 size = _content_length(response) if status == 200 else None
                 self.remember(key, size)
+                if self.on_allowed is not None:
+                    self.on_allowed(request_headers.get("authorization", ""), registry, name, digest)
                 self._count("allowed")
                 return Verdict(True, status, size)
             body = await _limited_body(response)
         finally:
             await response.aclose()
         self._count("denied" if status in (401, 403) else "absent" if status == 404 else "failed")
+        if status in (401, 403) and self.on_refused is not None:
+            self.on_refused(request_headers.get("authorization", ""), registry, name)
         log.info("access check for %s in %s: registry answered %d", short(digest), name, status)
         if status >= 500 or status in (408, 429):
             raise OriginError(f"registry answered HTTP {status} to the access check", upstream_status=status)

@@ -16,13 +16,15 @@ import trio
 from p2pdist import wire
 from p2pdist.config import PeerConfig, parse_hostport
 from p2pdist.content.digest import parse_digest
+from p2pdist.errors import StoreError
 from p2pdist.node.node import Node
 from p2pdist.node.preheat import held_status
 from p2pdist.registry.client import OriginClient
 from p2pdist.transport.piececlient import PieceClient
 from p2pdist.transport.ratelimit import maybe_bucket
-from p2pdist.transport.server import serve_http
+from p2pdist.transport.server import Request, Response, serve_http
 from peer.download import TaskDownload
+from peer.sitepeers import SitePeers, holding_answer
 
 if TYPE_CHECKING:
     from peer.proxy import Proxy
@@ -45,6 +47,8 @@ class PeerDaemon(Node[PeerConfig]):
         # task -> (wall time, reason) of its last failed download; a client whose stream was
         # cut after its 200 went out reads the reason here (p2pdist get does).
         self.failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        # The site's hosts, asked directly when no scheduler answers (the WAN link is down).
+        self.site = SitePeers(self)
 
     # -- downloads ------------------------------------------------------------------------
 
@@ -93,6 +97,11 @@ class PeerDaemon(Node[PeerConfig]):
                 self.failures.popitem(last=False)
         elif dl.verified:
             self.failures.pop(dl.task_id, None)
+            if dl.store is not None:
+                try:
+                    dl.store.mark_verified()  # offered whole to site hosts that cannot reach the scheduler
+                except StoreError as exc:
+                    self.log.info("task %s: not offered to the site: %s", dl.task_id[:19], exc)
         if dl.error is not None and self.downloads.get(dl.task_id) is dl:
             # Keep the failure visible to readers already waiting, but let the next request retry.
             del self.downloads[dl.task_id]
@@ -114,6 +123,9 @@ class PeerDaemon(Node[PeerConfig]):
         return {"digest": task_id, "state": "unknown"}
 
     # -- the node's hooks -----------------------------------------------------------------
+
+    async def route(self, request: Request) -> Response | None:
+        return holding_answer(self, request)
 
     def back_to_source_log(self) -> list[dict[str, Any]]:
         return [
@@ -148,6 +160,7 @@ class PeerDaemon(Node[PeerConfig]):
             )
         )
         self.log.info("peer %s: proxy on http://%s:%d", self.host_id, *proxy_bound)
+        nursery.start_soon(self.proxy.offline.save_loop)
         return bound, proxy_bound
 
     async def aclose(self) -> None:

@@ -20,6 +20,7 @@ import trio
 
 from p2pdist import wire
 from p2pdist.content.digest import PIECE_DIGEST_BYTES, PieceHasher, short
+from p2pdist.content.pieces import Bitmap
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.node.intake import PieceIntake
 from p2pdist.node.pieceserver import KIND_HEADER
@@ -27,6 +28,7 @@ from p2pdist.registry.retry import ORIGIN_RETRY
 from p2pdist.storage.store import PieceWriter, TaskStore
 from p2pdist.transport.piececlient import PieceResponse
 from peer.machine import Limits, PieceOutcome, PieceRequest, Report, TaskMachine
+from peer.sitepeers import agreeing
 
 if TYPE_CHECKING:
     from peer.daemon import PeerDaemon
@@ -142,8 +144,18 @@ class TaskDownload:
         except (UpstreamError, P2PError) as exc:
             self.daemon.metrics.scheduler_errors.inc()
             status = getattr(exc, "upstream_status", None)
-            machine.register_failed(str(exc), refused=status is not None and 400 <= status < 500)
-            return
+            refused = status is not None and 400 <= status < 500
+            site_reply = None if refused else await self._site_reply()
+            if site_reply is None:
+                machine.register_failed(str(exc), refused=refused)
+                return
+            log.warning(
+                "task %s: no scheduler answered (%s); fetching from %d host(s) of the site that hold it",
+                short(self.task_id),
+                exc,
+                len(site_reply.parents),
+            )
+            reply = site_reply
         self._answered(None, reply)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sync_loop)
@@ -165,6 +177,26 @@ class TaskDownload:
                 await self._wait_change()
 
     # -- the scheduler --------------------------------------------------------------------
+
+    async def _site_reply(self) -> wire.SyncReply | None:
+        """No scheduler answers: the hosts of this site that hold the blob whole, asked directly
+        (peer/sitepeers.py), as the answer a scheduler would have given; None if none does.
+        Their pieces are checked against their BLAKE3 digests and the blob against its sha256,
+        as any parent's."""
+        holders = agreeing(await self.daemon.site.find(self.task_id))
+        if not holders:
+            return None
+        digests = list(holders[0].piece_digests)
+        whole = Bitmap(len(digests))
+        for number in range(len(digests)):
+            whole.add(number)
+        return wire.SyncReply(
+            task_id=self.task_id,
+            state="running",
+            content_length=holders[0].size,
+            piece_digests=digests,
+            parents=[wire.Parent(host_id=h.host_id, url=h.url, pieces=whole.to_bytes()) for h in holders],
+        )
 
     def _register_message(self) -> wire.Register:
         return wire.Register(host_id=self.daemon.host_id, task_id=self.task_id, url=self.url, headers=self.headers)

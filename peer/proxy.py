@@ -13,8 +13,10 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from urllib.parse import urlencode
 
+import httpx
 from prometheus_client import Counter, Histogram
 
 from p2pdist.content.digest import parse_digest, parse_name, parse_reference, short
@@ -34,6 +36,8 @@ from p2pdist.transport.server import FileBody, Request, Response
 from peer.auth import AccessCheck, Verdict
 from peer.daemon import PeerDaemon
 from peer.download import TaskDownload
+from peer.manifests import MAX_MANIFEST_BYTES, ManifestCache, is_digest
+from peer.offline import OfflineAccess, offline_note, unreachable
 from peer.upstream import (
     MAX_HOPS,
     Upstream,
@@ -61,6 +65,10 @@ _FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 _REFUSAL_CODES = {401: "UNAUTHORIZED", 403: "DENIED"}
 # On a blob answer: 1 when the peer held the whole blob before the request came.
 HELD_HEADER = "x-p2pdist-held"
+# On a blob answered while the registry could not be reached: the earlier yes it relied on.
+OFFLINE_HEADER = "x-p2pdist-offline-access"
+# On a manifest by tag answered from the last known resolution (serve_stale_tags).
+STALE_HEADER = "x-p2pdist-stale"
 # The same upstream failure is logged at most this often.
 WARN_INTERVAL_S = 60.0
 
@@ -109,7 +117,14 @@ class Proxy:
         self.config = daemon.config
         self.metrics = MirrorMetrics(daemon)
         self.upstream_client = UpstreamClient()
-        self.access = AccessCheck(self.upstream_client, on_result=lambda r: self.metrics.access_checks.labels(r).inc())
+        self.offline = OfflineAccess(daemon)
+        self.manifests = ManifestCache(Path(self.config.data_dir) / "manifests")
+        self.access = AccessCheck(
+            self.upstream_client,
+            on_result=lambda r: self.metrics.access_checks.labels(r).inc(),
+            on_allowed=self.offline.allowed,
+            on_refused=self.offline.refused,
+        )
         self.upstream_warnings = RateLimitedLog(WARN_INTERVAL_S)
 
     async def aclose(self) -> None:
@@ -167,7 +182,7 @@ class Proxy:
             return "blob", await self.blob(request, name, digest)
         if m := MANIFEST_PATH.fullmatch(path):
             name, reference = parse_name(m.group("name")), parse_reference(m.group("reference"))
-            return "manifest", await self.relay(request, f"/v2/{name}/manifests/{reference}")
+            return "manifest", await self.manifest(request, name, reference)
         if m := TAGS_PATH.fullmatch(path):
             return "tags", await self.relay(request, f"/v2/{parse_name(m.group('name'))}/tags/list")
         if m := REFERRERS_PATH.fullmatch(path):
@@ -215,6 +230,107 @@ class Proxy:
             return head_response(response.status_code, headers)
         return Response(response.status_code, headers, body_of(response))
 
+    # -- manifests ------------------------------------------------------------------------
+
+    async def manifest(self, request: Request, name: str, reference: str) -> Response:
+        """A manifest from the registry, kept by digest on the way through; from that cache
+        when the registry cannot be reached (peer/manifests.py)."""
+        up = self.upstream(request)
+        hops = self._hops(request)
+        url = f"{up.base}/v2/{name}/manifests/{reference}"
+        headers = forwarded_headers(request.headers, hops=hops)
+        try:
+            response = await self.upstream_client.send(request.method, url, headers)
+        except OriginError as exc:
+            if not unreachable(exc):
+                raise
+            self.warn_upstream(exc, f"manifest {name}:{reference[:19]}: ")
+            return self._manifest_offline(request, up, name, reference, exc)
+        relayed = [*relayed_headers(response), ("oci-namespace", up.namespace)]
+        if response.status_code >= 500:
+            self.warn_upstream(UpstreamError(f"{request.method} {redact(url)} answered {response.status_code}"))
+        named = response.headers.get("docker-content-digest", "")
+        media_type = response.headers.get("content-type", "")
+        if response.status_code in (401, 403):
+            self.offline.refused(request.headers.get("authorization", ""), up.base, name)
+        if response.status_code != 200 or request.method == "HEAD":
+            if response.status_code == 200 and named.startswith("sha256:") and not is_digest(reference):
+                # containerd resolves a tag with a HEAD and GETs the manifest by digest.
+                self.manifests.resolved(up.base, name, reference, named, media_type, time.time())
+            if request.method == "HEAD":
+                await response.aclose()
+                return head_response(response.status_code, relayed)
+            return Response(response.status_code, relayed, body_of(response))
+        length = response.headers.get("content-length", "")
+        if length.isascii() and length.isdigit() and int(length) > MAX_MANIFEST_BYTES:
+            return Response(200, relayed, body_of(response))  # too big to keep: passed through as it comes
+        try:
+            body = await response.aread()
+        except httpx.HTTPError as exc:
+            raise OriginError(f"registry {redact(url)} cut the manifest short: {exc}") from None
+        finally:
+            await response.aclose()
+        kept = self.manifests.put(up.base, name, reference, body, media_type, named, time.time())
+        if kept is not None:
+            # The registry's yes to these credentials for this manifest, as for a blob's check.
+            self.offline.allowed(request.headers.get("authorization", ""), up.base, name, kept)
+        return Response(200, relayed, body)
+
+    def _manifest_offline(
+        self, request: Request, up: Upstream, name: str, reference: str, exc: OriginError
+    ) -> Response:
+        """The registry cannot be reached: a manifest by digest from the cache, if the registry
+        gave these credentials a yes for it within offline_grace_s; a tag only when the operator
+        enabled serve_stale_tags, marked stale. Anything else: a one-line error at once."""
+        authorization = request.headers.get("authorization", "")
+        extra: list[tuple[str, str]] = []
+        digest = reference
+        if not is_digest(reference):
+            known = self.manifests.tag(up.base, name, reference)
+            if not self.config.serve_stale_tags:
+                return oci_error(
+                    exc.status,
+                    exc.code,
+                    f"manifest {name}:{reference}: {exc}; a tag is resolved only by the registry "
+                    "(serve_stale_tags is off; pull by digest to use the cache)",
+                )
+            if known is None:
+                return oci_error(
+                    exc.status, exc.code, f"manifest {name}:{reference}: {exc}; this peer never saw the tag resolved"
+                )
+            age = max(0.0, time.time() - known.resolved_at)
+            digest = known.digest
+            extra = [
+                ("warning", '110 - "stale: registry unreachable"'),
+                (STALE_HEADER, f"tag resolved {age:.0f}s ago; registry unreachable"),
+            ]
+        cached = self.manifests.get(digest)
+        if cached is None:
+            return oci_error(
+                exc.status, exc.code, f"manifest {name}@{short(digest)}: {exc}; not in this peer's manifest cache"
+            )
+        age_of_yes = self.offline.verdicts.offline(authorization, up.base, name, digest, time.time())
+        if age_of_yes is None or self.config.offline_grace_s <= 0:
+            return oci_error(
+                exc.status,
+                exc.code,
+                f"cannot check the client's access to {name}: {exc}; no yes from it for these credentials "
+                f"within offline_grace_s ({self.config.offline_grace_s:g}s)",
+            )
+        self.metrics.access_checks.labels("offline").inc()
+        headers = [
+            ("content-type", cached.media_type or "application/vnd.oci.image.manifest.v1+json"),
+            ("content-length", str(len(cached.body))),
+            ("docker-content-digest", cached.digest),
+            ("etag", f'"{cached.digest}"'),
+            ("oci-namespace", up.namespace),
+            (OFFLINE_HEADER, f"the registry allowed these credentials {age_of_yes:.0f}s ago"),
+            *extra,
+        ]
+        if request.method == "HEAD":
+            return head_response(200, headers)
+        return Response(200, headers, cached.body)
+
     # -- blobs ----------------------------------------------------------------------------
 
     async def blob(self, request: Request, name: str, digest: str) -> Response:
@@ -226,17 +342,18 @@ class Proxy:
             # A p2pdist daemon (a seed or peer whose origin is this mirror) is fetching on
             # P2P's behalf: sending it back into P2P would loop.
             return await self.relay(request, path)
+        offline = ""
         try:
             verdict = await self.access.check(up.base, name, "blobs", digest, request.headers, hops=hops)
         except OriginError as exc:
-            local = self.daemon.store.get(digest)
             self.warn_upstream(exc, f"blob {short(digest)} in {name}: access check failed: ")
-            why = (
-                f"{short(digest)} is held here, but is served only after the registry accepts the client's credentials"
-                if local is not None and local.complete()
-                else "no blob is fetched without it"
-            )
-            return oci_error(exc.status, exc.code, f"cannot check the client's access to {name}: {exc}; {why}")
+            authorization = request.headers.get("authorization", "")
+            if unreachable(exc) and (reason := await self.offline.decide(authorization, up.base, name, digest)):
+                self.metrics.access_checks.labels("offline").inc()
+                log.info("blob %s in %s: %s", short(digest), name, offline_note(digest, reason))
+                verdict, offline = Verdict(True, 200), reason
+            else:
+                return self._unchecked(exc, name, digest)
         if not verdict.allowed:
             return _refusal(verdict, digest, up)
         url = f"{up.base}{path}"
@@ -271,6 +388,8 @@ class Proxy:
         if span is not None:
             status = 206
             reply.append(("content-range", f"bytes {start}-{end - 1}/{size}"))
+        if offline:
+            reply.append((OFFLINE_HEADER, offline))
         if request.method == "HEAD":
             return head_response(status, reply)
         assert dl is not None
@@ -278,6 +397,23 @@ class Proxy:
         body = self._timed(stream_blob(dl, start, end), dl, source, end - start, started)
         # `p2pdist get` tells a blob served from the cache from one fetched for this request.
         return Response(status, [*reply, (HELD_HEADER, "1" if source == "local" else "0")], body)
+
+    def _unchecked(self, exc: OriginError, name: str, digest: str) -> Response:
+        """The answer when the registry could not check the client's access and no earlier yes
+        stands in for it: fail closed, saying why in one line."""
+        local = self.daemon.store.get(digest)
+        if not unreachable(exc):
+            why = "no blob is served or fetched without its yes"
+        elif self.config.offline_grace_s <= 0:
+            why = "offline_grace_s is 0: no earlier yes stands in for it"
+        elif local is not None and local.complete():
+            why = (
+                f"{short(digest)} is held here, but the registry gave these credentials no yes for it "
+                f"within offline_grace_s ({self.config.offline_grace_s:g}s)"
+            )
+        else:
+            why = f"no yes from it for these credentials within offline_grace_s ({self.config.offline_grace_s:g}s)"
+        return oci_error(exc.status, exc.code, f"cannot check the client's access to {name}: {exc}; {why}")
 
     async def _timed(
         self, body: AsyncIterator[bytes | FileBody], dl: TaskDownload, source: str, length: int, started: float

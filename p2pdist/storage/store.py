@@ -27,6 +27,7 @@ log = logging.getLogger("p2pdist.store")
 
 _META = "meta.json"
 _DIGESTS = "digests.bin"
+_VERIFIED = "sha256-verified"
 
 
 @dataclass
@@ -70,6 +71,15 @@ class TaskStore:
         except FileNotFoundError:
             return []
         return [raw[i : i + 32] for i in range(0, len(raw) - len(raw) % 32, 32)]
+
+    def mark_verified(self) -> None:
+        """The whole blob's sha256 checked out: this host may offer it whole to its site."""
+        _atomic_write(self.root / _VERIFIED, b"")
+
+    def verified(self) -> bool:
+        """Every piece is held and the blob's sha256 was checked (the marker goes with the
+        directory when the task is removed or started afresh)."""
+        return self.complete() and (self.root / _VERIFIED).exists()
 
     def feed(self, number: int, consume: Callable[[memoryview], None]) -> None:
         """Pass a held piece's bytes to `consume` in one call, mapped from the page cache rather

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import httpx
 import msgpack
 import pytest
@@ -204,3 +205,42 @@ def test_get_writes_into_a_pipe_and_leaves_it_a_pipe(held: tuple[Cluster, str], 
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     assert "sha256:" + sha.hexdigest() == digest
     assert not list(tmp_path.glob(".*.part"))
+
+
+@pytest.mark.parametrize(
+    "path, method, status",
+    [
+        ("/v1/tasks/sha256:zz", "GET", 400),
+        ("/v1/tasks/sha256:" + "AB" * 32, "GET", 400),
+        ("/v1/tasks/md5:abc", "GET", 400),
+        ("/v1/tasks/{good}", "GET", 404),
+        ("/v1/tasks/{digest}", "POST", 405),
+        ("/v1/tasks/{digest}", "DELETE", 405),
+    ],
+)
+def test_the_site_holding_endpoint_rejects_bad_input(
+    held: tuple[Cluster, str], path: str, method: str, status: int
+) -> None:
+    """GET /v1/tasks/<digest> (a site host asking without the scheduler) answers bad input with
+    a 4xx and a one-line reason and keeps serving."""
+    cluster, digest = held
+    peer = cluster.peers[0]
+    response = httpx.request(method, peer.url + path.format(digest=digest, good=GOOD_DIGEST))
+    assert response.status_code == status, response.text
+    one_line_4xx(response)
+    assert httpx.get(f"{peer.url}/healthz").status_code == 200
+
+
+def test_the_site_holding_endpoint_names_size_and_piece_digests_of_a_checked_blob(held: tuple[Cluster, str]) -> None:
+    cluster, digest = held
+    peer = cluster.peers[0]
+    response = httpx.get(f"{peer.url}/v1/tasks/{digest}")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["digest"] == digest and answer["size"] >= 9 * MiB  # the layer's files and their tar headers
+    assert len(answer["piece_digests"]) == 3 and all(len(d) == 64 for d in answer["piece_digests"])
+    # Piece 0's bytes hash (BLAKE3) to the digest the answer gives for it.
+    piece = httpx.get(f"{peer.url}/v1/tasks/{digest}/pieces/0").content
+    assert blake3.blake3(piece).hexdigest() == answer["piece_digests"][0]
+    # The blob was pulled anonymously from a registry without auth: a site host may rely on that.
+    assert [p["repository"] for p in answer["public"]] == ["bad/input"]

@@ -1,0 +1,231 @@
+"""Finding the holders of a blob in this host's site without the scheduler (issue 13).
+
+When no scheduler answers (the site's WAN link is down), a peer asks the hosts of its site
+directly: those in `site_peers` (HOST:PORT, or one DNS name with an address per host) and
+those the scheduler named as site members while it answered (kept in the data dir). Each is
+asked `GET /v1/tasks/<digest>` on its piece port, which answers only for a blob it holds
+whole with its sha256 checked: the size, the BLAKE3 digest of every piece, and where
+anonymous clients were allowed to read it. Short timeouts: this is the path of a cut link.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import trio
+
+from p2pdist.config import parse_hostport
+from p2pdist.content.digest import PIECE_DIGEST_BYTES, parse_digest, short
+from p2pdist.content.pieces import PieceLayout
+from p2pdist.errors import UpstreamError
+from p2pdist.transport.server import Request, Response, text_response
+from p2pdist.transport.trust import refuse_unauthorized
+from peer.verdicts import PublicLink
+
+if TYPE_CHECKING:
+    from peer.daemon import PeerDaemon
+
+log = logging.getLogger("p2pdist.site")
+
+HOLDING_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)")
+MEMBERS_FILE = "site-members.json"
+MAX_MEMBERS = 256  # remembered site members; the scheduler names at most this many
+MAX_ASKED = 64  # hosts asked at once for one blob
+MAX_ANSWER_BYTES = 256 << 10
+# One lookup answers the access check and the download that follows it.
+LOOKUP_CACHE_S = 5.0
+
+
+# -- the holder's side ---------------------------------------------------------------------
+
+
+def holding_answer(daemon: PeerDaemon, request: Request) -> Response | None:
+    """`GET /v1/tasks/<digest>` on the piece port: what this host holds of a blob, if whole and
+    checked; None for a path that is not this endpoint."""
+    m = HOLDING_PATH.fullmatch(request.path)
+    if m is None:
+        return None
+    if (refused := refuse_unauthorized(request, daemon.config.cluster_secret)) is not None:
+        return refused
+    if request.method not in ("GET", "HEAD"):
+        return text_response(405, "/v1/tasks/<digest> is read-only: use GET", [("allow", "GET, HEAD")])
+    task_id = parse_digest(m.group("task"))  # BadRequest: a 400 with the reason
+    task = daemon.store.get(task_id)
+    if task is None or not task.verified():
+        return text_response(404, f"{short(task_id)} is not held whole here")
+    digests = task.load_digests()
+    if len(digests) < task.layout.count:
+        return text_response(404, f"{short(task_id)} is held without its piece digests")
+    verdicts = daemon.proxy.offline.verdicts if daemon.proxy is not None else None
+    public = verdicts.public(task_id, time.time()) if verdicts is not None else []
+    body = {
+        "digest": task_id,
+        "host_id": daemon.host_id,
+        "size": task.layout.blob_size,
+        "piece_digests": [d.hex() for d in digests[: task.layout.count]],
+        "public": [{"registry": p.registry, "repository": p.name, "age_s": round(p.age_s, 1)} for p in public],
+    }
+    return Response(200, [("content-type", "application/json")], json.dumps(body).encode())
+
+
+# -- the asker's side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A site host that holds a blob whole and checked."""
+
+    url: str
+    host_id: str
+    size: int
+    piece_digests: tuple[bytes, ...]
+    public: tuple[PublicLink, ...]
+
+
+def parse_holding(url: str, task_id: str, body: bytes) -> Holder | None:
+    """A holder's answer, checked field by field; None for anything malformed."""
+    try:
+        raw = json.loads(body)
+        size = raw["size"]
+        host_id = raw["host_id"]
+        digests = tuple(bytes.fromhex(d) for d in raw["piece_digests"])
+        public = tuple(
+            PublicLink(str(p["registry"]), str(p["repository"]), float(p["age_s"])) for p in raw.get("public", [])
+        )
+        if raw["digest"] != task_id or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return None
+        if not isinstance(host_id, str) or not host_id or len(host_id) > 200:
+            return None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if len(digests) != PieceLayout.for_blob(size).count or any(len(d) != PIECE_DIGEST_BYTES for d in digests):
+        return None
+    return Holder(url, host_id, size, digests, public)
+
+
+class SitePeers:
+    """The site's hosts this peer can ask, and the lookups it made recently."""
+
+    def __init__(self, daemon: PeerDaemon) -> None:
+        self.daemon = daemon
+        self.config = daemon.config
+        self.path = Path(self.config.data_dir) / MEMBERS_FILE
+        self.members: dict[str, float] = {}  # piece URL -> when the scheduler last named it
+        self._lookups: dict[str, tuple[float, list[Holder]]] = {}
+        self._load()
+
+    # -- members --------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            raw = json.loads(self.path.read_bytes())
+            self.members = {str(u): float(t) for u, t in raw["members"].items() if _is_url(str(u))}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+
+    def learned(self, urls: list[str]) -> None:
+        """The scheduler named these hosts of this site; kept in the data dir for a restart
+        while the link is down."""
+        now = time.time()
+        fresh = {u.rstrip("/"): now for u in urls if _is_url(u) and u.rstrip("/") != self.daemon.advertise}
+        if set(fresh) == set(self.members):
+            self.members = fresh
+            return  # the same hosts: the file stays as it is
+        self.members = dict(list(fresh.items())[:MAX_MEMBERS])
+        try:
+            tmp = self.path.with_name(f".{MEMBERS_FILE}.tmp")
+            tmp.write_text(json.dumps({"members": self.members}))
+            tmp.replace(self.path)
+        except OSError as exc:
+            log.warning("cannot keep the site's members in %s: %s", self.path, exc)
+
+    async def candidates(self) -> list[str]:
+        """Piece URLs of the site's hosts: configured ones (names resolved now) and remembered ones."""
+        scheme = urlsplit(self.daemon.advertise).scheme or "http"
+        urls: list[str] = []
+        for entry in self.config.site_peers:
+            if "://" in entry:
+                scheme_of, address = urlsplit(entry).scheme, urlsplit(entry).netloc
+            else:
+                scheme_of, address = scheme, entry
+            host, port = parse_hostport(address)
+            for resolved in await _resolve(host):
+                urls.append(f"{scheme_of}://{resolved}:{port}")
+        urls.extend(self.members)
+        own = self.daemon.advertise.rstrip("/")
+        return [u for u in dict.fromkeys(urls) if u != own][:MAX_ASKED]
+
+    # -- lookups --------------------------------------------------------------------------
+
+    async def find(self, task_id: str) -> list[Holder]:
+        """The site's hosts that hold `task_id` whole, asked all at once within
+        `site_lookup_timeout_s`; answered from a lookup of the last few seconds if there is one."""
+        now = time.monotonic()
+        cached = self._lookups.get(task_id)
+        if cached is not None and now - cached[0] < LOOKUP_CACHE_S:
+            return cached[1]
+        holders: list[Holder] = []
+        asked = await self.candidates()
+        if asked:
+            with trio.move_on_after(self.config.site_lookup_timeout_s):
+                async with trio.open_nursery() as nursery:
+                    for url in asked:
+                        nursery.start_soon(self._ask, url, task_id, holders)
+        self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < LOOKUP_CACHE_S}
+        self._lookups[task_id] = (now, holders)
+        log.info("task %s: asked %d site host(s) directly, %d hold it", short(task_id), len(asked), len(holders))
+        return holders
+
+    async def _ask(self, url: str, task_id: str, holders: list[Holder]) -> None:
+        try:
+            async with self.daemon.piece_client.get(f"{url}/v1/tasks/{task_id}", {"x-p2pdist": "1"}) as response:
+                if response.status != 200 or response.length > MAX_ANSWER_BYTES:
+                    return
+                body = await response.read()
+        except UpstreamError as exc:
+            log.debug("site host %s did not answer: %s", url, exc)
+            return
+        holder = parse_holding(url, task_id, body)
+        if holder is not None:
+            holders.append(holder)
+
+
+def agreeing(holders: list[Holder]) -> list[Holder]:
+    """The holders that agree with the most others on the size and piece digests (the blob's
+    sha256, checked at the end, decides; one lying holder must not steer the rest)."""
+    groups: dict[tuple[int, tuple[bytes, ...]], list[Holder]] = {}
+    for h in holders:
+        groups.setdefault((h.size, h.piece_digests), []).append(h)
+    return max(groups.values(), key=len) if groups else []
+
+
+def _is_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+async def _resolve(host: str) -> list[str]:
+    """The addresses of `host` (itself when it is one); none when the lookup fails."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return [f"[{host}]" if ":" in host else host]
+    except OSError:
+        pass
+    try:
+        infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        log.warning("cannot resolve site peer name %s: %s", host, exc)
+        return []
+    v4 = sorted({str(i[4][0]) for i in infos if i[0] == socket.AF_INET})
+    v6 = sorted({f"[{i[4][0]}]" for i in infos if i[0] == socket.AF_INET6})
+    return v4 or v6
