@@ -153,6 +153,17 @@ class SiteLab(Stoppable):
         stats = json.loads(result.stdout)[0]["stats64"]
         return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
 
+    def bytes_into_sites(self) -> dict[str, int]:
+        """Bytes into every site so far (as `uplink_bytes`), from one read of the counters:
+        cheap enough to sample while a rollout runs."""
+        result = subprocess.run(
+            ["ip", "-n", self.core, "-s", "-j", "link", "show"], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise LabError(f"counters of the uplinks: {result.stderr.strip()}")
+        tx = {link["ifname"]: int(link["stats64"]["tx"]["bytes"]) for link in json.loads(result.stdout)}
+        return {site: tx[self.uplink_name(site)] for site in self.site_names}
+
     def set_uplink(self, site: str, up: bool) -> None:
         """Cut or restore `site`'s WAN link (`ip link set ... down|up` on its core end)."""
         _ip("-n", self.core, "link", "set", self.uplink_name(site), "up" if up else "down")

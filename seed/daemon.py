@@ -75,7 +75,8 @@ class SeedDaemon(Node[SeedConfig]):
             fetch.digests = held.load_digests()
             fetch.done = True
         else:
-            self.log.info("seeding %s from %s", short(trigger.task_id), trigger.url.split("/v2/")[0])
+            via = f" through {self.config.upstream}" if self.config.upstream else ""
+            self.log.info("seeding %s from %s%s", short(trigger.task_id), trigger.url.split("/v2/")[0], via)
         self.fetches[trigger.task_id] = fetch
         if not fetch.done:
             self.spawn(fetch.run)

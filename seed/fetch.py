@@ -75,9 +75,10 @@ class SeedFetch:
                 await self._fetch()
             assert self.store is not None
             log.info(
-                "seeded %s: %d bytes from the origin in %.2fs",
+                "seeded %s: %d bytes from the %s in %.2fs",
                 short(self.task_id),
                 self.store.layout.blob_size,
+                "upstream" if self.seed.config.upstream else "origin",
                 elapsed(),
             )
         except P2PError as exc:
