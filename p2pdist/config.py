@@ -466,6 +466,12 @@ class PeerConfig(NodeConfig):
         flag="--site-peer",
         repeat=True,
     )
+    registry_connect_timeout_s: float = opt(
+        2.0,
+        _float,
+        "a registry that does not accept a connection within this is unreachable (WAN down: earlier yeses "
+        "and the manifest cache stand in for it at once); raise it for links with a long round trip",
+    )
     site_lookup_timeout_s: float = opt(
         1.0, _float, "time allowed for asking the site's hosts who holds a blob (no scheduler answering)"
     )

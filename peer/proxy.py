@@ -116,7 +116,7 @@ class Proxy:
         self.daemon = daemon
         self.config = daemon.config
         self.metrics = MirrorMetrics(daemon)
-        self.upstream_client = UpstreamClient()
+        self.upstream_client = UpstreamClient(connect_timeout_s=self.config.registry_connect_timeout_s)
         self.offline = OfflineAccess(daemon)
         self.manifests = ManifestCache(Path(self.config.data_dir) / "manifests")
         self.access = AccessCheck(
@@ -413,6 +413,8 @@ class Proxy:
             )
         else:
             why = f"no yes from it for these credentials within offline_grace_s ({self.config.offline_grace_s:g}s)"
+            if (lookup := self.daemon.site.recent(digest)) is not None and not lookup[1]:
+                why = f"no host of this site holds {short(digest)} ({lookup[0]} asked) and {why}"
         return oci_error(exc.status, exc.code, f"cannot check the client's access to {name}: {exc}; {why}")
 
     async def _timed(

@@ -120,6 +120,7 @@ class SitePeers:
         self.path = Path(self.config.data_dir) / MEMBERS_FILE
         self.members: dict[str, float] = {}  # piece URL -> when the scheduler last named it
         self._lookups: dict[str, tuple[float, list[Holder]]] = {}
+        self._asked: dict[str, int] = {}  # task -> hosts its last lookup asked
         self._load()
 
     # -- members --------------------------------------------------------------------------
@@ -183,8 +184,17 @@ class SitePeers:
                         nursery.start_soon(self._ask, url, task_id, holders)
         self._lookups = {k: v for k, v in self._lookups.items() if now - v[0] < LOOKUP_CACHE_S}
         self._lookups[task_id] = (now, holders)
+        self._asked = {k: v for k, v in self._asked.items() if k in self._lookups}
+        self._asked[task_id] = len(asked)
         log.info("task %s: asked %d site host(s) directly, %d hold it", short(task_id), len(asked), len(holders))
         return holders
+
+    def recent(self, task_id: str) -> tuple[int, list[Holder]] | None:
+        """The last few seconds' lookup of `task_id`: (hosts asked, holders), or None."""
+        found = self._lookups.get(task_id)
+        if found is None or time.monotonic() - found[0] >= LOOKUP_CACHE_S:
+            return None
+        return self._asked.get(task_id, 0), found[1]
 
     async def _ask(self, url: str, task_id: str, holders: list[Holder]) -> None:
         try:

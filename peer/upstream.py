@@ -108,11 +108,11 @@ CONNECT_TIMEOUT_S = 5.0
 class UpstreamClient:
     """Sends one request to a registry with the client's headers; never adds credentials."""
 
-    def __init__(self, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, *, timeout_s: float = 30.0, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.client = httpx.AsyncClient(
             follow_redirects=False,
             # A registry that is down must fail a pull in seconds, not a read timeout's half minute.
-            timeout=httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S),
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
 

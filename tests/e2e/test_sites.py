@@ -57,31 +57,79 @@ def test_each_layer_crosses_each_sites_uplink_about_once(tmp_path: Path) -> None
         assert elapsed >= blob_bytes / UPLINK_BPS
 
 
-def test_a_site_whose_wan_link_is_down_fails_a_new_pull_fast_and_pulls_again_once_it_returns(tmp_path: Path) -> None:
-    image = make_oci_layout(tmp_path / "image", [6 * MiB], seed=14)
+WAN_DOWN_LIMIT_S = 10.0
+
+
+def test_with_its_wan_link_down_a_site_serves_what_its_hosts_hold_and_fails_the_rest_fast(tmp_path: Path) -> None:
+    """The central shape with a site's uplink set down: a fifth host that joins afterwards, new
+    to the image and never having reached the scheduler, pulls every blob of it (config and
+    layers) from the site's hosts through its own mirror, anonymously (the site's hosts saw the
+    registry allow anonymous reads); a blob nobody in the site holds fails fast with one line;
+    once the link is up a new pull works with no restart."""
+    image = make_oci_layout(tmp_path / "image", [8 * MiB, 6 * MiB], seed=14)
+    unheld = make_oci_layout(tmp_path / "unheld", [6 * MiB], seed=15)  # pushed, never pulled
     with Origin(workdir=tmp_path / "origin") as staging:
         push_image(image, staging.host, "edge/app")
-    (layer,) = image.layers
-    with SiteLab(tmp_path / "lab", 1, 2, uplink_bps=UPLINK_BPS) as lab:
+        push_image(unheld, staging.host, "edge/other")
+    blobs = [image.config, *image.layers]
+    with SiteLab(tmp_path / "lab", 1, 4, uplink_bps=UPLINK_BPS) as lab:
         lab.start_registry(tmp_path / "origin" / "storage")
         lab.start_core()
         lab.start_peers()
         (site,) = lab.site_names
-        host = lab.hosts[site][0]
-        url = f"{lab.registry_url}/v2/edge/app/blobs/{layer.digest}"
+        holders = list(lab.hosts[site])
+        jobs = []
+        for i, host in enumerate(holders):  # the site pulls the image while its link is up
+            for blob in blobs:
+                out = tmp_path / f"warm-h{i}-{blob.hex[:12]}"
+                jobs.append(
+                    (blob.digest, out, lab.get(host, f"{lab.registry_url}/v2/edge/app/blobs/{blob.digest}", out))
+                )
+        for digest, out, job in jobs:
+            _, err = job.communicate(timeout=PULL_TIMEOUT_S)
+            assert job.returncode == 0, f"p2pdist get {digest[:19]} failed: {err.strip()}"
+            assert sha256_file(out) == digest
+
         lab.set_uplink(site, up=False)
+        into_before = lab.uplink_bytes(site)[0]
         started = time.monotonic()
-        job = lab.get(host, url, tmp_path / "cut")
+        fifth = lab.add_host(site)
+        site_peers = [arg for h in holders for arg in ("--site-peer", f"{h.address}:4000")]
+        lab.start_peers(site_peers, hosts=[fifth])
+        healthy = time.monotonic()
+        jobs = []
+        for blob in blobs:
+            out = tmp_path / f"cut-{blob.hex[:12]}"
+            jobs.append((blob.digest, out, lab.get(fifth, f"{lab.registry_url}/v2/edge/app/blobs/{blob.digest}", out)))
+        for digest, out, job in jobs:
+            _, err = job.communicate(timeout=60)
+            assert job.returncode == 0, f"WAN down: p2pdist get {digest[:19]} failed: {err.strip()}"
+            assert sha256_file(out) == digest
+        done = time.monotonic()
+        print(
+            f"WAN down: a fifth host pulled {len(blobs)} blobs from its site {done - started:.1f} s after it was "
+            f"started ({done - healthy:.1f} s after it was healthy)"
+        )
+        # From the moment the new host serves (its /healthz answers): what follows is the pull.
+        # The time before it is this test's own process start-ups on a shared machine.
+        assert done - healthy <= WAN_DOWN_LIMIT_S, f"took {done - healthy:.1f} s from the host's start"
+        assert lab.uplink_bytes(site)[0] == into_before  # nothing crossed the cut link
+
+        (missing,) = unheld.layers
+        url = f"{lab.registry_url}/v2/edge/other/blobs/{missing.digest}"
+        started = time.monotonic()
+        job = lab.get(fifth, url, tmp_path / "missing")
         _, err = job.communicate(timeout=60)
         took = time.monotonic() - started
-        print(f"with the WAN link down: exit {job.returncode} after {took:.1f} s: {err.strip()}")
+        print(f"WAN down, a blob nobody in the site holds: exit {job.returncode} after {took:.1f} s: {err.strip()}")
         assert job.returncode != 0
-        assert took <= 10.0, f"took {took:.1f} s to fail"
+        assert took <= WAN_DOWN_LIMIT_S, f"took {took:.1f} s to fail"
         reason = err.strip()
         assert reason and "\n" not in reason and len(reason) < 500
-        assert not (tmp_path / "cut").exists()
+        assert not (tmp_path / "missing").exists()
+
         lab.set_uplink(site, up=True)
-        job = lab.get(host, url, tmp_path / "back")
+        job = lab.get(fifth, url, tmp_path / "back")
         _, err = job.communicate(timeout=PULL_TIMEOUT_S)
         assert job.returncode == 0, f"after the link came back: {err.strip()}"
-        assert sha256_file(tmp_path / "back") == layer.digest
+        assert sha256_file(tmp_path / "back") == missing.digest
