@@ -6,6 +6,7 @@ transport to sendfile. `server.py` is the trio loop that moves the bytes and kee
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -155,6 +156,17 @@ Piece = bytes | FileSpan  # what the transport writes: bytes, or a file region t
 NEED_DATA = h11.NEED_DATA  # a body read that wants more bytes
 
 
+# The lean lane (see ServerProtocol): what it takes without h11. Anything else goes to h11.
+LEAN_METHODS = frozenset({"GET", "POST"})
+LEAN_HEAD_BYTES = 8 * 1024
+LEAN_BODY_BYTES = 64 * 1024
+_LEAN_TARGET = re.compile(r"/[\x21-\x7e]*")
+_LEAN_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_LEAN_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+# Headers whose meaning changes the framing or the connection: h11 handles those requests.
+_LEAN_REFUSED_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade", "connection"})
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")
@@ -164,12 +176,29 @@ def _reason(status: int) -> bytes:
 
 class ServerProtocol:
     """One connection's requests and responses as bytes, with h11. The transport feeds it
-    `receive_data`, asks `next_request`, and writes what `respond_*` return."""
+    `receive_data`, asks `next_request`, and writes what `respond_*` return.
 
-    def __init__(self, client: tuple[str, int], *, max_header_bytes: int) -> None:
+    With `lean`, the common request is parsed and answered without h11: a whole HTTP/1.1 GET
+    or POST in the bytes received between requests, with a Host, at most a Content-Length
+    for framing, and nothing that changes the connection (no Transfer-Encoding, Expect,
+    Upgrade or Connection header). h11's per-request cost was most of the scheduler's CPU per
+    sync. Whatever else arrives (a split head, a large body, HTTP/1.0, an odd header, garbage)
+    goes to h11 as before, with every byte, so its answers to bad input are unchanged.
+    """
+
+    def __init__(self, client: tuple[str, int], *, max_header_bytes: int, lean: bool = False) -> None:
         self.client = client
         self.max_header_bytes = max_header_bytes
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self._lean = lean
+        self._lean_buffer = b""  # received bytes h11 has not seen, for the lean lane
+        # The current request came through the lean lane: its response is framed here. Then
+        # `_lean_left` is what the body still owes its Content-Length (None: sent chunked)
+        # and `_lean_state` how the response stands: "head", "body", then "done" or "close"
+        # (sent whole; "close" if it said `connection: close`), or "failed".
+        self._lean_request = False
+        self._lean_left: int | None = None
+        self._lean_state = "head"
         self._method = "GET"
         self._request_headers: Sequence[tuple[bytes, bytes]] = ()
         self._body_chunks: list[bytes] = []
@@ -180,13 +209,37 @@ class ServerProtocol:
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client; b"" when it closed its side."""
+        if data and self._lean_between_requests():
+            self._lean_buffer += data
+            return
+        self._to_h11()
         self._h11.receive_data(data)
+
+    def _lean_between_requests(self) -> bool:
+        h = self._h11
+        return (
+            self._lean
+            and not self._lean_request
+            and h.our_state is h11.IDLE
+            and h.their_state is h11.IDLE
+            and not h.trailing_data[0]
+        )
+
+    def _to_h11(self) -> None:
+        """Hand the lean lane's bytes to h11, which serves the request they start."""
+        if self._lean_buffer:
+            data, self._lean_buffer = self._lean_buffer, b""
+            self._h11.receive_data(data)
 
     # --- requests -------------------------------------------------------------------------
 
     def next_request(self, read_body: Callable[[int], Awaitable[bytes]] | None = None) -> ProtocolEvent:
         """The next thing the transport must act on. `read_body` goes into the Request so the
         handler can read its body through the transport."""
+        if self._lean_buffer:
+            if (lean := self._lean_next()) is not None:
+                return lean
+            self._to_h11()
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as exc:
@@ -205,6 +258,60 @@ class ServerProtocol:
             return ClientClosed()
         self._method = "GET"  # whatever the unparsed request was, the refusal has a body
         return Refusal(text_response(status, message, [("connection", "close"), *headers]))
+
+    def _lean_next(self) -> RequestReceived | Answer | None:
+        """The next request from the lean lane's bytes, or None to let h11 have them."""
+        buffer = self._lean_buffer
+        end = buffer.find(b"\r\n\r\n", 0, LEAN_HEAD_BYTES)
+        if end < 0 or end + 4 > self.max_header_bytes:
+            return None
+        try:
+            lines = buffer[:end].decode("ascii").split("\r\n")
+        except UnicodeDecodeError:
+            return None
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in LEAN_METHODS:
+            return None
+        method, target, _ = parts
+        if not _LEAN_TARGET.fullmatch(target):
+            return None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            value = value.strip(" \t")
+            if not colon or not _LEAN_NAME.fullmatch(name) or not _LEAN_VALUE.fullmatch(value):
+                return None
+            name = name.lower()
+            if name in headers or name in _LEAN_REFUSED_HEADERS:
+                return None
+            headers[name] = value
+        length = headers.get("content-length", "0")
+        if "host" not in headers or not length.isdigit() or int(length) > LEAN_BODY_BYTES:
+            return None
+        start = end + 4
+        stop = start + int(length)
+        if len(buffer) < stop:
+            return None  # the body is still on its way: h11 reads it
+        self._lean_buffer = buffer[stop:]
+        self._lean_request = True
+        self._lean_state = "head"
+        self._method = method
+        self._body_refused = False
+        try:
+            path, query = parse_target(target)
+        except BadRequest as exc:
+            return Answer(text_response(exc.status, str(exc)))
+        return RequestReceived(
+            Request(
+                method=method,
+                target=target,
+                path=path,
+                query=query,
+                headers=headers,
+                client=self.client,
+                _body=buffer[start:stop],
+            )
+        )
 
     def _accept(self, event: h11.Request, read_body: Callable[[int], Awaitable[bytes]] | None) -> ProtocolEvent:
         method = event.method.decode("ascii")
@@ -316,19 +423,70 @@ class ServerProtocol:
             headers.append(("content-length", str(length)))
         if self._must_close_for_unread_body():
             headers.append(("connection", "close"))
+        if self._lean_request:
+            return [self._lean_head(response.status, headers, length)]
         head = h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
         return self._send(head)
 
     def respond_data(self, data: bytes | FileSpan) -> list[Piece]:
         """A body part, framed (a chunk header and trailer when sent chunked)."""
+        if self._lean_request:
+            return self._lean_data(data)
         return self._send(h11.Data(data=cast(bytes, data)))
 
     def respond_end(self) -> list[Piece]:
+        if self._lean_request:
+            return self._lean_end()
         return self._send(h11.EndOfMessage())
 
     def response_failed(self) -> None:
         """The response could not be sent whole: h11 will let no further one follow."""
+        if self._lean_request:
+            self._lean_state = "failed"
+            return
         self._h11.send_failed()
+
+    # --- responses to lean requests: the framing h11 would write ------------------------
+
+    def _lean_head(self, status: int, headers: list[tuple[str, str]], length: int | None) -> bytes:
+        if self._lean_state != "head":
+            self._lean_state = "failed"
+            raise h11.LocalProtocolError("a response head was already sent")
+        no_body = self._method == "HEAD" or status in (204, 304)
+        close = any(k.lower() == "connection" and "close" in v.lower() for k, v in headers)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        lines += [b"%s: %s\r\n" % (k.encode("ascii"), v.encode("latin-1")) for k, v in headers]
+        if length is None and not no_body:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        self._lean_left = 0 if no_body else length
+        self._lean_state = "body"
+        self._lean_closes = close
+        return b"".join(lines)
+
+    def _lean_data(self, data: bytes | FileSpan) -> list[Piece]:
+        if self._lean_state != "body":
+            self._lean_state = "failed"
+            raise h11.LocalProtocolError("no response body can be sent now")
+        size = len(data)
+        if self._lean_left is None:
+            return [b"%x\r\n" % size, data, b"\r\n"] if size else []
+        if size > self._lean_left:
+            self._lean_state = "failed"
+            raise h11.LocalProtocolError("Too much data for declared Content-Length")
+        self._lean_left -= size
+        return [data]
+
+    def _lean_end(self) -> list[Piece]:
+        if self._lean_state != "body":
+            self._lean_state = "failed"
+            raise h11.LocalProtocolError("no response to end")
+        if self._lean_left:
+            self._lean_state = "failed"
+            raise h11.LocalProtocolError("Too little data for declared Content-Length")
+        end: list[Piece] = [b"0\r\n\r\n"] if self._lean_left is None else []
+        self._lean_state = "close" if self._lean_closes else "done"
+        return end
 
     def _send(self, event: h11.Event) -> list[Piece]:
         try:
@@ -342,16 +500,22 @@ class ServerProtocol:
     @property
     def must_close(self) -> bool:
         """The response said the connection ends here (close it gracefully)."""
+        if self._lean_request:
+            return self._lean_state == "close"
         return self._h11.our_state is h11.MUST_CLOSE
 
     @property
     def response_complete(self) -> bool:
         """False after a response cut short: the connection can only be dropped."""
+        if self._lean_request:
+            return self._lean_state == "done"
         return self._h11.our_state is h11.DONE
 
     def discard_body(self) -> bool | type[h11.NEED_DATA]:
         """Skip what is left of a request body the handler did not read: True once it has
         all arrived, False if it is over DRAIN_LIMIT_BYTES or malformed, else NEED_DATA."""
+        if self._lean_request:
+            return True  # the lean lane took the whole body with the head
         try:
             while self._h11.their_state is h11.SEND_BODY:
                 event = self._h11.next_event()
@@ -367,6 +531,12 @@ class ServerProtocol:
 
     def start_next_cycle(self) -> bool:
         """Get ready for the next request on this connection; False if there can be none."""
+        if self._lean_request:
+            if self._lean_state != "done":
+                return False
+            self._lean_request = False
+            self._lean_state = "head"
+            return True
         if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
             return False
         self._h11.start_next_cycle()

@@ -28,8 +28,18 @@ from p2pdist.transport.protocol import (
 CLIENT = ("127.0.0.1", 5000)
 
 
+LEAN = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["h11", "lean"])
+def lean_lane(request: pytest.FixtureRequest) -> None:
+    """Every test here runs with the lean lane off and on: whatever it takes must come out the
+    same as through h11, and whatever it leaves to h11 must behave as before."""
+    LEAN[0] = request.param
+
+
 def protocol(max_header_bytes: int = 16 * 1024) -> ServerProtocol:
-    return ServerProtocol(CLIENT, max_header_bytes=max_header_bytes)
+    return ServerProtocol(CLIENT, max_header_bytes=max_header_bytes, lean=LEAN[0])
 
 
 def wire(pieces: list[Piece]) -> bytes:
@@ -246,3 +256,99 @@ def test_error_response_answers_only_exceptions_that_carry_a_status() -> None:
     assert answer is not None and answer.status == 410 and answer.body == b"it went away\n"
     assert error_response(KeyError("x")) is None
     assert error_response(type("Odd", (Exception,), {"status": True})()) is None
+
+
+# --- the lean lane against h11 ----------------------------------------------------------
+
+PARITY_REQUESTS = [
+    b"POST /v1/tasks/sync HTTP/1.1\r\nHost: s:8002\r\nContent-Type: application/msgpack\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET /v2/a%20b/blobs/x?ns=reg&ns=other HTTP/1.1\r\nhost: x\r\nX-A:  spaced  value \r\n\r\n",
+    b"POST /empty HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"POST /dup HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 2\r\n\r\nok",
+    b"POST /close HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    b"GET /old HTTP/1.0\r\n\r\n",
+    b"GET /nohost HTTP/1.1\r\nX: y\r\n\r\n",
+    b"POST /plus HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nok",
+    b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n" + b"b" * 70000,
+    b"PUT /put HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",
+    b"GET /%ff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /latin HTTP/1.1\r\nHost: x\r\nX-L: caf\xe9\r\n\r\n",
+]
+
+
+async def served(lean: bool, data: bytes, response: Response) -> tuple[object, bytes, bool]:
+    """What a protocol makes of `data` (the request's parts, or the refusal), the bytes of
+    `response` (or of the refusal) and whether the connection then stays open."""
+    p = ServerProtocol(CLIENT, max_header_bytes=16 * 1024, lean=lean)
+
+    async def read_body(limit: int) -> bytes:  # what the transport does, with every byte here
+        if not p.start_body(limit)[0]:
+            return b""
+        body = p.read_body(limit)
+        assert isinstance(body, bytes)
+        return body
+
+    p.receive_data(data)
+    event = p.next_request(read_body)
+    if isinstance(event, RequestReceived):
+        r = event.request
+        seen: object = (r.method, r.target, r.path, r.query, r.headers, await r.body())
+    elif isinstance(event, Answer | Refusal):
+        seen, response = type(event).__name__, event.response
+    else:
+        seen = type(event).__name__
+        return seen, b"", False
+    out = send_whole(p, response)
+    return seen, out, p.discard_body() is True and p.start_next_cycle()
+
+
+@pytest.mark.parametrize("data", PARITY_REQUESTS, ids=range(len(PARITY_REQUESTS)))
+async def test_the_lean_lane_reads_and_answers_every_request_as_h11_does(data: bytes) -> None:
+    answer = Response(200, [("content-type", "application/msgpack")], b"\x80reply")
+    through_h11 = await served(False, data, answer)
+    lean = await served(True, data, answer)
+    assert lean[0] == through_h11[0] and lean[2] == through_h11[2]
+    if through_h11[1]:
+        method = data.split(b" ", 1)[0].decode()
+        lean_head, lean_body = parse_response(lean[1], method)
+        h11_head, h11_body = parse_response(through_h11[1], method)
+        assert (lean_head.status_code, lean_body) == (h11_head.status_code, h11_body)
+        assert sorted(lean_head.headers) == sorted(h11_head.headers)
+
+
+async def test_the_lean_lane_serves_pipelined_requests_one_by_one() -> None:
+    p = ServerProtocol(CLIENT, max_header_bytes=16 * 1024, lean=True)
+    p.receive_data(
+        b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n1POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n2"
+    )
+    for path, body in (("/a", b"1"), ("/b", b"2")):
+        event = p.next_request()
+        assert isinstance(event, RequestReceived) and event.request.path == path
+        assert await event.request.body() == body
+        head, reply = parse_response(send_whole(p, Response(200, [], b"ok")), "POST")
+        assert head.status_code == 200 and reply == b"ok"
+        assert p.discard_body() is True and p.start_next_cycle()
+    assert isinstance(p.next_request(), NeedData)
+
+
+async def test_a_lean_answer_that_says_close_ends_the_connection_and_a_streamed_one_is_chunked() -> None:
+    p = ServerProtocol(CLIENT, max_header_bytes=16 * 1024, lean=True)
+    request(p, b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+    pieces = p.respond_head(Response(200, []), None) + p.respond_data(b"abc") + p.respond_end()
+    head, body = parse_response(wire(pieces))
+    assert head.status_code == 200 and body == b"abc"
+    assert p.start_next_cycle()
+    request(p, b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+    send_whole(p, text_response(503, "draining", [("connection", "close")]))
+    assert p.must_close and not p.start_next_cycle()
+
+
+def test_a_lean_answer_shorter_than_its_declared_length_fails() -> None:
+    p = ServerProtocol(CLIENT, max_header_bytes=16 * 1024, lean=True)
+    request(p, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    p.respond_head(Response(200, [("content-length", "3")]), 3)
+    p.respond_data(b"ab")
+    with pytest.raises(h11.LocalProtocolError):
+        p.respond_end()
+    assert not p.response_complete and not p.start_next_cycle()
