@@ -110,6 +110,7 @@ class SchedulerService:
         self._counted = (0, 0, 0, 0)
         self.jobs = JobService(config, self.state)
         self._last_tick = trio.current_time()
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/healthz" and request.method in ("GET", "HEAD"):
@@ -143,10 +144,23 @@ class SchedulerService:
             status = getattr(exc, "status", 500)
             raise
         finally:
-            self.metrics.requests.labels(request.path, str(status)).inc()
-            self.metrics.latency.labels(request.path).observe(time.perf_counter() - started)
+            self._observe(request.path, status, time.perf_counter() - started)
         self._count()
         return Response(200, [("content-type", wire.CONTENT_TYPE)], wire.encode(reply))
+
+    def _observe(self, path: str, status: int, seconds: float) -> None:
+        """Count one API request and its handling time. The labelled children are looked up
+        once per (path, status): prometheus_client's labels() per request cost more than the
+        counting (paths here are the few API endpoints, so the cache stays that small)."""
+        key = (path, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.metrics.requests.labels(path, str(status)),
+                self.metrics.latency.labels(path),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _tick(self, now: float) -> None:
         gap = now - self._last_tick
@@ -203,6 +217,8 @@ class SchedulerService:
         c = self.state.counters
         now = (c.decisions, c.seeds_woken, c.back_to_source, c.bad_reports)
         before = self._counted
+        if now == before:
+            return
         self.metrics.decisions.inc(now[0] - before[0])
         self.metrics.seeds_woken.inc(now[1] - before[1])
         self.metrics.back_to_source.inc(now[2] - before[2])
@@ -302,6 +318,7 @@ async def serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any] = 
                 ssl_context=tls,
                 head_timeout_s=config.head_timeout_s,
                 max_connections=config.max_connections,
+                lean=True,
                 task_status=task_status,
             )
         )
