@@ -70,6 +70,21 @@ def rank(c: Candidate, total_pieces: int) -> tuple[bool, bool, int, float]:
     return (c.useful > 0, c.same_site, c.nearness, score(c, total_pieces))
 
 
+def _rank_key(total_pieces: int) -> Callable[[Candidate], tuple[bool, bool, int, float]]:
+    """`rank` as one function, the same values: it sorts every decision's pool, and the three
+    calls per candidate of rank, score and capacity were a tenth of a decision's cost."""
+    total = max(1, total_pieces)
+
+    def key(c: Candidate) -> tuple[bool, bool, int, float]:
+        useful = c.useful
+        spare = c.upload_slots / SLOTS_PER_CHILD
+        free = 1.0 - c.children / (spare if spare > 1.0 else 1.0)
+        value = (1.0 if useful else 0.0) + 0.6 * (free if free > 0.0 else 0.0) + 0.4 * (useful / total)
+        return (useful > 0, c.same_site, c.nearness, value - 0.05 if c.is_seed else value)
+
+    return key
+
+
 def creates_cycle(child: str, parent: str, parents_of: Mapping[str, Iterable[str]]) -> bool:
     """True if `child` is already an ancestor of `parent` (so child -> parent would close a loop)."""
     seen: set[str] = set()
@@ -123,7 +138,7 @@ def choose_parents(
         rest = [c for c in pool if not (c.complete or c.is_seed)]
         pool = sure[:sample] + rng.sample(rest, max(0, min(len(rest), sample - len(sure))))
     rng.shuffle(pool)  # ties broken at random, not by arrival order
-    pool.sort(key=lambda c: rank(c, total_pieces), reverse=True)
+    pool.sort(key=_rank_key(total_pieces), reverse=True)
     for c in pool:
         if len(chosen) >= want:
             break

@@ -718,6 +718,33 @@ class Scheduler:
             is_seed=host.kind == "seed",
         )
 
+    def _candidates(self, task: Task, peer: PeerTask, ids: list[str], verifiable: int, now: float) -> list[Candidate]:
+        """`_candidate` for each eligible host of `ids` but the peer itself, in one loop: this is
+        the inner loop of every decision (dozens of hosts per sync), so it reads each record once."""
+        peers, hosts, bad_until, child_count = task.peers, self.hosts, self.bad_until, self.child_count
+        me, lacks, parents = peer.host_id, ~peer.bits, peer.parents
+        out = []
+        for host_id in ids:
+            host = hosts.get(host_id)
+            if host is None or host_id == me:
+                continue
+            other = peers[host_id]
+            if other.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
+                continue
+            held = other.bits & verifiable
+            out.append(
+                Candidate(
+                    host_id,
+                    held.bit_count(),
+                    (held & lacks).bit_count(),
+                    other.done,
+                    child_count.get(host_id, 0) - (1 if host_id in parents else 0),
+                    host.upload_slots,
+                    host.kind == "seed",
+                )
+            )
+        return out
+
     def _eligible(self, task: Task, host_id: str, now: float) -> bool:
         return (
             host_id in self.hosts and task.peers[host_id].pieces is not None and self.bad_until.get(host_id, 0.0) <= now
@@ -730,11 +757,8 @@ class Scheduler:
         sample = self.config.parent_sample
         verifiable = task.verifiable()
         # Most syncs change nothing: every current parent is still worth keeping.
-        kept = [
-            h
-            for h in peer.parents
-            if self._eligible(task, h, now) and worth_keeping(self._candidate(task, peer, h, verifiable))
-        ]
+        current = self._candidates(task, peer, peer.parents, verifiable, now)
+        kept = [c.host_id for c in current if worth_keeping(c)]
         if len(kept) >= self.config.candidate_parents:
             return kept[: self.config.candidate_parents]
         if len(task.peers) <= sample + len(peer.parents) + len(task.seeds) + 1:
@@ -743,11 +767,7 @@ class Scheduler:
             # Current parents and seeds are always weighed; the rest is a random sample, so a
             # decision costs the same at 5,000 peers as at 50.
             ids = list(dict.fromkeys([*peer.parents, *task.seeds, *self.rng.sample(task.ids, sample)]))
-        candidates = []
-        for host_id in ids:
-            if host_id == peer.host_id or not self._eligible(task, host_id, now):
-                continue
-            candidates.append(self._candidate(task, peer, host_id, verifiable))
+        candidates = self._candidates(task, peer, ids, verifiable, now)
         return choose_parents(
             peer.host_id,
             candidates,

@@ -178,3 +178,23 @@ def test_sampling_never_picks_cycle() -> None:
     for s in range(20):
         got = choose("child", cands, want=4, sample=30, parents_of=parents_of, seed=s)
         assert all(h == "free" for h in got)
+
+
+def test_the_sort_key_of_a_decision_is_rank_exactly() -> None:
+    from scheduler.parents import _rank_key, rank
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        c = Candidate(
+            host_id="h",
+            pieces=rng.randrange(300),
+            useful=rng.choice([0, rng.randrange(300)]),
+            complete=rng.random() < 0.2,
+            children=rng.randrange(40),
+            upload_slots=rng.choice([1, 2, 3, 4, 16, 64]),
+            is_seed=rng.random() < 0.1,
+            same_site=rng.random() < 0.5,
+            nearness=rng.randrange(4),
+        )
+        total = rng.choice([0, 1, 128, 256, 1000])
+        assert _rank_key(total)(c) == rank(c, total)
