@@ -264,6 +264,130 @@ async def simulate_peers(
 
 
 @dataclass
+class TypeCost:
+    """One request type's phase of `cost_by_type`: its requests, the scheduler's CPU for them."""
+
+    kind: str
+    requests: int
+    cpu_s: float
+    wall_s: float
+    latency: LoadResult
+
+    def line(self) -> str:
+        return (
+            f"{self.kind:9s} {self.requests:6d} requests  {self.cpu_s:6.2f} CPU-s  "
+            f"{self.cpu_s / max(1, self.requests) * 1000:6.3f} ms CPU per request  "
+            f"{self.requests / self.wall_s:6.0f}/s  p50 {self.latency.percentile(50) * 1000:6.1f} ms  "
+            f"p99 {self.latency.percentile(99) * 1000:6.1f} ms  errors {len(self.latency.errors)}"
+        )
+
+
+async def cost_by_type(
+    scheduler_url: str,
+    scheduler_pid: int,
+    peers: int,
+    *,
+    blob_size: int = 512 * MiB,
+    syncs: int = 3,
+    concurrency: int = 200,
+    secret: str | None = None,
+) -> list[TypeCost]:
+    """The scheduler's CPU per request of each type, one type at a time: `peers` hosts
+    announce, then register one task (held by a simulated seed), then sync it `syncs` times
+    with new pieces and once more as done, then leave it; besides, the seed reports the
+    digests of peers/16 other tasks 8 pieces at a time (seed progress). Each phase's CPU is
+    the scheduler process's user+system time across it."""
+    layout = PieceLayout.for_blob(blob_size)
+    task_id = "sha256:" + hashlib.sha256(b"p2pdist load task").hexdigest()
+    blob_url = f"http://127.0.0.1:9/v2/{REPO}/blobs/{task_id}"
+    headers = {"content-type": wire.CONTENT_TYPE, **({"authorization": f"Bearer {secret}"} if secret else {})}
+    client = _Connections(scheduler_url, concurrency, headers)
+    hosts = [f"load-peer-{i:05d}" for i in range(peers)]
+    seed = wire.AnnounceHost(
+        host_id="load-seed",
+        url="http://seed.invalid:4010",
+        kind="seed",
+        upload_slots=64,
+        tasks=[
+            wire.TaskHolding(
+                task_id=task_id,
+                content_length=blob_size,
+                pieces=bytes([0xFF]) * ((layout.count + 7) // 8),
+                url=blob_url,
+                piece_digests=[b"\x00" * 32] * layout.count,
+            )
+        ],
+    )
+    per_sync = max(1, layout.count // syncs)
+
+    def sync(host_id: str, n: int) -> tuple[str, object]:
+        pieces = list(range(n * per_sync, min(layout.count, (n + 1) * per_sync))) if n < syncs else []
+        message = wire.Sync(
+            host_id=host_id, task_id=task_id, new_pieces=pieces, have_digests=layout.count, done=n == syncs
+        )
+        return "/v1/tasks/sync", message
+
+    reports = []
+    for t in range(max(1, peers // 16)):
+        other = "sha256:" + hashlib.sha256(f"p2pdist load seed task {t}".encode()).hexdigest()
+        for first in range(0, layout.count, 8):
+            count = min(8, layout.count - first)
+            progress = wire.SeedProgress(
+                host_id="load-seed",
+                task_id=other,
+                content_length=blob_size,
+                first_digest=first,
+                piece_digests=[bytes([t % 256]) * 32] * count,
+                done=first + count == layout.count,
+            )
+            reports.append(("/v1/tasks/seed", progress))
+    phases: list[tuple[str, list[tuple[str, object]]]] = [
+        ("announce", [("/v1/hosts", seed)] + [
+            ("/v1/hosts", wire.AnnounceHost(host_id=h, url=f"http://{h}.invalid:4000", kind="peer", upload_slots=16))
+            for h in hosts
+        ]),
+        ("register", [("/v1/tasks/register", wire.Register(host_id=h, task_id=task_id, url=blob_url)) for h in hosts]),
+        ("sync", [sync(h, n) for n in range(syncs + 1) for h in hosts]),
+        ("seed", reports),
+        ("leave", [("/v1/tasks/leave", wire.Leave(host_id=h, task_id=task_id)) for h in hosts]),
+    ]  # fmt: skip
+    out = []
+    try:
+        for kind, calls in phases:
+            result = LoadResult(kind)
+            bodies = [(path, wire.encode(message)) for path, message in calls]
+            send, receive = trio.open_memory_channel[tuple[str, bytes]](len(bodies))
+            for item in bodies:
+                send.send_nowait(item)
+            send.close()
+
+            async def worker(
+                result: LoadResult = result, receive: trio.MemoryReceiveChannel[tuple[str, bytes]] = receive
+            ) -> None:
+                async for path, body in receive:
+                    try:
+                        status, reply, seconds = await client.post(path, body)
+                    except (OSError, ValueError, StopIteration, trio.BrokenResourceError) as exc:
+                        result.errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                        continue
+                    if status != 200:
+                        result.errors.append(f"{path}: HTTP {status} {reply.strip()[:100]!r}")
+                        continue
+                    result.latencies_s.append(seconds)
+
+            before = cpu_seconds(scheduler_pid)
+            started = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(worker)
+            wall = time.perf_counter() - started
+            out.append(TypeCost(kind, len(bodies), cpu_seconds(scheduler_pid) - before, wall, result))
+    finally:
+        await client.aclose()
+    return out
+
+
+@dataclass
 class FloodResult:
     """What the scheduler answered a flood of bogus registrations."""
 
@@ -463,6 +587,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--blob-size", default="8MiB", help="size of the pulled blob")
     parser.add_argument("--peers", type=int, default=1000, help="simulated peers against the scheduler (0: skip)")
     parser.add_argument("--connections", type=int, default=200, help="sockets the simulated peers share")
+    parser.add_argument(
+        "--by-type",
+        action="store_true",
+        help="with --peers: send each request type in its own phase and print the scheduler's CPU per request of each",
+    )
     parser.add_argument("--flood", type=int, default=0, help="bogus registrations during a real pull (0: skip)")
     parser.add_argument("--flood-seconds", type=float, default=30.0, help="time the flood is spread over")
     parser.add_argument(
@@ -491,7 +620,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             scheduler = start_scheduler(workdir)
             services.append(scheduler)
-            if args.peers:
+            if args.peers and args.by_type:
+                log(f"{args.peers} simulated peers against scheduler pid {scheduler.pid}, one request type at a time")
+                costs = trio.run(
+                    lambda: cost_by_type(scheduler.url, scheduler.pid, args.peers, concurrency=args.connections)
+                )
+                for cost in costs:
+                    print(cost.line())
+                total = sum(c.requests for c in costs)
+                print(f"all       {total:6d} requests  {sum(c.cpu_s for c in costs):6.2f} CPU-s  "
+                      f"{sum(c.cpu_s for c in costs) / total * 1000:6.3f} ms CPU per request")  # fmt: skip
+            elif args.peers:
                 log(f"{args.peers} simulated peers against scheduler pid {scheduler.pid}")
                 before = cpu_seconds(scheduler.pid)
                 regs = trio.run(lambda: simulate_peers(scheduler.url, args.peers, concurrency=args.connections))
