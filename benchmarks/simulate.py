@@ -4,10 +4,10 @@
         --peer-rate 100MiB --origin-rate 1GiB --out benchmarks/results/simulate
 
 The control plane is the real code: `scheduler.state.Scheduler` receives the wire messages a
-daemon sends (AnnounceHost, Register, Sync every 0.2 s with new pieces, SeedProgress every
-50 ms) at simulated times, and each peer is the daemon's own state machine
+daemon sends (AnnounceHost, Register, Sync when the peer's machine says one is due, SeedProgress
+every 50 ms) at simulated times, and each peer is the daemon's own state machine
 (`peer.machine.TaskMachine`: rarest-first requests, per-parent limits, busy back-off, the
-back-to-source rules) under PeerConfig's limits, fed the outcomes of its simulated requests; the
+back-to-source rules, the sync schedule) under PeerConfig's limits, fed the outcomes of its simulated requests; the
 piece server's limits are modelled (p2pdist/node/pieceserver.py): past its upload slots a parent keeps a line as long as its
 slots, a finished upload hands its slot to the first in line, and a request that waited
 QUEUE_WAIT_S, or found the line full, is a 503 that keeps the child off that parent for BUSY_S. Only the data plane is modelled: every piece transfer is a flow between two hosts,
@@ -29,6 +29,14 @@ takes MS of service, and its answer (and its effect on the scheduler's state) co
 service ends; a peer sends its next sync only after the answer, as the daemon does. The report
 adds the scheduler's utilisation over time and the requests' latency. Without it (the default,
 0) the scheduler answers at once, for free.
+
+Piece news (peer.machine's `peer_news`, on unless `--no-peer-news`): each child watches every
+parent its machine holds, as the daemon keeps a long-poll per parent; when a host verifies a
+piece (a peer's transfer ends, the seed's origin stream passes a piece's end) each child
+watching it hears its whole bitmap NEWS_LATENCY_S later, and a child that starts watching hears
+the parent's bitmap NEWS_LATENCY_S after it starts (the first poll answers at once). The seed's
+news carries its piece digests. Syncs go out when the machine's `next_sync_at` says, so the
+request counts are the daemon's.
 """
 
 from __future__ import annotations
@@ -72,6 +80,9 @@ log = logging.getLogger("p2pdist.simulate")
 
 FILL_ROUNDS = 3  # progressive-filling rounds per tick: enough to hand out nearly all spare capacity
 SCHED_BIN_S = 0.25  # the scheduler's utilisation is reported per this much simulated time
+# A verified piece's news reaches a watching child this much later: the long-poll's answer on an
+# open keep-alive connection in one data centre, plus the child's event loop. One tick.
+NEWS_LATENCY_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class SimConfig:
     site_uplink_bps: float = float("inf")  # each site's WAN link, each way
     site_aware: bool = True  # the scheduler's site rule (SchedulerConfig.site_aware)
     scheduler_service_s: float = 0.0  # each request's service time at a one-core scheduler (0: free)
+    peer_news: bool = True  # children hear parents' pieces from the parents (peer.machine Limits.peer_news)
 
     def site_hosts(self) -> int:
         return -(-self.peers // self.sites) if self.sites else self.peers
@@ -107,7 +119,7 @@ class SimConfig:
 class SimPeer:
     """One simulated host: the daemon's state machine, and when it started and finished."""
 
-    __slots__ = ("index", "host_id", "start_s", "machine", "done_s", "gone")
+    __slots__ = ("index", "host_id", "start_s", "machine", "done_s", "gone", "sync_at", "asking", "watching")
 
     def __init__(self, index: int, start_s: float, rng: random.Random, limits: Limits) -> None:
         self.index = index
@@ -116,6 +128,9 @@ class SimPeer:
         self.machine = TaskMachine(self.host_id, limits, rng, start_s, label=self.host_id)
         self.done_s: float | None = None
         self.gone = False  # went back to source: the model has no origin pulls, so it stops here
+        self.sync_at = float("inf")  # when its next sync is planned
+        self.asking = True  # a register or sync is on its way: no other until its answer
+        self.watching: set[int] = set()  # hosts (by index) whose news it follows
 
     @property
     def have(self) -> int:
@@ -134,7 +149,7 @@ class Simulation:
             dataclasses.replace(config.scheduler, site_aware=config.site_aware), rng=random.Random(rng.random())
         )
         n = config.peers
-        limits = Limits.from_config(config.peer)
+        limits = dataclasses.replace(Limits.from_config(config.peer), peer_news=config.peer_news)
         self.peers = [
             SimPeer(i + 1, rng.uniform(0, config.start_spread_s), random.Random(rng.random()), limits) for i in range(n)
         ]
@@ -185,6 +200,12 @@ class Simulation:
         self.pending: dict[int, tuple[Any, ...]] = {}
         self.sched_busy: collections.Counter[int] = collections.Counter()
         self.sched_latency: list[float] = []
+        # Piece news: who watches each host (by index), and answers on their way, in delivery
+        # order (one fixed latency): (when, child index, parent host id, its bitmap).
+        self.watchers: list[set[int]] = [set() for _ in range(hosts)]
+        self.news: collections.deque[tuple[float, int, str, int]] = collections.deque()
+        self.seed_told = 0  # pieces of the seed its watchers have been told of
+        self.seed_digests = [n.to_bytes(32, "big") for n in range(self.layout.count)]
 
     # -- control plane: the real scheduler --------------------------------------------------
 
@@ -245,6 +266,7 @@ class Simulation:
 
     def _register(self, p: SimPeer, now: float) -> None:
         self.stats["registers"] += 1
+        p.asking = True
         if not self._queue(now, "registered", p.index):
             self._registered(p, now)
 
@@ -252,12 +274,15 @@ class Simulation:
         reply, wake = self.sched.register(Register(host_id=p.host_id, task_id=TASK, url=URL), now)
         if wake is not None:
             self._wake_seed(now)
+        p.asking = False
         p.machine.register_answered(reply, now)
         self._after_reply(p, now)
 
     def _sync(self, p: SimPeer, now: float, *, done: bool = False) -> None:
         self.stats["syncs"] += 1
-        report = p.machine.take_report()
+        p.sync_at = float("inf")
+        p.asking = True
+        report = p.machine.take_report() if done else p.machine.take_report(now)
         if report.register:
             self._register(p, now)
             return
@@ -282,6 +307,7 @@ class Simulation:
         if wake is not None:
             self._wake_seed(now)
         if not done:
+            p.asking = False
             machine.sync_answered(report, reply, now)
             self._after_reply(p, now)
 
@@ -293,13 +319,73 @@ class Simulation:
         if machine.back_to_source is not None:
             self._gone(p)
         else:
-            self._at(now + machine.sync_delay(), "sync", p.index)
+            self._plan_sync(p, now)
+            self._watch(p, now)
+
+    def _plan_sync(self, p: SimPeer, now: float) -> None:
+        """What TaskDownload._sync_loop does: the next sync when the machine says, one at a
+        time; an event can only bring it forward."""
+        if p.asking or p.done_s is not None or p.gone:
+            return
+        due = max(now, p.machine.next_sync_at(now))
+        if due < p.sync_at:
+            p.sync_at = due
+            self._at(due, "sync", p.index)
+
+    def _watch(self, p: SimPeer, now: float) -> None:
+        """What TaskDownload's news polls do: follow each parent the machine holds, the first
+        answer (the parent's bitmap then) arriving NEWS_LATENCY_S later."""
+        if not self.config.peer_news:
+            return
+        index = self.index
+        now_watching = {index[h] for h in p.machine.parents} if p.done_s is None and not p.gone else set()
+        if now_watching == p.watching:
+            return
+        for host in p.watching - now_watching:
+            self.watchers[host].discard(p.index)
+        for host in now_watching - p.watching:
+            self.watchers[host].add(p.index)
+            self.news.append((now + NEWS_LATENCY_S, p.index, self._host_id(host), self._bits_of(host, now)))
+        p.watching = now_watching
+
+    def _host_id(self, host: int) -> str:
+        return self.seed_id if host == 0 else self.peers[host - 1].host_id
+
+    def _bits_of(self, host: int, now: float) -> int:
+        if host == 0:
+            return (1 << self._seed_pieces_at(now)) - 1
+        return self.peers[host - 1].have
+
+    def _tell_watchers(self, host: int, now: float) -> None:
+        """`host` verified a piece: each child watching it hears its bitmap NEWS_LATENCY_S later."""
+        watchers = self.watchers[host]
+        if watchers:
+            host_id = self._host_id(host)
+            bits = self._bits_of(host, now)
+            at = now + NEWS_LATENCY_S
+            for child in watchers:
+                self.news.append((at, child, host_id, bits))
+
+    def _deliver_news(self, now: float, touched: set[int]) -> None:
+        news = self.news
+        while news and news[0][0] <= now:
+            when, child, host_id, bits = news.popleft()
+            p = self.peers[child - 1]
+            if p.done_s is not None or p.gone:
+                continue
+            if host_id == self.seed_id:
+                have = bits.bit_length()
+                p.machine.parent_news(host_id, bits, when, first_digest=0, digests=self.seed_digests[:have])
+            else:
+                p.machine.parent_news(host_id, bits, when)
+            touched.add(child)
 
     def _gone(self, p: SimPeer) -> None:
         if not p.gone:
             p.gone = True
             self.stats["back_to_source"] += 1
             self.waiting -= 1
+            self._watch(p, 0.0)
 
     def _wake_seed(self, now: float) -> None:
         if self.seed_woken_s is not None:
@@ -406,9 +492,11 @@ class Simulation:
             entry[4] = False
             self._start_flow(child, host, piece)
         p.machine.piece_done(number, PieceOutcome.VERIFIED, now)
+        self._tell_watchers(p.index, now)
         if p.machine.complete:
             p.done_s = now
             self.waiting -= 1
+            self._watch(p, now)  # its download and its news polls end; it still serves
             self._sync(p, now, done=True)
         return p
 
@@ -492,11 +580,20 @@ class Simulation:
                     self._registered(p, when)
                 elif kind == "synced":
                     self._synced(p, when, *payload)
-                else:
-                    self._sync(p, when)
+                elif p.sync_at == when and not p.asking:
+                    if p.machine.next_sync_at(when) <= when:
+                        self._sync(p, when)
+                    else:
+                        p.sync_at = float("inf")  # what made it due has passed
                 touched.add(index)
             if self.seed_next_report <= now:
                 self._seed_report(now)
+            if self.config.peer_news:
+                seed_have = self._seed_pieces_at(now)
+                if seed_have > self.seed_told:
+                    self.seed_told = seed_have
+                    self._tell_watchers(0, now)
+                self._deliver_news(now, touched)
             if now >= next_expire:
                 self.sched.expire(now)
                 next_expire += 1.0
@@ -510,7 +607,10 @@ class Simulation:
                 )
             self._expire_queued(now, touched)
             for index in sorted(touched):
-                self._launch(self.peers[index - 1], now)
+                p = self.peers[index - 1]
+                self._launch(p, now)
+                self._watch(p, now)
+                self._plan_sync(p, now)
             touched.clear()
             live = np.flatnonzero(self.f_live)
             if len(live):
@@ -580,6 +680,9 @@ class Simulation:
             "requests": self.stats["requests"],
             "busy_answers": self.stats["busy"],
             "syncs": self.stats["syncs"],
+            "registers": self.stats["registers"],
+            "peer_news": cfg.peer_news,
+            "news_latency_s": NEWS_LATENCY_S if cfg.peer_news else None,
             "upload_utilization": self.utilization,
             "runtime_s": round(runtime_s, 1),
             "machine": machine(),
@@ -769,6 +872,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="model the scheduler as one core taking this long per request (0: answers at once, free)",
     )
+    parser.add_argument(
+        "--no-peer-news",
+        action="store_true",
+        help="children learn parents' pieces only from syncs every 0.2 s (the policy before peer news)",
+    )
     parser.add_argument("--max-time", type=float, default=3600.0, help="stop the simulation at this simulated time")
     parser.add_argument("--out", type=Path, required=True, help="directory for result.json, report.md, cdf.png")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -792,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         site_uplink_bps=parse_size(args.site_uplink_rate) if args.sites else float("inf"),
         site_aware=not args.no_site_aware,
         scheduler_service_s=args.scheduler_service_ms / 1000,
+        peer_news=not args.no_peer_news,
     )
     result, _ = simulate(config)
     result["command"] = shlex.join([".venv/bin/python", "-m", "benchmarks.simulate", *(argv or sys.argv[1:])])

@@ -129,6 +129,7 @@ class Parent:
     host_id: str
     url: str
     pieces: bytes  # bitmap
+    seed: bool = False  # a seed: the piece digests in its news are trusted (issue 17)
 
 
 @dataclass(frozen=True)

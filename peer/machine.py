@@ -6,11 +6,19 @@ benchmarks/simulate.py feeds it from a model network, so both run the same rules
 
     events in                                 decisions out
     register_answered / sync_answered(reply)  poll(now) -> pieces to request, from which parent
-    register_failed / sync_failed             take_report() -> what the next sync tells, incl.
+    register_failed / sync_failed             take_report(now) -> what the next sync tells, incl.
     store_opened(size, held, digests)            parents to report as bad or failed
     piece_done(number, outcome, now)          back_to_source: a BackToSource with a typed reason
-    piece_from_origin(number, digest)         sync_delay(), wake_at(now): when to come back
+    piece_from_origin(number, digest)         next_sync_at(now), wake_at(now): when to come back
     scheduler_changed() (the task's owner)
+    parent_news(host_id, pieces, now)  a parent's own word on what it holds (peer news)
+    parent_lost(host_id, now)          its news connection failed: it is gone
+
+With `Limits.peer_news`, a child hears what its parents hold from the parents themselves (a
+long-poll per parent, p2pdist/node/news.py) and asks the scheduler only to get or replace
+parents, to report bad ones, for digests it lacks and, rarely, to tell what it holds (see
+`next_sync_at` for the rules and the bound). Without it, it syncs every SYNC_INTERVAL_S and
+learns everything from the scheduler's answers.
 
 Piece sets are ints with bit n set for piece n (as in peer/selection.py), which keeps a
 decision cheap at thousands of simulated hosts.
@@ -41,6 +49,15 @@ STALL_S = 30.0  # nothing in flight and no piece for this long: back to source
 PARENT_FAILURES = 2  # failed transfers in a row before a parent is blocked
 PARENT_ABSENT = 3  # 404s for pieces a parent claims before it is treated as failing
 BLOCK_S = 30.0  # a blocked parent is not asked again, nor taken from the scheduler, this long
+# With peer news, the scheduler's request rate per task is bounded by a token bucket: at most
+# SYNC_BURST syncs at once, refilled at SYNC_RATE_PER_S, never two within SYNC_INTERVAL_S.
+SYNC_BURST = 3
+SYNC_RATE_PER_S = 1.0
+STEADY_SYNC_INTERVAL_S = 5.0  # nothing to ask: tell the scheduler what we hold this often
+# ...and as soon as this share of the blob's pieces is new since the last report, so that the
+# scheduler offers others parents by what they hold now: about REPORT_SHARES syncs per download.
+REPORT_SHARES = 8
+SHORT_S = 1.0  # on average under half the concurrent pieces in flight this long: ask for parents
 
 
 class BackToSourceReason(StrEnum):
@@ -93,6 +110,7 @@ class Limits:
     per_parent_pieces: int = 1
     schedule_rounds: int = 4
     wait_for_seed_s: float = 60.0
+    peer_news: bool = False  # parents' bitmaps come from their news, not from every sync reply
 
     @classmethod
     def from_config(cls, config: PeerConfig) -> Limits:
@@ -107,12 +125,13 @@ class Limits:
 class Parent:
     """What this download knows of one parent."""
 
-    __slots__ = ("host_id", "url", "pieces", "inflight", "failures", "busy_until", "absent")
+    __slots__ = ("host_id", "url", "pieces", "seed", "inflight", "failures", "busy_until", "absent")
 
-    def __init__(self, host_id: str, url: str, pieces: int) -> None:
+    def __init__(self, host_id: str, url: str, pieces: int, *, seed: bool = False) -> None:
         self.host_id = host_id
         self.url = url
-        self.pieces = pieces  # bit n: holds piece n, as of the scheduler's last answer
+        self.pieces = pieces  # bit n: holds piece n, as of the scheduler's last answer or its news
+        self.seed = seed  # the scheduler says it is a seed: its news may carry piece digests
         self.inflight = 0
         self.failures = 0  # failed transfers since its last verified piece
         self.busy_until = 0.0
@@ -146,6 +165,11 @@ class TaskMachine:
         self._sync_failures = 0
         self._last_progress = now
         self._waiting_since: float | None = None
+        self._answered_at = now  # the last sync's answer (or failure)
+        self._tokens = float(SYNC_BURST)  # the sync bucket, as of _tokens_at
+        self._tokens_at = now
+        self._flight_area = 0.0  # integral of pieces in flight over time since _answered_at
+        self._flight_at = now
 
     # -- state ----------------------------------------------------------------------------
 
@@ -171,6 +195,76 @@ class TaskMachine:
     def sync_delay(self) -> float:
         interval = SYNC_INTERVAL_S if (self._to_report or not self.complete) else IDLE_SYNC_INTERVAL_S
         return min(MAX_SYNC_INTERVAL_S, interval * 2.0**self._sync_failures)
+
+    def next_sync_at(self, now: float) -> float:
+        """When to send the next sync (`take_report(now)`), if no event comes first: events can
+        only bring it forward, so a caller re-asks after each.
+
+        Without peer news: SYNC_INTERVAL_S after the last answer (backing off after failures).
+        With it, the scheduler is asked only when there is something to ask:
+        - at once: to register again; while the blob's size is unknown; to report a bad or
+          failed parent (and get another); when no parent is left, or every parent holds the
+          whole blob yet nothing we lack; when a parent holds pieces whose digests we lack;
+        - when, at least SHORT_S after the last answer, fewer than half of `concurrent_pieces`
+          were in flight on average since it, and pieces not in flight are left (its parents
+          are busy, or hold nothing we lack; news from parents still downloading comes first);
+        - else every STEADY_SYNC_INTERVAL_S, to tell what we hold.
+        "At once" is still at least SYNC_INTERVAL_S after the last answer and within the token
+        bucket, so a task sends at most SYNC_BURST + SYNC_RATE_PER_S·T syncs in any T seconds,
+        besides its first register and its last `done` sync."""
+        if self.finished:
+            return float("inf")
+        base = self._answered_at
+        if not self.limits.peer_news:
+            return base + self.sync_delay()
+        soonest = max(base + self.sync_delay(), self._tokens_ready_at())
+        if self._sync_failures or self._urgent():
+            return soonest
+        return max(min(base + STEADY_SYNC_INTERVAL_S, self._short_at()), soonest)
+
+    def _short_at(self) -> float:
+        """When the average of pieces in flight since the last answer falls under half the
+        limit, if the number in flight stays as it is (a change makes the caller ask again)."""
+        if not self.store_open or self._whole & ~self.have & ~self.inflight_bits == 0:
+            return float("inf")
+        half = self.limits.concurrent_pieces / 2
+        flying = len(self.inflight)
+        if flying >= half:
+            return float("inf")
+        # area + flying·(t - at) < half·(t - since)  <=>  t > (area - flying·at + half·since) / (half - flying)
+        start = self._answered_at
+        t = (self._flight_area - flying * self._flight_at + half * start) / (half - flying)
+        return max(start + SHORT_S, t)
+
+    def _account(self, now: float) -> None:
+        """Add the pieces in flight since the last call to the average's area."""
+        if now > self._flight_at:
+            self._flight_area += len(self.inflight) * (now - self._flight_at)
+            self._flight_at = now
+
+    def _reset_average(self, now: float) -> None:
+        self._flight_area = 0.0
+        self._flight_at = now
+
+    def _tokens_ready_at(self) -> float:
+        return self._tokens_at + max(0.0, (1.0 - self._tokens) / SYNC_RATE_PER_S)
+
+    def _urgent(self) -> bool:
+        if not self.registered or not self.store_open or self._bad or self._failed:
+            return True
+        if len(self._to_report) * REPORT_SHARES >= self.count:
+            return True
+        if self.complete:
+            return False
+        lacking = 0
+        for p in self.parents.values():
+            lacking |= p.pieces
+        lacking &= ~self.have
+        if not lacking:
+            whole = self._whole
+            # Nobody left, or only parents that finished and have nothing for us: ask for others.
+            return all(p.pieces == whole for p in self.parents.values())
+        return lacking >> len(self.digests) != 0  # pieces on offer that we cannot verify yet
 
     def wake_at(self, now: float) -> float:
         """The latest time to call `poll` again if no other event comes first."""
@@ -206,10 +300,17 @@ class TaskMachine:
 
     def register_answered(self, reply: wire.SyncReply, now: float) -> None:
         self.registered = True
+        self._answered_at = now
+        self._reset_average(now)
         self._apply(reply, now)
 
-    def take_report(self) -> Report:
-        """The next sync's contents; answer with `sync_answered` or `sync_failed`."""
+    def take_report(self, now: float | None = None) -> Report:
+        """The next sync's contents; answer with `sync_answered` or `sync_failed`. `now` counts
+        it against the sync bucket (the last `done` sync, sent without, is not counted)."""
+        if now is not None:
+            tokens = min(float(SYNC_BURST), self._tokens + (now - self._tokens_at) * SYNC_RATE_PER_S)
+            self._tokens = tokens - 1.0
+            self._tokens_at = now
         new, self._to_report = self._to_report, []
         if not self.registered:
             new = [n for n in range(self.count) if self.have >> n & 1]  # all of it, to a fresh registration
@@ -225,11 +326,15 @@ class TaskMachine:
     def sync_answered(self, report: Report, reply: wire.SyncReply, now: float) -> None:
         self._sync_failures = 0
         self.registered = True
+        self._answered_at = now
+        self._reset_average(now)  # new parents get SHORT_S to show what they bring
         self._bad.difference_update(report.bad_parents)
         self._failed.difference_update(report.failed_parents)
         self._apply(reply, now)
 
     def sync_failed(self, report: Report, now: float) -> None:
+        self._answered_at = now
+        self._reset_average(now)
         if not report.register:
             self._to_report = report.new_pieces + self._to_report
         self._sync_failures += 1
@@ -268,11 +373,14 @@ class TaskMachine:
                 continue  # pieces past the blob's end: not a bitmap of this blob
             old = self.parents.get(p.host_id)
             if old is not None:
-                old.pieces = bits
+                # With news the parent's own word is usually newer than the scheduler's; pieces
+                # are only ever added, so the union is the best view of both.
+                old.pieces = old.pieces | bits if self.limits.peer_news else bits
                 old.url = p.url
+                old.seed = p.seed
                 fresh[p.host_id] = old
             else:
-                fresh[p.host_id] = Parent(p.host_id, p.url, bits)
+                fresh[p.host_id] = Parent(p.host_id, p.url, bits, seed=p.seed)
         # Parents with pieces in flight stay until those finish.
         for host_id, old in self.parents.items():
             if host_id not in fresh and old.inflight:
@@ -283,6 +391,28 @@ class TaskMachine:
         self.content_length = content_length
         self.count = PieceLayout.for_blob(content_length).count
         self._whole = (1 << self.count) - 1
+
+    # -- events from parents (peer news) --------------------------------------------------
+
+    def parent_news(
+        self, host_id: str, pieces: int, now: float, *, first_digest: int = 0, digests: list[bytes] | None = None
+    ) -> None:
+        """A parent said what it holds (`pieces`, bits), and, if the scheduler marked it as a
+        seed, the digests of its pieces from `first_digest` on. News of a host that is no
+        longer a parent, or a bitmap that is not this blob's, is ignored."""
+        parent = self.parents.get(host_id)
+        if parent is None or not self.count or pieces >> self.count:
+            return
+        parent.pieces = pieces
+        if digests and parent.seed and first_digest <= len(self.digests):
+            self.digests.extend(digests[len(self.digests) - first_digest :])
+
+    def parent_lost(self, host_id: str, now: float) -> None:
+        """The parent's news connection failed: it died or left. Stop asking it; the next sync
+        reports it and gets another."""
+        parent = self.parents.get(host_id)
+        if parent is not None:
+            self._block(parent, now, bad=False, why="dropped its news connection")
 
     # -- events from the store ------------------------------------------------------------
 
@@ -319,6 +449,7 @@ class TaskMachine:
             if self._waiting_since is not None and now - self._waiting_since > wait:
                 self._give_up(BackToSourceReason.SIZE_UNKNOWN, f"blob size unknown after {wait:.0f}s")
             return []
+        self._account(now)
         requests = self._launch(now)
         if not self.inflight and now - self._last_progress > STALL_S:
             self._give_up(BackToSourceReason.STALLED, f"no piece arrived in {STALL_S:.0f}s")
@@ -366,6 +497,7 @@ class TaskMachine:
 
     def piece_done(self, number: int, outcome: PieceOutcome, now: float) -> None:
         """A request from `poll` ended with `outcome` (verified means stored)."""
+        self._account(now)
         parent = self._release(number)
         if outcome is PieceOutcome.VERIFIED:
             parent.failures = 0

@@ -691,7 +691,10 @@ class Scheduler:
         for host_id in peer.parents:
             other = task.peers[host_id]
             assert other.pieces is not None
-            parents.append(Parent(host_id=host_id, url=self.hosts[host_id].url, pieces=other.pieces.to_bytes()))
+            host = self.hosts[host_id]
+            parents.append(
+                Parent(host_id=host_id, url=host.url, pieces=other.pieces.to_bytes(), seed=host.kind == "seed")
+            )
         start = min(have_digests, len(task.digests))
         return SyncReply(
             task_id=task.task_id,

@@ -184,6 +184,8 @@ def test_peer_with_pieces_becomes_parent_candidate() -> None:
     assert set(parent_ids(reply)) == {"p1", "seed1"}
     p1 = next(p for p in reply.parents if p.host_id == "p1")
     assert list(Bitmap(LAYOUT.count, p1.pieces)) == [0, 2]
+    # Only the seed is marked as one: its news may carry digests the child trusts.
+    assert {p.host_id: p.seed for p in reply.parents} == {"p1": False, "seed1": True}
 
 
 def test_peer_without_pieces_not_useful_when_done_peer_present() -> None:

@@ -66,7 +66,7 @@ MESSAGES: list[object] = [
         piece_size=4 << 20,
         first_digest=1,
         piece_digests=[D],
-        parents=[Parent(host_id="p", url="http://p:1", pieces=b"\x80")],
+        parents=[Parent(host_id="p", url="http://p:1", pieces=b"\x80", seed=True)],
     ),
     SyncReply(task_id=TASK, state="waiting"),
     SyncReply(task_id=TASK, state="back_to_source", reason="no seed peer available"),
@@ -81,6 +81,13 @@ def test_round_trip(message: object) -> None:
     body = encode(message)
     assert isinstance(body, bytes)
     assert decode(type(message), body) == message
+
+
+def test_a_parent_from_before_peer_news_decodes_as_not_a_seed() -> None:
+    parent = decode(Parent, pack({"host_id": "p", "url": "http://p:1", "pieces": b"\x80"}))
+    assert parent.seed is False
+    with pytest.raises(BadRequest, match="Parent.seed: expected a boolean"):
+        decode(Parent, pack({"host_id": "p", "url": "http://p:1", "pieces": b"", "seed": 1}))
 
 
 def test_defaults_filled_when_absent() -> None:
