@@ -7,7 +7,8 @@ processes). Peer A pulls the blob first (warming itself); the seed then leaves, 
 peer B's only parent is A. Reports B's download (pieces verified into its store, the blob's
 sha256 checked; started by a one-byte range request, so no client reads the blob meanwhile),
 beside curl fetching the same blob from the origin to /dev/null and to a file; then peer C
-(B gone, A its only parent) pulls it with `p2pdist get` to a file, end to end. Then
+(B gone, A its only parent) pulls it with `p2pdist get` to a file, end to end (a cold peer),
+and `p2pdist get` through A itself, which holds the blob whole (a warm peer). Then
 (`--children 8`) A serves the blob to 8 new peers at once, and its peak resident memory is
 read from /proc.
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import resource
 import subprocess
 import tempfile
 import time
@@ -55,8 +58,10 @@ def curl_to_new_file(url: str, path: Path) -> float:
 
 
 def metric_sum(url: str, name: str) -> float:
+    """The sum of a metric's samples; a name without labels sums over every label set."""
     text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+    prefixes = (name + " ",) if "{" in name else (name + " ", name + "{")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes))
 
 
 def download_only(peer: Service, blob_url: str, registry: str, timeout_s: float = 300.0) -> float:
@@ -73,6 +78,35 @@ def download_only(peer: Service, blob_url: str, registry: str, timeout_s: float 
     return metric_sum(peer.url, "p2pdist_peer_task_duration_seconds_sum")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU-seconds (user + system) process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU-seconds used by this process's waited-for children (the `get` clients, curl)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_get(argv: list[str], out: Path, digest: str) -> tuple[float, float]:
+    """Run one `p2pdist get` to a new file; (seconds, the client's CPU-seconds). The file's
+    sha256 is checked here too, then it is deleted."""
+    cpu_before = children_cpu_s()
+    started = time.monotonic()
+    subprocess.run([*argv, "-o", str(out)], check=True)
+    seconds = time.monotonic() - started
+    cpu = children_cpu_s() - cpu_before
+    h = hashlib.sha256()
+    with open(out, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    assert "sha256:" + h.hexdigest() == digest
+    out.unlink()
+    return seconds, cpu
+
+
 def peak_rss_mib(pid: int) -> float:
     """The process's peak resident set (VmHWM) so far, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -81,7 +115,23 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def run(blob_size: int, workdir: Path, children: int = 0) -> dict[str, float]:
+def attest_args(workdir: Path) -> tuple[list[str], list[str]]:
+    """A seed key pair for verify once: (the seed's flags, the peers' flags)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = workdir / "seed-attest.pem", workdir / "seed-attest.pub.pem"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return ["--attest-key", str(private)], ["--attest-public-key", str(public)]
+
+
+def run(blob_size: int, workdir: Path, children: int = 0, verify_once: bool = False) -> dict[str, float]:
     image = make_oci_layout(workdir / "layout", [blob_size], seed=7)
     layer = image.layers[0]
     size = layer.size
@@ -94,8 +144,12 @@ def run(blob_size: int, workdir: Path, children: int = 0) -> dict[str, float]:
         scratch = workdir / "curl.out"
         results["curl_file_s"] = min(curl_to_new_file(url, scratch) for _ in range(4))
         insecure = ["--insecure-registry", origin.host]
+        seed_args: list[str] = []
+        if verify_once:
+            seed_args, peer_args = attest_args(workdir)
+            insecure += peer_args
         scheduler = start_scheduler(workdir)
-        seed = start_seed(workdir, scheduler.url, extra_args=insecure)
+        seed = start_seed(workdir, scheduler.url, extra_args=[*seed_args, "--insecure-registry", origin.host])
         peer_a = start_peer(workdir, scheduler.url, "peer-a", insecure)
         peer_b = start_peer(workdir, scheduler.url, "peer-b", insecure)
         peer_c = start_peer(workdir, scheduler.url, "peer-c", insecure)
@@ -104,21 +158,27 @@ def run(blob_size: int, workdir: Path, children: int = 0) -> dict[str, float]:
             subprocess.run([*get, str(peer_a.proxy_url), "-o", "/dev/null"], check=True)
             seed.stop()  # B's only parent is now A
             curl_to_new_file(url, scratch)  # B's store gets the memory curl's file just had
+            b_cpu = cpu_s(peer_b.pid)
             results["p2p_download_s"] = download_only(
                 peer_b, f"{peer_b.proxy_url}/v2/{REPO}/blobs/{layer.digest}", origin.host
             )
+            results["p2p_download_cpu_s"] = cpu_s(peer_b.pid) - b_cpu
             from_peers = metric_sum(peer_b.url, 'p2pdist_peer_download_bytes_total{source="peer"}')
             assert from_peers == size, f"B fetched {from_peers} of {size} bytes from its parent"
             peer_b.stop()  # C's only parent is A
-            started = time.monotonic()
-            subprocess.run([*get, str(peer_c.proxy_url), "-o", str(workdir / "c.out")], check=True)
-            results["p2p_get_s"] = time.monotonic() - started
-            h = hashlib.sha256()
-            with open(workdir / "c.out", "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            assert "sha256:" + h.hexdigest() == layer.digest
-            (workdir / "c.out").unlink()
+            curl_to_new_file(url, scratch)
+            c_cpu = cpu_s(peer_c.pid)
+            results["p2p_get_s"], results["p2p_get_client_cpu_s"] = timed_get(
+                [*get, str(peer_c.proxy_url)], workdir / "c.out", layer.digest
+            )
+            results["p2p_get_peer_cpu_s"] = cpu_s(peer_c.pid) - c_cpu
+            # A warm peer: A holds the whole blob, so this is the client's path alone.
+            curl_to_new_file(url, scratch)
+            a_cpu = cpu_s(peer_a.pid)
+            results["p2p_get_warm_s"], results["p2p_get_warm_client_cpu_s"] = timed_get(
+                [*get, str(peer_a.proxy_url)], workdir / "a.out", layer.digest
+            )
+            results["p2p_get_warm_peer_cpu_s"] = cpu_s(peer_a.pid) - a_cpu
             if children:
                 # A serves the blob to `children` new peers at once (B and C leave first, so A
                 # is everyone's only parent); its peak memory must not grow with the blob.
@@ -150,20 +210,32 @@ def main() -> None:
         default=8,
         help="then serve the blob from peer A to this many peers at once, measuring A's memory",
     )
+    parser.add_argument(
+        "--verify-once",
+        action="store_true",
+        help="give the seed a signing key and the peers its public key (peers skip the blob's second hash)",
+    )
     parser.add_argument("--out", type=Path, help="write result.json here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="p2pdist-throughput-") as tmp:
-        r = run(parse_size(args.blob_size), Path(tmp), args.children)
+        r = run(parse_size(args.blob_size), Path(tmp), args.children, args.verify_once)
+    r["verify_once"] = args.verify_once
     mib = r["blob_bytes"] / (1 << 20)
     print(f"blob: {mib:.0f} MiB")
     for key, label in (
         ("curl_devnull_s", "curl from origin to /dev/null"),
         ("curl_file_s", "curl from origin to a file"),
         ("p2p_download_s", "peer B from parent A, into its store (verified)"),
-        ("p2p_get_s", "p2pdist get through peer C to a file (sha256 checked)"),
+        ("p2p_get_s", "p2pdist get through cold peer C to a file (sha256 checked)"),
+        ("p2p_get_warm_s", "p2pdist get through warm peer A to a file (sha256 checked)"),
     ):
-        print(f"  {label:56s} {r[key]:6.2f} s  {mib / r[key]:7.0f} MiB/s")
-    print(f"  ratio p2p download / curl to file: {r['curl_file_s'] / r['p2p_download_s']:.2f}x of curl's speed")
+        print(f"  {label:56s} {r[key]:6.2f} s  {mib / r[key]:7.0f} MiB/s  {r['curl_file_s'] / r[key]:.2f}x curl")
+    gib = r["blob_bytes"] / (1 << 30)
+    print(f"  peer B: {r['p2p_download_cpu_s'] / gib:.2f} CPU-s per GiB")
+    print(
+        f"  get cold: client {r['p2p_get_client_cpu_s'] / gib:.2f}, peer C {r['p2p_get_peer_cpu_s'] / gib:.2f} CPU-s per GiB;"
+        f" get warm: client {r['p2p_get_warm_client_cpu_s'] / gib:.2f}, peer A {r['p2p_get_warm_peer_cpu_s'] / gib:.2f}"
+    )
     if args.children:
         print(
             f"  A served {r['children']} children at once ({r['parent_upload_mib']:.0f} MiB uploaded in all, "

@@ -439,6 +439,12 @@ class SeedConfig(NodeConfig):
         "cap on bytes/s fetched over the WAN link (through the upstream, else from origins)",
         flag="--wan-rate",
     )
+    attest_key: str | None = opt(
+        None,
+        _opt_path,
+        "Ed25519 private key (PEM) the seed signs 'blob sha256 checked' with; peers given its public key "
+        "then skip hashing the blob again",
+    )
 
 
 @dataclass(frozen=True)
@@ -454,6 +460,12 @@ class PeerConfig(NodeConfig):
     schedule_rounds: int = opt(4, _int, "failed scheduling rounds before going back to source")
     scheduler_timeout_s: float = opt(3.0, _float, "time allowed for one scheduler call")
     wait_for_seed_s: float = opt(60.0, _float, "time to wait for the first piece before going back to source")
+    attest_public_key: str | None = opt(
+        None,
+        _opt_path,
+        "the seeds' Ed25519 public key(s), PEM: a blob fetched whole from peers against digests a seed "
+        "signed as sha256-checked is not hashed again; unset: every blob is hashed",
+    )
     registry_mirror: str | None = opt(
         None, _opt_url, "upstream for requests without ?ns= (docker registry-mirrors)", flag="--registry-mirror"
     )

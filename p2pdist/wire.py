@@ -22,6 +22,7 @@ from p2pdist.site import location_problem, site_problem
 
 CONTENT_TYPE = "application/msgpack"
 MAX_BODY_BYTES = 4 << 20
+ATTESTATION_MAX_BYTES = 64  # an Ed25519 signature
 
 M = TypeVar("M")
 
@@ -107,6 +108,9 @@ class SeedProgress:
     piece_digests: list[bytes]
     done: bool = False
     error: str = ""
+    # With done: the seed's Ed25519 signature over the blob's digest, size and piece digests,
+    # made after it checked the blob's sha256 (p2pdist.content.attest); empty without a key.
+    attestation: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ class SyncReply:
     piece_digests: list[bytes] = field(default_factory=list)
     parents: list[Parent] = field(default_factory=list)
     reason: str = ""
+    attestation: bytes = b""  # a seed's, relayed as it came (the scheduler cannot make one)
 
 
 @dataclass(frozen=True)
@@ -436,6 +441,8 @@ def _validate(message: object, where: str) -> None:
         for name, problem in (("site", site_problem(message.site)), ("location", location_problem(message.location))):
             if problem:
                 raise BadRequest(f"{where}.{name}: {problem}")
+    if len(getattr(message, "attestation", b"")) > ATTESTATION_MAX_BYTES:
+        raise BadRequest(f"{where}.attestation: over {ATTESTATION_MAX_BYTES} bytes")
     digests = getattr(message, "piece_digests", None)
     if digests and any(len(d) != PIECE_DIGEST_BYTES for d in digests):
         raise BadRequest(f"{where}.piece_digests: each must be {PIECE_DIGEST_BYTES} bytes")

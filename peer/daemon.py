@@ -12,9 +12,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
+from prometheus_client import Counter
 
 from p2pdist import wire
 from p2pdist.config import PeerConfig, parse_hostport
+from p2pdist.content.attest import AttestationCheck
 from p2pdist.content.digest import parse_digest
 from p2pdist.errors import StoreError
 from p2pdist.node.node import Node
@@ -43,6 +45,15 @@ class PeerDaemon(Node[PeerConfig]):
         self.download_bucket = maybe_bucket(config.download_rate_bps)
         self.piece_client = PieceClient(secret=config.cluster_secret, ssl_context=self.tls_client)
         self.downloads: dict[str, TaskDownload] = {}
+        # Verify once: the seeds' public keys; None means every blob is hashed here too.
+        self.attest_check = AttestationCheck.load(config.attest_public_key) if config.attest_public_key else None
+        self.blob_checks = Counter(
+            "p2pdist_peer_blob_checks",
+            "Whole blobs finished, by how their sha256 was checked: hashed here, or attested by a seed "
+            "(every piece matched digests the seed signed after checking it)",
+            ["how"],
+            registry=self.metrics.registry,
+        )
         self.proxy: Proxy | None = None
         # task -> (wall time, reason) of its last failed download; a client whose stream was
         # cut after its 200 went out reads the reason here (p2pdist get does).

@@ -58,6 +58,8 @@ class TaskDownload:
         )
         self._sha = hashlib.sha256()
         self._sha_next = 0
+        self.attestation = b""  # a seed's signature over the digests, once the scheduler relays one
+        self._held_at_open = False  # pieces from an earlier run: verified against saved digests
         self._fatal: P2PError | None = None  # ends the download: nothing to retry elsewhere
         self._owner: str | None = None  # the scheduler this download is registered with
 
@@ -159,7 +161,10 @@ class TaskDownload:
         self._answered(None, reply)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sync_loop)
-            nursery.start_soon(self._sha_loop)
+            if self.daemon.attest_check is None:
+                # Hash as pieces arrive. With seeds' keys configured the blob is hashed only
+                # if no seed attests it by the end (see _finish_sha).
+                nursery.start_soon(self._sha_loop)
             await self._fetch_loop(nursery)
             nursery.cancel_scope.cancel()
         if self._fatal is not None:
@@ -214,6 +219,8 @@ class TaskDownload:
             self._open_store(machine.content_length)
         if len(machine.digests) > known:
             self._save_digests()
+        if reply.attestation:
+            self.attestation = reply.attestation
         self._notify()
 
     def _follow_owner(self) -> str | None:
@@ -293,6 +300,7 @@ class TaskDownload:
     def _open_store(self, content_length: int) -> TaskStore:
         store = self.store = self.daemon.store.open(self.task_id, content_length, self.url)
         held = store.pieces.to_int()
+        self._held_at_open = held != 0
         self.machine.store_opened(content_length, held, store.load_digests() if held else [])
         self._notify()
         return store
@@ -422,6 +430,11 @@ class TaskDownload:
     async def _finish_sha(self) -> None:
         store = self.store
         assert store is not None and store.complete()
+        if await self._attested(store):
+            self.daemon.blob_checks.labels("attested").inc()
+            log.info("task %s: sha256 not hashed again: a seed attested these piece digests", short(self.task_id))
+            return
+        self.daemon.blob_checks.labels("hashed").inc()
         while self._sha_next < store.layout.count:
             await trio.to_thread.run_sync(self._hash_piece, store, self._sha_next)
             self._sha_next += 1
@@ -431,6 +444,40 @@ class TaskDownload:
                 f"digest mismatch: the blob's bytes hash to {short(actual)}, not {short(self.task_id)} "
                 "(the registry or a seed served corrupt data); nothing was kept"
             )
+
+    async def _attested(self, store: TaskStore) -> bool:
+        """Verify once: whether a seed whose public key this peer holds signed, after checking the
+        blob's sha256, exactly the piece digests every piece here was checked against. Not for
+        bytes that entered the swarm here (back to source), nor pieces kept from an earlier
+        run (checked against saved digests, not this list)."""
+        check = self.daemon.attest_check
+        if check is None or self.bytes_from["origin"] or self._held_at_open:
+            return False
+        if not self.attestation and self.registered:
+            await self._ask_for_attestation(store)
+        return bool(self.attestation) and check.verify(
+            self.attestation, self.task_id, store.layout.blob_size, self.digests
+        )
+
+    async def _ask_for_attestation(self, store: TaskStore) -> None:
+        """One sync for the attestation a seed may have sent since the last one: seeds finish
+        their sha256 before the last piece reaches anyone, so it is usually there."""
+        try:
+            reply, _ = await self.daemon.scheduler.call_task(
+                self.task_id,
+                "/v1/tasks/sync",
+                wire.Sync(
+                    host_id=self.daemon.host_id,
+                    task_id=self.task_id,
+                    new_pieces=[],
+                    have_digests=len(self.digests),
+                    content_length=store.layout.blob_size,
+                ),
+                wire.SyncReply,
+            )
+        except (UpstreamError, P2PError):
+            return  # hashed, as without attestations
+        self.attestation = reply.attestation or self.attestation
 
     # -- back to source -------------------------------------------------------------------
 

@@ -78,6 +78,9 @@ class Task:
     digests: list[bytes] = field(default_factory=list)  # from seeds only
     peers: dict[str, PeerTask] = field(default_factory=dict)
     size_from_seed: bool = False
+    # A seed's signature over `digests` once it checked the blob's sha256, relayed to peers
+    # as it came: only peers holding the seed's public key can check it, or use it.
+    attestation: bytes = b""
     seed: str | None = None  # the seed fetching it now
     seed_progress_at: float = 0.0
     seed_retry_at: dict[str, float] = field(default_factory=dict)  # seed -> not woken again before
@@ -377,6 +380,8 @@ class Scheduler:
         for number in range(min(end, peer.pieces.size)):
             task.add_piece(peer, number)
         task.set_done(peer, msg.done or task.complete(peer))
+        if msg.done and msg.attestation and end == len(task.digests) == peer.pieces.size:
+            task.attestation = msg.attestation  # it signed these digests, all of them
         if peer.done:
             self._set_parents(task, peer, [])
         task.seed_progress_at = now
@@ -411,6 +416,7 @@ class Scheduler:
             task.set_done(peer, False)
         task.children.clear()
         task.digests = []
+        task.attestation = b""
         task.content_length = None
         task.size_from_seed = False
 
@@ -704,6 +710,7 @@ class Scheduler:
             first_digest=start,
             piece_digests=task.digests[start:],
             parents=parents,
+            attestation=task.attestation,
         )
 
     def _candidate(self, task: Task, peer: PeerTask, host_id: str, verifiable: int) -> Candidate:

@@ -14,6 +14,7 @@ from prometheus_client import Counter, Gauge
 
 from p2pdist import wire
 from p2pdist.config import SeedConfig
+from p2pdist.content.attest import Attester
 from p2pdist.content.digest import short
 from p2pdist.errors import BadRequest, Forbidden
 from p2pdist.memory import ShrinkWatch, release_freed_memory
@@ -47,6 +48,7 @@ class SeedDaemon(Node[SeedConfig]):
             origin = OriginClient(rate=maybe_bucket(min(caps, default=None)), timeout_s=config.origin_timeout_s)
         super().__init__(config, origin=origin)
         self.fetches: dict[str, SeedFetch] = {}
+        self.attester = Attester.load(config.attest_key) if config.attest_key else None
         self.triggers_refused = Counter(
             "p2pdist_seed_triggers_refused",
             "Fetch requests refused before any fetch: url (not this task's blob URL), registry (not allowed)",

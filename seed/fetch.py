@@ -267,6 +267,17 @@ class SeedFetch:
                 await self.changed.wait()
             await trio.sleep(REPORT_INTERVAL_S if not self.done else 0)
 
+    def _attestation(self) -> bytes:
+        """The seed's signature over the digests, once the whole blob's sha256 checked out: a
+        fetch is done without an error only then (a blob held whole was checked when fetched;
+        its digests are saved only after that)."""
+        attester = self.seed.attester
+        if attester is None or not self.done or self.error or self.store is None:
+            return b""
+        if len(self.digests) != self.store.layout.count:
+            return b""
+        return attester.sign(self.task_id, self.store.layout.blob_size, self.digests)
+
     async def _report(self, content_length: int, first: int, digests: list[bytes]) -> bool:
         """One SeedProgress to the scheduler; False (logged) if it did not take it."""
         ending = self.done
@@ -278,6 +289,7 @@ class SeedFetch:
             piece_digests=digests,
             done=self.done and not self.error,
             error=self.error,
+            attestation=self._attestation(),
         )
         try:
             _, answered = await self.seed.scheduler.call_task(self.task_id, "/v1/tasks/seed", progress, wire.Empty)

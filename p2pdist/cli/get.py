@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlencode, urlsplit
 
+from p2pdist.cli.receive import WriteFailed, receive_to_file, receive_to_stream, splice_works
 from p2pdist.errors import GetError
 from p2pdist.registry.oci import SCHEME_HEADER, basic_auth, is_registry_host, parse_blob_url
 
@@ -163,25 +164,32 @@ def get(
         total = int(response.getheader("content-length") or 0) or None
         held = response.getheader("x-p2pdist-held") == "1"
         progress = Progress(total, sys.stderr, enabled=not quiet)
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
         local = tmp or out
         try:
-            sink = contextlib.nullcontext(sys.stdout.buffer) if output == "-" else open(local, "wb")
+            # Read too: the hashing thread maps what was written (p2pdist.cli.receive).
+            mode = "w+b" if tmp is not None else "wb"
+            sink = contextlib.nullcontext(sys.stdout.buffer) if output == "-" else open(local, mode)
         except OSError as exc:
             raise GetError(f"cannot write {local}: {exc.strerror or exc}") from None
-        with sink as f:
-            while True:
-                n = response.readinto(buf)
-                if not n:
-                    break
-                try:
-                    f.write(view[:n])
-                except OSError as exc:
-                    raise GetError(f"cannot write {local}: {exc.strerror or exc}") from None
-                sha.update(view[:n])
-                received += n
-                progress.update(n)
+
+        def count(n: int) -> None:
+            nonlocal received
+            received += n
+            progress.update(n)
+
+        try:
+            with sink as f:
+                if total is not None and conn.sock is not None and splice_works(f.fileno()):
+                    # What http.client read past the head is the body's start; the rest is
+                    # spliced from the socket into the file.
+                    first = response.fp.read(len(response.fp.peek(total)[:total])) if total else b""
+                    receive_to_file(conn.sock, first, total, f.fileno(), sha, count)
+                else:
+                    receive_to_stream(response.readinto, f.write, sha, count)
+        except WriteFailed as exc:
+            cause = exc.__cause__
+            what = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause or exc
+            raise GetError(f"cannot write {local}: {what}") from None
         progress.close()
         if total is not None and received != total:
             raise GetError(
