@@ -322,6 +322,12 @@ class SchedulerConfig(ServiceConfig):
         f"(or env {PREHEAT_TOKEN_ENV})",
         secret=True,
     )
+    direct_blob_bytes: int = opt(
+        1 << 20,
+        parse_size,
+        "blobs smaller than this go straight to the origin unless the swarm has them (a preheat) or "
+        "sites are in use: P2P's fixed cost (seed wake-up, syncs) is many times their transfer",
+    )
     preheat_jobs: int = opt(2, _int, "preheat jobs running at once; later ones wait as PENDING")
     preheat_job_blobs: int = opt(
         4, _int, "blob copies one preheat job fetches at once (its concurrent_count may lower it)"

@@ -81,6 +81,7 @@ class Register:
     task_id: str
     url: str  # the origin blob URL
     headers: dict[str, str] = field(default_factory=dict)
+    content_length: int | None = None  # the blob's size, when the peer's access check learnt it
 
 
 @dataclass(frozen=True)

@@ -63,14 +63,18 @@ class PeerDaemon(Node[PeerConfig]):
 
     # -- downloads ------------------------------------------------------------------------
 
-    def download(self, task_id: str, url: str, headers: dict[str, str]) -> TaskDownload:
-        """The running or finished download of a task, started if needed."""
+    def download(
+        self, task_id: str, url: str, headers: dict[str, str], *, size_hint: int | None = None
+    ) -> TaskDownload:
+        """The running or finished download of a task, started if needed. `size_hint`, the
+        blob's size if the access check learnt it, lets the scheduler send a small blob straight
+        to the origin."""
         parse_digest(task_id)
         current = self.downloads.get(task_id)
         if current is not None and current.error is None:
             return current
         held = self.store.get(task_id)
-        dl = TaskDownload(self, task_id, url, dict(headers))
+        dl = TaskDownload(self, task_id, url, dict(headers), size_hint=size_hint)
         self.downloads[task_id] = dl
         if held is not None and held.complete():
             dl.store = held

@@ -38,9 +38,17 @@ log = logging.getLogger("p2pdist.peer")
 
 class TaskDownload:
     def __init__(
-        self, daemon: PeerDaemon, task_id: str, url: str, headers: dict[str, str], store: TaskStore | None = None
+        self,
+        daemon: PeerDaemon,
+        task_id: str,
+        url: str,
+        headers: dict[str, str],
+        store: TaskStore | None = None,
+        *,
+        size_hint: int | None = None,
     ) -> None:
         self.daemon = daemon
+        self.size_hint = size_hint
         self.task_id = task_id
         self.url = url
         self.headers = headers
@@ -92,6 +100,14 @@ class TaskDownload:
             if self.error is not None:
                 raise self.error
             await self._wait_change()
+
+    def want_first(self, start: int, end: int) -> None:
+        """A client's Range request waits for bytes [start, end): fetch their pieces first."""
+        if self.store is not None and not self.finished.is_set() and start < end:
+            pieces = self.store.layout.pieces_for_range(start, end)
+            if pieces:
+                self.machine.want_first(pieces[0], pieces[-1])
+            self._notify()
 
     async def _wait_change(self) -> None:
         await self._changed.wait()
@@ -204,7 +220,13 @@ class TaskDownload:
         )
 
     def _register_message(self) -> wire.Register:
-        return wire.Register(host_id=self.daemon.host_id, task_id=self.task_id, url=self.url, headers=self.headers)
+        return wire.Register(
+            host_id=self.daemon.host_id,
+            task_id=self.task_id,
+            url=self.url,
+            headers=self.headers,
+            content_length=self.size_hint,
+        )
 
     def _answered(self, report: Report | None, reply: wire.SyncReply) -> None:
         """Feed a scheduler's reply to the machine; open the store once the size is known."""

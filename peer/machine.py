@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -156,6 +156,7 @@ class TaskMachine:
         self.blocked: dict[str, float] = {}  # host id -> until when
         self.inflight: dict[int, Parent] = {}  # piece -> the parent asked for it
         self.inflight_bits = 0
+        self.wanted = 0  # pieces a client's Range request waits for: asked for before the rest
         self.registered = False
         self.back_to_source: BackToSource | None = None
         self._whole = 0
@@ -478,13 +479,16 @@ class TaskMachine:
         # Every parent holds the whole blob: rarity protects nobody, and a client streaming the
         # blob gets its bytes as they arrive instead of after the last piece.
         in_order = all(v.pieces == whole for v in views)
-        chosen = choose_requests(
-            need,
-            views,
-            room=room,
-            per_parent=per_parent_limit(views, limits.per_parent_pieces),
-            rng=self.rng,
-            in_order=in_order,
+        per_parent = per_parent_limit(views, limits.per_parent_pieces)
+        chosen = []
+        if urgent := need & self.wanted:
+            # A client's Range waits for these: first, in order, whatever their rarity.
+            chosen = choose_requests(urgent, views, room=room, per_parent=per_parent, rng=self.rng, in_order=True)
+            for _, host_id in chosen:
+                views = [replace(v, inflight=v.inflight + 1) if v.host_id == host_id else v for v in views]
+            need &= ~urgent
+        chosen += choose_requests(
+            need, views, room=room - len(chosen), per_parent=per_parent, rng=self.rng, in_order=in_order
         )
         requests = []
         for number, host_id in chosen:
@@ -494,6 +498,11 @@ class TaskMachine:
             self.inflight_bits |= 1 << number
             requests.append(PieceRequest(number, host_id, parent.url))
         return requests
+
+    def want_first(self, first: int, last: int) -> None:
+        """A client waits for pieces first..last (a Range request): ask for them before others."""
+        if self.store_open:
+            self.wanted |= ((1 << (last + 1)) - 1) & ~((1 << first) - 1) & self._whole
 
     def piece_done(self, number: int, outcome: PieceOutcome, now: float) -> None:
         """A request from `poll` ended with `outcome` (verified means stored)."""

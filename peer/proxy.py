@@ -364,7 +364,7 @@ class Proxy:
             size = held.layout.blob_size
         dl: TaskDownload | None = None
         if request.method == "GET" or size is None:
-            dl = self.daemon.download(digest, url, headers)
+            dl = self.daemon.download(digest, url, headers, size_hint=verdict.size)
             try:
                 size = (await dl.wait_sized()).layout.blob_size
             except P2PError as exc:
@@ -504,6 +504,8 @@ async def stream_blob(dl: TaskDownload, start: int, end: int) -> AsyncIterator[b
     """
     store = await dl.wait_sized()
     layout = store.layout
+    if (start, end) != (0, layout.blob_size):
+        dl.want_first(start, end)  # a Range: its pieces before the rest of the blob
     offset = start
     try:
         for number in layout.pieces_for_range(start, end):

@@ -196,6 +196,7 @@ class Counters:
     bad_reports: int = 0
     cycle_searches_refused: int = 0  # parents refused because ruling out a cycle cost too much
     children_shed: int = 0  # child -> parent edges dropped so a peer that fell behind could catch up
+    small_direct: int = 0  # registrations of small blobs sent straight to the origin
 
 
 class Scheduler:
@@ -291,8 +292,27 @@ class Scheduler:
             task.seed_retry_at.clear()
             task.seed_wakes = 0
         self._size_bitmap(task, peer)
+        if self._straight_to_origin(task, msg):
+            self.counters.back_to_source += 1
+            self.counters.small_direct += 1
+            reason = f"a small blob ({msg.content_length} bytes): straight to the origin"
+            return SyncReply(task_id=task.task_id, state="back_to_source", reason=reason), None
         wake = self._maybe_wake_seed(task, now, requester=msg.host_id)
         return self._reply(task, peer, have_digests=0, now=now), wake
+
+    def _straight_to_origin(self, task: Task, msg: Register) -> bool:
+        """A blob under direct_blob_bytes is fetched from the origin by the peer itself: one
+        request there costs less than waking a seed and the syncs P2P takes. Not when the swarm
+        already has it or a seed is fetching it (a preheat put it there to spare the origin),
+        nor when sites are in use (the origin may be across a site's WAN link)."""
+        size = msg.content_length
+        return (
+            size is not None
+            and size < self.config.direct_blob_bytes
+            and not task.digests
+            and task.seed is None
+            and not self.site_aware
+        )
 
     def sync(self, msg: Sync, now: float) -> tuple[SyncReply, WakeSeed | None]:
         self._touch(msg.host_id, now)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlencode, urlsplit
 
-from p2pdist.cli.receive import WriteFailed, receive_to_file, receive_to_stream, splice_works
+from p2pdist.cli.receive import receive_to_file, receive_to_stream, splice_works
 from p2pdist.errors import GetError
 from p2pdist.registry.oci import SCHEME_HEADER, basic_auth, is_registry_host, parse_blob_url
 
@@ -177,19 +177,14 @@ def get(
             received += n
             progress.update(n)
 
-        try:
-            with sink as f:
-                if total is not None and conn.sock is not None and splice_works(f.fileno()):
-                    # What http.client read past the head is the body's start; the rest is
-                    # spliced from the socket into the file.
-                    first = response.fp.read(len(response.fp.peek(total)[:total])) if total else b""
-                    receive_to_file(conn.sock, first, total, f.fileno(), sha, count)
-                else:
-                    receive_to_stream(response.readinto, f.write, sha, count)
-        except WriteFailed as exc:
-            cause = exc.__cause__
-            what = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause or exc
-            raise GetError(f"cannot write {local}: {what}") from None
+        with sink as f:
+            if total is not None and conn.sock is not None and splice_works(f.fileno()):
+                # What http.client read past the head is the body's start; the rest is
+                # spliced from the socket into the file.
+                first = response.fp.read(len(response.fp.peek(total)[:total])) if total else b""
+                receive_to_file(conn.sock, first, total, f.fileno(), sha, count, str(local))
+            else:
+                receive_to_stream(response.readinto, f.write, sha, count, str(local))
         progress.close()
         if total is not None and received != total:
             raise GetError(

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
+from p2pdist.errors import GetError
+
 PIPE_BYTES = 1 << 20  # the pipe splice goes through: Linux's default pipe-max-size
 HASH_BYTES = 8 << 20  # the hashing thread is handed the file this much at a time
 RECV_BYTES = 4 << 20
@@ -29,10 +31,6 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 class RunningHash(Protocol):
     def update(self, data: bytes | memoryview, /) -> None: ...
-
-
-class WriteFailed(Exception):
-    """The output could not be written (its OSError is the cause); the socket is not at fault."""
 
 
 class _FileHasher:
@@ -88,16 +86,17 @@ def receive_to_file(
     fd: int,
     sha: RunningHash,
     on_bytes: Callable[[int], None],
+    output: str,
 ) -> int:
     """Move `first` and then `length - len(first)` more bytes of the socket into the regular
     file `fd` (at its start; opened for reading too), hashing all of them into `sha`; returns the bytes received,
-    short of `length` only if the peer closed the connection. A write error raises
-    WriteFailed; a socket error its OSError."""
+    short of `length` only if the peer closed the connection. A write error is a GetError
+    naming `output`; a socket error raises its OSError."""
     hasher = _FileHasher(fd, sha)
     received = hashed = 0
     try:
         if first:
-            _write_all(fd, first)
+            _write_all(fd, first, output)
             received = len(first)
             on_bytes(received)
         read_pipe, write_pipe = os.pipe()
@@ -118,7 +117,7 @@ def receive_to_file(
                     try:
                         moved += os.splice(read_pipe, fd, n - moved)
                     except OSError as exc:
-                        raise WriteFailed(exc) from exc
+                        raise _write_failed(output, exc) from None
                 received += n
                 on_bytes(n)
                 if received - hashed >= HASH_BYTES:
@@ -148,9 +147,11 @@ def receive_to_stream(
     write: Callable[[memoryview], object],
     sha: RunningHash,
     on_bytes: Callable[[int], None],
+    output: str,
 ) -> int:
     """Read with `read_into` until it returns 0, writing each buffer with `write` and hashing
-    it in a second thread meanwhile (two buffers take turns). Returns the bytes received."""
+    it in a second thread meanwhile (two buffers take turns). Returns the bytes received; a
+    write error is a GetError naming `output`."""
     buffers = [bytearray(RECV_BYTES), bytearray(RECV_BYTES)]
     received = 0
     hashing: threading.Thread | None = None
@@ -172,7 +173,7 @@ def receive_to_stream(
             try:
                 write(view[:n])
             except OSError as exc:
-                raise WriteFailed(exc) from exc
+                raise _write_failed(output, exc) from None
             if hashing is not None:
                 hashing.join()  # its buffer is the next one read into
             hashing = threading.Thread(target=hash_view, args=(view[:n],), daemon=True)
@@ -188,10 +189,14 @@ def receive_to_stream(
     return received
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, output: str) -> None:
     view = memoryview(data)
     try:
         while view:
             view = view[os.write(fd, view) :]
     except OSError as exc:
-        raise WriteFailed(exc) from exc
+        raise _write_failed(output, exc) from None
+
+
+def _write_failed(output: str, exc: OSError) -> GetError:
+    return GetError(f"cannot write {output}: {exc.strerror or exc}")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pdist.cli.receive import HASH_BYTES, WriteFailed, receive_to_file, receive_to_stream, splice_works
+from p2pdist.cli.receive import HASH_BYTES, receive_to_file, receive_to_stream, splice_works
+from p2pdist.errors import GetError
 
 
 def _send_in_thread(sock: socket.socket, data: bytes) -> threading.Thread:
@@ -36,7 +37,7 @@ def test_a_spliced_body_lands_whole_in_the_file_and_its_sha256_is_of_those_bytes
     counted: list[int] = []
     with open(tmp_path / "out", "w+b") as f:
         assert splice_works(f.fileno())
-        got = receive_to_file(ours, first, len(body), f.fileno(), sha, counted.append)
+        got = receive_to_file(ours, first, len(body), f.fileno(), sha, counted.append, "out")
     sender.join()
     ours.close()
     assert got == size == sum(counted)
@@ -49,7 +50,7 @@ def test_a_body_cut_short_is_reported_by_its_count(tmp_path: Path) -> None:
     ours.settimeout(10)
     sender = _send_in_thread(theirs, b"x" * 1000)
     with open(tmp_path / "out", "w+b") as f:
-        got = receive_to_file(ours, b"", 5000, f.fileno(), hashlib.sha256(), lambda n: None)
+        got = receive_to_file(ours, b"", 5000, f.fileno(), hashlib.sha256(), lambda n: None, "out")
     sender.join()
     ours.close()
     assert got == 1000
@@ -60,7 +61,7 @@ def test_a_stream_body_is_written_in_order_and_hashed(tmp_path: Path) -> None:
     source = io.BytesIO(body)
     sink = io.BytesIO()
     sha = hashlib.sha256()
-    got = receive_to_stream(source.readinto, sink.write, sha, lambda n: None)
+    got = receive_to_stream(source.readinto, sink.write, sha, lambda n: None, "out")
     assert got == len(body)
     assert sink.getvalue() == body
     assert sha.hexdigest() == hashlib.sha256(body).hexdigest()
@@ -70,8 +71,8 @@ def test_a_failed_write_is_a_write_failure_not_a_transfer_failure() -> None:
     def full(_: memoryview) -> int:
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(WriteFailed):
-        receive_to_stream(io.BytesIO(b"abc").readinto, full, hashlib.sha256(), lambda n: None)
+    with pytest.raises(GetError, match="^cannot write out: No space left on device$"):
+        receive_to_stream(io.BytesIO(b"abc").readinto, full, hashlib.sha256(), lambda n: None, "out")
 
 
 def test_a_device_is_not_spliced_into() -> None:

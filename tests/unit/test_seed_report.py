@@ -40,7 +40,7 @@ async def test_a_fetch_that_fails_while_a_report_is_in_flight_still_reports_its_
     failure and keeps the digests of corrupt bytes."""
     with trio.fail_after(5):
         scheduler = SlowScheduler()
-        seed = SimpleNamespace(scheduler=scheduler, host_id="seed-1")
+        seed = SimpleNamespace(scheduler=scheduler, host_id="seed-1", attester=None)
         fetch = SeedFetch(seed, wire.SeedTrigger(task_id=TASK, url="http://registry/v2/a/blobs/" + TASK))  # type: ignore[arg-type]
         fetch.store = SimpleNamespace(layout=PieceLayout.for_blob(8 * MiB))  # type: ignore[assignment]
         fetch.digests = [b"\x01" * 32, b"\x02" * 32]  # every piece stored and digested
