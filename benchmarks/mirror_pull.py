@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lab.attest import attest_args
 from lab.image import make_oci_layout, push_image
 from lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
 from lab.registry import Origin
@@ -30,6 +31,11 @@ def main() -> None:
     parser.add_argument("--layers-mib", default="200,150,100,50", help="layer sizes in MiB (default: 500 MiB in 4)")
     parser.add_argument("--origin-rate", type=int, default=None, help="cap the origin at this many bytes/s")
     parser.add_argument("--workdir", help="keep everything here (default: a temporary dir, removed)")
+    parser.add_argument(
+        "--verify-once",
+        action="store_true",
+        help="give the seed a signing key and the peers its public key (peers skip the blob's second hash)",
+    )
     args = parser.parse_args()
     sizes = [int(s) * MiB for s in args.layers_mib.split(",")]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="p2pdist-mirror-bench-"))
@@ -41,11 +47,12 @@ def main() -> None:
         with Origin(workdir=workdir / "origin") as origin:
             push_image(image, origin.host, REPO)
             with RelayProcess(workdir, origin.host, rate_bps=args.origin_rate) as relay:
+                seed_args, peer_args = attest_args(workdir) if args.verify_once else ([], [])
                 scheduler = start_scheduler(workdir)
                 services.append(scheduler)
-                services.append(start_seed(workdir, scheduler.url, "seed0"))
+                services.append(start_seed(workdir, scheduler.url, "seed0", extra_args=seed_args))
                 peers = [
-                    start_peer(workdir, scheduler.url, f"peer{i}", ("--insecure-registry", relay.host))
+                    start_peer(workdir, scheduler.url, f"peer{i}", ("--insecure-registry", relay.host, *peer_args))
                     for i in range(3)
                 ]
                 services.extend(peers)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import httpx
 
+from lab.attest import attest_args
 from lab.image import make_oci_layout, push_image
 from lab.procs import Service, p2pdist_executable, start_peer, start_scheduler, start_seed
 from lab.registry import Origin
@@ -113,22 +114,6 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for pid {pid}")
-
-
-def attest_args(workdir: Path) -> tuple[list[str], list[str]]:
-    """A seed key pair for verify once: (the seed's flags, the peers' flags)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    key = Ed25519PrivateKey.generate()
-    private, public = workdir / "seed-attest.pem", workdir / "seed-attest.pub.pem"
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    return ["--attest-key", str(private)], ["--attest-public-key", str(public)]
 
 
 def run(blob_size: int, workdir: Path, children: int = 0, verify_once: bool = False) -> dict[str, float]:

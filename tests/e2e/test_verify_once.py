@@ -9,9 +9,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+from lab.attest import write_key_pair
 from lab.registry import Origin
 from tests.e2e.test_hardening import flip_byte, stored_blob
 from tests.support.cluster import ClusterFactory, MiB, sha256_file
@@ -22,15 +20,7 @@ CHECKS = "p2pdist_peer_blob_checks_total"
 
 
 def key_pair(directory: Path, name: str) -> tuple[str, str]:
-    """An Ed25519 key as `openssl genpkey -algorithm ed25519` writes it, and its public half."""
-    key = Ed25519PrivateKey.generate()
-    private, public = directory / f"{name}.pem", directory / f"{name}.pub.pem"
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
+    private, public = write_key_pair(directory, name)
     return str(private), str(public)
 
 
