@@ -130,6 +130,21 @@ class LeaveHost:
 
 
 @dataclass(frozen=True)
+class SiteMembersQuery:
+    """POST /v1/sites/members — which hosts share my site? Asked while the scheduler answers,
+    kept for when it does not (the site's WAN link is down)."""
+
+    host_id: str
+
+
+@dataclass(frozen=True)
+class SiteMembers:
+    """The piece URLs of other hosts in the asker's site (a sample of a big site)."""
+
+    urls: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Parent:
     host_id: str
     url: str

@@ -176,6 +176,7 @@ class PeerDaemon(Node[PeerConfig]):
         )
         self.log.info("peer %s: proxy on http://%s:%d", self.host_id, *proxy_bound)
         nursery.start_soon(self.proxy.offline.save_loop)
+        nursery.start_soon(self.site.learn_loop)
         return bound, proxy_bound
 
     async def aclose(self) -> None:

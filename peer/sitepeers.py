@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from p2pdist import wire
 from p2pdist.config import parse_hostport
 from p2pdist.content.digest import PIECE_DIGEST_BYTES, parse_digest, short
 from p2pdist.content.pieces import PieceLayout
@@ -37,7 +38,9 @@ log = logging.getLogger("p2pdist.site")
 
 HOLDING_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)")
 MEMBERS_FILE = "site-members.json"
-MAX_MEMBERS = 256  # remembered site members; the scheduler names at most this many
+MAX_MEMBERS = 256  # remembered site members, the most recently named kept
+MEMBER_TTL_S = 24 * 3600.0  # a member the scheduler has not named for this long is forgotten
+LEARN_INTERVAL_S = 30.0  # how often the scheduler is asked for the site's members
 MAX_ASKED = 64  # hosts asked at once for one blob
 MAX_ANSWER_BYTES = 256 << 10
 # One lookup answers the access check and the download that follows it.
@@ -134,15 +137,34 @@ class SitePeers:
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("ignoring unreadable %s: %s", self.path, exc)
 
-    def learned(self, urls: list[str]) -> None:
-        """The scheduler named these hosts of this site; kept in the data dir for a restart
+    def learned(self, urls: list[str], now: float) -> None:
+        """The scheduler named these hosts of this site: kept, newest first, with those it named
+        within MEMBER_TTL_S (it names a sample of a big site), and in the data dir for a restart
         while the link is down."""
-        now = time.time()
-        fresh = {u.rstrip("/"): now for u in urls if _is_url(u) and u.rstrip("/") != self.daemon.advertise}
-        if set(fresh) == set(self.members):
-            self.members = fresh
-            return  # the same hosts: the file stays as it is
-        self.members = dict(list(fresh.items())[:MAX_MEMBERS])
+        merged = merge_members(self.members, urls, self.daemon.advertise.rstrip("/"), now)
+        changed = set(merged) != set(self.members)
+        self.members = merged
+        if changed:
+            self._save()
+
+    async def learn_loop(self) -> None:
+        """Ask the scheduler for this site's hosts now and then, while it answers."""
+        if not self.config.site:
+            return  # no named site: every host is "in the site", nothing to keep apart
+        await trio.sleep(self.config.announce_interval_s)  # after the first announce
+        query = wire.SiteMembersQuery(host_id=self.daemon.host_id)
+        while True:
+            try:
+                reply, _ = await self.daemon.scheduler.call_task(
+                    self.daemon.host_id, "/v1/sites/members", query, wire.SiteMembers
+                )
+            except UpstreamError as exc:
+                log.debug("site members not refreshed: %s", exc)
+            else:
+                self.learned(reply.urls, time.time())
+            await trio.sleep(LEARN_INTERVAL_S)
+
+    def _save(self) -> None:
         try:
             tmp = self.path.with_name(f".{MEMBERS_FILE}.tmp")
             tmp.write_text(json.dumps({"members": self.members}))
@@ -208,6 +230,14 @@ class SitePeers:
         holder = parse_holding(url, task_id, body)
         if holder is not None:
             holders.append(holder)
+
+
+def merge_members(known: dict[str, float], named: list[str], own: str, now: float) -> dict[str, float]:
+    """The members to keep after the scheduler named `named` now: those, and the ones named
+    within MEMBER_TTL_S, newest first, at most MAX_MEMBERS; never this host itself."""
+    fresh = {u.rstrip("/"): now for u in named if _is_url(u) and u.rstrip("/") != own}
+    kept = {u: t for u, t in known.items() if u not in fresh and u != own and 0 <= now - t <= MEMBER_TTL_S}
+    return dict(sorted({**kept, **fresh}.items(), key=lambda ut: -ut[1])[:MAX_MEMBERS])
 
 
 def agreeing(holders: list[Holder]) -> list[Holder]:

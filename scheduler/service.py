@@ -93,7 +93,10 @@ _ENDPOINTS: dict[str, type[Any]] = {
     "/v1/tasks/sync": wire.Sync,
     "/v1/tasks/seed": wire.SeedProgress,
     "/v1/tasks/leave": wire.Leave,
+    "/v1/sites/members": wire.SiteMembersQuery,
 }
+# Site members named per answer: enough to find a holder while the scheduler cannot be reached.
+SITE_MEMBERS_NAMED = 64
 
 
 class SchedulerService:
@@ -193,6 +196,8 @@ class SchedulerService:
             state.leave(message, now)
         elif isinstance(message, wire.LeaveHost):
             state.leave_host(message.host_id, now)
+        elif isinstance(message, wire.SiteMembersQuery):
+            reply = wire.SiteMembers(urls=state.members_of_site(message.host_id, SITE_MEMBERS_NAMED))
         if wake is not None:
             try:
                 self._wake_send.send_nowait(wake)

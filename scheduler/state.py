@@ -215,6 +215,9 @@ class Scheduler:
         self.child_count: dict[str, int] = {}  # host -> children it has across all tasks
         self.site_hosts: collections.Counter[str] = collections.Counter()  # site -> hosts known in it
         self.located_hosts = 0  # hosts known with a location
+        # site -> its hosts by id: named to a site's peers, who ask them directly while no
+        # scheduler answers (issue 13, peer/sitepeers.py). The unnamed site "" has none.
+        self.site_members: dict[str, dict[str, Host]] = {}
 
     # -- events ---------------------------------------------------------------------------
 
@@ -497,6 +500,14 @@ class Scheduler:
         self.site_hosts[host.site] += change
         if self.site_hosts[host.site] <= 0:
             del self.site_hosts[host.site]
+        if host.site:
+            members = self.site_members.setdefault(host.site, {})
+            if change > 0:
+                members[host.host_id] = host
+            else:
+                members.pop(host.host_id, None)
+                if not members:
+                    del self.site_members[host.site]
         if host.location:
             self.located_hosts += change
 
@@ -505,6 +516,14 @@ class Scheduler:
         """Whether the site rule applies: configured on, and hosts known in two sites or more, or
         with locations. Else parents are chosen exactly as in a cluster without sites."""
         return self.config.site_aware and (len(self.site_hosts) > 1 or self.located_hosts > 0)
+
+    def members_of_site(self, host_id: str, limit: int) -> list[str]:
+        """Piece URLs of up to `limit` other hosts in `host_id`'s site (a random sample of a
+        bigger site); none outside a named site."""
+        site = self._site_of(host_id)
+        members = self.site_members.get(site, {}) if site else {}
+        urls = [h.url for h in members.values() if h.host_id != host_id]
+        return urls if len(urls) <= limit else self.rng.sample(urls, limit)
 
     def _site_of(self, host_id: str) -> str:
         host = self.hosts.get(host_id)

@@ -244,3 +244,27 @@ def test_the_site_holding_endpoint_names_size_and_piece_digests_of_a_checked_blo
     assert blake3.blake3(piece).hexdigest() == answer["piece_digests"][0]
     # The blob was pulled anonymously from a registry without auth: a site host may rely on that.
     assert [p["repository"] for p in answer["public"]] == ["bad/input"]
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"\xc1\x00garbage", "malformed msgpack"),
+        (msgpack.packb({"host_id": 5}), "expected a string"),
+        (msgpack.packb({}), "missing field"),
+        (msgpack.packb({"host_id": "h", "site": "x"}), "unknown field"),
+    ],
+)
+def test_scheduler_site_members_rejects_bad_input(held: tuple[Cluster, str], body: bytes, reason: str) -> None:
+    cluster, _ = held
+    url = cluster.scheduler.url
+    response = httpx.post(f"{url}/v1/sites/members", content=body, headers={"content-type": wire.CONTENT_TYPE})
+    assert reason in one_line_4xx(response)
+    assert httpx.get(f"{url}/v1/sites/members").status_code == 405
+    # A host the scheduler does not know, or one outside a named site, is named nobody.
+    known = httpx.post(
+        f"{url}/v1/sites/members",
+        content=wire.encode(wire.SiteMembersQuery(host_id="nobody")),
+        headers={"content-type": wire.CONTENT_TYPE},
+    )
+    assert known.status_code == 200 and wire.decode(wire.SiteMembers, known.content).urls == []

@@ -4,11 +4,14 @@ field by field, holders that disagree are outvoted, and the site_peers key parse
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
-from p2pdist.config import ConfigError, PeerConfig, from_mapping
-from peer.sitepeers import agreeing, parse_holding
+from p2pdist import wire
+from p2pdist.config import ConfigError, PeerConfig, SchedulerConfig, from_mapping
+from peer.sitepeers import MAX_MEMBERS, MEMBER_TTL_S, agreeing, merge_members, parse_holding
+from scheduler.state import Scheduler
 
 TASK = "sha256:" + "cd" * 32
 MiB = 1 << 20
@@ -70,3 +73,43 @@ def test_site_peers_take_host_port_entries_names_and_urls() -> None:
     for bad in ("10.0.0.2", "host:port", "a b:4000", "user@host:4000", 7):
         with pytest.raises(ConfigError, match="site_peers"):
             from_mapping(PeerConfig, {"site_peers": [bad]})
+
+
+def test_site_members_named_by_the_scheduler_are_merged_newest_first_and_expire() -> None:
+    own = "http://10.0.0.1:4000"
+    members = merge_members({}, ["http://10.0.0.2:4000/", own, "not a url"], own, now=100.0)
+    assert members == {"http://10.0.0.2:4000": 100.0}
+    # A big site is named a sample at a time: the others stay until MEMBER_TTL_S passes.
+    members = merge_members(members, ["http://10.0.0.3:4000"], own, now=200.0)
+    assert list(members) == ["http://10.0.0.3:4000", "http://10.0.0.2:4000"]
+    assert list(merge_members(members, [], own, now=100.0 + MEMBER_TTL_S + 1)) == ["http://10.0.0.3:4000"]
+    many = merge_members({}, [f"http://10.0.{i // 250}.{i % 250}:4000" for i in range(MAX_MEMBERS + 10)], own, 1.0)
+    assert len(many) == MAX_MEMBERS
+
+
+def test_the_scheduler_names_a_hosts_site_members_and_nobody_outside_a_named_site() -> None:
+    state = Scheduler(SchedulerConfig(), rng=random.Random(1))
+    for host_id, site in (("a", "store-1"), ("b", "store-1"), ("c", "store-2"), ("d", ""), ("e", "")):
+        state.announce(
+            wire.AnnounceHost(host_id=host_id, url=f"http://{host_id}:4000", kind="peer", upload_slots=1, site=site),
+            now=1.0,
+        )
+    assert state.members_of_site("a", 64) == ["http://b:4000"]
+    assert state.members_of_site("c", 64) == []
+    assert state.members_of_site("d", 64) == []  # the unnamed site: no site to keep apart
+    assert state.members_of_site("unknown", 64) == []
+    state.leave_host("b", now=2.0)
+    assert state.members_of_site("a", 64) == []
+    # A host that moves to another site is a member of the new one only.
+    state.announce(
+        wire.AnnounceHost(host_id="c", url="http://c:4000", kind="peer", upload_slots=1, site="store-1"), 3.0
+    )
+    assert state.members_of_site("a", 64) == ["http://c:4000"]
+    assert "store-2" not in state.site_members
+    for i in range(100):
+        state.announce(
+            wire.AnnounceHost(host_id=f"x{i}", url=f"http://x{i}:4000", kind="peer", upload_slots=1, site="big"), 4.0
+        )
+    named = state.members_of_site("x0", 10)
+    assert len(named) == 10 and "http://x0:4000" not in named
+    wire.decode(wire.SiteMembers, wire.encode(wire.SiteMembers(urls=named)))
