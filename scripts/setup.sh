@@ -27,6 +27,8 @@ need htpasswd apache2-utils
 need curl curl
 # tests/integration/test_compose.py checks deploy/compose with the compose tool Debian ships.
 need docker-compose docker-compose
+# tests/integration/test_deploy_edge.py renders deploy/edge with `kubectl kustomize` (offline).
+need kubectl kubernetes-client
 # `python3 -m venv` (setup, and the packaging test's clean venv) needs ensurepip on Debian.
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=("$PYTHON -m venv")
