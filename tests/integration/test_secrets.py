@@ -125,6 +125,15 @@ def test_no_credential_in_logs_metrics_or_errors(
                 )
                 assert response.status_code == 401
                 outputs.append((f"{service.name} 401", response.text))
+            if service is peer0:  # a site host asking who holds a blob needs the secret too
+                response = client.get(f"{service.url}/v1/tasks/{digest}", headers=headers)
+                assert response.status_code == 401
+                response = client.get(f"{service.url}/v1/tasks/{digest}", headers={"authorization": f"Bearer {SECRET}"})
+                assert response.status_code == 200 and response.json()["digest"] == digest
+                outputs.append(("site holding answer", response.text))
+            if service is scheduler:
+                response = client.post(f"{service.url}/v1/sites/members", headers=headers)
+                assert response.status_code == 401
         # The rogue peer's announcements were refused.
         assert "401" in rogue.log_path.read_text()
         for service in services:

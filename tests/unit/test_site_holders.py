@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import trio
 
 from p2pdist import wire
 from p2pdist.config import ConfigError, PeerConfig, SchedulerConfig, from_mapping
-from peer.sitepeers import MAX_MEMBERS, MEMBER_TTL_S, agreeing, merge_members, parse_holding
+from peer.sitepeers import MAX_MEMBERS, MEMBER_TTL_S, SitePeers, agreeing, merge_members, parse_holding
 from scheduler.state import Scheduler
 
 TASK = "sha256:" + "cd" * 32
@@ -113,3 +116,26 @@ def test_the_scheduler_names_a_hosts_site_members_and_nobody_outside_a_named_sit
     named = state.members_of_site("x0", 10)
     assert len(named) == 10 and "http://x0:4000" not in named
     wire.decode(wire.SiteMembers, wire.encode(wire.SiteMembers(urls=named)))
+
+
+async def test_site_peers_names_resolve_to_every_address_and_the_own_host_is_left_out(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        config = from_mapping(
+            PeerConfig,
+            {
+                "data_dir": str(tmp_path),
+                "site": "store-12",
+                "site_peers": ["localhost:4000", "127.0.0.2:4000", "https://127.0.0.3:4100", "127.0.0.9:4000"],
+            },
+        )
+        daemon = SimpleNamespace(config=config, advertise="http://127.0.0.9:4000")
+        site = SitePeers(daemon)  # type: ignore[arg-type]
+        site.learned(["http://127.0.0.4:4000", "http://127.0.0.2:4000/"], now=1.0)
+        assert await site.candidates() == [
+            "http://127.0.0.1:4000",  # localhost, by its address
+            "http://127.0.0.2:4000",
+            "https://127.0.0.3:4100",
+            "http://127.0.0.4:4000",  # remembered from the scheduler
+        ]
+        # Kept for a restart in the data dir.
+        assert set(SitePeers(daemon).members) == {"http://127.0.0.4:4000", "http://127.0.0.2:4000"}  # type: ignore[arg-type]
