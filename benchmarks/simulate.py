@@ -28,7 +28,11 @@ peer's register and syncs, the seed's progress reports) waits its turn in one FI
 takes MS of service, and its answer (and its effect on the scheduler's state) comes when that
 service ends; a peer sends its next sync only after the answer, as the daemon does. The report
 adds the scheduler's utilisation over time and the requests' latency. Without it (the default,
-0) the scheduler answers at once, for free.
+0) the scheduler answers at once, for free. Per request type, as `benchmarks.load --by-type`
+measures it: `--scheduler-service-ms register=0.4,sync=0.25,seed=0.2`.
+
+`--trace-out FILE` writes down every request the scheduler receives (benchmarks/trace.py), for
+`benchmarks.load --replay FILE` to send to a real scheduler process at the same times.
 
 Piece news (peer.machine's `peer_news`, on unless `--no-peer-news`): each child watches every
 parent its machine holds, as the daemon keeps a long-poll per parent; when a host verifies a
@@ -66,6 +70,7 @@ from benchmarks.report import (
     summarize,
     write_results,
 )
+from benchmarks.trace import TraceWriter, TracingScheduler
 from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
 from p2pdist.content.pieces import PieceLayout
 from p2pdist.node.pieceserver import QUEUE_WAIT_S
@@ -79,6 +84,10 @@ URL = "http://origin.sim/v2/sim/blob/blobs/" + TASK
 log = logging.getLogger("p2pdist.simulate")
 
 FILL_ROUNDS = 3  # progressive-filling rounds per tick: enough to hand out nearly all spare capacity
+# The answer event of each request type in the server model, and the types a service time
+# can be given for (the simulated daemons send no leave yet; the flag takes it for later).
+ANSWER_TYPES = {"registered": "register", "synced": "sync", "seed_reported": "seed"}
+SERVICE_TYPES = ("register", "sync", "seed", "leave")
 SCHED_BIN_S = 0.25  # the scheduler's utilisation is reported per this much simulated time
 # A verified piece's news reaches a watching child this much later: the long-poll's answer on an
 # open keep-alive connection in one data centre, plus the child's event loop. One tick.
@@ -104,6 +113,16 @@ class SimConfig:
     site_aware: bool = True  # the scheduler's site rule (SchedulerConfig.site_aware)
     scheduler_service_s: float = 0.0  # each request's service time at a one-core scheduler (0: free)
     peer_news: bool = True  # children hear parents' pieces from the parents (peer.machine Limits.peer_news)
+    # Service time per request type (register, sync, seed, leave); a type not named takes
+    # scheduler_service_s. Any value above 0 here models the server too.
+    scheduler_service_s_by_type: dict[str, float] = field(default_factory=dict)
+    trace_out: Path | None = None  # write every request the scheduler receives here (benchmarks.trace)
+
+    def service_s(self, request_type: str) -> float:
+        return self.scheduler_service_s_by_type.get(request_type, self.scheduler_service_s)
+
+    def server_modelled(self) -> bool:
+        return self.scheduler_service_s > 0 or any(v > 0 for v in self.scheduler_service_s_by_type.values())
 
     def site_hosts(self) -> int:
         return -(-self.peers // self.sites) if self.sites else self.peers
@@ -145,9 +164,12 @@ class Simulation:
         self.lengths = [self.layout.length(n) for n in range(self.layout.count)]
         self.all_pieces = (1 << self.layout.count) - 1
         rng = random.Random(config.seed)
-        self.sched = Scheduler(
-            dataclasses.replace(config.scheduler, site_aware=config.site_aware), rng=random.Random(rng.random())
-        )
+        sched_config = dataclasses.replace(config.scheduler, site_aware=config.site_aware)
+        if config.trace_out is not None:
+            self.trace = TraceWriter(config.trace_out, {"peers": config.peers, "blob_bytes": config.blob_bytes})
+            self.sched: Scheduler = TracingScheduler(sched_config, rng=random.Random(rng.random()), writer=self.trace)
+        else:
+            self.sched = Scheduler(sched_config, rng=random.Random(rng.random()))
         n = config.peers
         limits = dataclasses.replace(Limits.from_config(config.peer), peer_news=config.peer_news)
         self.peers = [
@@ -200,6 +222,7 @@ class Simulation:
         self.pending: dict[int, tuple[Any, ...]] = {}
         self.sched_busy: collections.Counter[int] = collections.Counter()
         self.sched_latency: list[float] = []
+        self.sched_latency_by_type: dict[str, list[float]] = collections.defaultdict(list)
         # Piece news: who watches each host (by index), and answers on their way, in delivery
         # order (one fixed latency): (when, child index, parent host id, its bitmap).
         self.watchers: list[set[int]] = [set() for _ in range(hosts)]
@@ -217,12 +240,14 @@ class Simulation:
     def _queue(self, when: float, kind: str, index: int, *payload: Any) -> bool:
         """Send one request to the scheduler modelled as a server: it is answered by a `kind`
         event when its service ends, with `payload`. False: no server modelled, answer now."""
-        service = self.config.scheduler_service_s
-        if not service:
+        if not self.config.server_modelled():
             return False
+        request_type = ANSWER_TYPES.get(kind, kind)
+        service = self.config.service_s(request_type)
         start = max(when, self.sched_free_s)
         end = self.sched_free_s = start + service
         self.sched_latency.append(end - when)
+        self.sched_latency_by_type[request_type].append(end - when)
         # Busy time per bin, split where the service crosses a bin's edge.
         t = start
         while t < end:
@@ -689,7 +714,7 @@ class Simulation:
         }
         if self.sites:
             result["sites"] = self._site_result()
-        if cfg.scheduler_service_s:
+        if cfg.server_modelled():
             result["scheduler_server"] = self._server_result()
         return result
 
@@ -701,6 +726,15 @@ class Simulation:
         span = max(self.end_s, self.sched_free_s, 1e-9)  # requests queued at the end are served after it
         return {
             "service_ms": self.config.scheduler_service_s * 1000,
+            "service_ms_by_type": {k: v * 1000 for k, v in sorted(self.config.scheduler_service_s_by_type.items())},
+            "by_type": {
+                kind: {
+                    "requests": len(values),
+                    "latency_p50_ms": round(percentile(values, 50) * 1000, 2),
+                    "latency_p99_ms": round(percentile(values, 99) * 1000, 2),
+                }
+                for kind, values in sorted(self.sched_latency_by_type.items())
+            },
             "requests": len(latency),
             "requests_per_s": round(len(latency) / span, 1),
             "utilisation_mean": round(sum(self.sched_busy.values()) / span, 4),
@@ -839,11 +873,39 @@ def plot_utilisation(path: Path, series: list[tuple[float, float]], service_ms: 
     plt.close(fig)
 
 
+def parse_service_ms(text: str) -> tuple[float, dict[str, float]]:
+    """'0.3' or 'register=0.4,sync=0.25,seed=0.2,leave=0.1' (or '0.3,sync=0.25'): the
+    default service time and the per-type ones, in ms."""
+    default = 0.0
+    by_type: dict[str, float] = {}
+    for i, part in enumerate(p.strip() for p in text.split(",")):
+        name, eq, value = part.rpartition("=")
+        try:
+            ms = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: want MS or TYPE=MS") from None
+        if ms < 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: a service time cannot be negative")
+        if not eq:
+            if i:
+                raise argparse.ArgumentTypeError(f"{part!r}: only the first value may be bare (the default)")
+            default = ms
+        elif name not in SERVICE_TYPES:
+            raise argparse.ArgumentTypeError(f"{name!r}: request types are {', '.join(SERVICE_TYPES)}")
+        else:
+            by_type[name] = ms
+    return default, by_type
+
+
 def simulate(config: SimConfig) -> tuple[dict[str, Any], Simulation]:
     started = time.perf_counter()
     cpu = time.process_time()
     sim = Simulation(config)
-    sim.run()
+    try:
+        sim.run()
+    finally:
+        if config.trace_out is not None:
+            sim.trace.close()
     result = sim.result(time.perf_counter() - started)
     result["cpu_s"] = round(time.process_time() - cpu, 1)
     return result, sim
@@ -868,9 +930,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scheduler-service-ms",
-        type=float,
-        default=0.0,
-        help="model the scheduler as one core taking this long per request (0: answers at once, free)",
+        type=parse_service_ms,
+        default=(0.0, {}),
+        metavar="MS | TYPE=MS,...",
+        help="model the scheduler as one core taking this long per request (0: answers at once, free); "
+        "per request type as register=0.4,sync=0.25,seed=0.2,leave=0.1 (a bare number first is the "
+        "time of the types not named)",
+    )
+    parser.add_argument(
+        "--trace-out",
+        type=Path,
+        default=None,
+        help="write every request the scheduler receives (time, host, type, wire message) to this file, "
+        "for benchmarks.load --replay; recorded with the scheduler free, so times are when each was sent",
     )
     parser.add_argument(
         "--no-peer-news",
@@ -881,6 +953,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for result.json, report.md, cdf.png")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
+    service_ms, service_ms_by_type = args.scheduler_service_ms
+    if args.trace_out is not None and (service_ms or service_ms_by_type):
+        parser.error("--trace-out records with the scheduler free: leave out --scheduler-service-ms")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not args.quiet:
         log.setLevel(logging.INFO)
@@ -899,7 +974,9 @@ def main(argv: list[str] | None = None) -> int:
         sites=args.sites,
         site_uplink_bps=parse_size(args.site_uplink_rate) if args.sites else float("inf"),
         site_aware=not args.no_site_aware,
-        scheduler_service_s=args.scheduler_service_ms / 1000,
+        scheduler_service_s=service_ms / 1000,
+        scheduler_service_s_by_type={k: v / 1000 for k, v in service_ms_by_type.items()},
+        trace_out=args.trace_out,
         peer_news=not args.no_peer_news,
     )
     result, _ = simulate(config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmarks.simulate import SimConfig, simulate
 
 MiB = 1 << 20
@@ -39,3 +41,55 @@ def test_a_slow_scheduler_queues_requests_and_slows_the_swarm() -> None:
     assert slow["p2p"]["p99_s"] > free["p2p"]["p99_s"]
     # One core serves at most 1/service requests a second.
     assert server["requests_per_s"] <= 1 / 0.020 + 1e-6
+
+
+def test_service_times_per_request_type_are_charged_per_type() -> None:
+    import dataclasses
+
+    # Syncs are nearly all of the requests: charging them 20 ms and the rest nothing puts the
+    # syncs, not the registrations, in line.
+    slow_syncs = dataclasses.replace(config(0.0), scheduler_service_s_by_type={"sync": 0.020})
+    result, sim = simulate(slow_syncs)
+    by_type = result["scheduler_server"]["by_type"]
+    assert result["scheduler_server"]["service_ms_by_type"] == {"sync": 20.0}
+    assert by_type["sync"]["requests"] == len(sim.sched_latency_by_type["sync"]) > 0
+    assert min(sim.sched_latency_by_type["sync"]) >= 0.020 - 1e-12
+    assert by_type["register"]["requests"] == 30 and by_type["seed"]["requests"] > 0
+    assert result["p2p"]["hosts_with_all_pieces"] == 30
+
+
+def test_the_service_flag_takes_one_time_or_one_per_type() -> None:
+    import argparse
+
+    import pytest
+
+    from benchmarks.simulate import parse_service_ms
+
+    assert parse_service_ms("0.3") == (0.3, {})
+    assert parse_service_ms("register=0.4,sync=0.25,seed=0.2,leave=0.1") == (
+        0.0,
+        {"register": 0.4, "sync": 0.25, "seed": 0.2, "leave": 0.1},
+    )
+    assert parse_service_ms("0.3, sync=0.25") == (0.3, {"sync": 0.25})
+    for bad in ("fast", "sync=x", "announce=1", "sync=-1", "sync=1,0.3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_service_ms(bad)
+
+
+def test_a_trace_holds_every_request_the_scheduler_received_as_the_daemon_encoded_it(tmp_path: Path) -> None:
+    import dataclasses
+
+    from benchmarks.trace import read_trace
+    from p2pdist import wire
+
+    path = tmp_path / "trace.msgpack"
+    result, sim = simulate(dataclasses.replace(config(0.0), trace_out=path))
+    header, records = read_trace(path)
+    assert header["peers"] == 30
+    kinds = [r.kind for r in records]
+    assert kinds.count("announce") == 31 and kinds.count("register") == sim.stats["registers"]
+    assert kinds.count("sync") > 0 and kinds.count("seed") > 0
+    assert [r.time_s for r in records] == sorted(r.time_s for r in records)
+    sync = next(r for r in records if r.kind == "sync")
+    assert sync.path == "/v1/tasks/sync" and wire.decode(wire.Sync, sync.body).host_id == sync.host_id
+    assert result["p2p"]["hosts_with_all_pieces"] == 30
