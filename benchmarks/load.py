@@ -5,6 +5,8 @@ the daemons' RSS (VmHWM, VmRSS from /proc/PID/status).
 
     .venv/bin/python -m benchmarks.load --pulls 200 --blob-size 8MiB --peers 1000
     .venv/bin/python -m benchmarks.load --pulls 0 --peers 0 --flood 20000 --flood-seconds 30
+    .venv/bin/python -m benchmarks.load --pulls 0 --peers 2000 --by-type
+    .venv/bin/python -m benchmarks.load --replay trace.msgpack   # from benchmarks.simulate --trace-out
 
 Everything is real and on loopback: the Distribution registry as origin, a scheduler, a seed
 and a peer as separate processes. The simulated peers are msgpack calls from this process
@@ -29,6 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from benchmarks.replay import replay
 from benchmarks.report import cpu_seconds
 from lab.image import make_oci_layout, push_image
 from lab.procs import Service, start_peer, start_scheduler, start_seed
@@ -600,7 +603,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--expiry-s", type=float, default=60.0, help="scheduler peer_ttl_s and seed failed_fetch_ttl_s in the flood"
     )
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        metavar="TRACE",
+        help="send a real scheduler the requests of a trace from benchmarks.simulate --trace-out, at their times, "
+        "and say whether it kept up (benchmarks/replay.py); nothing else runs",
+    )
+    parser.add_argument("--replay-speed", type=float, default=1.0, help="replay this many times faster than the trace")
+    parser.add_argument(
+        "--replay-target-ms", type=float, default=100.0, help="latency and delay p99 the scheduler must stay within"
+    )
     args = parser.parse_args(argv)
+    if args.replay is not None:
+        with tempfile.TemporaryDirectory(prefix="p2pdist-replay-") as tmp:
+            log(f"replaying {args.replay}")
+            replayed = replay(args.replay, Path(tmp), speed=args.replay_speed, target_s=args.replay_target_ms / 1000)
+        print(replayed.summary())
+        return 0
     blob_size = parse_size(args.blob_size)
     with tempfile.TemporaryDirectory(prefix="p2pdist-load-") as tmp:
         workdir = Path(tmp)

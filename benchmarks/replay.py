@@ -1,0 +1,314 @@
+"""Replay a simulated rollout's control traffic against a real scheduler process: the requests
+`benchmarks.simulate --trace-out` wrote down, the daemons' own wire messages, sent over the
+real HTTP API at the times the simulator produced them, one kept-alive connection per host.
+
+The scheduler runs pinned to one core (taskset) and this generator to the other. The hosts'
+announces (time 0 in the trace) go first, untimed; the seed's URL is pointed at a stub in this
+process that accepts the wake-up. Then every request is sent at its time, or as soon as its
+host's previous request has been answered (a daemon waits for the answer before its next).
+
+Definitions in the report:
+- latency: from sending a request to the end of its answer;
+- delay: from its time in the trace to the end of its answer (latency plus any wait behind
+  its host's previous request or behind this generator);
+- backlog: requests whose time has come and whose answer has not, sampled every 0.25 s;
+- generator lag: how late this process sent a request that nothing held up (its host had no
+  request in flight): the generator's own shortfall, not the scheduler's.
+The scheduler kept up if latency p99 and delay p99 are both at most --replay-target-ms
+(default 100) and the backlog at the end of the schedule is no larger than at its middle;
+with a generator lag p99 over 50 ms the verdict says the run cannot tell.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import trio
+
+from benchmarks.report import cpu_seconds, percentile
+from benchmarks.trace import TraceRecord, read_trace
+from lab.ports import free_port
+from lab.procs import Service, p2pdist_executable
+from p2pdist import wire
+from p2pdist.transport.server import Request, Response, serve_http
+
+BACKLOG_SAMPLE_S = 0.25
+GENERATOR_LAG_LIMIT_S = 0.050
+SCHEDULER_CORE = 0
+GENERATOR_CORE = 1
+
+
+@dataclass
+class Sent:
+    record: TraceRecord
+    scheduled_s: float  # when it was due, from the start of the schedule
+    sent_s: float = math.nan
+    answered_s: float = math.nan
+    free_s: float = 0.0  # when its host's previous request was answered (0 for its first)
+    status: int = 0
+    error: str = ""
+
+
+@dataclass
+class ReplayResult:
+    trace: Path
+    hosts: int
+    requests: list[Sent] = field(default_factory=list)
+    setup_requests: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = math.nan
+    target_s: float = 0.100
+
+    def answered(self) -> list[Sent]:
+        return [s for s in self.requests if not s.error and s.status == 200]
+
+    def errors(self) -> list[str]:
+        return [s.error or f"{s.record.kind}: HTTP {s.status}" for s in self.requests if s.error or s.status != 200]
+
+    def latencies(self, kind: str | None = None) -> list[float]:
+        return [s.answered_s - s.sent_s for s in self.answered() if kind is None or s.record.kind == kind]
+
+    def delays(self) -> list[float]:
+        return [s.answered_s - s.scheduled_s for s in self.answered()]
+
+    def generator_lags(self) -> list[float]:
+        return [s.sent_s - max(s.scheduled_s, s.free_s) for s in self.requests if not math.isnan(s.sent_s)]
+
+    def span_s(self) -> float:
+        return max((s.scheduled_s for s in self.requests), default=0.0)
+
+    def backlog(self) -> list[tuple[float, int]]:
+        """(time, requests due and not yet answered) every BACKLOG_SAMPLE_S over the run."""
+        due = sorted(s.scheduled_s for s in self.requests)
+        done = sorted(s.answered_s if not math.isnan(s.answered_s) else math.inf for s in self.requests)
+        samples = []
+        t = 0.0
+        while t <= self.wall_s + 1e-9:
+            samples.append((round(t, 3), bisect.bisect_right(due, t) - bisect.bisect_right(done, t)))
+            t += BACKLOG_SAMPLE_S
+        return samples
+
+    def verdict(self) -> tuple[bool | None, str]:
+        """True: kept up; False: did not; None: this generator fell behind, the run cannot tell."""
+        if not self.requests:
+            return None, "no requests in the trace"
+        lags = self.generator_lags()
+        if percentile(lags, 99) > GENERATOR_LAG_LIMIT_S:
+            return None, (
+                f"cannot tell: the load generator itself sent late (lag p99 {percentile(lags, 99) * 1000:.0f} ms)"
+            )
+        if self.errors():
+            return False, f"did not keep up: {len(self.errors())} requests failed"
+        latency = percentile(self.latencies(), 99)
+        delay = percentile(self.delays(), 99)
+        samples = self.backlog()
+        span = self.span_s()
+        middle = max((n for t, n in samples if t <= span / 2), default=0)
+        end = max((n for t, n in samples if span / 2 < t <= span), default=0)
+        reasons = []
+        if latency > self.target_s:
+            reasons.append(f"latency p99 {latency * 1000:.0f} ms > {self.target_s * 1000:.0f} ms")
+        if delay > self.target_s:
+            reasons.append(f"delay p99 {delay * 1000:.0f} ms > {self.target_s * 1000:.0f} ms")
+        if end > max(middle, 1) * 2 and end > 10:
+            reasons.append(f"backlog grew from {middle} (first half) to {end} (second half)")
+        if reasons:
+            return False, "did not keep up: " + "; ".join(reasons)
+        return True, (
+            f"kept up: latency p99 {latency * 1000:.1f} ms and delay p99 {delay * 1000:.1f} ms "
+            f"<= {self.target_s * 1000:.0f} ms, backlog max {max((n for _, n in samples), default=0)}"
+        )
+
+    def summary(self) -> str:
+        answered = self.answered()
+        span = self.span_s()
+        latency = self.latencies()
+        delays = self.delays()
+        lags = self.generator_lags()
+        samples = self.backlog()
+        lines = [
+            f"replay of {self.trace.name}: {self.hosts} hosts, {len(self.requests)} requests over {span:.2f} s "
+            f"({len(self.requests) / max(span, 1e-9):.0f}/s scheduled) after {self.setup_requests} announces",
+            f"answered {len(answered)} in {self.wall_s:.2f} s ({len(answered) / max(self.wall_s, 1e-9):.0f}/s), "
+            f"{len(self.errors())} errors",
+            f"latency p50 {percentile(latency, 50) * 1000:.1f} ms, p99 {percentile(latency, 99) * 1000:.1f} ms, "
+            f"max {max(latency, default=math.nan) * 1000:.1f} ms; delay behind schedule p50 "
+            f"{percentile(delays, 50) * 1000:.1f} ms, p99 {percentile(delays, 99) * 1000:.1f} ms; "
+            f"backlog max {max((n for _, n in samples), default=0)}; generator lag p99 "
+            f"{percentile(lags, 99) * 1000:.1f} ms",
+            f"scheduler CPU {self.cpu_s:.2f} s = {self.cpu_s / max(self.wall_s, 1e-9):.0%} of its core, "
+            f"{self.cpu_s / max(1, len(answered)) * 1000:.3f} ms per request",
+        ]
+        kinds = Counter(s.record.kind for s in answered)
+        for kind, count in sorted(kinds.items()):
+            values = self.latencies(kind)
+            lines.append(
+                f"  {kind:8s} {count:7d} requests, latency p50 {percentile(values, 50) * 1000:.1f} ms, "
+                f"p99 {percentile(values, 99) * 1000:.1f} ms"
+            )
+        for error in sorted(set(self.errors()))[:5]:
+            lines.append(f"  error: {error}")
+        kept, why = self.verdict()
+        lines.append(f"verdict: {'KEPT UP' if kept else 'NOT KEPT UP' if kept is False else 'INCONCLUSIVE'} - {why}")
+        return "\n".join(lines)
+
+
+class _HostConnection:
+    """One host's kept-alive connection to the scheduler, as a daemon keeps one."""
+
+    def __init__(self, host: str, port: int, extra_headers: str) -> None:
+        self.host, self.port, self.extra = host, port, extra_headers
+        self.stream: trio.SocketStream | None = None
+        self.buffered = bytearray()
+
+    async def post(self, path: str, body: bytes) -> int:
+        if self.stream is None:
+            self.stream = await trio.open_tcp_stream(self.host, self.port)
+        head = f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{self.extra}content-length: {len(body)}\r\n\r\n"
+        await self.stream.send_all(head.encode() + body)
+        while (end := self.buffered.find(b"\r\n\r\n")) < 0:
+            await self._more()
+        lines = bytes(self.buffered[:end]).decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:"))
+        del self.buffered[: end + 4]
+        while len(self.buffered) < length:
+            await self._more()
+        del self.buffered[:length]
+        return status
+
+    async def _more(self) -> None:
+        assert self.stream is not None
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise ConnectionError("the scheduler closed the connection")
+        self.buffered += data
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+
+
+async def _seed_stub(request: Request) -> Response:
+    """The simulated seed: accepts a wake-up (its progress comes from the trace)."""
+    await request.body(limit=wire.MAX_BODY_BYTES)
+    return Response(202, [("content-type", wire.CONTENT_TYPE)], wire.encode(wire.Empty()))
+
+
+async def send_trace(
+    scheduler_url: str, scheduler_pid: int, trace: Path, *, speed: float = 1.0, target_s: float = 0.100
+) -> ReplayResult:
+    """Announce the trace's hosts, then send its requests at their times; see the module doc."""
+    _, records = read_trace(trace)
+    parts = urlsplit(scheduler_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    extra = f"content-type: {wire.CONTENT_TYPE}\r\n"
+    setup = [r for r in records if r.kind == "announce" and r.time_s <= 0]
+    timed = [r for r in records if not (r.kind == "announce" and r.time_s <= 0)]
+    result = ReplayResult(trace=trace, hosts=len({r.host_id for r in records}), target_s=target_s)
+    per_host: dict[str, list[Sent]] = defaultdict(list)
+    for record in timed:
+        sent = Sent(record, scheduled_s=record.time_s / speed)
+        per_host[record.host_id].append(sent)
+        result.requests.append(sent)
+    connections = {h: _HostConnection(host, port, extra) for h in {r.host_id for r in records}}
+    async with trio.open_nursery() as nursery:
+        stub_host, stub_port = await nursery.start(
+            lambda task_status: serve_http(_seed_stub, "127.0.0.1", 0, name="seed-stub", task_status=task_status)
+        )
+        limit = trio.CapacityLimiter(64)
+
+        async def announce(record: TraceRecord) -> None:
+            message = wire.decode(wire.AnnounceHost, record.body)
+            if message.kind == "seed":
+                message = wire.AnnounceHost(
+                    host_id=message.host_id,
+                    url=f"http://{stub_host}:{stub_port}",
+                    kind="seed",
+                    upload_slots=message.upload_slots,
+                    tasks=message.tasks,
+                    site=message.site,
+                    location=message.location,
+                )
+            async with limit:
+                status = await connections[record.host_id].post(record.path, wire.encode(message))
+            if status != 200:
+                raise RuntimeError(f"announce of {record.host_id} answered HTTP {status}")
+
+        async with trio.open_nursery() as setup_nursery:
+            for record in setup:
+                setup_nursery.start_soon(announce, record)
+        result.setup_requests = len(setup)
+
+        before = cpu_seconds(scheduler_pid)
+        start = trio.current_time() + 0.5  # every host task is waiting before the first is due
+
+        async def run_host(host_id: str) -> None:
+            connection = connections[host_id]
+            free = 0.0
+            for sent in per_host[host_id]:
+                await trio.sleep_until(start + sent.scheduled_s)
+                sent.free_s = free
+                sent.sent_s = trio.current_time() - start
+                try:
+                    sent.status = await connection.post(sent.record.path, sent.record.body)
+                except (OSError, ValueError, StopIteration, trio.BrokenResourceError) as exc:
+                    sent.error = f"{sent.record.kind}: {type(exc).__name__}: {exc}"
+                    await connection.aclose()
+                    connection = connections[host_id] = _HostConnection(host, port, extra)
+                free = sent.answered_s = trio.current_time() - start
+
+        async with trio.open_nursery() as hosts_nursery:
+            for host_id in per_host:
+                hosts_nursery.start_soon(run_host, host_id)
+        result.wall_s = trio.current_time() - start
+        result.cpu_s = cpu_seconds(scheduler_pid) - before
+        for connection in connections.values():
+            await connection.aclose()
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def pin_to_core(core: int) -> bool:
+    """Run this process on one core when the machine has it; False if it cannot."""
+    if not hasattr(os, "sched_setaffinity") or core not in os.sched_getaffinity(0):
+        return False
+    os.sched_setaffinity(0, {core})
+    return True
+
+
+def replay(trace: Path, workdir: Path, *, speed: float = 1.0, target_s: float = 0.100) -> ReplayResult:
+    """Start a scheduler on its own core (allowing the trace's registry, connections for every
+    host), pin this process to the other core, and send the trace."""
+    _, records = read_trace(trace)
+    registries = sorted(
+        {urlsplit(wire.decode(wire.Register, r.body).url).netloc for r in records if r.kind == "register"}
+    )
+    hosts = len({r.host_id for r in records})
+    port = free_port()
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    pinned = {SCHEDULER_CORE, GENERATOR_CORE} <= cores
+    argv = [
+        *(["taskset", "-c", str(SCHEDULER_CORE)] if pinned else []),
+        str(p2pdist_executable()), "scheduler",
+        "--listen", f"127.0.0.1:{port}",
+        "--max-connections", str(hosts + 64),
+        *[arg for registry in registries for arg in ("--allowed-registry", registry)],
+    ]  # fmt: skip
+    scheduler = Service("scheduler", argv, workdir / "scheduler.log", f"http://127.0.0.1:{port}")
+    affinity = cores
+    try:
+        scheduler.wait_healthy(30)
+        if pinned:
+            pin_to_core(GENERATOR_CORE)
+        return trio.run(lambda: send_trace(scheduler.url, scheduler.pid, trace, speed=speed, target_s=target_s))
+    finally:
+        if pinned:
+            os.sched_setaffinity(0, affinity)
+        scheduler.stop()
