@@ -65,8 +65,13 @@ def write_hosts_toml(hosts_dir: Path, registry_host: str, server: str, mirror: s
 class Containerd(Stoppable):
     """A private containerd. `pull` runs `ctr image pull --hosts-dir` and returns its seconds."""
 
-    def __init__(self, workdir: Path, name: str = "containerd", *, timeout: float = READY_TIMEOUT_S) -> None:
+    def __init__(
+        self, workdir: Path, name: str = "containerd", *, timeout: float = READY_TIMEOUT_S, netns: str | None = None
+    ) -> None:
         self.name = name
+        # In a network namespace (a host of a site in lab/netns.py), containerd and ctr run
+        # there both: ctr itself fetches what it pulls.
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.dir = Path(tempfile.mkdtemp(prefix=f"p2pd-{name}-", dir=_SHORT_TMP))
         self.socket = self.dir / "containerd.sock"
         config = self.dir / "config.toml"
@@ -83,16 +88,19 @@ class Containerd(Stoppable):
         )
         self.ctr_bin = _binary("ctr")
         self.service = Service(
-            name, [_binary("containerd"), "--config", str(config)], workdir / f"{name}.log", f"unix://{self.socket}"
+            name,
+            [*self.prefix, _binary("containerd"), "--config", str(config)],
+            workdir / f"{name}.log",
+            f"unix://{self.socket}",
         )
         try:
-            _wait(self.service, [self.ctr_bin, "--address", str(self.socket), "version"], timeout)
+            _wait(self.service, [*self.prefix, self.ctr_bin, "--address", str(self.socket), "version"], timeout)
         except BaseException:
             self.stop()
             raise
 
     def ctr(self, *args: str, timeout: float = 300.0, namespace: str = "default") -> subprocess.CompletedProcess[str]:
-        argv = [self.ctr_bin, "--address", str(self.socket), "--namespace", namespace, *args]
+        argv = [*self.prefix, self.ctr_bin, "--address", str(self.socket), "--namespace", namespace, *args]
         return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
 
     def pull(self, ref: str, hosts_dir: Path, *, user: str | None = None, timeout: float = 300.0) -> float:

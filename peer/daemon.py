@@ -26,7 +26,7 @@ from p2pdist.transport.piececlient import PieceClient
 from p2pdist.transport.ratelimit import maybe_bucket
 from p2pdist.transport.server import Request, Response, serve_http
 from peer.download import TaskDownload
-from peer.sitepeers import SitePeers, holding_answer
+from peer.sitepeers import SitePeers, site_answer
 
 if TYPE_CHECKING:
     from peer.proxy import Proxy
@@ -140,7 +140,7 @@ class PeerDaemon(Node[PeerConfig]):
     # -- the node's hooks -----------------------------------------------------------------
 
     async def route(self, request: Request) -> Response | None:
-        return holding_answer(self, request)
+        return site_answer(self, request)
 
     def back_to_source_log(self) -> list[dict[str, Any]]:
         return [

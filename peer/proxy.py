@@ -36,7 +36,7 @@ from p2pdist.transport.server import FileBody, Request, Response
 from peer.auth import AccessCheck, Verdict
 from peer.daemon import PeerDaemon
 from peer.download import TaskDownload
-from peer.manifests import MAX_MANIFEST_BYTES, ManifestCache, is_digest
+from peer.manifests import MAX_MANIFEST_BYTES, CachedManifest, ManifestCache, is_digest
 from peer.offline import OfflineAccess, offline_note, unreachable
 from peer.upstream import (
     MAX_HOPS,
@@ -49,6 +49,7 @@ from peer.upstream import (
     relayed_headers,
     resolve_upstream,
 )
+from peer.verdicts import PublicLink
 
 log = logging.getLogger("p2pdist.proxy")
 
@@ -245,7 +246,7 @@ class Proxy:
             if not unreachable(exc):
                 raise
             self.warn_upstream(exc, f"manifest {name}:{reference[:19]}: ")
-            return self._manifest_offline(request, up, name, reference, exc)
+            return await self._manifest_offline(request, up, name, reference, exc)
         relayed = [*relayed_headers(response), ("oci-namespace", up.namespace)]
         if response.status_code >= 500:
             self.warn_upstream(UpstreamError(f"{request.method} {redact(url)} answered {response.status_code}"))
@@ -276,12 +277,14 @@ class Proxy:
             self.offline.allowed(request.headers.get("authorization", ""), up.base, name, kept)
         return Response(200, relayed, body)
 
-    def _manifest_offline(
+    async def _manifest_offline(
         self, request: Request, up: Upstream, name: str, reference: str, exc: OriginError
     ) -> Response:
-        """The registry cannot be reached: a manifest by digest from the cache, if the registry
-        gave these credentials a yes for it within offline_grace_s; a tag only when the operator
-        enabled serve_stale_tags, marked stale. Anything else: a one-line error at once."""
+        """The registry cannot be reached: a manifest by digest from the cache (or kept by a
+        site host, checked against its digest), if the registry gave these credentials a yes
+        for it within offline_grace_s (or, for an anonymous client, a site host saw anonymous
+        reads of it allowed); a tag only when the operator enabled serve_stale_tags, marked
+        stale. Anything else: a one-line error at once."""
         authorization = request.headers.get("authorization", "")
         extra: list[tuple[str, str]] = []
         digest = reference
@@ -298,24 +301,41 @@ class Proxy:
                 return oci_error(
                     exc.status, exc.code, f"manifest {name}:{reference}: {exc}; this peer never saw the tag resolved"
                 )
-            age = max(0.0, time.time() - known.resolved_at)
+            resolved_ago = max(0.0, time.time() - known.resolved_at)
             digest = known.digest
             extra = [
                 ("warning", '110 - "stale: registry unreachable"'),
-                (STALE_HEADER, f"tag resolved {age:.0f}s ago; registry unreachable"),
+                (STALE_HEADER, f"tag resolved {resolved_ago:.0f}s ago; registry unreachable"),
             ]
         cached = self.manifests.get(digest)
+        public: tuple[PublicLink, ...] = ()
         if cached is None:
-            return oci_error(
-                exc.status, exc.code, f"manifest {name}@{short(digest)}: {exc}; not in this peer's manifest cache"
-            )
-        age_of_yes = self.offline.verdicts.offline(authorization, up.base, name, digest, time.time())
-        if age_of_yes is None or self.config.offline_grace_s <= 0:
+            found = await self.daemon.site.find_manifest(digest)
+            if found is None:
+                return oci_error(
+                    exc.status,
+                    exc.code,
+                    f"manifest {name}@{short(digest)}: {exc}; neither this peer nor a host of its site keeps it",
+                )
+            self.manifests.put(up.base, name, digest, found.body, found.media_type, "", time.time())
+            cached, public = CachedManifest(found.digest, found.media_type, found.body), found.public
+        grace = self.config.offline_grace_s
+        yes_age = self.offline.verdicts.offline(authorization, up.base, name, digest, time.time())
+        why = None if yes_age is None else f"the registry allowed these credentials {yes_age:.0f}s ago"
+        if why is None and not authorization and not public:
+            # No yes of its own: what a site host that keeps the manifest saw of anonymous reads.
+            found = await self.daemon.site.find_manifest(digest)
+            public = found.public if found is not None else ()
+        if why is None and not authorization:
+            seen = [p.age_s for p in public if (p.registry, p.name) == (up.base, name) and 0 <= p.age_s <= grace]
+            if seen:
+                why = f"a site host saw anonymous reads allowed {min(seen):.0f}s ago"
+        if why is None or grace <= 0:
             return oci_error(
                 exc.status,
                 exc.code,
                 f"cannot check the client's access to {name}: {exc}; no yes from it for these credentials "
-                f"within offline_grace_s ({self.config.offline_grace_s:g}s)",
+                f"within offline_grace_s ({grace:g}s)",
             )
         self.metrics.access_checks.labels("offline").inc()
         headers = [
@@ -324,7 +344,7 @@ class Proxy:
             ("docker-content-digest", cached.digest),
             ("etag", f'"{cached.digest}"'),
             ("oci-namespace", up.namespace),
-            (OFFLINE_HEADER, f"the registry allowed these credentials {age_of_yes:.0f}s ago"),
+            (OFFLINE_HEADER, why),
             *extra,
         ]
         if request.method == "HEAD":

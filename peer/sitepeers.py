@@ -1,15 +1,18 @@
-"""Finding the holders of a blob in this host's site without the scheduler (issue 13).
+"""Finding the holders of a blob, or a manifest, in this host's site without the scheduler or
+the registry (issue 13).
 
 When no scheduler answers (the site's WAN link is down), a peer asks the hosts of its site
 directly: those in `site_peers` (HOST:PORT, or one DNS name with an address per host) and
 those the scheduler named as site members while it answered (kept in the data dir). Each is
 asked `GET /v1/tasks/<digest>` on its piece port, which answers only for a blob it holds
 whole with its sha256 checked: the size, the BLAKE3 digest of every piece, and where
-anonymous clients were allowed to read it. Short timeouts: this is the path of a cut link.
+anonymous clients were allowed to read it; `GET /v1/manifests/<digest>` answers a manifest
+its mirror kept. Short timeouts: this is the path of a cut link.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -24,7 +27,7 @@ import trio
 
 from p2pdist import wire
 from p2pdist.config import parse_hostport
-from p2pdist.content.digest import PIECE_DIGEST_BYTES, parse_digest, short
+from p2pdist.content.digest import PIECE_DIGEST_BYTES, parse_digest, sha256_digest, short
 from p2pdist.content.pieces import PieceLayout
 from p2pdist.errors import UpstreamError
 from p2pdist.transport.server import Request, Response, text_response
@@ -37,12 +40,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pdist.site")
 
 HOLDING_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)")
+MANIFEST_PATH = re.compile(r"/v1/manifests/(?P<digest>[^/]+)")
 MEMBERS_FILE = "site-members.json"
 MAX_MEMBERS = 256  # remembered site members, the most recently named kept
 MEMBER_TTL_S = 24 * 3600.0  # a member the scheduler has not named for this long is forgotten
 LEARN_INTERVAL_S = 30.0  # how often the scheduler is asked for the site's members
 MAX_ASKED = 64  # hosts asked at once for one blob
 MAX_ANSWER_BYTES = 256 << 10
+MAX_MANIFEST_ANSWER_BYTES = 6 << 20  # a 4 MiB manifest in base64, and its fields
 # One lookup answers the access check and the download that follows it.
 LOOKUP_CACHE_S = 5.0
 
@@ -77,6 +82,62 @@ def holding_answer(daemon: PeerDaemon, request: Request) -> Response | None:
         "public": [{"registry": p.registry, "repository": p.name, "age_s": round(p.age_s, 1)} for p in public],
     }
     return Response(200, [("content-type", "application/json")], json.dumps(body).encode())
+
+
+def manifest_answer(daemon: PeerDaemon, request: Request) -> Response | None:
+    """`GET /v1/manifests/<digest>` on the piece port: a manifest this host's mirror served and
+    keeps, for a site host whose registry cannot be reached; None for another path."""
+    m = MANIFEST_PATH.fullmatch(request.path)
+    if m is None:
+        return None
+    if (refused := refuse_unauthorized(request, daemon.config.cluster_secret)) is not None:
+        return refused
+    if request.method not in ("GET", "HEAD"):
+        return text_response(405, "/v1/manifests/<digest> is read-only: use GET", [("allow", "GET, HEAD")])
+    digest = parse_digest(m.group("digest"))
+    cached = daemon.proxy.manifests.get(digest) if daemon.proxy is not None else None
+    if cached is None or daemon.proxy is None:
+        return text_response(404, f"manifest {short(digest)} is not kept here")
+    public = daemon.proxy.offline.verdicts.public(digest, time.time())
+    body = {
+        "digest": digest,
+        "media_type": cached.media_type,
+        "body": base64.b64encode(cached.body).decode(),
+        "public": [{"registry": p.registry, "repository": p.name, "age_s": round(p.age_s, 1)} for p in public],
+    }
+    return Response(200, [("content-type", "application/json")], json.dumps(body).encode())
+
+
+def site_answer(daemon: PeerDaemon, request: Request) -> Response | None:
+    """The piece port's endpoints for site hosts that cannot reach the scheduler or registry."""
+    return holding_answer(daemon, request) or manifest_answer(daemon, request)
+
+
+@dataclass(frozen=True)
+class SiteManifest:
+    """A manifest a site host kept, its bytes checked against the digest asked for."""
+
+    url: str
+    digest: str
+    media_type: str
+    body: bytes
+    public: tuple[PublicLink, ...]
+
+
+def parse_manifest(url: str, digest: str, data: bytes) -> SiteManifest | None:
+    """A site host's manifest answer, checked field by field and the bytes against `digest`."""
+    try:
+        raw = json.loads(data)
+        body = base64.b64decode(raw["body"], validate=True)
+        media_type = raw["media_type"]
+        public = tuple(
+            PublicLink(str(p["registry"]), str(p["repository"]), float(p["age_s"])) for p in raw.get("public", [])
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if raw.get("digest") != digest or not isinstance(media_type, str) or sha256_digest(body) != digest:
+        return None
+    return SiteManifest(url, digest, media_type, body, public)
 
 
 # -- the asker's side ----------------------------------------------------------------------
@@ -217,6 +278,38 @@ class SitePeers:
         if found is None or time.monotonic() - found[0] >= LOOKUP_CACHE_S:
             return None
         return self._asked.get(task_id, 0), found[1]
+
+    async def find_manifest(self, digest: str) -> SiteManifest | None:
+        """A manifest some host of the site kept, asked of all at once within
+        `site_lookup_timeout_s`: the first whose bytes hash to `digest`."""
+        asked = await self.candidates()
+        found: list[SiteManifest] = []
+        if asked:
+            with trio.move_on_after(self.config.site_lookup_timeout_s):
+                async with trio.open_nursery() as nursery:
+                    for url in asked:
+                        nursery.start_soon(self._ask_manifest, url, digest, found, nursery.cancel_scope)
+        log.info(
+            "manifest %s: asked %d site host(s) directly, %s",
+            short(digest),
+            len(asked),
+            "found" if found else "none kept it",
+        )
+        return found[0] if found else None
+
+    async def _ask_manifest(self, url: str, digest: str, found: list[SiteManifest], done: trio.CancelScope) -> None:
+        try:
+            async with self.daemon.piece_client.get(f"{url}/v1/manifests/{digest}", {"x-p2pdist": "1"}) as response:
+                if response.status != 200 or response.length > MAX_MANIFEST_ANSWER_BYTES:
+                    return
+                data = await response.read()
+        except UpstreamError as exc:
+            log.debug("site host %s did not answer: %s", url, exc)
+            return
+        manifest = parse_manifest(url, digest, data)
+        if manifest is not None:
+            found.append(manifest)
+            done.cancel()  # one checked copy is all it takes
 
     async def _ask(self, url: str, task_id: str, holders: list[Holder]) -> None:
         try:

@@ -7,12 +7,16 @@ checked."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from lab.image import make_oci_layout, push_image
-from lab.netns import PEER_PORT, SiteLab
+from lab.image import MEDIA_TYPE_MANIFEST, make_oci_layout, push_image
+from lab.netns import CORE_ADDRESS, PEER_PORT, REGISTRY_PORT, SiteHost, SiteLab, in_netns
 from lab.registry import Origin
+from lab.runtimes import Containerd, write_hosts_toml
+from p2pdist.content.digest import sha256_digest
 from peer.sitepeers import MEMBERS_FILE
 from tests.support.cluster import MiB, sha256_file, wait_until
 
@@ -62,14 +66,30 @@ def test_each_layer_crosses_each_sites_uplink_about_once(tmp_path: Path) -> None
 WAN_DOWN_LIMIT_S = 10.0
 
 
+def fetch_in_netns(host: SiteHost, path: str) -> bytes:
+    """GET `path` through `host`'s mirror from inside its namespace, as containerd asks a mirror
+    (`?ns=<registry>`); the body, which must come with a 200."""
+    code = (
+        "import sys, httpx\n"
+        "r = httpx.get(sys.argv[1], params={'ns': sys.argv[2]}, headers={'accept': sys.argv[3]}, timeout=30)\n"
+        "r.raise_for_status()\n"
+        "sys.stdout.buffer.write(r.content)\n"
+    )
+    argv = [sys.executable, "-c", code, host.proxy_url + path, f"{CORE_ADDRESS}:{REGISTRY_PORT}", MEDIA_TYPE_MANIFEST]
+    result = subprocess.run(in_netns(host.netns, argv), capture_output=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-500:]
+    return result.stdout
+
+
 def test_with_its_wan_link_down_a_site_serves_what_its_hosts_hold_and_fails_the_rest_fast(tmp_path: Path) -> None:
     """The central shape with a site's uplink set down: a host new to the image, restarted after
     the link went down, finds the holders among the site members the scheduler named to it
-    before; a fifth host that joins afterwards, never having reached the scheduler, finds them
-    from its site_peers. Both pull every blob of the image (config and layers) from the site's
-    hosts through their own mirror, anonymously (the site's hosts saw the registry allow
-    anonymous reads); a blob nobody in the site holds fails fast with one line; once the link
-    is up a new pull works with no restart."""
+    before, and pulls every blob of the image with `p2pdist get`; a fifth host that joins
+    afterwards, never having reached the scheduler, finds them from its site_peers and pulls
+    the image by digest with containerd (`ctr image pull --hosts-dir`), its manifest from a site
+    host that kept it. Both anonymously: the site's hosts saw the registry allow anonymous
+    reads. A blob nobody in the site holds fails fast with one line; once the link is up a new
+    pull works with no restart."""
     image = make_oci_layout(tmp_path / "image", [8 * MiB, 6 * MiB], seed=14)
     unheld = make_oci_layout(tmp_path / "unheld", [6 * MiB], seed=15)  # pushed, never pulled
     with Origin(workdir=tmp_path / "origin") as staging:
@@ -79,7 +99,8 @@ def test_with_its_wan_link_down_a_site_serves_what_its_hosts_hold_and_fails_the_
     with SiteLab(tmp_path / "lab", 1, 4, uplink_bps=UPLINK_BPS) as lab:
         lab.start_registry(tmp_path / "origin" / "storage")
         lab.start_core()
-        lab.start_peers()
+        registry_host = lab.registry_url.removeprefix("http://")
+        lab.start_peers(["--insecure-registry", registry_host])  # a registry on plain HTTP, as runtimes are told
         (site,) = lab.site_names
         # h0 stays new to the image; it learns its site's members from the scheduler.
         rejoining, *holders = lab.hosts[site]
@@ -95,6 +116,9 @@ def test_with_its_wan_link_down_a_site_serves_what_its_hosts_hold_and_fails_the_
             _, err = job.communicate(timeout=PULL_TIMEOUT_S)
             assert job.returncode == 0, f"p2pdist get {digest[:19]} failed: {err.strip()}"
             assert sha256_file(out) == digest
+        # One host's mirror also serves the manifest (as a runtime's pull would), and keeps it.
+        manifest = fetch_in_netns(holders[0], f"/v2/edge/app/manifests/{image.manifest_digest}")
+        assert sha256_digest(manifest) == image.manifest_digest
 
         wait_until(
             lambda: members_file.exists() and len(json.loads(members_file.read_text())["members"]) == 3,
@@ -124,23 +148,25 @@ def test_with_its_wan_link_down_a_site_serves_what_its_hosts_hold_and_fails_the_
         took = time.monotonic() - healthy
         print(f"WAN down: h0, restarted, pulled {len(blobs)} blobs from remembered site members in {took:.1f} s")
         assert took <= WAN_DOWN_LIMIT_S
-        started = time.monotonic()
+        # A fifth host joins: its containerd (in the site's namespace, pointed at its peer by
+        # hosts.toml) and its peer, which knows its site only from site_peers.
         fifth = lab.add_host(site)
-        site_peers = [arg for h in holders for arg in ("--site-peer", f"{h.address}:{PEER_PORT}")]
-        lab.start_peers(site_peers, hosts=[fifth])
-        healthy = time.monotonic()
-        jobs = []
-        for blob in blobs:
-            out = tmp_path / f"cut-{blob.hex[:12]}"
-            jobs.append((blob.digest, out, lab.get(fifth, f"{lab.registry_url}/v2/edge/app/blobs/{blob.digest}", out)))
-        for digest, out, job in jobs:
-            _, err = job.communicate(timeout=60)
-            assert job.returncode == 0, f"WAN down: p2pdist get {digest[:19]} failed: {err.strip()}"
-            assert sha256_file(out) == digest
-        done = time.monotonic()
+        hosts_dir = tmp_path / "fifth-certs.d"
+        write_hosts_toml(hosts_dir, registry_host, lab.registry_url, fifth.proxy_url)
+        with Containerd(tmp_path, "containerd-fifth", netns=fifth.netns) as containerd:
+            started = time.monotonic()
+            site_peers = [arg for h in holders for arg in ("--site-peer", f"{h.address}:{PEER_PORT}")]
+            lab.start_peers([*site_peers, "--insecure-registry", registry_host], hosts=[fifth])
+            healthy = time.monotonic()
+            containerd.pull(f"{registry_host}/edge/app@{image.manifest_digest}", hosts_dir, timeout=60)
+            done = time.monotonic()
+            wanted = {blob.digest for blob in blobs} | {image.manifest_digest}
+            assert wanted <= containerd.content_digests()  # containerd checks each digest as it writes
+            snapshots = containerd.ctr("snapshots", "ls")
+            assert snapshots.returncode == 0 and len(snapshots.stdout.splitlines()) - 1 >= len(image.layers)
         print(
-            f"WAN down: a fifth host pulled {len(blobs)} blobs from its site {done - started:.1f} s after it was "
-            f"started ({done - healthy:.1f} s after it was healthy)"
+            f"WAN down: a fifth host pulled the image by digest with containerd from its site {done - started:.1f} s "
+            f"after its peer was started ({done - healthy:.1f} s after it was healthy)"
         )
         # From the moment the new host serves (its /healthz answers): what follows is the pull.
         # The time before it is this test's own process start-ups on a shared machine.

@@ -216,13 +216,15 @@ def test_get_writes_into_a_pipe_and_leaves_it_a_pipe(held: tuple[Cluster, str], 
         ("/v1/tasks/{good}", "GET", 404),
         ("/v1/tasks/{digest}", "POST", 405),
         ("/v1/tasks/{digest}", "DELETE", 405),
+        ("/v1/manifests/sha256:zz", "GET", 400),
+        ("/v1/manifests/latest", "GET", 400),
+        ("/v1/manifests/{good}", "GET", 404),
+        ("/v1/manifests/{good}", "PUT", 405),
     ],
 )
-def test_the_site_holding_endpoint_rejects_bad_input(
-    held: tuple[Cluster, str], path: str, method: str, status: int
-) -> None:
-    """GET /v1/tasks/<digest> (a site host asking without the scheduler) answers bad input with
-    a 4xx and a one-line reason and keeps serving."""
+def test_the_site_endpoints_reject_bad_input(held: tuple[Cluster, str], path: str, method: str, status: int) -> None:
+    """GET /v1/tasks/<digest> and /v1/manifests/<digest> (a site host asking without the
+    scheduler or registry) answer bad input with a 4xx and a one-line reason and keep serving."""
     cluster, digest = held
     peer = cluster.peers[0]
     response = httpx.request(method, peer.url + path.format(digest=digest, good=GOOD_DIGEST))

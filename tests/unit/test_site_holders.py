@@ -3,6 +3,8 @@ field by field, holders that disagree are outvoted, and the site_peers key parse
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -13,7 +15,15 @@ import trio
 
 from p2pdist import wire
 from p2pdist.config import ConfigError, PeerConfig, SchedulerConfig, from_mapping
-from peer.sitepeers import MAX_MEMBERS, MEMBER_TTL_S, SitePeers, agreeing, merge_members, parse_holding
+from peer.sitepeers import (
+    MAX_MEMBERS,
+    MEMBER_TTL_S,
+    SitePeers,
+    agreeing,
+    merge_members,
+    parse_holding,
+    parse_manifest,
+)
 from scheduler.state import Scheduler
 
 TASK = "sha256:" + "cd" * 32
@@ -139,3 +149,29 @@ async def test_site_peers_names_resolve_to_every_address_and_the_own_host_is_lef
         ]
         # Kept for a restart in the data dir.
         assert set(SitePeers(daemon).members) == {"http://127.0.0.4:4000", "http://127.0.0.2:4000"}  # type: ignore[arg-type]
+
+
+def test_a_site_hosts_manifest_is_taken_only_if_its_bytes_hash_to_the_digest_asked() -> None:
+    body = b'{"schemaVersion":2}'
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def manifest(**changes: object) -> bytes:
+        raw: dict[str, object] = {
+            "digest": digest,
+            "media_type": "application/vnd.oci.image.manifest.v1+json",
+            "body": base64.b64encode(body).decode(),
+            "public": [{"registry": "http://r:5000", "repository": "edge/app", "age_s": 3}],
+        }
+        raw.update(changes)
+        return json.dumps(raw).encode()
+
+    found = parse_manifest("http://10.0.0.2:4000", digest, manifest())
+    assert found is not None and found.body == body and found.public[0].name == "edge/app"
+    for bad in (
+        manifest(body=base64.b64encode(b'{"schemaVersion":3}').decode()),  # other bytes
+        manifest(body="not base64!"),
+        manifest(digest="sha256:" + "ab" * 32),
+        manifest(media_type=5),
+        b"[]",
+    ):
+        assert parse_manifest("http://10.0.0.2:4000", digest, bad) is None
