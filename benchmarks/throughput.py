@@ -148,6 +148,8 @@ def run(blob_size: int, workdir: Path, children: int = 0, verify_once: bool = Fa
                 peer_b, f"{peer_b.proxy_url}/v2/{REPO}/blobs/{layer.digest}", origin.host
             )
             results["p2p_download_cpu_s"] = cpu_s(peer_b.pid) - b_cpu
+            # 1 when B skipped the blob's sha256 on a seed's attestation (verify once), else 0.
+            results["b_attested"] = metric_sum(peer_b.url, 'p2pdist_peer_blob_checks_total{how="attested"}')
             from_peers = metric_sum(peer_b.url, 'p2pdist_peer_download_bytes_total{source="peer"}')
             assert from_peers == size, f"B fetched {from_peers} of {size} bytes from its parent"
             peer_b.stop()  # C's only parent is A
@@ -157,6 +159,7 @@ def run(blob_size: int, workdir: Path, children: int = 0, verify_once: bool = Fa
                 [*get, str(peer_c.proxy_url)], workdir / "c.out", layer.digest
             )
             results["p2p_get_peer_cpu_s"] = cpu_s(peer_c.pid) - c_cpu
+            results["c_attested"] = metric_sum(peer_c.url, 'p2pdist_peer_blob_checks_total{how="attested"}')
             # A warm peer: A holds the whole blob, so this is the client's path alone.
             curl_to_new_file(url, scratch)
             a_cpu = cpu_s(peer_a.pid)
@@ -216,7 +219,8 @@ def main() -> None:
     ):
         print(f"  {label:56s} {r[key]:6.2f} s  {mib / r[key]:7.0f} MiB/s  {r['curl_file_s'] / r[key]:.2f}x curl")
     gib = r["blob_bytes"] / (1 << 30)
-    print(f"  peer B: {r['p2p_download_cpu_s'] / gib:.2f} CPU-s per GiB")
+    attested = f" (sha256 attested: B {r['b_attested']:.0f}, C {r['c_attested']:.0f})" if args.verify_once else ""
+    print(f"  peer B: {r['p2p_download_cpu_s'] / gib:.2f} CPU-s per GiB{attested}")
     print(
         f"  get cold: client {r['p2p_get_client_cpu_s'] / gib:.2f}, peer C {r['p2p_get_peer_cpu_s'] / gib:.2f} CPU-s per GiB;"
         f" get warm: client {r['p2p_get_warm_client_cpu_s'] / gib:.2f}, peer A {r['p2p_get_warm_peer_cpu_s'] / gib:.2f}"
