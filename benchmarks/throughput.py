@@ -127,7 +127,9 @@ def run(blob_size: int, workdir: Path, children: int = 0, verify_once: bool = Fa
         curl(url, "/dev/null")  # warm the origin's page cache
         results["curl_devnull_s"] = min(curl(url, "/dev/null") for _ in range(3))
         scratch = workdir / "curl.out"
+        cpu_before = children_cpu_s()
         results["curl_file_s"] = min(curl_to_new_file(url, scratch) for _ in range(4))
+        results["curl_file_cpu_s"] = (children_cpu_s() - cpu_before) / 4  # curl's own, per run
         insecure = ["--insecure-registry", origin.host]
         seed_args: list[str] = []
         if verify_once:
@@ -221,6 +223,7 @@ def main() -> None:
     gib = r["blob_bytes"] / (1 << 30)
     attested = f" (sha256 attested: B {r['b_attested']:.0f}, C {r['c_attested']:.0f})" if args.verify_once else ""
     print(f"  peer B: {r['p2p_download_cpu_s'] / gib:.2f} CPU-s per GiB{attested}")
+    print(f"  curl to a file: {r['curl_file_cpu_s'] / gib:.2f} CPU-s per GiB")
     print(
         f"  get cold: client {r['p2p_get_client_cpu_s'] / gib:.2f}, peer C {r['p2p_get_peer_cpu_s'] / gib:.2f} CPU-s per GiB;"
         f" get warm: client {r['p2p_get_warm_client_cpu_s'] / gib:.2f}, peer A {r['p2p_get_warm_peer_cpu_s'] / gib:.2f}"
