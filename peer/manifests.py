@@ -25,6 +25,8 @@ log = logging.getLogger("p2pdist.mirror")
 # Distribution refuses manifests over 4 MiB; a bigger answer passes through uncached.
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_TAGS = 10_000
+# Manifests kept; past it the least recently written tenth goes (a few KiB each: ~100 MiB at most).
+MAX_MANIFESTS = 20_000
 TAGS_FILE = "tags.json"
 
 
@@ -59,6 +61,8 @@ class ManifestCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.tags: OrderedDict[str, TagResolution] = OrderedDict()
         self._load_tags()
+        self.max_manifests = MAX_MANIFESTS
+        self._count = sum(1 for p in self.root.iterdir() if _is_manifest_file(p))
 
     # -- writing --------------------------------------------------------------------------
 
@@ -79,6 +83,9 @@ class ManifestCache:
         if not path.exists():
             _atomic_write(path.with_name(path.name + ".type"), media_type.encode())
             _atomic_write(path, body)
+            self._count += 1
+            if self._count > self.max_manifests:
+                self._evict()
         if not is_digest(reference):
             self.resolved(registry, name, reference, digest, media_type, now)
         return digest
@@ -113,6 +120,14 @@ class ManifestCache:
             return None
         return CachedManifest(digest, media_type, body)
 
+    def _evict(self) -> None:
+        """Drop the least recently written tenth of the manifests (at least one)."""
+        files = sorted((p for p in self.root.iterdir() if _is_manifest_file(p)), key=_mtime)
+        for path in files[: max(1, len(files) // 10)]:
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".type").unlink(missing_ok=True)
+        self._count = sum(1 for p in self.root.iterdir() if _is_manifest_file(p))
+
     def tag(self, registry: str, name: str, tag: str) -> TagResolution | None:
         return self.tags.get(_tag_key(registry, name, tag))
 
@@ -135,6 +150,17 @@ class ManifestCache:
             _atomic_write(self.root / TAGS_FILE, json.dumps(data).encode())
         except OSError as exc:
             log.warning("cannot keep tag resolutions in %s: %s", self.root, exc)
+
+
+def _is_manifest_file(path: Path) -> bool:
+    return len(path.name) == 64 and not path.name.startswith(".")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _valid_digest(value: str) -> bool:

@@ -3,6 +3,7 @@ digest its bytes hash to, served only after hashing again, tags remembered acros
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from p2pdist.content.digest import digest_hex, sha256_digest
@@ -55,3 +56,16 @@ def test_a_head_resolution_is_remembered_for_the_get_by_digest_that_follows(tmp_
 def test_an_unreadable_tags_file_starts_empty(tmp_path: Path) -> None:
     (tmp_path / "tags.json").write_text("{not json")
     assert ManifestCache(tmp_path).tags == {}
+
+
+def test_the_cache_is_bounded_the_oldest_written_going_first(tmp_path: Path) -> None:
+    cache = ManifestCache(tmp_path)
+    cache.max_manifests = 10
+    digests = []
+    for i in range(11):
+        body = BODY.replace(b"[]", f"[{i}]".encode())
+        digests.append(cache.put(REG, "edge/app", sha256_digest(body), body, OCI, "", now=float(i)))
+        os.utime(tmp_path / digest_hex(sha256_digest(body)), (i, i))  # written in this order
+    assert cache.get(digests[0]) is None  # the oldest went
+    assert all(cache.get(d) is not None for d in digests[1:] if d is not None)
+    assert ManifestCache(tmp_path)._count == 10
