@@ -26,6 +26,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ from lab.registry import Origin
 from p2pdist.config import parse_size
 from p2pdist.registry.oci import SCHEME_HEADER
 
-CURL_TIMES = "%{time_starttransfer} %{time_total}"
+CURL_TIMES = "%{time_starttransfer} %{time_total}\n"
+# curl, then the wall-clock time it ended: exact, however late this process looks.
+TIMED = 'curl "$@"; status=$?; date +%s.%N; exit $status'
 
 
 def sha256_file(path: Path) -> str:
@@ -63,7 +66,23 @@ def pull_round(lab: SiteLab, image: ImageInfo, workdir: Path, *, direct: bool) -
     before = {site: lab.uplink_bytes(site)[0] for site in lab.site_names}
     jobs: list[tuple[SiteHost, str, Path, subprocess.Popen[str], float]] = []
     cpu_before = cpu_times()
+    crossed: dict[str, float | None] = dict.fromkeys(lab.site_names)
+    sampling = threading.Event()
     started = time.monotonic()
+    started_wall = time.time()
+
+    def sample() -> None:
+        # Bytes into each site over time, in a thread of its own so the polling below cannot
+        # delay it: when the image had crossed each uplink.
+        while not sampling.is_set():
+            into_now = lab.bytes_into_sites()
+            for site, at in crossed.items():
+                if at is None and into_now[site] - before[site] >= image.total_layer_bytes:
+                    crossed[site] = round(time.monotonic() - started, 3)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for site, hosts in lab.hosts.items():
         for i, host in enumerate(hosts):
             for layer in image.layers:
@@ -77,39 +96,40 @@ def pull_round(lab: SiteLab, image: ImageInfo, workdir: Path, *, direct: bool) -
                 curl = ["curl", "-sSf", "-H", f"{SCHEME_HEADER}: http", "-o", str(out), "-w", CURL_TIMES, url]
                 spawned = time.monotonic() - started
                 job = subprocess.Popen(
-                    in_netns(host.netns, curl), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                    in_netns(host.netns, ["sh", "-c", TIMED, "sh", *curl[1:]]),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
                 )
                 jobs.append((host, layer.digest, out, job, spawned))
     done_at: dict[str, float] = {}
     timeline: dict[str, dict[str, list[float]]] = {}
-    # Bytes into each site over time: when the image had crossed each uplink.
-    crossed: dict[str, float | None] = dict.fromkeys(lab.site_names)
     finished: list[tuple[SiteHost, str, Path, subprocess.Popen[str], str]] = []
     pending = list(jobs)
     while pending:
-        # Only stamped here; the files are hashed after the round, so that checking one does
-        # not delay the time taken of the next (24 × 32 MiB of sha256 is seconds on 2 cores).
-        now = time.monotonic() - started
+        # The files are hashed after the round: hashing one must not delay taking the next.
         for entry in list(pending):
             host, digest, out, job, spawned = entry
             if job.poll() is None:
                 continue
             pending.remove(entry)
             got, err = job.communicate()
-            done_at[host.address] = max(done_at.get(host.address, 0.0), now)
-            first_byte, total = (float(x) for x in got.split()) if job.returncode == 0 else (0.0, 0.0)
-            # curl's own clock runs from its start: the first byte at now - total + first_byte.
+            finished.append((host, digest, out, job, err))
+            if job.returncode != 0:
+                continue
+            curl_times, ended = got.split("\n")[:2]
+            first_byte, total = (float(x) for x in curl_times.split())
+            done = float(ended) - started_wall
+            done_at[host.address] = max(done_at.get(host.address, 0.0), done)
+            # curl's own clock runs from its start: the first byte came total - first_byte before the end.
             timeline.setdefault(host.address, {})[digest[7:19]] = [
                 round(spawned, 3),
-                round(now - total + first_byte, 3),
-                round(now, 3),
+                round(done - total + first_byte, 3),
+                round(done, 3),
             ]
-            finished.append((host, digest, out, job, err))
-        into_now = lab.bytes_into_sites()
-        for site, at in crossed.items():
-            if at is None and into_now[site] - before[site] >= image.total_layer_bytes:
-                crossed[site] = round(time.monotonic() - started, 3)
         time.sleep(0.05)
+    sampling.set()
+    sampler.join()
     for host, digest, out, job, err in finished:
         if job.returncode != 0 or sha256_file(out) != digest:
             raise SystemExit(f"{host.address}: {digest[:19]} failed: {err.strip()[-300:]}")
