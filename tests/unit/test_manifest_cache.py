@@ -64,8 +64,10 @@ def test_the_cache_is_bounded_the_oldest_written_going_first(tmp_path: Path) -> 
     digests = []
     for i in range(11):
         body = BODY.replace(b"[]", f"[{i}]".encode())
-        digests.append(cache.put(REG, "edge/app", sha256_digest(body), body, OCI, "", now=float(i)))
-        os.utime(tmp_path / digest_hex(sha256_digest(body)), (i, i))  # written in this order
+        digest = sha256_digest(body)
+        assert cache.put(REG, "edge/app", digest, body, OCI, "", now=float(i)) == digest
+        digests.append(digest)
+        os.utime(tmp_path / digest_hex(digest), (i, i))  # written in this order
     assert cache.get(digests[0]) is None  # the oldest went
-    assert all(cache.get(d) is not None for d in digests[1:] if d is not None)
+    assert all(cache.get(d) is not None for d in digests[1:])
     assert ManifestCache(tmp_path)._count == 10
