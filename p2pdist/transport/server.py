@@ -497,11 +497,38 @@ class _Connection:
             raise trio.TooSlowError
 
     async def _receive(self) -> bytes:
+        if self.stream is self.socket_stream:
+            return await self._receive_plain()
         try:
             # bytes() is a no-op on a socket's bytes; SSLStream may hand back a bytearray.
             return bytes(await self.stream.receive_some(RECEIVE_BYTES))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise _ClientGone(str(exc) or type(exc).__name__) from exc
+
+    async def _receive_plain(self) -> bytes:
+        """receive_some without TLS, straight on the socket as _send_bytes writes: wait until
+        readable, then read. Bytes that were there at once (a client sending its next request
+        before reading our answer) are taken after a checkpoint, so one connection cannot
+        keep the others from running."""
+        sock = self.socket_stream.socket
+        fd = sock.fileno()
+        try:
+            data = os.read(fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _ClientGone(str(exc) or type(exc).__name__) from exc
+        else:
+            await trio.lowlevel.checkpoint()
+            return data
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(sock)
+                return os.read(fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
+            except (OSError, trio.ClosedResourceError) as exc:
+                raise _ClientGone(str(exc) or type(exc).__name__) from exc
 
     async def _send_pieces(self, pieces: list[Piece]) -> None:
         small: list[bytes] = []
