@@ -155,6 +155,7 @@ class TaskDownload:
         """Fetch from parents until every piece is held or the machine gives up on P2P."""
         machine = self.machine
         pool = self.daemon.scheduler
+        site_reply: wire.SyncReply | None = None  # the site's holders, asked when no scheduler answers
         try:
             reply, self._owner = await pool.call_task(
                 self.task_id, "/v1/tasks/register", self._register_message(), wire.SyncReply
@@ -175,6 +176,10 @@ class TaskDownload:
             )
             reply = site_reply
         self._answered(None, reply)
+        if site_reply is not None:
+            # No scheduler knows of this download: the sync loop registers it with the first
+            # one that answers again, and until then nothing waits on a scheduler call.
+            self.machine.scheduler_changed()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sync_loop)
             if self.daemon.attest_check is None:

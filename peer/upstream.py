@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
+import trio
 
 from p2pdist.errors import BadRequest, OriginError
 from p2pdist.registry.client import redirected, send_streamed
@@ -103,12 +104,29 @@ def redact(url: str) -> str:
 
 
 CONNECT_TIMEOUT_S = 5.0
+# For this long after a registry could not be reached, it is dialled with a short connect
+# timeout (see _send_once): a cut link costs a pull one full timeout, not one per request.
+DOWN_S = 10.0
+PROBE_CONNECT_S = 0.5
 
 
 class UpstreamClient:
     """Sends one request to a registry with the client's headers; never adds credentials."""
 
-    def __init__(self, *, timeout_s: float = 30.0, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        down_s: float = DOWN_S,
+        probe_connect_s: float = PROBE_CONNECT_S,
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.down_s = down_s
+        self.probe_connect_s = probe_connect_s
+        # host -> when it may be dialled again, after it could not be reached at all
+        self._down_until: dict[str, float] = {}
         self.client = httpx.AsyncClient(
             follow_redirects=False,
             # A registry that is down must fail a pull in seconds, not a read timeout's half minute.
@@ -129,7 +147,7 @@ class UpstreamClient:
         """
         origin_host = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
-            response = await send_streamed(self.client, method, url, headers, who="registry")
+            response = await self._send_once(method, url, headers)
             if not (
                 follow_redirects
                 and response.status_code in (301, 302, 303, 307, 308)
@@ -139,6 +157,25 @@ class UpstreamClient:
             await response.aclose()
             url, headers = redirected(response, origin_host, headers)
         raise OriginError(f"too many redirects from {redact(url)}")
+
+    async def _send_once(self, method: str, url: str, headers: dict[str, str]) -> httpx.Response:
+        """One request. For `down_s` after a host could not be reached it is dialled with a
+        connect timeout of `probe_connect_s` only, so the requests of one pull (a manifest HEAD,
+        its GET, the blobs) with the WAN link down do not each wait out the full connect
+        timeout one after the other, while a link that is back answers at once."""
+        host = urlsplit(url).netloc
+        until = self._down_until.get(host)
+        timeouts = None
+        if until is not None and trio.current_time() < until:
+            timeouts = httpx.Timeout(self.timeout_s, connect=min(self.probe_connect_s, self.connect_timeout_s))
+        try:
+            response = await send_streamed(self.client, method, url, headers, who="registry", timeouts=timeouts)
+        except OriginError as exc:
+            if exc.upstream_status is None:
+                self._down_until[host] = trio.current_time() + self.down_s
+            raise
+        self._down_until.pop(host, None)
+        return response
 
 
 async def body_of(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -32,12 +32,23 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 
 
 async def send_streamed(
-    client: httpx.AsyncClient, method: str, url: str, headers: dict[str, str], *, who: str = "origin"
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    *,
+    who: str = "origin",
+    timeouts: httpx.Timeout | None = None,
 ) -> httpx.Response:
     """One request, its body left to stream; a registry that cannot be reached is an OriginError
-    naming `who` and the host."""
+    naming `who` and the host. `timeouts`, if given, replace the client's for this request."""
     try:
-        return await client.send(client.build_request(method, url, headers=headers), stream=True)
+        request = (
+            client.build_request(method, url, headers=headers)
+            if timeouts is None
+            else client.build_request(method, url, headers=headers, timeout=timeouts)
+        )
+        return await client.send(request, stream=True)
     except UNREACHABLE as exc:
         why = unreachable(url, exc)
         error = OriginError(f"{who} {why}")

@@ -97,6 +97,7 @@ def test_with_the_registry_unreachable_a_peer_serves_on_the_registrys_earlier_ye
         relay = cluster.relay.service
         cluster.relay.service = Service(relay.name, relay.argv, relay.log_path, relay.url)
         cluster.relay.stats(fresh=True)
+        # A registry that answers again decides again at once, with no restart.
         assert get(blob, auth=WRONG).status_code == 401
         response = get(blob, auth=GOOD)
         assert response.status_code == 200 and OFFLINE not in response.headers
