@@ -153,6 +153,21 @@ class Parent:
 
 
 @dataclass(frozen=True)
+class PieceNews:
+    """GET {node}/v1/tasks/<digest>/news — what a node holds of a task now (p2pdist/node/news.py).
+
+    `version` changes whenever a piece is stored; a seed adds the digests of its pieces from
+    `first_digest` on (children trust them only from a parent the scheduler marked as a seed)."""
+
+    task_id: str
+    version: int
+    pieces: bytes = b""  # bitmap; empty while the node holds nothing of the task
+    complete: bool = False
+    first_digest: int = 0
+    piece_digests: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class SyncReply:
     """The answer to Register and Sync."""
 

@@ -1,8 +1,9 @@
 """One task's download on a peer: the trio shell around peer/machine.py's TaskMachine.
 
-The machine decides which pieces to ask which parent for, whom to avoid and when to go back
-to the origin. This class moves the bytes and the time: piece transfers from parents,
-scheduler calls, store writes, the blob's sha256. Every piece is checked against the seed's
+The machine decides which pieces to ask which parent for, whom to avoid, when to ask the
+scheduler and when to go back to the origin. This class moves the bytes and the time: piece
+transfers from parents, one news poll per parent (peer/parentnews.py), scheduler calls when
+the machine says, store writes, the blob's sha256. Every piece is checked against the seed's
 BLAKE3 digest before it is renamed into the store, and the whole blob against its sha256.
 When P2P cannot deliver, the download goes back to the origin.
 """
@@ -20,7 +21,7 @@ import trio
 
 from p2pdist import wire
 from p2pdist.content.digest import PIECE_DIGEST_BYTES, PieceHasher, short
-from p2pdist.content.pieces import Bitmap
+from p2pdist.content.pieces import Bitmap, bits_from_bytes
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.node.intake import PieceIntake
 from p2pdist.node.pieceserver import KIND_HEADER
@@ -28,6 +29,7 @@ from p2pdist.registry.retry import ORIGIN_RETRY
 from p2pdist.storage.store import PieceWriter, TaskStore
 from p2pdist.transport.piececlient import PieceResponse
 from peer.machine import Limits, PieceOutcome, PieceRequest, Report, TaskMachine
+from peer.parentnews import NewsEnd, follow_news
 from peer.sitepeers import agreeing
 
 if TYPE_CHECKING:
@@ -182,6 +184,7 @@ class TaskDownload:
             self.machine.scheduler_changed()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sync_loop)
+            nursery.start_soon(self._follow_parents)
             if self.daemon.attest_check is None:
                 # Hash as pieces arrive. With seeds' keys configured the blob is hashed only
                 # if no seed attests it by the end (see _finish_sha).
@@ -262,12 +265,19 @@ class TaskDownload:
         return owner
 
     async def _sync_loop(self) -> None:
+        """Sync when the machine says (see TaskMachine.next_sync_at for when, and the bound);
+        any event may bring that forward, so the time is asked again after each."""
         pool = self.daemon.scheduler
         machine = self.machine
         while True:
-            await trio.sleep(machine.sync_delay())
+            now = time.monotonic()
+            due = machine.next_sync_at(now)
+            if now < due:
+                with trio.move_on_after(due - now):
+                    await self._wait_change()
+                continue
             owner = self._follow_owner()
-            report = machine.take_report()
+            report = machine.take_report(now)
             try:
                 if owner is None:
                     raise UpstreamError("no scheduler configured")
@@ -296,6 +306,54 @@ class TaskDownload:
                 self._notify()
                 continue
             self._answered(report, reply)
+
+    # -- parents' news ---------------------------------------------------------------------
+
+    async def _follow_parents(self) -> None:
+        """One news poll per parent the machine holds; a parent it drops has its poll cancelled."""
+        polls: dict[str, trio.CancelScope] = {}
+        async with trio.open_nursery() as nursery:
+            while True:
+                parents = self.machine.parents
+                for host_id in [h for h in polls if h not in parents]:
+                    polls.pop(host_id).cancel()
+                for host_id, parent in parents.items():
+                    if host_id not in polls:
+                        polls[host_id] = scope = trio.CancelScope()
+                        nursery.start_soon(self._follow_parent, host_id, parent.url, scope)
+                await self._wait_change()
+
+    async def _follow_parent(self, host_id: str, url: str, scope: trio.CancelScope) -> None:
+        with scope:
+            end, why = await follow_news(
+                self.daemon.piece_client,
+                url,
+                self.task_id,
+                known_digests=lambda: len(self.machine.digests),
+                on_news=lambda news: self._parent_news(host_id, news),
+            )
+            if end is NewsEnd.LOST:
+                log.warning("task %s: parent %s lost: %s", short(self.task_id), host_id, why)
+                self.machine.parent_lost(host_id, time.monotonic())
+                self._notify()
+            else:
+                log.info("task %s: no news from %s (%s)", short(self.task_id), host_id, why)
+
+    def _parent_news(self, host_id: str, news: wire.PieceNews) -> None:
+        machine = self.machine
+        if news.pieces and len(news.pieces) != (machine.count + 7) // 8:
+            return  # not a bitmap of this blob as we know it
+        known = len(machine.digests)
+        machine.parent_news(
+            host_id,
+            bits_from_bytes(news.pieces) if news.pieces else 0,
+            time.monotonic(),
+            first_digest=news.first_digest,
+            digests=news.piece_digests,
+        )
+        if len(machine.digests) > known:
+            self._save_digests()
+        self._notify()
 
     async def _final_sync(self) -> None:
         if not self.registered:

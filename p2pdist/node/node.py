@@ -73,7 +73,12 @@ class Node(Generic[ConfigT]):
         self.upload_bucket = maybe_bucket(config.upload_rate_bps)
         self.metrics.upload_slots.set(config.effective_upload_slots())
         self.pieces = PieceServer(
-            self.store, self.metrics, config.effective_upload_slots(), secret=config.cluster_secret, kind=self.kind
+            self.store,
+            self.metrics,
+            config.effective_upload_slots(),
+            secret=config.cluster_secret,
+            kind=self.kind,
+            digests=self.piece_digests,
         )
         self.cache = CacheQuota(
             self.store,

@@ -1,4 +1,5 @@
-"""The piece server every peer and seed runs: GET /v1/tasks/<digest>/pieces/<n>, with Range.
+"""The piece server every peer and seed runs: GET /v1/tasks/<digest>/pieces/<n>, with Range,
+and the task's piece news (GET /v1/tasks/<digest>/news, p2pdist/node/news.py).
 
 Serves only pieces already verified and renamed into the store, straight from disk with
 sendfile, and answers 503 when its upload slots are all taken so children try elsewhere.
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable
 
 import trio
 
 from p2pdist.content.digest import parse_digest
 from p2pdist.errors import BadRequest, NotFound, RangeNotSatisfiable
 from p2pdist.node.metrics import DaemonMetrics
-from p2pdist.storage.store import Store
+from p2pdist.node.news import NEWS_PATH, PieceNews
+from p2pdist.storage.store import Store, TaskStore
 from p2pdist.transport.server import FileBody, Request, Response, text_response
 from p2pdist.transport.trust import refuse_unauthorized
 
@@ -48,9 +51,18 @@ def parse_range(header: str, length: int) -> tuple[int, int] | None:
 
 class PieceServer:
     def __init__(
-        self, store: Store, metrics: DaemonMetrics, upload_slots: int, *, secret: str | None = None, kind: str = "peer"
+        self,
+        store: Store,
+        metrics: DaemonMetrics,
+        upload_slots: int,
+        *,
+        secret: str | None = None,
+        kind: str = "peer",
+        digests: Callable[[TaskStore], list[bytes]] | None = None,
     ) -> None:
         self.store = store
+        # Only a seed's digests are worth sending: children trust no one else's.
+        self.news = PieceNews(store, digests if kind == "seed" else None)
         self.kind = kind  # told to the child in KIND_HEADER, so it counts seed and peer bytes apart
         self.metrics = metrics
         self.upload_slots = upload_slots
@@ -67,6 +79,8 @@ class PieceServer:
             return refused
         m = PIECE_PATH.fullmatch(request.path)
         if not m:
+            if news := NEWS_PATH.fullmatch(request.path):
+                return await self.news.handle(request, news.group("task"))
             raise NotFound(f"no such endpoint {request.path[:100]}")
         if request.method not in ("GET", "HEAD"):
             return text_response(405, "pieces are read-only: use GET", [("allow", "GET, HEAD")])

@@ -16,7 +16,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pdist.content.digest import digest_hex, parse_digest, piece_digest
@@ -40,6 +40,8 @@ class TaskStore:
     pieces: Bitmap
     url: str = ""
     last_used: float = 0.0  # wall-clock time, for the cache quota's LRU order
+    # Called with the task id after each piece is renamed into place (Store.on_piece).
+    on_piece: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     def path(self, number: int) -> Path:
         self.layout.check(number)
@@ -137,6 +139,8 @@ class PieceWriter:
             self.abort()
             raise _store_error(exc, f"cannot store piece {self.number}") from None
         self.task.pieces.add(self.number)
+        if self.task.on_piece is not None:
+            self.task.on_piece(self.task.task_id)
 
     def abort(self) -> None:
         if self._fd is not None:
@@ -186,6 +190,9 @@ class Store:
             raise _store_error(exc, f"cannot create {self.root}") from None
         self.tasks: dict[str, TaskStore] = {}
         self._pins: dict[str, int] = {}
+        # Told the task id after any task's piece is stored, whoever wrote it (a download, the
+        # seed's or a back-to-source intake): piece news (p2pdist/node/news.py) wakes on it.
+        self.on_piece: Callable[[str], None] | None = None
 
     def get(self, task_id: str) -> TaskStore | None:
         task = self.tasks.get(parse_digest(task_id))
@@ -223,12 +230,16 @@ class Store:
         except OSError as exc:
             raise _store_error(exc, "cannot create task directory") from None
         layout = PieceLayout.for_blob(content_length)
-        task = TaskStore(task_id, root, layout, Bitmap(layout.count), url, time.time())
+        task = TaskStore(task_id, root, layout, Bitmap(layout.count), url, time.time(), self._piece_stored)
         _atomic_write(
             root / _META, json.dumps({"task_id": task_id, "content_length": content_length, "url": url}).encode()
         )
         self.tasks[task_id] = task
         return task
+
+    def _piece_stored(self, task_id: str) -> None:
+        if self.on_piece is not None:
+            self.on_piece(task_id)
 
     def remove(self, task_id: str) -> None:
         task = self.tasks.pop(task_id, None)
@@ -255,7 +266,15 @@ class Store:
                 shutil.rmtree(root, ignore_errors=True)
                 continue
             layout = PieceLayout.for_blob(content_length)
-            task = TaskStore(task_id, root, layout, Bitmap(layout.count), str(meta.get("url", "")), _last_used(root))
+            task = TaskStore(
+                task_id,
+                root,
+                layout,
+                Bitmap(layout.count),
+                str(meta.get("url", "")),
+                _last_used(root),
+                self._piece_stored,
+            )
             digests = task.load_digests()
             for number in range(layout.count):
                 path = task.path(number)

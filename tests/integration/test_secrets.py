@@ -125,6 +125,9 @@ def test_no_credential_in_logs_metrics_or_errors(
                 )
                 assert response.status_code == 401
                 outputs.append((f"{service.name} 401", response.text))
+                if service is not scheduler:  # piece news is the cluster's too
+                    news = client.get(f"{service.url}/v1/tasks/{digest}/news?wait_ms=0", headers=headers)
+                    assert news.status_code == 401
             if service is peer0:  # a site host asking who holds a blob needs the secret too
                 response = client.get(f"{service.url}/v1/tasks/{digest}", headers=headers)
                 assert response.status_code == 401
