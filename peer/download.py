@@ -270,13 +270,14 @@ class TaskDownload:
         pool = self.daemon.scheduler
         machine = self.machine
         while True:
+            # A new owner (its scheduler stopped answering, or came back) makes a sync due.
+            owner = self._follow_owner()
             now = time.monotonic()
             due = machine.next_sync_at(now)
             if now < due:
                 with trio.move_on_after(due - now):
                     await self._wait_change()
                 continue
-            owner = self._follow_owner()
             report = machine.take_report(now)
             try:
                 if owner is None:
