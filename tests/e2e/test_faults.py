@@ -168,6 +168,10 @@ def test_seed_killed_mid_blob_a_second_seed_takes_over(
         assert sha256_file(out) == layer.digest
     survivor = cluster.seeds[1 - doomed]
     assert seed_origin_bytes(survivor.url) >= layer.size * 0.5  # the rest, past what peers held (test_ha.py)
+    # The children heard of it themselves: their news connection to the killed seed failed.
+    assert any(
+        "parent seed-" in line and " lost: " in line for p in peers for line in p.log_path.read_text().splitlines()
+    )
     assert sum(metric(p.url, "p2pdist_peer_back_to_source_total") for p in peers) == 0
     assert metric(cluster.scheduler.url, "p2pdist_scheduler_seeds_woken_total") >= 2
 
