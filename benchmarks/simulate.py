@@ -854,7 +854,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
-def plot_utilisation(path: Path, series: list[tuple[float, float]], service_ms: float) -> None:
+def plot_utilisation(path: Path, series: list[tuple[float, float]], service: str) -> None:
     """The scheduler's busy share of its one core over simulated time."""
     import matplotlib
 
@@ -866,7 +866,7 @@ def plot_utilisation(path: Path, series: list[tuple[float, float]], service_ms: 
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("scheduler busy (%)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"scheduler utilisation, {service_ms:g} ms per request")
+    ax.set_title(f"scheduler utilisation, {service} per request")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -1001,13 +1001,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "scheduler_server" in result:
         server = result["scheduler_server"]
+        service = ", ".join(
+            [f"{server['service_ms']:g} ms"] * (not server["service_ms_by_type"] or server["service_ms"] > 0)
+            + [f"{kind} {ms:g} ms" for kind, ms in server["service_ms_by_type"].items()]
+        )
         print(
-            f"scheduler {server['service_ms']:g} ms per request, one core: {server['requests']} requests "
+            f"scheduler {service} per request, one core: {server['requests']} requests "
             f"({server['requests_per_s']:.0f}/s), utilisation mean {server['utilisation_mean']:.0%} "
             f"peak {server['utilisation_peak']:.0%}; latency p50 {server['latency_p50_ms']:.1f} ms, "
             f"p99 {server['latency_p99_ms']:.1f} ms, max {server['latency_max_ms']:.1f} ms"
         )
-        plot_utilisation(args.out / "scheduler.png", server["utilisation"], server["service_ms"])
+        for kind, figures in server["by_type"].items():
+            print(
+                f"  {kind:8s} {figures['requests']} requests, latency p50 {figures['latency_p50_ms']:.1f} ms, "
+                f"p99 {figures['latency_p99_ms']:.1f} ms"
+            )
+        plot_utilisation(args.out / "scheduler.png", server["utilisation"], service)
     print(
         f"T_min {bound:.2f} s; {result['p2p']['hosts_complete']}/{config.peers} hosts done; "
         f"ran {result['runtime_s']:.0f} s ({result['cpu_s']:.0f} s CPU); wrote {args.out}"
