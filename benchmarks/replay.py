@@ -15,8 +15,9 @@ Definitions in the report:
 - generator lag: how late this process sent a request that nothing held up (its host had no
   request in flight): the generator's own shortfall, not the scheduler's.
 The scheduler kept up if latency p99 and delay p99 are both at most --replay-target-ms
-(default 100) and the backlog at the end of the schedule is no larger than at its middle;
-with a generator lag p99 over 50 ms the verdict says the run cannot tell.
+(default 100) and the backlog in the second half of the schedule is not over twice that of the
+first; it did not if the trace's mean rate times the CPU per request it measured needs more
+than one core; else, with a generator lag p99 over 50 ms, the verdict says the run cannot tell.
 """
 
 from __future__ import annotations
@@ -99,6 +100,15 @@ class ReplayResult:
         if not self.requests:
             return None, "no requests in the trace"
         lags = self.generator_lags()
+        answered = len(self.answered())
+        # The core the trace's rate needs at the CPU per request measured: past one core no
+        # scheduler keeps up, however late this generator sent.
+        needed = self.cpu_s / max(1, answered) * len(self.requests) / max(self.span_s(), 1e-9)
+        if needed > 1.0:
+            return False, (
+                f"did not keep up: {len(self.requests) / max(self.span_s(), 1e-9):.0f} requests/s at "
+                f"{self.cpu_s / max(1, answered) * 1000:.2f} ms CPU each need {needed:.0%} of one core"
+            )
         if percentile(lags, 99) > GENERATOR_LAG_LIMIT_S:
             return None, (
                 f"cannot tell: the load generator itself sent late (lag p99 {percentile(lags, 99) * 1000:.0f} ms)"
