@@ -466,6 +466,15 @@ class PeerConfig(NodeConfig):
     schedule_rounds: int = opt(4, _int, "failed scheduling rounds before going back to source")
     scheduler_timeout_s: float = opt(3.0, _float, "time allowed for one scheduler call")
     wait_for_seed_s: float = opt(60.0, _float, "time to wait for the first piece before going back to source")
+    # Off by default for now: the 16-host rollout measured slower with it on a loaded 2-core
+    # machine (the news exchanges cost the peers ~30% more CPU); at fleet scale it is what keeps
+    # the scheduler out of the per-piece path (benchmarks/README.md, issue 17).
+    peer_news: bool = opt(
+        False,
+        _bool,
+        "learn what parents hold from the parents (a long-poll per parent; a dead parent is noticed at once) "
+        "and ask the scheduler only to join, for parents, digests and about 10 times per pull; off: sync every 0.2 s",
+    )
     attest_public_key: str | None = opt(
         None,
         _opt_path,

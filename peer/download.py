@@ -184,7 +184,8 @@ class TaskDownload:
             self.machine.scheduler_changed()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sync_loop)
-            nursery.start_soon(self._follow_parents)
+            if machine.limits.peer_news:
+                nursery.start_soon(self._follow_parents)
             if self.daemon.attest_check is None:
                 # Hash as pieces arrive. With seeds' keys configured the blob is hashed only
                 # if no seed attests it by the end (see _finish_sha).

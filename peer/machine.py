@@ -119,7 +119,7 @@ class Limits:
             per_parent_pieces=config.per_parent_pieces,
             schedule_rounds=config.schedule_rounds,
             wait_for_seed_s=config.wait_for_seed_s,
-            peer_news=True,  # the daemon follows each parent's news (peer/parentnews.py)
+            peer_news=config.peer_news,  # the daemon then follows each parent's news (peer/parentnews.py)
         )
 
 

@@ -154,7 +154,7 @@ def test_seed_killed_mid_blob_a_second_seed_takes_over(
     image = push_to_origin((32 * MiB,), 45, "faults/seed2")
     layer = image.layers[0]
     cluster = cluster_factory(seeds=2, seed_args=("--origin-rate", "6MiB"))
-    peers = cluster.add_peers(2)
+    peers = cluster.add_peers(2, ("--peer-news", "true"))
     url = cluster.blob_url("faults/seed2", layer.digest)
     jobs = [
         (cluster.workdir / f"s2-{p.name}", cluster.start_get(p, url, cluster.workdir / f"s2-{p.name}")) for p in peers
@@ -168,7 +168,7 @@ def test_seed_killed_mid_blob_a_second_seed_takes_over(
         assert sha256_file(out) == layer.digest
     survivor = cluster.seeds[1 - doomed]
     assert seed_origin_bytes(survivor.url) >= layer.size * 0.5  # the rest, past what peers held (test_ha.py)
-    # The children heard of it themselves: their news connection to the killed seed failed.
+    # With piece news the children heard of it themselves: their news connection to the seed failed.
     assert any(
         "parent seed-" in line and " lost: " in line for p in peers for line in p.log_path.read_text().splitlines()
     )

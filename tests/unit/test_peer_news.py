@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+from p2pdist.config import PeerConfig
 from p2pdist.content.pieces import Bitmap, MiB
 from p2pdist.wire import Parent, SyncReply
 from peer.machine import (
@@ -160,3 +161,8 @@ def test_a_finished_download_asks_nothing_more() -> None:
     for request in m.poll(0.0):
         m.piece_done(request.number, PieceOutcome.VERIFIED, 0.5)
     assert m.complete and m.next_sync_at(0.5) == float("inf")
+
+
+def test_the_daemon_has_piece_news_only_when_configured() -> None:
+    assert Limits.from_config(PeerConfig()).peer_news is False
+    assert Limits.from_config(PeerConfig(peer_news=True)).peer_news is True
