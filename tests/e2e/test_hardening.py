@@ -83,7 +83,7 @@ def test_a_corrupt_origin_fails_pulls_with_the_reason_and_the_repaired_blob_then
     assert [sha256_file(o) for o in outs] == [layer.digest] * 3
 
 
-def test_a_cached_blob_with_the_registry_unreachable_fails_at_once_and_says_why(
+def test_a_cached_blob_with_the_registry_unreachable_is_served_on_the_earlier_yes_or_refused_at_once(
     cluster_factory: ClusterFactory, push_to_origin: PushToOrigin
 ) -> None:
     image = push_to_origin((6 * MiB,), 1202, "hardening/outage")
@@ -93,20 +93,32 @@ def test_a_cached_blob_with_the_registry_unreachable_fails_at_once_and_says_why(
     url = cluster.blob_url("hardening/outage", layer.digest)
     (out,) = cluster.pull_all([peer], url, "cached")
     assert sha256_file(out) == layer.digest
-    # As reported: the daemon restarted with its cache intact (no access verdict in memory),
-    # and the registry, as the peer reaches it, gone.
+    # As reported: the daemon restarted with its cache intact, and the registry, as the peer
+    # reaches it, gone. The registry's yes to these credentials was kept on disk (issue 13's
+    # offline_grace_s, 24 h by default), so the cached blob is still handed out, at once.
     peer.stop()
     cluster.relay.stop()
     peer = restart(cluster, peer)
     started = time.monotonic()
-    job = cluster.start_get(peer, url, cluster.workdir / "outage.blob")
+    job = cluster.start_get(peer, url, cluster.workdir / "outage-yes.blob")
+    _, err = job.communicate(timeout=60)
+    took = time.monotonic() - started
+    assert job.returncode == 0, err
+    assert took < 10, f"serving on the earlier yes took {took:.1f}s"
+    assert sha256_file(cluster.workdir / "outage-yes.blob") == layer.digest
+    # An operator who wants no earlier yes to stand in (offline_grace_s 0) gets the old
+    # fail-closed answer: one line, at once, and no file.
+    peer.stop()
+    strict = restart(cluster, peer, extra_args=["--offline-grace-s", "0"])
+    started = time.monotonic()
+    job = cluster.start_get(strict, url, cluster.workdir / "outage.blob")
     _, err = job.communicate(timeout=60)
     took = time.monotonic() - started
     assert job.returncode == 1
     assert took < 10, f"the refusal took {took:.1f}s"
-    assert "unreachable" in err and "held here" in err and "credentials" in err, err
+    assert "unreachable" in err and "offline_grace_s is 0" in err, err
     assert err.count("\n") == 1, err
-    assert "access check failed" in peer.log_path.read_text()
+    assert "access check failed" in strict.log_path.read_text()
     assert not (cluster.workdir / "outage.blob").exists()
 
 

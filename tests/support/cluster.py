@@ -124,10 +124,11 @@ class ClusterFactory(Protocol):
     ) -> Cluster: ...
 
 
-def restart(cluster: Cluster, old: Service) -> Service:
-    """Start `old` again with the same command line (same ports, same data dir) and wait for it."""
+def restart(cluster: Cluster, old: Service, extra_args: Sequence[str] = ()) -> Service:
+    """Start `old` again with the same command line (same ports, same data dir), plus
+    `extra_args`, and wait for it."""
     assert old.poll() is not None, f"{old.name} still runs"
-    new = Service(old.name, old.argv, old.log_path, old.url, proxy_url=old.proxy_url)
+    new = Service(old.name, [*old.argv, *extra_args], old.log_path, old.url, proxy_url=old.proxy_url)
     cluster.services[cluster.services.index(old)] = new
     for group in (cluster.peers, cluster.seeds, cluster.schedulers):
         if old in group:
