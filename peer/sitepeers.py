@@ -297,30 +297,27 @@ class SitePeers:
         )
         return found[0] if found else None
 
-    async def _ask_manifest(self, url: str, digest: str, found: list[SiteManifest], done: trio.CancelScope) -> None:
+    async def _fetch(self, url: str, cap: int) -> bytes | None:
+        """The body of a GET to a site host, or None if it does not answer 200 within `cap` bytes."""
         try:
-            async with self.daemon.piece_client.get(f"{url}/v1/manifests/{digest}", {"x-p2pdist": "1"}) as response:
-                if response.status != 200 or response.length > MAX_MANIFEST_ANSWER_BYTES:
-                    return
-                data = await response.read()
+            async with self.daemon.piece_client.get(url, {"x-p2pdist": "1"}) as response:
+                if response.status != 200 or response.length > cap:
+                    return None
+                return await response.read()
         except UpstreamError as exc:
             log.debug("site host %s did not answer: %s", url, exc)
-            return
-        manifest = parse_manifest(url, digest, data)
+            return None
+
+    async def _ask_manifest(self, url: str, digest: str, found: list[SiteManifest], done: trio.CancelScope) -> None:
+        data = await self._fetch(f"{url}/v1/manifests/{digest}", MAX_MANIFEST_ANSWER_BYTES)
+        manifest = None if data is None else parse_manifest(url, digest, data)
         if manifest is not None:
             found.append(manifest)
             done.cancel()  # one checked copy is all it takes
 
     async def _ask(self, url: str, task_id: str, holders: list[Holder]) -> None:
-        try:
-            async with self.daemon.piece_client.get(f"{url}/v1/tasks/{task_id}", {"x-p2pdist": "1"}) as response:
-                if response.status != 200 or response.length > MAX_ANSWER_BYTES:
-                    return
-                body = await response.read()
-        except UpstreamError as exc:
-            log.debug("site host %s did not answer: %s", url, exc)
-            return
-        holder = parse_holding(url, task_id, body)
+        body = await self._fetch(f"{url}/v1/tasks/{task_id}", MAX_ANSWER_BYTES)
+        holder = None if body is None else parse_holding(url, task_id, body)
         if holder is not None:
             holders.append(holder)
 
