@@ -26,6 +26,11 @@ ATTESTATION_MAX_BYTES = 64  # an Ed25519 signature
 
 M = TypeVar("M")
 
+# Field metadata: the field is not encoded while it holds its default (decoding its absence
+# gives the default back). For fields added after peers shipped: an older reader refuses
+# unknown fields, and this way it sees the new one only when it carries news.
+OMIT_WHEN_DEFAULT = {"omit_when_default": True}
+
 
 # Literal types, not enums: msgpack carries the plain strings, and mypy checks every value a
 # caller writes or compares against (a StrEnum compared with a mistyped string goes unnoticed).
@@ -149,7 +154,10 @@ class Parent:
     host_id: str
     url: str
     pieces: bytes  # bitmap
-    seed: bool = False  # a seed: the piece digests in its news are trusted (issue 17)
+    # A seed: the piece digests in its news are trusted (issue 17). Left out of the encoded
+    # message when false, so a peer from before it (which refuses unknown fields) still reads
+    # every parent that is not a seed.
+    seed: bool = field(default=False, metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -247,7 +255,7 @@ _PLAIN = (int, str, bytes, bool, float, type(None))
 
 def _to_plain(value: object) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {name: _to_plain(getattr(value, name)) for name in _field_names(type(value))}
+        return _encoder(type(value))(value)
     if isinstance(value, list | tuple):
         # Piece numbers and digests go out as they are: msgpack packs them itself, and walking
         # them one by one was most of the cost of encoding a sync reply.
@@ -259,24 +267,27 @@ def _to_plain(value: object) -> Any:
     return value
 
 
-@functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
 # Encoders are compiled once per message class, like the validators below: the scheduler
 # encodes a reply per request, and walking it generically (is_dataclass and isinstance on
 # every value) cost more than packing it. Fields of plain types go out as they are.
 @functools.cache
 def _encoder(cls: type) -> Callable[[Any], Any]:
     hints = typing.get_type_hints(cls)
-    plain = tuple(name for name in _field_names(cls) if _is_plain(hints[name]))
-    nested = tuple((name, _value_encoder(hints[name])) for name in _field_names(cls) if not _is_plain(hints[name]))
+    fields = dataclasses.fields(cls)
+    optional = tuple((f.name, f.default) for f in fields if f.metadata.get("omit_when_default"))
+    left_out = {name for name, _ in optional}
+    if any(not _is_plain(hints[name]) for name in left_out):
+        raise TypeError(f"{cls.__name__}: only fields of plain types may be left out when default")
+    plain = tuple(f.name for f in fields if _is_plain(hints[f.name]) and f.name not in left_out)
+    nested = tuple((f.name, _value_encoder(hints[f.name])) for f in fields if not _is_plain(hints[f.name]))
 
     def encode_message(message: Any) -> Any:
         out = {name: getattr(message, name) for name in plain}
         for name, encode_value in nested:
             out[name] = encode_value(getattr(message, name))
+        for name, default in optional:
+            if (value := getattr(message, name)) != default:
+                out[name] = value
         return out
 
     return encode_message

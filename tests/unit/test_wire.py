@@ -243,3 +243,23 @@ def test_url_must_be_http(url: str) -> None:
 def test_encode_is_plain_msgpack() -> None:
     raw = msgpack.unpackb(encode(Leave(host_id="h", task_id=TASK)), raw=False)
     assert raw == {"host_id": "h", "task_id": TASK}
+
+
+def test_a_parent_that_is_not_a_seed_is_encoded_without_the_seed_field() -> None:
+    # A peer from before peer news refuses unknown fields: it must still read a reply whose
+    # parents are not seeds, and a seed parent must still say so to a newer peer.
+    reply = SyncReply(
+        task_id=TASK,
+        state="running",
+        content_length=5,
+        piece_size=4 << 20,
+        parents=[
+            Parent(host_id="p", url="http://p:1", pieces=b"\x80"),
+            Parent(host_id="s", url="http://s:1", pieces=b"\x80", seed=True),
+        ],
+    )
+    raw = msgpack.unpackb(encode(reply), raw=False)
+    assert raw["parents"][0] == {"host_id": "p", "url": "http://p:1", "pieces": b"\x80"}
+    assert raw["parents"][1]["seed"] is True
+    assert decode(SyncReply, encode(reply)) == reply
+    assert "seed" not in msgpack.unpackb(encode(Parent(host_id="p", url="http://p:1", pieces=b"")), raw=False)
