@@ -16,6 +16,11 @@ scored against Kumar & Ross's lower bound T_min (see benchmarks/report.py).
 With `--preheat`, `p2pdist preheat` first puts the image on the seed through the scheduler's
 job API; the rollout then starts with the seed holding every blob, and is scored against
 T_min with the seed as the only server, max(F/d, N·F/(u_seed + N·u)).
+
+Verify once is on, as a fleet should be deployed: every seed gets one Ed25519 signing key
+(`--attest-key`) and every peer its public half (`--attest-public-key`), so a peer whose
+pieces all matched the digests a seed signed after its own sha256 check does not hash the
+blob again. `--no-verify-once` runs without keys (every peer hashes every blob).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import httpx
 import trio
 
 from benchmarks.report import cpu_seconds, lower_bound_s, preheated_lower_bound_s, summarize, write_results
+from lab.attest import attest_args
 from lab.image import ImageInfo, make_oci_layout, push_image
 from lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
 from lab.registry import Origin
@@ -135,6 +141,8 @@ _SCRAPED = (
     'pieces_total{result="failed",source="peer"}',
     'pieces_total{result="verified",source="peer"}',
     "back_to_source_total",
+    'blob_checks_total{how="attested"}',
+    'blob_checks_total{how="hashed"}',
 )
 
 
@@ -258,12 +266,22 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         services.extend(schedulers)
         scheduler = schedulers[0]
         more = [arg for s in schedulers[1:] for arg in ("--scheduler", s.url)]
+        # One key for every seed: a peer may take any seed's word (the README's guarantees).
+        seed_keys, peer_keys = attest_args(workdir) if args.verify_once else ([], [])
         seeds = [
             start_seed(
                 workdir,
                 scheduler.url,
                 "seed" if i == 0 else f"seed{i}",
-                extra_args=[*more, *insecure, "--upload-rate", args.origin_rate, "--log-level", "warning"],
+                extra_args=[
+                    *more,
+                    *insecure,
+                    *seed_keys,
+                    "--upload-rate",
+                    args.origin_rate,
+                    "--log-level",
+                    "warning",
+                ],
             )
             for i in range(args.seeds)
         ]
@@ -271,6 +289,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         peer_args = [
             *more,
             *insecure,
+            *peer_keys,
             "--upload-rate",
             args.peer_upload_rate,
             "--log-level",
@@ -342,6 +361,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         p2p_origin = relay.downstream_bytes() - before
         log("p2p CPU seconds by role: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
         detail = scrape([*(s for s in seeds if s.poll() is None), *peers])
+        attested = sum(detail[p.name].get('blob_checks_total{how="attested"}', 0.0) for p in peers)
+        hashed = sum(detail[p.name].get('blob_checks_total{how="hashed"}', 0.0) for p in peers)
+        log(f"blob sha256: {attested:.0f} skipped on a seed's attestation, {hashed:.0f} hashed by the peer")
         log(
             f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB"
         )
@@ -377,6 +399,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "p2p_detail": detail,
         "schedulers": args.schedulers,
         "seeds": args.seeds,
+        "verify_once": args.verify_once,
         **({"killed": killer.killed | {"kind": args.kill}} if killer is not None and killer.killed else {}),
         "p2p_cpu_s": cpu,
         **({"preheat": preheated} if preheated else {}),
@@ -403,6 +426,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated image's bytes")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--skip-direct", action="store_true")
+    parser.add_argument(
+        "--no-verify-once",
+        dest="verify_once",
+        action="store_false",
+        help="give the seed no signing key: every peer hashes every blob (by default peers skip the "
+        "blob's sha256 when a seed signed the piece digests after its own check)",
+    )
     parser.add_argument(
         "--preheat", action="store_true", help="preheat the seed with `p2pdist preheat` before the rollout"
     )

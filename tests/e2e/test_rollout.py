@@ -49,5 +49,12 @@ def test_small_rollout_writes_results_and_every_blob_is_right(tmp_path: Path) ->
     # The origin sent the image about once for p2p, once per host for direct.
     assert result["p2p"]["origin_bytes"] <= 1.05 * result["blob_bytes"] + (64 << 10)
     assert result["direct"]["origin_bytes"] >= 3 * result["blob_bytes"]
+    # Verify once is the benchmark's default: the seed signs, and a peer whose pieces all matched
+    # the signed digests skips the blob's sha256 (one that got no signature in time hashes).
+    assert result["verify_once"] is True
+    peers = [v for k, v in result["p2p_detail"].items() if k.startswith("peer-")]
+    attested = sum(v.get('blob_checks_total{how="attested"}', 0) for v in peers)
+    hashed = sum(v.get('blob_checks_total{how="hashed"}', 0) for v in peers)
+    assert attested + hashed == 3 * 2 and attested >= 1, (attested, hashed)
     assert (out / "report.md").read_text().startswith("# Rollout")
     assert (out / "cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
