@@ -27,7 +27,10 @@ With `--scheduler-service-ms MS`, the scheduler is a server with one core: every
 peer's register and syncs, the seed's progress reports) waits its turn in one FIFO line and
 takes MS of service, and its answer (and its effect on the scheduler's state) comes when that
 service ends; a peer sends its next sync only after the answer, as the daemon does. The report
-adds the scheduler's utilisation over time and the requests' latency. Without it (the default,
+adds the scheduler's utilisation over time and the requests' latency. A peer stops waiting
+after PeerConfig.scheduler_timeout_s, as the daemon does: a register answered later sends it
+back to source (counted, and the host stops there: origin pulls are not modelled), a sync
+answered later is a failed sync; the scheduler still handles either in its turn. Without it (the default,
 0) the scheduler answers at once, for free. Per request type, as `benchmarks.load --by-type`
 measures it: `--scheduler-service-ms register=0.4,sync=0.25,seed=0.2`.
 
@@ -49,6 +52,7 @@ import argparse
 import collections
 import dataclasses
 import heapq
+import json
 import logging
 import os
 import platform
@@ -205,7 +209,14 @@ class Simulation:
         self.seed_next_report = float("inf")
         self.origin_bytes = 0
         self.waiting = n  # hosts neither done nor gone back to source
-        self.stats = {"requests": 0, "busy": 0, "syncs": 0, "registers": 0, "back_to_source": 0}
+        self.stats = {
+            "requests": 0,
+            "busy": 0,
+            "syncs": 0,
+            "registers": 0,
+            "back_to_source": 0,
+            "scheduler_timeouts": 0,
+        }
         self.utilization: list[tuple[float, float]] = []
         self.origin_start = 0.0
         # Sites: host index -> site number (-1: the core, where the seed is); the WAN links'
@@ -220,6 +231,7 @@ class Simulation:
         # queued request carries (by event order), its busy time per SCHED_BIN_S, latencies.
         self.sched_free_s = 0.0
         self.pending: dict[int, tuple[Any, ...]] = {}
+        self.late: set[int] = set()  # answers that come after the peer stopped waiting (by event order)
         self.sched_busy: collections.Counter[int] = collections.Counter()
         self.sched_latency: list[float] = []
         self.sched_latency_by_type: dict[str, list[float]] = collections.defaultdict(list)
@@ -255,6 +267,14 @@ class Simulation:
             edge = min(end, (b + 1) * SCHED_BIN_S)
             self.sched_busy[b] += edge - t
             t = edge
+        if index and kind in ("registered", "synced") and end - when > self.config.peer.scheduler_timeout_s:
+            # The daemon stops waiting after scheduler_timeout_s and takes it as a failure; the
+            # scheduler still handles the request when its turn comes.
+            answer = self._at(end, kind, index)
+            self.late.add(answer)
+            self.pending[answer] = payload
+            self.pending[self._at(when + self.config.peer.scheduler_timeout_s, "timed_out", index)] = (kind, *payload)
+            return True
         self.pending[self._at(end, kind, index)] = payload
         return True
 
@@ -295,10 +315,12 @@ class Simulation:
         if not self._queue(now, "registered", p.index):
             self._registered(p, now)
 
-    def _registered(self, p: SimPeer, now: float) -> None:
+    def _registered(self, p: SimPeer, now: float, *, deliver: bool = True) -> None:
         reply, wake = self.sched.register(Register(host_id=p.host_id, task_id=TASK, url=URL), now)
         if wake is not None:
             self._wake_seed(now)
+        if not deliver:
+            return
         p.asking = False
         p.machine.register_answered(reply, now)
         self._after_reply(p, now)
@@ -314,7 +336,7 @@ class Simulation:
         if not self._queue(now, "synced", p.index, report, done):
             self._synced(p, now, report, done)
 
-    def _synced(self, p: SimPeer, now: float, report: Report, done: bool) -> None:
+    def _synced(self, p: SimPeer, now: float, report: Report, done: bool, *, deliver: bool = True) -> None:
         machine = p.machine
         reply, wake = self.sched.sync(
             Sync(
@@ -331,10 +353,26 @@ class Simulation:
         )
         if wake is not None:
             self._wake_seed(now)
-        if not done:
+        if not done and deliver:
             p.asking = False
             machine.sync_answered(report, reply, now)
             self._after_reply(p, now)
+
+    def _timed_out(self, p: SimPeer, now: float, kind: str, *payload: Any) -> None:
+        """What TaskDownload does when a scheduler call times out: a register sends the
+        download back to source (the model has no origin pulls: the host stops there), a
+        sync is a failed sync, retried by the machine's rules."""
+        self.stats["scheduler_timeouts"] += 1
+        if kind == "registered":
+            p.machine.register_failed(f"timed out after {self.config.peer.scheduler_timeout_s:g} s")
+            self._gone(p)
+            return
+        report, done = payload
+        if done:
+            return
+        p.asking = False
+        p.machine.sync_failed(report, now)
+        self._plan_sync(p, now)
 
     def _after_reply(self, p: SimPeer, now: float) -> None:
         """What TaskDownload does after a reply: open the store (empty) once the size is known."""
@@ -594,6 +632,18 @@ class Simulation:
                     self._seed_reported(when, *payload)
                     continue
                 p = self.peers[index - 1]
+                if order in self.late:
+                    self.late.discard(order)
+                    if kind == "registered":
+                        self._registered(p, when, deliver=False)
+                    else:
+                        self._synced(p, when, *payload, deliver=False)
+                    continue
+                if kind == "timed_out":
+                    if p.done_s is None and not p.gone:
+                        self._timed_out(p, when, *payload)
+                        touched.add(index)
+                    continue
                 if kind == "synced" and payload[1]:
                     self._synced(p, when, *payload)  # a done peer's last sync: the scheduler still hears it
                     continue
@@ -706,6 +756,7 @@ class Simulation:
             "busy_answers": self.stats["busy"],
             "syncs": self.stats["syncs"],
             "registers": self.stats["registers"],
+            "scheduler_timeouts": self.stats["scheduler_timeouts"],
             "peer_news": cfg.peer_news,
             "news_latency_s": NEWS_LATENCY_S if cfg.peer_news else None,
             "upload_utilization": self.utilization,
@@ -873,6 +924,37 @@ def plot_utilisation(path: Path, series: list[tuple[float, float]], service: str
     plt.close(fig)
 
 
+def plot_before_after(path: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Completion-time CDFs of two runs' P2P pulls, in units of their T_min."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for label, result, style in (("before", before, "--"), ("after", after, "-")):
+        bound = result["lower_bound_s"]
+        times = sorted(t / bound for t in result["p2p"]["completion_s"])
+        n = len(times)
+        ax.step(
+            times,
+            [(i + 1) / n for i in range(n)],
+            style,
+            where="post",
+            label=f"{label}: p50 {times[n // 2]:.2f}, p99 {result['p2p']['p99_s'] / bound:.2f} ·T_min",
+        )
+    ax.axvline(1.0, color="grey", linestyle=":", label="T_min")
+    ax.set_xlabel("completion time per host (·T_min)")
+    ax.set_ylabel("fraction of hosts done")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{after['peers']} hosts, {after['blob_bytes'] / (1 << 20):.0f} MiB blob: before and after")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def parse_service_ms(text: str) -> tuple[float, dict[str, float]]:
     """'0.3' or 'register=0.4,sync=0.25,seed=0.2,leave=0.1' (or '0.3,sync=0.25'): the
     default service time and the per-type ones, in ms."""
@@ -952,6 +1034,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-time", type=float, default=3600.0, help="stop the simulation at this simulated time")
     parser.add_argument("--out", type=Path, required=True, help="directory for result.json, report.md, cdf.png")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="an earlier run's result.json: also plot both runs' completion CDFs (cdf-before-after.png)",
+    )
     args = parser.parse_args(argv)
     service_ms, service_ms_by_type = args.scheduler_service_ms
     if args.trace_out is not None and (service_ms or service_ms_by_type):
@@ -1017,6 +1105,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"p99 {figures['latency_p99_ms']:.1f} ms"
             )
         plot_utilisation(args.out / "scheduler.png", server["utilisation"], service)
+    if args.before is not None:
+        plot_before_after(args.out / "cdf-before-after.png", json.loads(args.before.read_text()), result)
+    print(
+        f"scheduler asked {result['registers'] + result['syncs']} times by the peers "
+        f"({(result['registers'] + result['syncs']) / config.peers:.2f} per host: "
+        f"{result['registers']} registers, {result['syncs']} syncs); "
+        f"{result['scheduler_timeouts']} timed out (after {config.peer.scheduler_timeout_s:g} s), "
+        f"{result['p2p']['back_to_source']} hosts back to source"
+    )
     print(
         f"T_min {bound:.2f} s; {result['p2p']['hosts_complete']}/{config.peers} hosts done; "
         f"ran {result['runtime_s']:.0f} s ({result['cpu_s']:.0f} s CPU); wrote {args.out}"

@@ -58,6 +58,19 @@ def test_service_times_per_request_type_are_charged_per_type() -> None:
     assert result["p2p"]["hosts_with_all_pieces"] == 30
 
 
+def test_a_register_answered_after_the_daemons_timeout_sends_the_host_back_to_source() -> None:
+    import dataclasses
+
+    # 30 registers at 150 ms each: the 21st waits over 3 s (scheduler_timeout_s), where the
+    # daemon stops waiting and goes to the origin; the scheduler still handles it in its turn.
+    result, sim = simulate(dataclasses.replace(config(0.0), scheduler_service_s_by_type={"register": 0.150}))
+    late = [t for t in sim.sched_latency_by_type["register"] if t > 3.0]
+    assert late
+    assert result["p2p"]["back_to_source"] == len(late) <= result["scheduler_timeouts"]  # syncs behind them too
+    assert result["p2p"]["hosts_complete"] == 30 - len(late)
+    assert len(sim.sched.tasks[next(iter(sim.sched.tasks))].peers) == 31  # every host and the seed joined
+
+
 def test_the_service_flag_takes_one_time_or_one_per_type() -> None:
     import argparse
 
