@@ -163,6 +163,9 @@ class Node(Generic[ConfigT]):
                         ssl_context=tls,
                         head_timeout_s=self.config.head_timeout_s,
                         max_connections=self.config.max_connections,
+                        # Piece requests, busy answers and news polls are many small
+                        # exchanges: plain ones skip h11 (anything odd still goes to it).
+                        lean=True,
                     )
                 )
                 if not self.advertise:
