@@ -24,7 +24,7 @@ from p2pdist.content.digest import PIECE_DIGEST_BYTES, PieceHasher, short
 from p2pdist.content.pieces import Bitmap, bits_from_bytes
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.node.intake import PieceIntake
-from p2pdist.node.pieceserver import KIND_HEADER
+from p2pdist.node.pieceserver import KIND_HEADER, PIECES_HEADER, parse_pieces_header
 from p2pdist.registry.retry import ORIGIN_RETRY
 from p2pdist.storage.store import PieceWriter, TaskStore
 from p2pdist.transport.piececlient import PieceResponse
@@ -36,6 +36,11 @@ if TYPE_CHECKING:
     from peer.daemon import PeerDaemon
 
 log = logging.getLogger("p2pdist.peer")
+
+# With peer news, a parent (not a seed: its news also carries digests) is polled for news only
+# when nothing is in flight to it and none of its piece answers came for this long: until then
+# those answers tell its news (see peer/parentnews.py).
+NEWS_QUIET_S = 1.0
 
 
 class TaskDownload:
@@ -70,8 +75,13 @@ class TaskDownload:
         self._sha_next = 0
         self.attestation = b""  # a seed's signature over the digests, once the scheduler relays one
         self._held_at_open = False  # pieces from an earlier run: verified against saved digests
+        self._digests_saved = 0  # digests in the store's file: every held piece's is among them
         self._fatal: P2PError | None = None  # ends the download: nothing to retry elsewhere
         self._owner: str | None = None  # the scheduler this download is registered with
+        # host id -> (when, version): the last piece answer from that parent that said what it holds
+        self._heard: dict[str, tuple[float, int]] = {}
+        # host id -> set when a transfer from that parent failed: its news poll checks it at once
+        self._check_parent: dict[str, trio.Event] = {}
 
     # -- what readers use -----------------------------------------------------------------
 
@@ -240,7 +250,6 @@ class TaskDownload:
     def _answered(self, report: Report | None, reply: wire.SyncReply) -> None:
         """Feed a scheduler's reply to the machine; open the store once the size is known."""
         machine = self.machine
-        known = len(machine.digests)
         if report is None:
             machine.register_answered(reply, time.monotonic())
         else:
@@ -248,8 +257,6 @@ class TaskDownload:
         if machine.wants_store:
             assert machine.content_length is not None
             self._open_store(machine.content_length)
-        if len(machine.digests) > known:
-            self._save_digests()
         if reply.attestation:
             self.attestation = reply.attestation
         self._notify()
@@ -336,6 +343,8 @@ class TaskDownload:
                 self.task_id,
                 known_digests=lambda: len(self.machine.digests),
                 on_news=lambda news: self._parent_news(host_id, news),
+                heard=lambda: self._heard.get(host_id, (0.0, 0))[1],
+                quiet=lambda: self._out_of_touch(host_id),
             )
             if end is NewsEnd.LOST:
                 log.warning("task %s: parent %s lost: %s", short(self.task_id), host_id, why)
@@ -344,11 +353,42 @@ class TaskDownload:
             else:
                 log.info("task %s: no news from %s (%s)", short(self.task_id), host_id, why)
 
+    async def _out_of_touch(self, host_id: str) -> None:
+        """Return once a news poll of this parent is worth its answers: it is a seed (its news
+        brings digests), or nothing is in flight to it and no piece answer of its came for
+        NEWS_QUIET_S, or a transfer from it failed (the poll then finds out whether it is gone)."""
+        while True:
+            parent = self.machine.parents.get(host_id)
+            if parent is None or parent.seed:
+                return
+            check = self._check_parent.setdefault(host_id, trio.Event())
+            if check.is_set():
+                del self._check_parent[host_id]
+                return
+            now = time.monotonic()
+            quiet_at = self._heard.get(host_id, (0.0, 0))[0] + NEWS_QUIET_S
+            if not parent.inflight and now >= quiet_at:
+                return
+            with trio.move_on_after(max(quiet_at - now, NEWS_QUIET_S / 2)):
+                await check.wait()
+
+    def _parent_said(self, host_id: str, value: str | None) -> None:
+        """A parent's piece answer said what it holds (PIECES_HEADER): news, without a poll."""
+        machine = self.machine
+        if value is None or not machine.count:
+            return
+        said = parse_pieces_header(value, machine.count)
+        if said is None:
+            return
+        version, bitmap = said
+        now = time.monotonic()
+        self._heard[host_id] = (now, version)
+        machine.parent_news(host_id, bits_from_bytes(bitmap), now)
+
     def _parent_news(self, host_id: str, news: wire.PieceNews) -> None:
         machine = self.machine
         if news.pieces and len(news.pieces) != (machine.count + 7) // 8:
             return  # not a bitmap of this blob as we know it
-        known = len(machine.digests)
         machine.parent_news(
             host_id,
             bits_from_bytes(news.pieces) if news.pieces else 0,
@@ -356,8 +396,6 @@ class TaskDownload:
             first_digest=news.first_digest,
             digests=news.piece_digests,
         )
-        if len(machine.digests) > known:
-            self._save_digests()
         self._notify()
 
     async def _final_sync(self) -> None:
@@ -396,8 +434,12 @@ class TaskDownload:
         return store
 
     def _save_digests(self) -> None:
-        """Keep the known digests beside the pieces as they arrive, so that after a crash the
-        verified pieces of an unfinished download can be checked and reused, not refetched."""
+        """Keep the known digests beside the pieces, so that after a crash the verified pieces
+        of an unfinished download can be checked and reused, not refetched. Called when a
+        stored piece's digest is not in the file yet (see _piece_stored), not on every reply
+        that brings digests: a file written per sync was a tenth of a peer's event loop in
+        the 16-host rollout. A piece whose digest did not make it into the file before a
+        crash is dropped at the restart and fetched again."""
         if self.store is None:
             return
         known = []
@@ -407,6 +449,7 @@ class TaskDownload:
             known.append(digest)
         try:
             self.store.save_digests(known)
+            self._digests_saved = len(known)
         except StoreError as exc:
             log.info("task %s: piece digests not saved: %s", short(self.task_id), exc)
 
@@ -425,6 +468,10 @@ class TaskDownload:
             self._notify()
             return
         self.machine.piece_done(request.number, outcome, time.monotonic())
+        if outcome is PieceOutcome.FAILED and (check := self._check_parent.get(request.host_id)) is not None:
+            check.set()
+        if outcome is PieceOutcome.VERIFIED and request.number >= self._digests_saved:
+            self._save_digests()
         source = self.parent_kinds.get(request.host_id, "peer")
         metrics.pieces.labels(source, outcome.value).inc()
         if outcome is PieceOutcome.VERIFIED:
@@ -462,6 +509,7 @@ class TaskDownload:
         number = request.number
         url = f"{request.url}/v1/tasks/{self.task_id}/pieces/{number}"
         async with self.daemon.piece_client.get(url, {"x-p2pdist": "1"}) as response:
+            self._parent_said(request.host_id, response.headers.get(PIECES_HEADER))
             if response.status == 404:
                 return PieceOutcome.ABSENT
             if response.status == 503:

@@ -2,14 +2,17 @@
 per parent, on the cluster's kept-alive HTTP client, until the parent is dropped or lost.
 
 A connection that fails, or a poll unanswered well past its wait, means the parent is gone:
-the child hears it here at once, not from the scheduler.
+the child hears it here at once, not from the scheduler. A child fetching from a parent hears
+its news on the piece answers themselves (PIECES_HEADER), so it polls only while it is out of
+touch with that parent (`quiet`): a poll is answered on every piece the parent stores, which
+per child and parent cost as much as the pieces.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -40,12 +43,20 @@ async def follow_news(
     *,
     known_digests: Callable[[], int],
     on_news: Callable[[wire.PieceNews], None],
+    heard: Callable[[], int] = lambda: 0,
+    quiet: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[NewsEnd, str]:
     """Poll a parent's news until cancelled, calling `on_news` with each answer; return why it
-    ended otherwise, and a reason for the log."""
+    ended otherwise, and a reason for the log. `heard()` is the newest version the child has
+    heard of otherwise (on piece answers): a poll waits for news past it. `quiet`, awaited
+    before each poll but the first, returns once the child wants to poll again."""
     since: int | None = None  # the first poll answers at once, whatever the version
     refusals = 0
     while True:
+        if since is not None:
+            if quiet is not None:
+                await quiet()
+            since = max(since, heard())
         wait_ms = 0 if since is None else NEWS_WAIT_MS
         url = f"{parent_url}/v1/tasks/{task_id}/news?since={since or 0}&wait_ms={wait_ms}&digests={known_digests()}"
         try:

@@ -3,11 +3,14 @@ and the task's piece news (GET /v1/tasks/<digest>/news, p2pdist/node/news.py).
 
 Serves only pieces already verified and renamed into the store, straight from disk with
 sendfile, and answers 503 when its upload slots are all taken so children try elsewhere.
-With a cluster secret, a request without it is a 401.
+Every answer about a piece of a task held here (the piece, busy, not held yet) says what the
+node holds of the task now (PIECES_HEADER), so a child fetching from it hears its news
+without a news poll. With a cluster secret, a request without it is a 401.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import re
 from collections.abc import Callable
@@ -25,6 +28,9 @@ from p2pdist.transport.trust import refuse_unauthorized
 QUEUE_WAIT_S = 0.5
 # What a piece server is (peer or seed), on every piece it sends: a label for the child's metrics.
 KIND_HEADER = "x-p2pdist-kind"
+# What the node holds of the task as it answers: "<version> <bitmap, base64>", the version and
+# bitmap of its piece news (p2pdist/node/news.py).
+PIECES_HEADER = "x-p2pdist-pieces"
 PIECE_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)/pieces/(?P<number>[^/]+)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -47,6 +53,25 @@ def parse_range(header: str, length: int) -> tuple[int, int] | None:
     if start >= length or (last and int(last) < start):
         raise RangeNotSatisfiable(length)
     return start, end
+
+
+def pieces_header(task: TaskStore) -> tuple[str, str]:
+    return PIECES_HEADER, f"{len(task.pieces)} {base64.b64encode(task.pieces.to_bytes()).decode('ascii')}"
+
+
+def parse_pieces_header(value: str, count: int) -> tuple[int, bytes] | None:
+    """(version, bitmap) from a PIECES_HEADER value for a blob of `count` pieces; None if it is
+    not one (a parent's word is only a hint: the child checks every piece anyway)."""
+    version, _, encoded = value.partition(" ")
+    if not (version.isascii() and version.isdigit()) or len(version) > 9:
+        return None
+    try:
+        bitmap = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        return None
+    if len(bitmap) != (count + 7) // 8:
+        return None
+    return int(version), bitmap
 
 
 class PieceServer:
@@ -97,7 +122,7 @@ class PieceServer:
             raise BadRequest(f"piece {number} out of range: {task_id[:19]} has {task.layout.count} pieces")
         if not task.has(number):
             self.metrics.pieces_served.labels("404").inc()
-            raise NotFound(f"piece {number} of {task_id[:19]} not held here yet")
+            return text_response(404, f"piece {number} of {task_id[:19]} not held here yet", [pieces_header(task)])
         length = task.layout.length(number)
         try:
             span = parse_range(request.headers.get("range", ""), length)
@@ -105,12 +130,13 @@ class PieceServer:
             return text_response(416, str(exc), [("content-range", f"bytes */{exc.length}")])
         if not await self._take_slot():
             self.metrics.pieces_served.labels("503").inc()
-            return text_response(503, "all upload slots busy", [("retry-after", "1")])
+            return text_response(503, "all upload slots busy", [("retry-after", "1"), pieces_header(task)])
         status, start, end = (200, 0, length) if span is None else (206, *span)
         headers = [
             ("content-type", "application/octet-stream"),
             ("accept-ranges", "bytes"),
             (KIND_HEADER, self.kind),
+            pieces_header(task),
         ]
         if status == 206:
             headers.append(("content-range", f"bytes {start}-{end - 1}/{length}"))

@@ -15,6 +15,7 @@ import pytest
 from lab.registry import Origin
 from p2pdist import wire
 from p2pdist.content.pieces import Bitmap, PieceLayout
+from p2pdist.node.pieceserver import PIECES_HEADER, parse_pieces_header
 from tests.support.cluster import Cluster, sha256_file
 from tests.support.origin import PushToOrigin
 
@@ -65,6 +66,16 @@ def test_news_answers_as_each_piece_is_stored_and_a_seed_sends_its_digests(
     assert waited < 9.0
     assert list(Bitmap(count, answer.pieces)) == list(range(answer.version))
     assert len(answer.piece_digests) == answer.version and answer.first_digest == 0
+    # A piece answer tells the same news: the last piece, likely not held yet (a 404), then the
+    # first (held): each says what the seed holds as it answers.
+    for number in (count - 1, 0):
+        piece = httpx.get(f"{seed.url}/v1/tasks/{digest}/pieces/{number}", timeout=30)
+        assert piece.status_code in (200, 404), piece.text
+        said = parse_pieces_header(piece.headers[PIECES_HEADER], count)
+        assert said is not None, piece.headers[PIECES_HEADER]
+        version, bitmap = said
+        assert answer.version <= version <= count and list(Bitmap(count, bitmap)) == list(range(version))
+        assert (number in range(version)) == (piece.status_code == 200)
 
     # The next poll, since that version, answers with the next piece.
     later, _ = news(seed.url, digest, since=answer.version, wait_ms=10_000, digests=answer.version)
@@ -77,6 +88,10 @@ def test_news_answers_as_each_piece_is_stored_and_a_seed_sends_its_digests(
     assert whole.version == count and whole.complete and waited < 5.0
     pieces = [httpx.get(f"{peer.url}/v1/tasks/{digest}/pieces/{n}").content for n in range(count)]
     assert whole.piece_digests == [blake3.blake3(p).digest() for p in pieces]
+    said = parse_pieces_header(
+        httpx.get(f"{peer.url}/v1/tasks/{digest}/pieces/1", timeout=30).headers[PIECES_HEADER], count
+    )
+    assert said is not None and said[0] == count and list(Bitmap(count, said[1])) == list(range(count))
     # A peer tells what it holds, but no digests: children trust only a seed's.
     held, _ = news(peer.url, digest, since=0, wait_ms=0)
     assert held.version == count and held.complete and held.piece_digests == []

@@ -1,5 +1,6 @@
 """The piece server's upload slots: a full server keeps a short line, hands a finished upload's
-slot to the next in line, and answers busy when the wait runs out."""
+slot to the next in line, and answers busy when the wait runs out; every answer about a held
+task's piece says what the server holds (its news, without a poll)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import trio
 
 from p2pdist.node.metrics import DaemonMetrics
-from p2pdist.node.pieceserver import QUEUE_WAIT_S, PieceServer
+from p2pdist.node.pieceserver import PIECES_HEADER, QUEUE_WAIT_S, PieceServer, parse_pieces_header
 from p2pdist.storage.store import Store
 from p2pdist.transport.server import FileBody, Request
 
@@ -55,3 +56,20 @@ async def test_a_finished_upload_hands_its_slot_to_the_next_in_line(tmp_path: Pa
         assert isinstance(first.body, FileBody) and first.body.on_done is not None
         first.body.on_done()
     assert statuses == [200]
+
+
+async def test_piece_and_busy_answers_say_what_the_server_holds(tmp_path: Path) -> None:
+    pieces = server(tmp_path, slots=1)
+    first = await pieces.handle(get(pieces))
+    busy = await pieces.handle(get(pieces))
+    assert (first.status, busy.status) == (200, 503)
+    for answer in (first, busy):
+        said = dict(answer.headers)[PIECES_HEADER]
+        assert said == "1 gA=="  # one piece held: version 1, bitmap 0b1000_0000
+        assert parse_pieces_header(said, 1) == (1, b"\x80")
+
+
+def test_a_pieces_header_that_is_not_one_is_ignored() -> None:
+    assert parse_pieces_header("3 4A==", 3) == (3, b"\xe0")
+    for bad in ("", "3", "x 4A==", "-1 4A==", "3 4A=", "3 !!!!", "3 4OA=", "\u00b2 4A==", "1234567890 4A=="):
+        assert parse_pieces_header(bad, 3) is None, bad
