@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from p2pdist.cluster.rendezvous import owner
@@ -29,7 +30,7 @@ from p2pdist.wire import (
     Sync,
     SyncReply,
 )
-from scheduler.parents import Candidate, choose_parents, site_pool, worth_keeping
+from scheduler.parents import SLOTS_PER_CHILD, Candidate, choose_parents, site_pool, worth_keeping
 
 log = logging.getLogger("p2pdist.scheduler")
 
@@ -54,6 +55,59 @@ RESUME_PARENTS = 8
 # A seed that stalled, vanished or missed its wake-up is asked again after a back-off that
 # doubles per wake-up of the task (from seed_retry_s), up to this; never given up for good.
 SEED_BACKOFF_MAX_S = 30.0
+
+
+def _draw(ids: list[str], count: int, random: Callable[[], float]) -> list[str]:
+    """`count` random members of `ids` (all of them if no more), repeats possible: cheaper
+    than random.sample, and a repeat is weighed once."""
+    n = len(ids)
+    if n <= count:
+        return ids
+    return [ids[int(random() * n)] for _ in range(count)]
+
+
+class IndexedSet:
+    """A set of host ids that also picks a random member in O(1) (a list and each member's
+    index in it): parent choice draws from a task's holders at every decision."""
+
+    __slots__ = ("items", "_slot")
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self._slot: dict[str, int] = {}
+
+    def __contains__(self, host_id: object) -> bool:
+        return host_id in self._slot
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.items)  # not while adding or discarding
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a set (or another IndexedSet) of the same members, in any order."""
+        if isinstance(other, IndexedSet):
+            return self._slot.keys() == other._slot.keys()
+        if isinstance(other, set | frozenset):
+            return self._slot.keys() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a set
+
+    def add(self, host_id: str) -> None:
+        if host_id not in self._slot:
+            self._slot[host_id] = len(self.items)
+            self.items.append(host_id)
+
+    def discard(self, host_id: str) -> None:
+        index = self._slot.pop(host_id, None)
+        if index is None:
+            return
+        last = self.items.pop()
+        if last != host_id:
+            self.items[index] = last
+            self._slot[last] = index
 
 
 @dataclass
@@ -90,7 +144,7 @@ class Task:
     # Indexes over `peers`, kept by the methods below.
     ids: list[str] = field(default_factory=list)  # to sample from
     slot: dict[str, int] = field(default_factory=dict)  # host -> index in ids
-    holders: set[str] = field(default_factory=set)  # peers holding at least one piece
+    holders: IndexedSet = field(default_factory=IndexedSet)  # peers holding at least one piece
     done_peers: set[str] = field(default_factory=set)
     seeds: set[str] = field(default_factory=set)  # peers that joined as seeds
     children: dict[str, set[str]] = field(default_factory=dict)  # parent -> its children here
@@ -158,6 +212,21 @@ class Task:
         if not peer.bits >> number & 1:
             peer.pieces.add(number)
             peer.bits |= 1 << number
+            self.holders.add(peer.host_id)
+
+    def add_pieces(self, peer: PeerTask, numbers: list[int]) -> None:
+        """add_piece for each of `numbers` in the bitmap's range (others are ignored), the
+        bitmap rebuilt once: a sync reports dozens of pieces, and one add each was a sixth
+        of its cost."""
+        assert peer.pieces is not None
+        size = peer.pieces.size
+        bits = peer.bits
+        for number in numbers:
+            if 0 <= number < size:
+                bits |= 1 << number
+        if bits != peer.bits:
+            peer.bits = bits
+            peer.pieces = Bitmap.from_int(size, bits)
             self.holders.add(peer.host_id)
 
     def complete(self, peer: PeerTask) -> bool:
@@ -328,9 +397,8 @@ class Scheduler:
             task.content_length = msg.content_length  # learnt by a back-to-source peer
         self._size_bitmap(task, peer)
         if peer.pieces is not None:
-            for number in msg.new_pieces:
-                if 0 <= number < peer.pieces.size:
-                    task.add_piece(peer, number)
+            if msg.new_pieces:
+                task.add_pieces(peer, msg.new_pieces)
             task.set_done(peer, msg.done or task.complete(peer))
         for bad in msg.bad_parents:
             self.counters.bad_reports += 1
@@ -800,33 +868,102 @@ class Scheduler:
         )
 
     def _choose(self, task: Task, peer: PeerTask, total: int, now: float) -> list[str]:
+        """Parents for `peer`: the policy of `choose_parents` (keep the current parents worth
+        keeping, fill up to candidate_parents by `rank`, no cycles), weighing few peers.
+
+        Weighed: the current parents, the seeds, a random draw of the task's holders (peers
+        with at least one piece: only they can be useful now) and, only when those leave slots
+        to fill, a smaller draw of all its peers (downloading peers, useful soon); a task no
+        bigger than the draws is weighed whole. Each is scored in one pass over plain values
+        (no candidate records), and a cycle is ruled out only for those taken, mostly by the
+        topological order alone (`_closes_cycle_cheaply`).
+        """
         if self.site_aware:
             return self._choose_in_site(task, peer, total, now)
-        assert peer.pieces is not None
+        want = self.config.candidate_parents
+        hosts, peers, child_count, bad_until = self.hosts, task.peers, self.child_count, self.bad_until
+        lacks = ~peer.bits & task.verifiable()
+        me, current = peer.host_id, peer.parents
+        # Most syncs change nothing: every current parent is still worth keeping (worth_keeping).
+        chosen = []
+        for host_id in current:
+            host = hosts.get(host_id)
+            if host is None:
+                continue
+            other = peers[host_id]
+            if other.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
+                continue
+            if other.bits & lacks and child_count.get(host_id, 0) - 1 < host.upload_slots:
+                chosen.append(host_id)
+        if len(chosen) >= want:
+            return chosen[:want]
+        seen = set(chosen)
+        seen.add(me)
+        scale = 1.0 / max(1, total)
+        random = self.rng.random
+        scored: list[tuple[bool, float, float, str]] = []
+        useful_found = 0
+
+        def weigh(ids: Iterable[str]) -> int:
+            """Score each eligible id not yet seen into `scored` (the key of `rank`, a random
+            number breaking ties); return how many have something useful now."""
+            found = 0
+            for host_id in ids:
+                if host_id in seen:
+                    continue
+                seen.add(host_id)
+                host = hosts.get(host_id)
+                if host is None:
+                    continue
+                other = peers[host_id]
+                if other.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
+                    continue
+                useful = (other.bits & lacks).bit_count()
+                if not useful and other.done:
+                    continue  # complete, and nothing we lack: never a parent
+                children = child_count.get(host_id, 0) - (1 if host_id in current else 0)
+                spare = host.upload_slots / SLOTS_PER_CHILD
+                free = 1.0 - children / (spare if spare > 1.0 else 1.0)
+                value = 0.6 * free if free > 0.0 else 0.0
+                if useful:
+                    value += 1.0 + 0.4 * useful * scale
+                    found += 1
+                if host.kind == "seed":
+                    value -= 0.05  # seeds come last among equals
+                scored.append((useful > 0, value, random(), host_id))
+            return found
+
         sample = self.config.parent_sample
-        verifiable = task.verifiable()
-        # Most syncs change nothing: every current parent is still worth keeping.
-        current = self._candidates(task, peer, peer.parents, verifiable, now)
-        kept = [c.host_id for c in current if worth_keeping(c)]
-        if len(kept) >= self.config.candidate_parents:
-            return kept[: self.config.candidate_parents]
-        if len(task.peers) <= sample + len(peer.parents) + len(task.seeds) + 1:
-            ids: list[str] = list(task.peers)
+        everyone = task.ids
+        if len(everyone) <= sample + len(current) + len(task.seeds) + 1:
+            weigh(everyone)  # a small task: weigh it whole, as choose_parents does
         else:
-            # Current parents and seeds are always weighed; the rest is a random sample, so a
-            # decision costs the same at 5,000 peers as at 50.
-            ids = list(dict.fromkeys([*peer.parents, *task.seeds, *self.rng.sample(task.ids, sample)]))
-        candidates = self._candidates(task, peer, ids, verifiable, now)
-        return choose_parents(
-            peer.host_id,
-            candidates,
-            keep=peer.parents,
-            want=self.config.candidate_parents,
-            total_pieces=total,
-            sample=sample,
-            rng=self.rng,
-            closes_cycle=lambda child, parent: self._closes_cycle(task, child, parent),
-        )
+            useful_found += weigh(current)
+            useful_found += weigh(task.seeds)
+            useful_found += weigh(_draw(task.holders.items, sample * 2 // 5, random))
+            if useful_found < want - len(chosen):
+                weigh(_draw(everyone, sample // 5, random))
+        scored.sort(reverse=True)
+        order = peer.order
+        for useful, _, _, host_id in scored:
+            if len(chosen) >= want:
+                break
+            # A parent ordered before the child closes no cycle; nor does any parent of a
+            # child with no children, which may move to the end of the order (after every
+            # parent it has or gets). Else the bounded search rules a cycle out, only for a
+            # parent with something useful now: an idle parent is a placeholder, and another
+            # serves as well (searching for those too made no difference in the simulator).
+            if peers[host_id].order < order:
+                chosen.append(host_id)
+            elif not task.children.get(me):
+                task.next_order += 1
+                peer.order = order = task.next_order
+                chosen.append(host_id)
+            elif useful:
+                if not self._closes_cycle(task, me, host_id):
+                    chosen.append(host_id)
+                    order = peer.order
+        return chosen
 
     # -- sites ----------------------------------------------------------------------------
 

@@ -101,6 +101,16 @@ class Bitmap:
             if spare and self._bits[-1] & ((1 << spare) - 1):
                 raise ValueError("bitmap has bits set past its size")
 
+    @classmethod
+    def from_int(cls, size: int, bits: int) -> Bitmap:
+        """The set of an int with bit n set for piece n (the inverse of `to_int`)."""
+        if bits < 0 or bits >> size:
+            raise ValueError(f"pieces past the bitmap's {size}")
+        bitmap = cls.__new__(cls)
+        bitmap.size = size
+        bitmap._bits = bytearray(bits.to_bytes((size + 7) // 8, "little").translate(_REVERSED))
+        return bitmap
+
     def add(self, number: int) -> None:
         self._check(number)
         self._bits[number >> 3] |= 0x80 >> (number & 7)
