@@ -5,6 +5,7 @@ transport to sendfile. `server.py` is the trio loop that moves the bytes and kee
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
@@ -167,6 +168,7 @@ _LEAN_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
 _LEAN_REFUSED_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade", "connection"})
 
 
+@functools.cache
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")
@@ -240,6 +242,8 @@ class ServerProtocol:
             if (lean := self._lean_next()) is not None:
                 return lean
             self._to_h11()
+        elif self._lean_between_requests() and not self._h11.trailing_data[1]:
+            return NeedData(idle=True)  # what h11 would say (nothing received, not closed), without asking it
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as exc:

@@ -1,5 +1,5 @@
 """Parent choice at scale (scheduler/state.py `_choose`): a decision weighs a bounded draw of
-the task's peers, drawn mostly from the peers holding pieces, and still never closes a cycle."""
+the task's peers with cheap cycle rules, and still never closes a cycle."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from p2pdist.config import SchedulerConfig
 from p2pdist.content.pieces import Bitmap, MiB, PieceLayout
 from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync
-from scheduler.state import IndexedSet, Scheduler
+from scheduler.state import Scheduler
 
 TASK = "sha256:" + "ef" * 32
 URL = "http://origin:5000/v2/lib/x/blobs/" + TASK
@@ -37,20 +37,6 @@ def swarm(peers: int, *, seed: int = 1, **config: object) -> Scheduler:
     return s
 
 
-def test_indexed_set_adds_discards_and_compares_as_a_set() -> None:
-    members = IndexedSet()
-    for host in ("a", "b", "c", "b"):
-        members.add(host)
-    members.discard("a")
-    members.discard("zz")
-    assert len(members) == 2 and "a" not in members and "b" in members
-    assert sorted(members) == ["b", "c"] and sorted(members.items) == ["b", "c"]
-    assert members == {"b", "c"} and members != {"b"}
-    members.discard("c")
-    members.add("d")
-    assert members == {"b", "d"}
-
-
 def test_bitmap_from_int_is_the_inverse_of_to_int() -> None:
     rng = random.Random(3)
     for size in (1, 7, 8, 9, 256, 300):
@@ -68,19 +54,6 @@ def test_a_sync_reporting_pieces_in_one_batch_holds_exactly_those_in_range() -> 
     peer = s.tasks[TASK].peers["p1"]
     assert peer.pieces is not None and list(peer.pieces) == [0, 5, 63]
     assert peer.bits == (1 | 1 << 5 | 1 << 63) and "p1" in s.tasks[TASK].holders
-
-
-def test_a_child_in_a_big_task_gets_the_few_peers_holding_pieces() -> None:
-    # 3,000 peers of which 20 hold a piece each: a random draw of 40 of all peers would find
-    # one of them about every fourth decision; drawing from the holders finds them every time.
-    s = swarm(3000, candidate_parents=8)
-    for i in range(1, 21):
-        s.sync(Sync(host_id=f"p{i}", task_id=TASK, new_pieces=[i]), 3.0)
-    reply, _ = s.sync(Sync(host_id="p2999", task_id=TASK), 4.0)
-    parents = [p.host_id for p in reply.parents]
-    assert len(parents) == 8
-    holders = {f"p{i}" for i in range(1, 21)} | {"seed"}
-    assert set(parents) <= holders, parents
 
 
 def test_parents_with_nothing_useful_fill_the_slots_holders_cannot() -> None:
