@@ -125,7 +125,9 @@ class PeerDaemon(Node[PeerConfig]):
     def download_status(self, task_id: str) -> dict[str, object]:
         """What this peer knows of a task's download: its state and, if it failed, why."""
         dl = self.downloads.get(task_id)
-        if dl is not None and not dl.finished.is_set():
+        # Verified is as good as done here: a client has its last byte once the blob checked
+        # out, and may ask where the bytes came from before the final sync with the scheduler.
+        if dl is not None and not dl.finished.is_set() and not dl.verified:
             return {"digest": task_id, "state": "running"}
         held = self.store.get(task_id)
         if held is not None and held.complete():

@@ -113,6 +113,14 @@ class TaskDownload:
                 raise self.error
             await self._wait_change()
 
+    async def wait_verified(self) -> None:
+        """Return once the whole blob checked out (its sha256, or a seed's attestation); raise
+        if the download failed. The final sync with the scheduler is not waited for."""
+        while not self.verified:
+            if self.finished.is_set():
+                raise self.error or P2PError("download did not verify")
+            await self._wait_change()
+
     def want_first(self, start: int, end: int) -> None:
         """A client's Range request waits for bytes [start, end): fetch their pieces first."""
         if self.store is not None and not self.finished.is_set() and start < end:
@@ -145,6 +153,7 @@ class TaskDownload:
                 assert self.store is not None
                 self.store.save_digests(self.digests)
                 self.verified = True
+                self._notify()  # clients waiting for the last piece go now, not after the final sync
             log.info(
                 "task %s: done, %d bytes in %.2fs%s",
                 short(self.task_id),

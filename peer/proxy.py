@@ -533,9 +533,7 @@ async def stream_blob(dl: TaskDownload, start: int, end: int) -> AsyncIterator[b
             piece_start, piece_end = layout.span(number)
             first, last = max(start, piece_start) - piece_start, min(end, piece_end) - piece_start
             if piece_end >= end and end == layout.blob_size:
-                await dl.finished.wait()
-                if dl.error is not None or not dl.verified:
-                    raise dl.error or P2PError("download did not verify")
+                await dl.wait_verified()
             # Each piece goes out with sendfile, straight from the page cache.
             yield FileBody(store.path(number), first, last - first)
             offset += last - first
