@@ -3,7 +3,10 @@ through a peer whose neighbours already hold it.
 
 Real parts only: the Distribution registry as origin (optionally behind a rate-capped relay),
 separate scheduler/seed/peer processes, and a fresh private containerd per pull (nothing
-cached), so each time includes resolving, fetching every blob and unpacking it.
+cached), so each time includes resolving, fetching every blob and unpacking it. Each line gives the
+pull's ratio to the direct pull of the same run and the CPU-seconds each part used meanwhile
+(the seed, the peer pulled through, the other peers, containerd with ctr), so a slow pull can
+be told from a busy one on a shared machine.
 
     .venv/bin/python -m benchmarks.mirror_pull --layers-mib 200,150,100,50
 """
@@ -11,6 +14,8 @@ cached), so each time includes resolving, fetching every blob and unpacking it.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import tempfile
 import time
@@ -24,6 +29,21 @@ from lab.runtimes import Containerd, write_hosts_toml
 
 MiB = 1 << 20
 REPO = "bench/mirror"
+
+
+def cpu_s(pid: int) -> float:
+    """CPU-seconds (user + system, all threads) process `pid` has used so far; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU-seconds of this process's waited-for children (ctr)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -58,22 +78,39 @@ def main() -> None:
                 services.extend(peers)
                 ref = f"{relay.host}/{REPO}:latest"
 
-                def pull(label: str, mirror: str | None) -> float:
+                seed = services[1]
+                direct: list[float] = []
+
+                def pull(label: str, mirror: str | None, through: Service | None = None) -> float:
                     slug = "-".join(label.split()[:4]).replace(",", "")
                     hosts_dir = workdir / f"certs-{slug}"
                     write_hosts_toml(hosts_dir, relay.host, relay.url, mirror)
                     before = relay.downstream_bytes()
                     with Containerd(workdir, f"containerd-{slug}") as containerd:
+                        cpu = {s.name: cpu_s(s.pid) for s in (seed, *peers)}
+                        client = cpu_s(containerd.service.pid) + children_cpu_s()
                         took = containerd.pull(ref, hosts_dir, timeout=1200)
+                        client = cpu_s(containerd.service.pid) + children_cpu_s() - client
+                        used = {s.name: cpu_s(s.pid) - cpu[s.name] for s in (seed, *peers)}
                     sent = relay.downstream_bytes() - before
-                    print(f"{label:<34} {took:7.2f} s   origin sent {sent / MiB:7.1f} MiB", flush=True)
+                    if mirror is None:
+                        direct.append(took)
+                    ratio = took / direct[0]
+                    mine = used[through.name] if through else 0.0
+                    others = sum(used[p.name] for p in peers if p is not through)
+                    print(
+                        f"{label:<34} {took:7.2f} s {ratio:5.2f}x direct   origin sent {sent / MiB:6.1f} MiB   "
+                        f"CPU-s: seed {used[seed.name]:.2f}, this peer {mine:.2f}, other peers {others:.2f}, "
+                        f"containerd+ctr {client:.2f}   load {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
                     return took
 
                 pull("direct from the origin", None)
-                pull("through a cold peer", peers[0].proxy_url)
-                pull("through a peer, neighbours warm", peers[1].proxy_url)
-                pull("again, third host", peers[2].proxy_url)
-                pull("through the first peer again", peers[0].proxy_url)
+                pull("through a cold peer", peers[0].proxy_url, peers[0])
+                pull("through a peer, neighbours warm", peers[1].proxy_url, peers[1])
+                pull("again, third host", peers[2].proxy_url, peers[2])
+                pull("through the first peer again", peers[0].proxy_url, peers[0])
     finally:
         for service in reversed(services):
             service.stop()
