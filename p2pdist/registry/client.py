@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from p2pdist.errors import OriginError
@@ -29,6 +30,12 @@ MAX_REDIRECTS = 5
 # over 63 characters), which surfaces as a bare UnicodeError from getaddrinfo.
 UNREACHABLE: tuple[type[Exception], ...] = (httpx.HTTPError, httpx.InvalidURL, UnicodeError)
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+# httpcore reads a response 64 KiB at a time, and every read is a trip through h11 and httpx:
+# a blob streamed with aiter_raw cost 2.5-3.4 CPU-s per GiB here against 0.7-0.8 with 1 MiB
+# reads (benchmarks/README.md, issue 18), and a seed receives every byte of the swarm this way.
+# A class attribute, so it holds for every httpx client in the process (the mirror's relays too).
+READ_BYTES = 1 << 20
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_BYTES
 
 
 async def send_streamed(
