@@ -12,11 +12,11 @@ and `p2pdist get` through A itself, which holds the blob whole (a warm peer). Th
 (`--children 8`) A serves the blob to 8 new peers at once, and its peak resident memory is
 read from /proc.
 
-Curl's file is a new file each time, and it and B's store both go into memory freed just
-before: on a VM whose memory the host backs lazily, the first write to a page costs several
-times a write to a page used before (1 GiB into the page cache measured 1.5 CPU-s against
-0.4), so the two would otherwise be compared under different conditions. The best of four
-curl runs is kept.
+Curl's file is a new file each time, and it, B's store and what each `get` writes (C's
+store and the client's file for the cold one) all go into memory freed just before: on a VM
+whose memory the host backs lazily, the first write to a page costs several times a write to
+a page used before (1 GiB into the page cache measured 1.5 CPU-s against 0.4), so they would
+otherwise be compared under different conditions. The best of four curl runs is kept.
 """
 
 from __future__ import annotations
@@ -56,6 +56,18 @@ def curl_to_new_file(url: str, path: Path) -> float:
     seconds = curl(url, str(path))
     path.unlink()
     return seconds
+
+
+def free_memory(url: str, workdir: Path, copies: int) -> None:
+    """Write `copies` new files of the blob with curl, then delete them all: the page-cache
+    writes that follow get memory freed just before, as curl's own timed runs do. A cold `get`
+    writes the blob twice (peer C's store and the client's file), so it gets two copies'
+    worth; one copy rewritten twice would free the same pages twice."""
+    paths = [workdir / f"free-{i}.out" for i in range(copies)]
+    for path in paths:
+        curl(url, str(path))
+    for path in paths:
+        path.unlink()
 
 
 def metric_sum(url: str, name: str) -> float:
@@ -155,7 +167,7 @@ def run(blob_size: int, workdir: Path, children: int = 0, verify_once: bool = Fa
             from_peers = metric_sum(peer_b.url, 'p2pdist_peer_download_bytes_total{source="peer"}')
             assert from_peers == size, f"B fetched {from_peers} of {size} bytes from its parent"
             peer_b.stop()  # C's only parent is A
-            curl_to_new_file(url, scratch)
+            free_memory(url, workdir, 2)
             c_cpu = cpu_s(peer_c.pid)
             results["p2p_get_s"], results["p2p_get_client_cpu_s"] = timed_get(
                 [*get, str(peer_c.proxy_url)], workdir / "c.out", layer.digest
@@ -163,7 +175,7 @@ def run(blob_size: int, workdir: Path, children: int = 0, verify_once: bool = Fa
             results["p2p_get_peer_cpu_s"] = cpu_s(peer_c.pid) - c_cpu
             results["c_attested"] = metric_sum(peer_c.url, 'p2pdist_peer_blob_checks_total{how="attested"}')
             # A warm peer: A holds the whole blob, so this is the client's path alone.
-            curl_to_new_file(url, scratch)
+            free_memory(url, workdir, 1)
             a_cpu = cpu_s(peer_a.pid)
             results["p2p_get_warm_s"], results["p2p_get_warm_client_cpu_s"] = timed_get(
                 [*get, str(peer_a.proxy_url)], workdir / "a.out", layer.digest
