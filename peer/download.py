@@ -80,8 +80,10 @@ class TaskDownload:
         self._owner: str | None = None  # the scheduler this download is registered with
         # host id -> (when, version): the last piece answer from that parent that said what it holds
         self._heard: dict[str, tuple[float, int]] = {}
-        # host id -> set when a transfer from that parent failed: its news poll checks it at once
-        self._check_parent: dict[str, trio.Event] = {}
+        # host id -> set when a transfer from that parent ends: its news poll, if waiting, looks
+        # again; `_failed_from` holds those whose transfer failed (the poll then checks at once)
+        self._transfer_ended: dict[str, trio.Event] = {}
+        self._failed_from: set[str] = set()
 
     # -- what readers use -----------------------------------------------------------------
 
@@ -370,16 +372,18 @@ class TaskDownload:
             parent = self.machine.parents.get(host_id)
             if parent is None or parent.seed:
                 return
-            check = self._check_parent.setdefault(host_id, trio.Event())
-            if check.is_set():
-                del self._check_parent[host_id]
+            if host_id in self._failed_from:
+                self._failed_from.discard(host_id)
                 return
-            now = time.monotonic()
+            if parent.inflight:
+                # No timer: a timer per parent and child firing costs what a piece request does.
+                ended = self._transfer_ended.setdefault(host_id, trio.Event())
+                await ended.wait()
+                continue
             quiet_at = self._heard.get(host_id, (0.0, 0))[0] + NEWS_QUIET_S
-            if not parent.inflight and now >= quiet_at:
+            if time.monotonic() >= quiet_at:
                 return
-            with trio.move_on_after(max(quiet_at - now, NEWS_QUIET_S / 2)):
-                await check.wait()
+            await trio.sleep_until(quiet_at - time.monotonic() + trio.current_time())
 
     def _parent_said(self, host_id: str, value: str | None) -> None:
         """A parent's piece answer said what it holds (PIECES_HEADER): news, without a poll."""
@@ -477,8 +481,10 @@ class TaskDownload:
             self._notify()
             return
         self.machine.piece_done(request.number, outcome, time.monotonic())
-        if outcome is PieceOutcome.FAILED and (check := self._check_parent.get(request.host_id)) is not None:
-            check.set()
+        if outcome is PieceOutcome.FAILED:
+            self._failed_from.add(request.host_id)
+        if (ended := self._transfer_ended.pop(request.host_id, None)) is not None:
+            ended.set()
         if outcome is PieceOutcome.VERIFIED and request.number >= self._digests_saved:
             self._save_digests()
         source = self.parent_kinds.get(request.host_id, "peer")

@@ -25,7 +25,6 @@ from p2pdist.transport.server import Request, Response, text_response
 
 NEWS_PATH = re.compile(r"/v1/tasks/(?P<task>[^/]+)/news")
 MAX_WAIT_MS = 10_000  # a poll is answered within this even when nothing happens
-DRAIN_CHECK_S = 1.0  # a waiting poll looks this often whether the node started draining
 MAX_QUERY_INT = 1 << 62
 
 
@@ -49,11 +48,18 @@ class PieceNews:
         self.store = store
         self.digests = digests  # a seed's: the digests it computed for a task
         self._stored: dict[str, trio.Event] = {}  # task id -> set when its next piece is stored
+        self._drain_hooked = False
         store.on_piece = self.piece_stored
 
     def piece_stored(self, task_id: str) -> None:
         event = self._stored.pop(task_id, None)
         if event is not None:
+            event.set()
+
+    async def _drained(self) -> None:
+        """Draining started: every waiting poll answers now, so children move on."""
+        stored, self._stored = self._stored, {}
+        for event in stored.values():
             event.set()
 
     async def handle(self, request: Request, task: str) -> Response:
@@ -69,15 +75,20 @@ class PieceNews:
     async def wait(self, task_id: str, since: int, wait_s: float, known_digests: int) -> wire.PieceNews:
         """The task's news once its version differs from `since`, or after `wait_s` as it is."""
         deadline = trio.current_time() + wait_s
+        drain = current_drain()
+        if drain is not None and not self._drain_hooked:
+            # Woken by the drain rather than looking every second: a node holds a poll per
+            # child and parent, and a timer firing costs about what a piece request does.
+            drain.on_drain(self._drained)
+            self._drain_hooked = True
         while True:
             # Not store.get: a poll is not a use, and must not keep a task from the cache quota.
             task = self.store.tasks.get(task_id)
             version = 0 if task is None else len(task.pieces)
-            drain = current_drain()
             if version != since or trio.current_time() >= deadline or (drain is not None and drain.draining):
                 return self._news(task_id, task, version, known_digests)
             event = self._stored.setdefault(task_id, trio.Event())
-            with trio.move_on_at(min(deadline, trio.current_time() + DRAIN_CHECK_S)):
+            with trio.move_on_at(deadline):
                 await event.wait()
 
     def _news(self, task_id: str, task: TaskStore | None, version: int, known_digests: int) -> wire.PieceNews:
