@@ -74,8 +74,10 @@ async def pull_image(
     params: dict[str, str],
     started: float,
     verified: list[str],
+    manifest_at: list[float],
 ) -> float:
-    """Fetch the manifest and every layer (layers at once, as runtimes do); return seconds since `started`.
+    """Fetch the manifest and every layer (layers at once, as runtimes do); return seconds since
+    `started`, and add when the manifest had arrived to `manifest_at`.
 
     Layers come through the lean keep-alive client: on this one machine the 16 "runtimes" share
     the 2 cores with the daemons, and httpx would spend ~3 s of CPU per GiB the real runtimes,
@@ -88,6 +90,7 @@ async def pull_image(
     )
     if manifest.status_code != 200:
         raise RolloutError(f"manifest from {base}: HTTP {manifest.status_code}")
+    manifest_at.append(time.monotonic() - started)
     query = f"?{urlencode(params)}" if params else ""
 
     async def layer(digest: str) -> None:
@@ -111,24 +114,26 @@ async def pull_image(
 
 async def pull_everywhere(
     bases: Sequence[str], image: ImageInfo, params: dict[str, str], timeout_s: float
-) -> tuple[list[float], int]:
-    """Every host's completion time, and how many blobs came out matching their digests."""
+) -> tuple[list[float], int, list[float]]:
+    """Every host's completion time, how many blobs came out matching their digests, and when
+    each host's manifest had arrived (the part of a pull before any blob)."""
     times: list[float] = [0.0] * len(bases)
     verified: list[str] = []
+    manifest_at: list[float] = []
     limits = httpx.Limits(max_connections=len(bases) * (len(image.layers) + 1) + 8)
     blobs = PieceClient()
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
         started = time.monotonic()
 
         async def one(i: int, base: str) -> None:
-            times[i] = await pull_image(client, blobs, base, image, params, started, verified)
+            times[i] = await pull_image(client, blobs, base, image, params, started, verified, manifest_at)
 
         with trio.fail_after(timeout_s):
             async with trio.open_nursery() as nursery:
                 for i, base in enumerate(bases):
                     nursery.start_soon(one, i, base)
     await blobs.aclose()
-    return times, len(verified)
+    return times, len(verified), sorted(manifest_at)
 
 
 _SCRAPED = (
@@ -281,6 +286,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     args.origin_rate,
                     "--log-level",
                     "warning",
+                    *shlex.split(args.seed_args),
                 ],
             )
             for i in range(args.seeds)
@@ -348,7 +354,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             if killer is not None:
                 killer.start()
                 sampling.callback(killer.cancel)
-            p2p, p2p_verified = trio.run(
+            p2p, p2p_verified, p2p_manifests = trio.run(
                 pull_everywhere, [str(p.proxy_url) for p in peers], image, {"ns": relay.host}, args.timeout
             )
         # A killed process's CPU is no longer readable: it counts for nothing.
@@ -365,13 +371,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         hashed = sum(detail[p.name].get('blob_checks_total{how="hashed"}', 0.0) for p in peers)
         log(f"blob sha256: {attested:.0f} skipped on a seed's attestation, {hashed:.0f} hashed by the peer")
         log(
-            f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB"
+            f"p2p: p50 {sorted(p2p)[len(p2p) // 2]:.2f}s, slowest {max(p2p):.2f}s, origin sent {p2p_origin / MiB:.1f} MiB; "
+            f"manifests in {p2p_manifests[0]:.2f}-{p2p_manifests[-1]:.2f}s"
         )
         direct: list[float] = []
         direct_origin = direct_verified = 0
         if not args.skip_direct:
             before = relay.downstream_bytes()
-            direct, direct_verified = trio.run(pull_everywhere, [relay.url] * args.peers, image, {}, args.timeout)
+            direct, direct_verified, _ = trio.run(pull_everywhere, [relay.url] * args.peers, image, {}, args.timeout)
             direct_origin = relay.downstream_bytes() - before
             log(
                 f"direct: p50 {sorted(direct)[len(direct) // 2]:.2f}s, slowest {max(direct):.2f}s, "
@@ -395,7 +402,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "peer_upload_rate_bps": upload_bps,
         "lower_bound_s": bound,
         "direct_lower_bound_s": max(args.peers * total / origin_bps, total / download_bps),
-        "p2p": summarize(p2p, p2p_origin) | {"blobs_verified": p2p_verified},
+        "p2p": summarize(p2p, p2p_origin)
+        | {"blobs_verified": p2p_verified, "manifest_at_s": [round(t, 3) for t in p2p_manifests]},
         "p2p_detail": detail,
         "schedulers": args.schedulers,
         "seeds": args.seeds,
@@ -423,6 +431,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-download-rate", default="", help="cap on each peer's download (default none)")
     parser.add_argument("--origin-rate", default="32MiB")
     parser.add_argument("--peer-args", default="", help="extra flags for every peer daemon")
+    parser.add_argument("--seed-args", default="", help="extra flags for every seed")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated image's bytes")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--skip-direct", action="store_true")
