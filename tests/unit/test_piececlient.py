@@ -113,3 +113,63 @@ async def test_a_retry_on_a_fresh_connection_that_breaks_is_an_upstream_error(nu
                 await response.read()
         assert connections == 2  # the idle one, then one fresh try
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "reply, status, body",
+    [
+        # Plain heads, parsed without h11.
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: 1\r\n\r\nabc", 200, b"abc"),
+        (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\nx-a: 1 2\r\n\r\nno", 503, b"no"),
+        (b"HTTP/1.0 404 Not Found\r\ncontent-length: 0\r\n\r\n", 404, b""),
+        # Left to h11, which reads them as before.
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", 200, b"ok"),
+        (b"HTTP/1.1 200 \xe9t\xe9\r\ncontent-length: 2\r\n\r\nok", 200, b"ok"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok", 200, b"ok"),
+    ],
+)
+async def test_response_heads_plain_or_odd_read_the_same(
+    nursery: trio.Nursery, reply: bytes, status: int, body: bytes
+) -> None:
+    with trio.fail_after(10):
+        url = await serve_raw(nursery, reply, then_stall=True)
+        client = PieceClient()
+        async with client.get(f"{url}/piece", {"x-p2pdist": "1"}) as response:
+            assert (response.status, await response.read()) == (status, body)
+            assert response.headers["content-length"] == str(len(body))
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "reply, error",
+    [
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", "chunked"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokay", "more than its content-length"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok", "malformed response"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\nok", "malformed response"),
+        (b"HTTP/1.1 200 OK\r\nbad header\r\n\r\nok", "malformed response"),
+        (b"SMTP ready\r\n\r\n", "malformed response"),
+        (b"HTTP/1.1 200 OK\r\ncontent-le", "malformed response"),
+        (b"", "malformed response|closed the connection"),  # closed without a word
+    ],
+)
+async def test_malformed_or_unsupported_responses_are_upstream_errors(
+    nursery: trio.Nursery, reply: bytes, error: str
+) -> None:
+    with trio.fail_after(10):
+        url = await serve_raw(nursery, reply, then_stall=False)
+        client = PieceClient()
+        with pytest.raises(UpstreamError, match=error):
+            async with client.get(f"{url}/piece") as response:
+                await response.read()
+        await client.aclose()
+
+
+def test_requests_with_odd_fields_are_written_by_h11() -> None:
+    from p2pdist.transport.piececlient import _Head
+
+    plain = _Head("POST", "/v1/tasks/sync", [("host", "h:1"), ("content-length", "2")], b"{}")
+    assert plain.lean == b"POST /v1/tasks/sync HTTP/1.1\r\nhost: h:1\r\ncontent-length: 2\r\n\r\n{}"
+    assert _Head("GET", "/a b", [("host", "h")], b"").lean is None
+    assert _Head("GET", "/a", [("host", "h"), ("x", "caf\xe9")], b"").lean is None
+    assert _Head("PUT", "/a", [("host", "h")], b"").lean is None
