@@ -269,6 +269,10 @@ class Scheduler:
         self.child_count: dict[str, int] = {}  # host -> children it has across all tasks
         self.site_hosts: collections.Counter[str] = collections.Counter()  # site -> hosts known in it
         self.located_hosts = 0  # hosts known with a location
+        # The seeds among `hosts`, kept by _count_site: a task whose seed stalled looks for
+        # another at every request until one takes it, and walking thousands of peers each
+        # time made a backlogged scheduler slower still.
+        self.seed_hosts: dict[str, Host] = {}
         # site -> its hosts by id: named to a site's peers, who ask them directly while no
         # scheduler answers (issue 13, peer/sitepeers.py). The unnamed site "" has none.
         self.site_members: dict[str, dict[str, Host]] = {}
@@ -550,6 +554,11 @@ class Scheduler:
             host.last_seen = now
 
     def _count_site(self, host: Host, change: int) -> None:
+        if host.kind == "seed":
+            if change > 0:
+                self.seed_hosts[host.host_id] = host
+            else:
+                self.seed_hosts.pop(host.host_id, None)
         self.site_hosts[host.site] += change
         if self.site_hosts[host.site] <= 0:
             del self.site_hosts[host.site]
@@ -719,7 +728,7 @@ class Scheduler:
             )
             self._back_off(task, task.seed, now)
             task.seed = None
-        seeds = [h for h in self.hosts.values() if h.kind == "seed" and task.seed_retry_at.get(h.host_id, 0.0) <= now]
+        seeds = [h for h in self.seed_hosts.values() if task.seed_retry_at.get(h.host_id, 0.0) <= now]
         # Rendezvous over the live seeds: every scheduler picks the same seed for a task, so a
         # task that changes owner keeps its seed (its fetch is not started twice), and tasks
         # spread over the seeds.
@@ -770,7 +779,7 @@ class Scheduler:
             return SyncReply(task_id=task.task_id, state="back_to_source", reason=f"seed failed: {task.failed}")
         has_seed = task.seed is not None or any(self._is_seed(h) for h in task.seeds if h in task.holders)
         if not has_seed and not self._has_holders(task):
-            if not any(h.kind == "seed" for h in self.hosts.values()):
+            if not self.seed_hosts:
                 if self.started_at is not None and now - self.started_at < self.config.startup_grace_s:
                     return SyncReply(
                         task_id=task.task_id,

@@ -93,3 +93,16 @@ def test_no_cycles_in_a_big_swarm_trading_pieces(seed: int) -> None:
             if waiting[child] == 0:
                 ready.append(child)
     assert drained == len(graph)
+
+
+def test_the_seed_index_follows_hosts_joining_leaving_and_expiring() -> None:
+    s = swarm(2)
+    assert set(s.seed_hosts) == {"seed"}
+    s.announce(AnnounceHost(host_id="seed2", url="http://seed2:4000", kind="seed", upload_slots=8), 10.0)
+    s.announce(AnnounceHost(host_id="p0", url="http://p0:4000", kind="seed", upload_slots=8), 10.0)  # now a seed
+    assert set(s.seed_hosts) == {"seed", "seed2", "p0"}
+    s.announce(AnnounceHost(host_id="p0", url="http://p0:4000", kind="peer", upload_slots=8), 10.0)  # a peer again
+    s.leave_host("seed2", 11.0)
+    assert set(s.seed_hosts) == {"seed"}
+    s.expire(10_000.0)
+    assert s.seed_hosts == {} and s.hosts == {}
