@@ -13,7 +13,6 @@ import functools
 import logging
 import operator
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p2pdist.cluster.rendezvous import owner
@@ -77,13 +76,10 @@ _ONE = 1
 _layout = functools.lru_cache(maxsize=4096)(PieceLayout.for_blob)
 
 
-def _draw(ids: list[str], count: int, random: Callable[[], float]) -> list[str]:
+def _draw(ids: list[str], count: int, rng: random.Random) -> list[str]:
     """`count` random members of `ids` (all of them if no more), repeats possible: cheaper
     than random.sample, and a repeat is weighed once."""
-    n = len(ids)
-    if n <= count:
-        return ids
-    return [ids[int(random() * n)] for _ in range(count)]
+    return ids if len(ids) <= count else rng.choices(ids, k=count)
 
 
 @dataclass
@@ -908,7 +904,7 @@ class Scheduler:
             # peers, so a decision costs the same at 5,000 peers as at 50. (Drawing from the
             # holders only, which finds useful parents sooner, made the simulated rollout's
             # p50 3% worse: empty peers with free slots are the parents of the next round.)
-            weighed = dict.fromkeys([*current, *task.seeds, *_draw(everyone, sample, random)])
+            weighed = dict.fromkeys([*current, *task.seeds, *_draw(everyone, sample, self.rng)])
         weighed.pop(me, None)
         for host_id in chosen:
             del weighed[host_id]
