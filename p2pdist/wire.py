@@ -116,7 +116,7 @@ class SeedProgress:
     error: str = ""
     # With done: the seed's Ed25519 signature over the blob's digest, size and piece digests,
     # made after it checked the blob's sha256 (p2pdist.content.attest); empty without a key.
-    attestation: bytes = b""
+    attestation: bytes = field(default=b"", metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,8 @@ class SyncReply:
     piece_digests: list[bytes] = field(default_factory=list)
     parents: list[Parent] = field(default_factory=list)
     reason: str = ""
-    attestation: bytes = b""  # a seed's, relayed as it came (the scheduler cannot make one)
+    # A seed's, relayed as it came (the scheduler cannot make one).
+    attestation: bytes = field(default=b"", metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)

@@ -263,3 +263,17 @@ def test_a_parent_that_is_not_a_seed_is_encoded_without_the_seed_field() -> None
     assert raw["parents"][1]["seed"] is True
     assert decode(SyncReply, encode(reply)) == reply
     assert "seed" not in msgpack.unpackb(encode(Parent(host_id="p", url="http://p:1", pieces=b"")), raw=False)
+
+
+def test_attestation_is_encoded_only_when_there_is_one() -> None:
+    # Added with verify once: a scheduler or peer from before it refuses unknown fields, so
+    # a reply or seed report without a signature must not carry the empty field.
+    reply = SyncReply(task_id=TASK, state="running")
+    assert "attestation" not in msgpack.unpackb(encode(reply), raw=False)
+    assert decode(SyncReply, encode(reply)) == reply
+    signed = SyncReply(task_id=TASK, state="running", attestation=b"s" * 64)
+    assert msgpack.unpackb(encode(signed), raw=False)["attestation"] == b"s" * 64
+    assert decode(SyncReply, encode(signed)) == signed
+    progress = SeedProgress(host_id="seed", task_id=TASK, content_length=5, first_digest=0, piece_digests=[])
+    assert "attestation" not in msgpack.unpackb(encode(progress), raw=False)
+    assert decode(SeedProgress, encode(progress)) == progress
