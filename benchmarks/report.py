@@ -143,6 +143,13 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def step_cdf(ax: Any, completion: Sequence[float], style: str, label: str) -> None:
+    """Draw the fraction of hosts done against completion time, as steps."""
+    times = sorted(completion)
+    n = len(times)
+    ax.step(times, [(i + 1) / n for i in range(n)], style, where="post", label=label)
+
+
 def plot_cdf(path: Path, result: dict[str, Any]) -> None:
     """Completion-time CDFs of both schemes on a log time axis, T_min marked."""
     import matplotlib
@@ -156,14 +163,8 @@ def plot_cdf(path: Path, result: dict[str, Any]) -> None:
         r = result.get(scheme)
         if r is None or not r["completion_s"]:
             continue
-        times = sorted(r["completion_s"])
-        n = len(times)
-        ax.step(
-            times,
-            [(i + 1) / n for i in range(n)],
-            style,
-            where="post",
-            label=f"{scheme}: p50 {r['p50_s'] / bound:.2f}, p99 {r['p99_s'] / bound:.2f} ·T_min",
+        step_cdf(
+            ax, r["completion_s"], style, f"{scheme}: p50 {r['p50_s'] / bound:.2f}, p99 {r['p99_s'] / bound:.2f} ·T_min"
         )
     ax.axvline(bound, color="grey", linestyle=":", label=f"T_min = {bound:.2f} s")
     ax.set_xscale("log")

@@ -71,6 +71,7 @@ from benchmarks.report import (
     percentile,
     site_lower_bound_s,
     site_staged_bound_s,
+    step_cdf,
     summarize,
     write_results,
 )
@@ -935,14 +936,8 @@ def plot_before_after(path: Path, before: dict[str, Any], after: dict[str, Any])
     for label, result, style in (("before", before, "--"), ("after", after, "-")):
         bound = result["lower_bound_s"]
         times = sorted(t / bound for t in result["p2p"]["completion_s"])
-        n = len(times)
-        ax.step(
-            times,
-            [(i + 1) / n for i in range(n)],
-            style,
-            where="post",
-            label=f"{label}: p50 {times[n // 2]:.2f}, p99 {result['p2p']['p99_s'] / bound:.2f} ·T_min",
-        )
+        p99 = result["p2p"]["p99_s"] / bound
+        step_cdf(ax, times, style, f"{label}: p50 {times[len(times) // 2]:.2f}, p99 {p99:.2f} ·T_min")
     ax.axvline(1.0, color="grey", linestyle=":", label="T_min")
     ax.set_xlabel("completion time per host (·T_min)")
     ax.set_ylabel("fraction of hosts done")
