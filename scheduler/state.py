@@ -881,15 +881,25 @@ class Scheduler:
         hosts, peers, child_count, bad_until = self.hosts, task.peers, self.child_count, self.bad_until
         lacks = ~peer.bits & task.verifiable()
         me, current = peer.host_id, peer.parents
+
+        def eligible(host_id: str) -> tuple[Host, PeerTask] | None:
+            """The host and its task record if it may be a parent now: announced, its pieces
+            known, not blocked as bad."""
+            host = hosts.get(host_id)
+            if host is None:
+                return None
+            other = peers[host_id]
+            if other.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
+                return None
+            return host, other
+
         # Most syncs change nothing: every current parent is still worth keeping (worth_keeping).
         chosen = []
         for host_id in current:
-            host = hosts.get(host_id)
-            if host is None:
+            found = eligible(host_id)
+            if found is None:
                 continue
-            other = peers[host_id]
-            if other.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
-                continue
+            host, other = found
             if other.bits & lacks and child_count.get(host_id, 0) - 1 < host.upload_slots:
                 chosen.append(host_id)
         if len(chosen) >= want:
@@ -913,12 +923,10 @@ class Scheduler:
         scale = 0.4 / max(1, total)
         scored: list[tuple[float, str]] = []
         for host_id in weighed:
-            host = hosts.get(host_id)
-            if host is None:
+            found = eligible(host_id)
+            if found is None:
                 continue
-            other = peers[host_id]
-            if other.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
-                continue
+            host, other = found
             useful = (other.bits & lacks).bit_count()
             if useful:
                 value = 1.0 + useful * scale - host.seed_penalty
