@@ -67,8 +67,21 @@ class Request:
             raise BodyTooLarge(f"request body over {limit} bytes")
         return self._body
 
+    def body_now(self, limit: int = 1 << 20) -> bytes | None:
+        """The body if it has arrived with the head (the lean lane takes it whole), without
+        waiting; None if it must be read with body(). BodyTooLarge as body()."""
+        if self._body is None:
+            if self._read_body is not None:
+                return None
+            self._body = b""
+        if len(self._body) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        return self._body
+
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Answers a request at once, without awaiting anything, or says None to leave it to the Handler.
+QuickHandler = Callable[[Request], Response | None]
 
 
 def text_response(status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
@@ -162,8 +175,15 @@ LEAN_METHODS = frozenset({"GET", "POST"})
 LEAN_HEAD_BYTES = 8 * 1024
 LEAN_BODY_BYTES = 64 * 1024
 _LEAN_TARGET = re.compile(r"/[\x21-\x7e]*")
-_LEAN_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_LEAN_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+_LEAN_NAME = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_LEAN_VALUE = r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?"
+# Header lines, each ending in CRLF: a name, a colon, a value with optional blanks around it.
+_LEAN_HEADER_LINES = re.compile(rf"(?:{_LEAN_NAME}:[ \t]*{_LEAN_VALUE}[ \t]*\r\n)*")
+_LEAN_HEADER_PAIRS = re.compile(rf"({_LEAN_NAME}):[ \t]*({_LEAN_VALUE})[ \t]*\r\n")
+# Encoded response heads kept by lean_answer, per status and header list (a service answers
+# with a handful of them).
+LEAN_HEADS_KEPT = 256
+_LEAN_HEADS: dict[tuple[object, ...], tuple[bytes, bool]] = {}
 # Headers whose meaning changes the framing or the connection: h11 handles those requests.
 _LEAN_REFUSED_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade", "connection"})
 
@@ -270,25 +290,25 @@ class ServerProtocol:
         if end < 0 or end + 4 > self.max_header_bytes:
             return None
         try:
-            lines = buffer[:end].decode("ascii").split("\r\n")
+            head = buffer[:end].decode("ascii")
         except UnicodeDecodeError:
             return None
-        parts = lines[0].split(" ")
+        request_line, crlf, lines = head.partition("\r\n")
+        parts = request_line.split(" ")
         if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in LEAN_METHODS:
             return None
         method, target, _ = parts
         if not _LEAN_TARGET.fullmatch(target):
             return None
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            value = value.strip(" \t")
-            if not colon or not _LEAN_NAME.fullmatch(name) or not _LEAN_VALUE.fullmatch(value):
-                return None
-            name = name.lower()
-            if name in headers or name in _LEAN_REFUSED_HEADERS:
-                return None
-            headers[name] = value
+        # Every header line checked in one match, then split in one pass (both at C speed):
+        # a line by line loop of regex calls was most of the cost of reading a request.
+        lines += crlf
+        if not _LEAN_HEADER_LINES.fullmatch(lines):
+            return None
+        pairs = _LEAN_HEADER_PAIRS.findall(lines)
+        headers = {name.lower(): value for name, value in pairs}
+        if len(headers) < len(pairs) or not _LEAN_REFUSED_HEADERS.isdisjoint(headers):
+            return None  # a repeated header, or one that changes framing or the connection
         length = headers.get("content-length", "0")
         if "host" not in headers or not length.isdigit() or int(length) > LEAN_BODY_BYTES:
             return None
@@ -301,10 +321,13 @@ class ServerProtocol:
         self._lean_state = "head"
         self._method = method
         self._body_refused = False
-        try:
-            path, query = parse_target(target)
-        except BadRequest as exc:
-            return Answer(text_response(exc.status, str(exc)))
+        if "%" in target or "?" in target or "#" in target:
+            try:
+                path, query = parse_target(target)
+            except BadRequest as exc:
+                return Answer(text_response(exc.status, str(exc)))
+        else:
+            path, query = target, {}  # what parse_target makes of a plain path, without its work
         return RequestReceived(
             Request(
                 method=method,
@@ -431,6 +454,37 @@ class ServerProtocol:
             return [self._lean_head(response.status, headers, length)]
         head = h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
         return self._send(head)
+
+    def lean_answer(self, response: Response) -> bytes | None:
+        """All of `response` to a lean request as one piece, framed as respond_head,
+        respond_data and respond_end frame it, when its body is bytes; else None (send it
+        the usual way). The scheduler answers every call so: one write, the head of each
+        distinct status and header list encoded once."""
+        body = response.body
+        if not self._lean_request or self._lean_state != "head" or type(body) is not bytes:
+            return None
+        status = response.status
+        if status in (204, 304):
+            return None
+        key = (status, *response.headers)
+        framed = _LEAN_HEADS.get(key)
+        if framed is None:
+            headers = [(k, v) for k, v in response.headers if k.lower() != "content-length"]
+            try:
+                head = b"".join(
+                    [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+                    + [b"%s: %s\r\n" % (k.encode("ascii"), v.encode("latin-1")) for k, v in headers]
+                )
+            except UnicodeEncodeError:
+                return None  # the usual way fails on it too, and says so
+            framed = (head, any(k.lower() == "connection" and "close" in v.lower() for k, v in headers))
+            if len(_LEAN_HEADS) < LEAN_HEADS_KEPT:
+                _LEAN_HEADS[key] = framed
+        head, close = framed
+        self._lean_left = 0
+        self._lean_closes = close
+        self._lean_state = "close" if close else "done"
+        return b"%scontent-length: %d\r\n\r\n%s" % (head, len(body), body)
 
     def respond_data(self, data: bytes | FileSpan) -> list[Piece]:
         """A body part, framed (a chunk header and trailer when sent chunked)."""

@@ -520,3 +520,71 @@ async def test_connections_past_the_cap_get_503_with_a_log_line_and_the_server_r
                     pass
                 await trio.sleep(0.05)
             assert (await client.get(f"{url}/")).text == "fine\n"
+
+
+async def test_a_quick_handler_answers_lean_calls_at_once_and_leaves_the_rest_to_the_handler(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(10):
+        handled: list[str] = []
+
+        def quick(request: Request) -> Response | None:
+            if request.path == "/slow":
+                return None
+            if request.path == "/bad":
+                raise BadRequest("no such thing\nhere")
+            if request.path == "/bug":
+                raise KeyError("x")
+            body = request.body_now()
+            return None if body is None else Response(200, [("content-type", "text/plain")], b"quick:" + body)
+
+        async def handler(request: Request) -> Response:
+            handled.append(request.path)
+            return text_response(200, "slow " + (await request.body()).decode())
+
+        url = await start(nursery, handler, lean=True, quick_handler=quick)
+        host, port = url.removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        answers = []
+        async with stream:
+            received = b""
+            for path, body in (("/a", b"1"), ("/slow", b"2"), ("/bad", b""), ("/bug", b""), ("/b", b"3")):
+                head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body))
+                await stream.send_all(head + body)
+                while b"\r\n\r\n" not in received:
+                    received += await stream.receive_some(65536)
+                head, _, received = received.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(received) < length:
+                    received += await stream.receive_some(65536)
+                answers.append((head.decode(), received[:length].decode()))
+                received = received[length:]
+        assert answers[0][0].startswith("HTTP/1.1 200 ") and answers[0][1] == "quick:1"
+        assert answers[1][0].startswith("HTTP/1.1 200 ") and answers[1][1] == "slow 2\n"
+        assert answers[2][0].startswith("HTTP/1.1 400 ") and answers[2][1] == "no such thing here\n"
+        assert answers[3][0].startswith("HTTP/1.1 500 ") and answers[3][1] == "internal error\n"
+        assert answers[4][1] == "quick:3"
+        assert handled == ["/slow"]
+
+
+async def test_a_kept_alive_connection_idle_past_its_timeout_is_closed_and_the_server_serves_on(
+    nursery: trio.Nursery,
+) -> None:
+    with trio.fail_after(10):
+
+        async def handler(request: Request) -> Response:
+            return text_response(200, "fine")
+
+        url = await start(nursery, handler, lean=True, idle_timeout_s=0.5)
+        host, port = url.removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while not received.endswith(b"fine\n"):
+                received += await stream.receive_some(65536)
+            answered = time.monotonic()
+            assert await stream.receive_some(65536) == b""  # closed by the server once idle
+            assert 0.4 <= time.monotonic() - answered < 5
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{url}/")).text == "fine\n"

@@ -352,3 +352,35 @@ def test_a_lean_answer_shorter_than_its_declared_length_fails() -> None:
     with pytest.raises(h11.LocalProtocolError):
         p.respond_end()
     assert not p.response_complete and not p.start_next_cycle()
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        Response(200, [("content-type", "application/msgpack")], b"\x80reply"),
+        Response(404, [("content-type", "text/plain"), ("Content-Length", "99")], b"gone\n"),
+        Response(503, [("connection", "close")], b"later\n"),
+        Response(200, [], b""),
+    ],
+    ids=["msgpack", "stale-length", "close", "empty"],
+)
+def test_a_lean_answer_in_one_piece_is_the_bytes_and_state_of_the_usual_framing(response: Response) -> None:
+    data = b"POST /v1/tasks/sync HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+    usual = ServerProtocol(CLIENT, max_header_bytes=16 * 1024, lean=True)
+    request(usual, data)
+    expected = send_whole(usual, response)
+    whole = ServerProtocol(CLIENT, max_header_bytes=16 * 1024, lean=True)
+    request(whole, data)
+    assert whole.lean_answer(response) == expected
+    assert (whole.must_close, whole.response_complete) == (usual.must_close, usual.response_complete)
+    assert whole.lean_answer(response) is None  # one answer per request
+
+
+def test_a_lean_answer_is_only_for_lean_requests_with_bytes_bodies() -> None:
+    p = ServerProtocol(CLIENT, max_header_bytes=16 * 1024, lean=True)
+    request(p, b"GET / HTTP/1.0\r\n\r\n")  # through h11
+    assert p.lean_answer(Response(200, [], b"ok")) is None
+    p = ServerProtocol(CLIENT, max_header_bytes=16 * 1024, lean=True)
+    request(p, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert p.lean_answer(Response(204, [], b"")) is None
+    assert p.lean_answer(Response(200, [], FileBody("/nowhere", 0, 1))) is None
