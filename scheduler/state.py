@@ -899,8 +899,8 @@ class Scheduler:
             found = eligible(host_id)
             if found is None:
                 continue
-            host, other = found
-            if other.bits & lacks and child_count.get(host_id, 0) - 1 < host.upload_slots:
+            parent_host, parent = found
+            if parent.bits & lacks and child_count.get(host_id, 0) - 1 < parent_host.upload_slots:
                 chosen.append(host_id)
         if len(chosen) >= want:
             return chosen[:want]
@@ -923,10 +923,14 @@ class Scheduler:
         scale = 0.4 / max(1, total)
         scored: list[tuple[float, str]] = []
         for host_id in weighed:
-            found = eligible(host_id)
-            if found is None:
+            # eligible(), written out: this loop runs for every peer weighed (~45 a decision),
+            # and the call with its tuple was a fifth of it.
+            host = hosts.get(host_id)
+            if host is None:
                 continue
-            host, other = found
+            other = peers[host_id]
+            if other.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
+                continue
             useful = (other.bits & lacks).bit_count()
             if useful:
                 value = 1.0 + useful * scale - host.seed_penalty
