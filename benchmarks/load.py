@@ -37,8 +37,8 @@ from lab.image import make_oci_layout, push_image
 from lab.procs import Service, start_peer, start_scheduler, start_seed
 from lab.registry import Origin
 from p2pdist import wire
-from p2pdist.config import parse_size
-from p2pdist.content.pieces import PieceLayout
+from p2pdist.config import SchedulerConfig, parse_size
+from p2pdist.content.pieces import PieceLayout, piece_size_sent
 from p2pdist.registry.oci import SCHEME_HEADER
 
 REPO = "load/blob"
@@ -182,6 +182,11 @@ async def pull_through_mirror(proxy_url: str, origin_host: str, digest: str, cli
     return result
 
 
+def _layout(blob_size: int) -> PieceLayout:
+    """The blob cut as the scheduler under test cuts it: the rule with its default min_piece_bytes."""
+    return PieceLayout.for_blob(blob_size, SchedulerConfig().min_piece_bytes)
+
+
 async def simulate_peers(
     scheduler_url: str,
     peers: int,
@@ -194,7 +199,7 @@ async def simulate_peers(
     """`peers` simulated hosts against one scheduler: announce, register, `syncs` syncs that
     report pieces, a last sync that says done. A simulated seed holds the whole task first."""
     result = LoadResult(f"{peers} simulated peers registering and syncing over {concurrency} connections")
-    layout = PieceLayout.for_blob(blob_size)
+    layout = _layout(blob_size)
     task_id = "sha256:" + hashlib.sha256(b"p2pdist load task").hexdigest()
     # On an allowed registry (the lab's loopback), or the scheduler refuses the registrations;
     # the simulated seed holds the task, so nothing is ever fetched from it.
@@ -230,6 +235,7 @@ async def simulate_peers(
                     pieces=every_piece,
                     url=blob_url,
                     piece_digests=[b"\x00" * 32] * layout.count,
+                    piece_size=piece_size_sent(blob_size, layout.piece_size),
                 )
             ],
         )
@@ -300,7 +306,7 @@ async def cost_by_type(
     with new pieces and once more as done, then leave it; besides, the seed reports the
     digests of peers/16 other tasks 8 pieces at a time (seed progress). Each phase's CPU is
     the scheduler process's user+system time across it."""
-    layout = PieceLayout.for_blob(blob_size)
+    layout = _layout(blob_size)
     task_id = "sha256:" + hashlib.sha256(b"p2pdist load task").hexdigest()
     blob_url = f"http://127.0.0.1:9/v2/{REPO}/blobs/{task_id}"
     headers = {"content-type": wire.CONTENT_TYPE, **({"authorization": f"Bearer {secret}"} if secret else {})}
@@ -318,6 +324,7 @@ async def cost_by_type(
                 pieces=bytes([0xFF]) * ((layout.count + 7) // 8),
                 url=blob_url,
                 piece_digests=[b"\x00" * 32] * layout.count,
+                piece_size=piece_size_sent(blob_size, layout.piece_size),
             )
         ],
     )
@@ -342,6 +349,7 @@ async def cost_by_type(
                 first_digest=first,
                 piece_digests=[bytes([t % 256]) * 32] * count,
                 done=first + count == layout.count,
+                piece_size=piece_size_sent(blob_size, layout.piece_size),
             )
             reports.append(("/v1/tasks/seed", progress))
     phases: list[tuple[str, list[tuple[str, object]]]] = [

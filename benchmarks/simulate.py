@@ -77,7 +77,7 @@ from benchmarks.report import (
 )
 from benchmarks.trace import TraceWriter, TracingScheduler
 from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
-from p2pdist.content.pieces import PieceLayout
+from p2pdist.content.pieces import PieceLayout, piece_size_sent
 from p2pdist.node.pieceserver import QUEUE_WAIT_S
 from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync
 from peer.machine import Limits, PieceOutcome, Report, TaskMachine
@@ -165,9 +165,6 @@ class SimPeer:
 class Simulation:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.layout = PieceLayout.for_blob(config.blob_bytes)
-        self.lengths = [self.layout.length(n) for n in range(self.layout.count)]
-        self.all_pieces = (1 << self.layout.count) - 1
         rng = random.Random(config.seed)
         sched_config = dataclasses.replace(config.scheduler, site_aware=config.site_aware)
         if config.trace_out is not None:
@@ -175,6 +172,11 @@ class Simulation:
             self.sched: Scheduler = TracingScheduler(sched_config, rng=random.Random(rng.random()), writer=self.trace)
         else:
             self.sched = Scheduler(sched_config, rng=random.Random(rng.random()))
+        # Cut as the scheduler decides (its rule and min_piece_bytes), as a real seed is told.
+        self.layout = PieceLayout(config.blob_bytes, self.sched.piece_size(config.blob_bytes))
+        self.lengths = [self.layout.length(n) for n in range(self.layout.count)]
+        self.all_pieces = (1 << self.layout.count) - 1
+        self.piece_size_sent = piece_size_sent(self.layout.blob_size, self.layout.piece_size)
         n = config.peers
         limits = dataclasses.replace(Limits.from_config(config.peer), peer_news=config.peer_news)
         self.peers = [
@@ -349,6 +351,7 @@ class Simulation:
                 failed_parents=report.failed_parents,
                 done=done,
                 content_length=report.content_length,
+                piece_size=None if report.piece_size is None else self.piece_size_sent,
             ),
             now,
         )
@@ -379,7 +382,7 @@ class Simulation:
         """What TaskDownload does after a reply: open the store (empty) once the size is known."""
         machine = p.machine
         if machine.wants_store:
-            machine.store_opened(self.config.blob_bytes, 0, [])
+            machine.store_opened(self.config.blob_bytes, 0, [], self.layout.piece_size)
         if machine.back_to_source is not None:
             self._gone(p)
         else:
@@ -481,6 +484,7 @@ class Simulation:
             first_digest=self.seed_reported,
             piece_digests=digests,
             done=done,
+            piece_size=self.piece_size_sent,
         )
         self.seed_reported = have
         self.seed_next_report = float("inf")  # the seed waits for the answer before the next

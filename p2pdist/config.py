@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from p2pdist.content.pieces import DEFAULT_MIN_PIECE_SIZE, piece_size_problem
 from p2pdist.errors import ConfigError as ConfigError  # re-exported
 from p2pdist.registry.allowlist import ANY_REGISTRY, DEFAULT_ALLOWED_REGISTRIES, parse_allowed_registries
 from p2pdist.site import location_problem, site_problem
@@ -147,6 +148,13 @@ def _at_least_one(value: object) -> int:
     result = _int(value)
     if result < 1:
         raise ConfigError(f"expected an integer of at least 1, got {value!r}")
+    return result
+
+
+def _piece_size(value: object) -> int:
+    result = parse_size(value)
+    if (problem := piece_size_problem(result)) is not None:
+        raise ConfigError(problem)
     return result
 
 
@@ -327,6 +335,12 @@ class SchedulerConfig(ServiceConfig):
         parse_size,
         "blobs smaller than this go straight to the origin unless the swarm has them (a preheat) or "
         "sites are in use: P2P's fixed cost (seed wake-up, syncs) is many times their transfer",
+    )
+    min_piece_bytes: int = opt(
+        DEFAULT_MIN_PIECE_SIZE,
+        _piece_size,
+        "the smallest piece a task is cut into (a power of two, 1MiB to 64MiB); set 4MiB while a fleet "
+        "upgrades from a version whose peers cut pieces themselves: that is their layout",
     )
     preheat_jobs: int = opt(2, _int, "preheat jobs running at once; later ones wait as PENDING")
     preheat_job_blobs: int = opt(

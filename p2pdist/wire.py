@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import msgpack
 
 from p2pdist.content.digest import PIECE_DIGEST_BYTES, parse_digest
+from p2pdist.content.pieces import piece_size_problem
 from p2pdist.errors import BadRequest
 from p2pdist.site import location_problem, site_problem
 
@@ -63,6 +64,9 @@ class TaskHolding:
     pieces: bytes  # Bitmap.to_bytes()
     url: str = ""
     piece_digests: list[bytes] = field(default_factory=list)  # only trusted from seeds
+    # The piece size its pieces are cut at; left out when it is the old rule's (see
+    # content.pieces.piece_size_sent). The scheduler ignores a holding of another layout.
+    piece_size: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,9 @@ class Sync:
     failed_parents: list[str] = field(default_factory=list)  # timed out or refused
     done: bool = False
     content_length: int | None = None  # set by back-to-source peers that learnt it from the origin
+    # With content_length: the piece size its store is cut at (left out: the old rule's). The
+    # scheduler takes no pieces from a peer whose layout is not the task's.
+    piece_size: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,8 @@ class SeedProgress:
     # With done: the seed's Ed25519 signature over the blob's digest, size and piece digests,
     # made after it checked the blob's sha256 (p2pdist.content.attest); empty without a key.
     attestation: bytes = field(default=b"", metadata=OMIT_WHEN_DEFAULT)
+    # The piece size it cut the blob at (left out: the old rule's); the digests are of those pieces.
+    piece_size: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,12 @@ class SeedTrigger:
     content_length: int | None = None
     piece_digests: list[bytes] = field(default_factory=list)
     parents: list[Parent] = field(default_factory=list)
+    # The task's piece size, with content_length (left out: the old rule's). Without
+    # content_length the seed cuts by the rule with min_piece_size as its floor (left out: the
+    # old floor). Both are left out when they say what an older seed does anyway, so an older
+    # seed (which refuses unknown fields) refuses only a trigger it would cut wrongly.
+    piece_size: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    min_piece_size: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -219,6 +234,8 @@ class PreheatBlob:
     task_id: str
     url: str
     headers: dict[str, str] = field(default_factory=dict)
+    # For a seed: the floor of the piece size rule, as in SeedTrigger (left out: the old floor).
+    min_piece_size: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -517,6 +534,10 @@ def _validate(message: object, where: str) -> None:
         for name, problem in (("site", site_problem(message.site)), ("location", location_problem(message.location))):
             if problem:
                 raise BadRequest(f"{where}.{name}: {problem}")
+    for name in ("piece_size", "min_piece_size"):
+        value = getattr(message, name, None)
+        if value is not None and (problem := piece_size_problem(value)) is not None:
+            raise BadRequest(f"{where}.{name}: {problem}")
     if len(getattr(message, "attestation", b"")) > ATTESTATION_MAX_BYTES:
         raise BadRequest(f"{where}.attestation: over {ATTESTATION_MAX_BYTES} bytes")
     digests = getattr(message, "piece_digests", None)

@@ -21,7 +21,7 @@ import trio
 
 from p2pdist import wire
 from p2pdist.content.digest import PIECE_DIGEST_BYTES, PieceHasher, short
-from p2pdist.content.pieces import Bitmap, bits_from_bytes
+from p2pdist.content.pieces import Bitmap, bits_from_bytes, piece_size_sent
 from p2pdist.errors import IntegrityError, OriginError, P2PError, StoreError, UpstreamError
 from p2pdist.node.intake import PieceIntake
 from p2pdist.node.pieceserver import KIND_HEADER, PIECES_HEADER, parse_pieces_header
@@ -245,6 +245,7 @@ class TaskDownload:
             task_id=self.task_id,
             state="running",
             content_length=holders[0].size,
+            piece_size=holders[0].piece_size,
             piece_digests=digests,
             parents=[wire.Parent(host_id=h.host_id, url=h.url, pieces=whole.to_bytes()) for h in holders],
         )
@@ -266,8 +267,8 @@ class TaskDownload:
         else:
             machine.sync_answered(report, reply, time.monotonic())
         if machine.wants_store:
-            assert machine.content_length is not None
-            self._open_store(machine.content_length)
+            assert machine.content_length is not None and machine.piece_size is not None
+            self._open_store(machine.content_length, machine.piece_size)
         if reply.attestation:
             self.attestation = reply.attestation
         self._notify()
@@ -317,6 +318,9 @@ class TaskDownload:
                         bad_parents=report.bad_parents,
                         failed_parents=report.failed_parents,
                         content_length=report.content_length,
+                        piece_size=None
+                        if report.content_length is None or report.piece_size is None
+                        else piece_size_sent(report.content_length, report.piece_size),
                     ),
                     wire.SyncReply,
                 )
@@ -430,6 +434,7 @@ class TaskDownload:
                     failed_parents=report.failed_parents,
                     done=True,
                     content_length=self.content_length,
+                    piece_size=self._piece_size_sent(),
                 ),
                 wire.SyncReply,
             )
@@ -438,13 +443,21 @@ class TaskDownload:
 
     # -- the store ------------------------------------------------------------------------
 
-    def _open_store(self, content_length: int) -> TaskStore:
-        store = self.store = self.daemon.store.open(self.task_id, content_length, self.url)
+    def _open_store(self, content_length: int, piece_size: int | None) -> TaskStore:
+        """The task's store, cut at `piece_size` (the scheduler's; None: the rule's, for a
+        download that went to the origin before any scheduler answered)."""
+        store = self.store = self.daemon.store.open(self.task_id, content_length, self.url, piece_size)
         held = store.pieces.to_int()
         self._held_at_open = held != 0
-        self.machine.store_opened(content_length, held, store.load_digests() if held else [])
+        self.machine.store_opened(content_length, held, store.load_digests() if held else [], store.layout.piece_size)
         self._notify()
         return store
+
+    def _piece_size_sent(self) -> int | None:
+        """The store's piece size as a Sync carries it beside the size."""
+        if self.store is None:
+            return None
+        return piece_size_sent(self.store.layout.blob_size, self.store.layout.piece_size)
 
     def _save_digests(self) -> None:
         """Keep the known digests beside the pieces, so that after a crash the verified pieces
@@ -625,6 +638,7 @@ class TaskDownload:
                     new_pieces=[],
                     have_digests=len(self.digests),
                     content_length=store.layout.blob_size,
+                    piece_size=self._piece_size_sent(),
                 ),
                 wire.SyncReply,
             )
@@ -654,7 +668,9 @@ class TaskDownload:
             try:
                 async with self.daemon.origin.open_blob(self.url, self.headers, start=start) as body:
                     if store is None:
-                        store = self._open_store(body.blob_size)
+                        machine = self.machine
+                        same = machine.content_length == body.blob_size
+                        store = self._open_store(body.blob_size, machine.piece_size if same else None)
                     elif body.blob_size != store.layout.blob_size:
                         raise IntegrityError(
                             f"origin says the blob has {body.blob_size} bytes, expected {store.layout.blob_size}"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
-from p2pdist.content.pieces import PieceLayout, bits_from_bytes
+from p2pdist.content.pieces import PieceLayout, bits_from_bytes, piece_size_for, piece_size_problem, piece_size_read
 from peer.selection import ParentView, choose_requests, per_parent_limit
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class BackToSourceReason(StrEnum):
     SCHEDULER_SAID = "scheduler_said"
     SIZE_UNKNOWN = "size_unknown"
     STALLED = "stalled"
+    BAD_REPLY = "bad_reply"  # the scheduler's layout is unusable, or not the one the store is cut at
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Report:
     failed_parents: list[str]
     have_digests: int
     content_length: int | None
+    piece_size: int | None  # with content_length: the store's
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class TaskMachine:
         self.rng = rng
         self.label = label
         self.content_length: int | None = None
+        self.piece_size: int | None = None  # the task's, with content_length
         self.count = 0  # pieces, once the size is known
         self.store_open = False
         self.have = 0
@@ -323,6 +326,7 @@ class TaskMachine:
             failed_parents=sorted(self._failed),
             have_digests=len(self.digests),
             content_length=self.content_length if self.store_open else None,
+            piece_size=self.piece_size if self.store_open else None,
         )
 
     def sync_answered(self, report: Report, reply: wire.SyncReply, now: float) -> None:
@@ -355,8 +359,13 @@ class TaskMachine:
             if self._waiting_since is None:
                 self._waiting_since = now
         elif state == "running" and reply.content_length is not None:
+            problem = self._layout_problem(reply)
+            if problem is not None:
+                log.warning("task %s: refused the scheduler's answer: %s", self.label, problem)
+                self._give_up(BackToSourceReason.BAD_REPLY, f"scheduler's answer refused: {problem}")
+                return
             if self.content_length is None:
-                self._sized(reply.content_length)
+                self._sized(reply.content_length, piece_size_read(reply.content_length, reply.piece_size))
             if reply.first_digest <= len(self.digests):
                 self.digests.extend(reply.piece_digests[len(self.digests) - reply.first_digest :])
             self._refresh_parents(reply.parents, now)
@@ -389,9 +398,29 @@ class TaskMachine:
                 fresh[host_id] = old
         self.parents = fresh
 
-    def _sized(self, content_length: int) -> None:
+    def _layout_problem(self, reply: wire.SyncReply) -> str | None:
+        """Why a running reply's layout cannot be used (None: it can). The scheduler decides the
+        piece size; this download takes it only if it is one, its digests fit it, and it is the
+        layout the store was opened with (pieces cut otherwise would fail at every parent)."""
+        size = reply.content_length
+        assert size is not None
+        piece_size = piece_size_read(size, reply.piece_size)
+        if (problem := piece_size_problem(piece_size)) is not None:
+            return problem
+        count = PieceLayout(size, piece_size).count
+        if reply.first_digest + len(reply.piece_digests) > count:
+            return f"{reply.first_digest + len(reply.piece_digests)} piece digests for {count} pieces of {piece_size}"
+        if self.content_length is not None and (self.content_length, self.piece_size) != (size, piece_size):
+            return (
+                f"{size} bytes in pieces of {piece_size}, but this download is cut as "
+                f"{self.content_length} bytes in pieces of {self.piece_size}"
+            )
+        return None
+
+    def _sized(self, content_length: int, piece_size: int) -> None:
         self.content_length = content_length
-        self.count = PieceLayout.for_blob(content_length).count
+        self.piece_size = piece_size
+        self.count = PieceLayout(content_length, piece_size).count
         self._whole = (1 << self.count) - 1
 
     # -- events from parents (peer news) --------------------------------------------------
@@ -418,10 +447,12 @@ class TaskMachine:
 
     # -- events from the store ------------------------------------------------------------
 
-    def store_opened(self, content_length: int, held: int, digests: list[bytes]) -> None:
-        """The store is open: `held` its pieces (bits), `digests` those saved beside them."""
+    def store_opened(self, content_length: int, held: int, digests: list[bytes], piece_size: int | None = None) -> None:
+        """The store is open: `held` its pieces (bits), `digests` those saved beside them. A
+        store opened before any scheduler's answer (back to source) is cut at `piece_size`, by
+        default the rule's; else it is cut as the answer said."""
         if self.content_length is None:
-            self._sized(content_length)
+            self._sized(content_length, piece_size or piece_size_for(content_length))
         self.store_open = True
         self.have |= held & self._whole
         if held and digests:

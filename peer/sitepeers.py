@@ -28,7 +28,7 @@ import trio
 from p2pdist import wire
 from p2pdist.config import parse_hostport
 from p2pdist.content.digest import PIECE_DIGEST_BYTES, parse_digest, sha256_digest, short
-from p2pdist.content.pieces import PieceLayout
+from p2pdist.content.pieces import PieceLayout, piece_size_problem, piece_size_read, piece_size_sent
 from p2pdist.errors import UpstreamError
 from p2pdist.transport.server import Request, Response, text_response
 from p2pdist.transport.trust import refuse_unauthorized
@@ -81,6 +81,9 @@ def holding_answer(daemon: PeerDaemon, request: Request) -> Response | None:
         "piece_digests": [d.hex() for d in digests[: task.layout.count]],
         "public": [{"registry": p.registry, "repository": p.name, "age_s": round(p.age_s, 1)} for p in public],
     }
+    # Left out when it is the old rule's: what a reader from before it assumes.
+    if (sent := piece_size_sent(task.layout.blob_size, task.layout.piece_size)) is not None:
+        body["piece_size"] = sent
     return Response(200, [("content-type", "application/json")], json.dumps(body).encode())
 
 
@@ -152,6 +155,7 @@ class Holder:
     size: int
     piece_digests: tuple[bytes, ...]
     public: tuple[PublicLink, ...]
+    piece_size: int = 0  # the pieces its digests are of
 
 
 def parse_holding(url: str, task_id: str, body: bytes) -> Holder | None:
@@ -168,11 +172,15 @@ def parse_holding(url: str, task_id: str, body: bytes) -> Holder | None:
             return None
         if not isinstance(host_id, str) or not host_id or len(host_id) > 200:
             return None
+        # Absent: a holder from before the piece size travelled, which cut by the old rule.
+        piece_size = piece_size_read(size, raw.get("piece_size"))
+        if piece_size_problem(piece_size) is not None:
+            return None
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    if len(digests) != PieceLayout.for_blob(size).count or any(len(d) != PIECE_DIGEST_BYTES for d in digests):
+    if len(digests) != PieceLayout(size, piece_size).count or any(len(d) != PIECE_DIGEST_BYTES for d in digests):
         return None
-    return Holder(url, host_id, size, digests, public)
+    return Holder(url, host_id, size, digests, public, piece_size)
 
 
 class SitePeers:
@@ -331,11 +339,11 @@ def merge_members(known: dict[str, float], named: list[str], own: str, now: floa
 
 
 def agreeing(holders: list[Holder]) -> list[Holder]:
-    """The holders that agree with the most others on the size and piece digests (the blob's
+    """The holders that agree with the most others on the size, piece size and digests (the blob's
     sha256, checked at the end, decides; one lying holder must not steer the rest)."""
-    groups: dict[tuple[int, tuple[bytes, ...]], list[Holder]] = {}
+    groups: dict[tuple[int, int, tuple[bytes, ...]], list[Holder]] = {}
     for h in holders:
-        groups.setdefault((h.size, h.piece_digests), []).append(h)
+        groups.setdefault((h.size, h.piece_size, h.piece_digests), []).append(h)
     return max(groups.values(), key=len) if groups else []
 
 

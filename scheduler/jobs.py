@@ -244,7 +244,9 @@ class JobService:
         """'' once `target` holds `blob`, else why not."""
         if target.kind == "seed":
             self.state.preheating(blob.digest, blob.url, target.host_id, trio.current_time())
-        message = wire.PreheatBlob(task_id=blob.digest, url=blob.url, headers=headers)
+        message = wire.PreheatBlob(
+            task_id=blob.digest, url=blob.url, headers=headers, min_piece_size=self.state.min_piece_size_sent()
+        )
         try:
             status, text = await self._call(client, "POST", f"{target.url}{PREHEAT_PATH}", wire.encode(message))
         except (UpstreamError, trio.TooSlowError) as exc:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from p2pdist.cluster.rendezvous import owner
 from p2pdist.config import SchedulerConfig
 from p2pdist.content.digest import short
-from p2pdist.content.pieces import Bitmap, PieceLayout
+from p2pdist.content.pieces import OLD_MIN_PIECE_SIZE, Bitmap, PieceLayout, piece_size_read, piece_size_sent
 from p2pdist.site import nearness
 from p2pdist.wire import (
     AnnounceHost,
@@ -72,8 +72,12 @@ SEED_BACKOFF_MAX_S = 30.0
 
 
 _ONE = 1
-# Every register and sync asks for its task's layout: one per blob size, computed once.
-_layout = functools.lru_cache(maxsize=4096)(PieceLayout.for_blob)
+# Every register and sync asks for its task's layout: one per blob and piece size, made once.
+_layout = functools.lru_cache(maxsize=4096)(PieceLayout)
+
+
+# The piece size rule as the scheduler applies it (simulate.py and load.py use it too).
+_layout_for = functools.lru_cache(maxsize=4096)(PieceLayout.for_blob)
 
 
 def _draw(ids: list[str], count: int, rng: random.Random) -> list[str]:
@@ -104,6 +108,7 @@ class Task:
     task_id: str
     url: str = ""
     content_length: int | None = None
+    piece_size: int | None = None  # set with content_length (Scheduler._size_task)
     digests: list[bytes] = field(default_factory=list)  # from seeds only
     peers: dict[str, PeerTask] = field(default_factory=dict)
     size_from_seed: bool = False
@@ -133,7 +138,9 @@ class Task:
 
     @property
     def layout(self) -> PieceLayout | None:
-        return None if self.content_length is None else _layout(self.content_length)
+        if self.content_length is None or self.piece_size is None:
+            return None
+        return _layout(self.content_length, self.piece_size)
 
     def join(self, host_id: str, *, seed: bool, site: str = "") -> PeerTask:
         peer = self.peers.get(host_id)
@@ -307,19 +314,33 @@ class Scheduler:
             task = self.tasks.setdefault(holding.task_id, Task(holding.task_id))
             if holding.url and not task.url:
                 task.url = holding.url
+            size = holding.content_length
+            held = _layout(size, piece_size_read(size, holding.piece_size))
+            # A seed's holding brings the digests of its layout: it wins over the rule, and
+            # over a layout no other seed holds (a scheduler that restarted after its
+            # min_piece_bytes changed keeps the swarm of a blob cut the earlier way).
+            seed_word = (
+                msg.kind == "seed"
+                and bool(holding.piece_digests)
+                and not task.size_from_seed
+                and not any(h != msg.host_id and h in task.holders for h in task.seeds)
+            )
             if task.content_length is None:
-                task.content_length = holding.content_length
-            elif task.content_length != holding.content_length:
+                self._size_task(task, size, held.piece_size if seed_word else self.piece_size(size))
+            elif task.layout != held and seed_word:
+                self._size_task(task, size, held.piece_size)
+            if task.layout != held:
                 log.warning(
-                    "host %s announced %s with %d bytes, expected %d; ignored",
+                    "host %s announced %s as %d bytes in pieces of %d, the task is %d in pieces of %d; ignored",
                     msg.host_id,
                     short(task.task_id),
-                    holding.content_length,
+                    held.blob_size,
+                    held.piece_size,
                     task.content_length,
+                    task.piece_size,
                 )
                 continue
-            layout = task.layout
-            assert layout is not None
+            layout = held
             try:
                 bitmap = Bitmap(layout.count, holding.pieces)
             except ValueError as exc:
@@ -378,10 +399,16 @@ class Scheduler:
             return SyncReply(task_id=msg.task_id, state="unknown", reason="register first"), None
         peer = task.peers[msg.host_id]
         peer.last_seen = now
-        if task.content_length is None and msg.content_length is not None:
-            task.content_length = msg.content_length  # learnt by a back-to-source peer
+        size = msg.content_length
+        if task.content_length is None and size is not None:
+            self._size_task(task, size, self.piece_size(size))  # learnt by a back-to-source peer
         self._size_bitmap(task, peer)
-        if peer.pieces is not None:
+        # Pieces of a store cut otherwise (by the rule, before any answer) are not the task's.
+        same_layout = size is None or (size, piece_size_read(size, msg.piece_size)) == (
+            task.content_length,
+            task.piece_size,
+        )
+        if peer.pieces is not None and same_layout:
             if msg.new_pieces:
                 task.add_pieces(peer, msg.new_pieces)
             task.set_done(peer, msg.done or task.complete(peer))
@@ -425,20 +452,22 @@ class Scheduler:
                 task.seed = None
                 task.failed = msg.error
             return
-        if task.content_length != msg.content_length:
+        piece_size = piece_size_read(msg.content_length, msg.piece_size)
+        if (task.content_length, task.piece_size) != (msg.content_length, piece_size):
             if task.size_from_seed:
                 log.warning(
-                    "seed %s says %s is %d bytes, another seed said %d; ignored",
+                    "seed %s says %s is %d bytes in pieces of %d, another seed said %s in pieces of %s; ignored",
                     msg.host_id,
                     short(task.task_id),
                     msg.content_length,
+                    piece_size,
                     task.content_length,
+                    task.piece_size,
                 )
                 return
-            # A seed's word on the size beats what peers said before any seed spoke.
-            task.content_length = msg.content_length
-            for other in task.peers.values():
-                task.set_pieces(other, None)
+            # A seed's word on the layout beats what peers said before any seed spoke: its
+            # digests are of its pieces.
+            self._size_task(task, msg.content_length, piece_size)
         task.size_from_seed = True
         end = msg.first_digest + len(msg.piece_digests)
         known = task.digests[msg.first_digest : end]
@@ -494,6 +523,7 @@ class Scheduler:
         task.digests = []
         task.attestation = b""
         task.content_length = None
+        task.piece_size = None
         task.size_from_seed = False
 
     def leave_host(self, host_id: str, now: float) -> None:
@@ -590,6 +620,37 @@ class Scheduler:
     def _is_seed(self, host_id: str) -> bool:
         host = self.hosts.get(host_id)
         return host is not None and host.kind == "seed"
+
+    def piece_size(self, content_length: int) -> int:
+        """The piece size this scheduler gives a task of `content_length` bytes when it learns
+        the size: the rule, with min_piece_bytes as its floor."""
+        return _layout_for(content_length, self.config.min_piece_bytes).piece_size
+
+    def min_piece_size_sent(self) -> int | None:
+        """min_piece_bytes as a seed is told it (left out when it is the old floor, so that an
+        older seed takes the trigger)."""
+        floor = self.config.min_piece_bytes
+        return None if floor == OLD_MIN_PIECE_SIZE else floor
+
+    def _size_task(self, task: Task, content_length: int, piece_size: int) -> None:
+        """Set the task's layout. A different one drops what peers and seeds said of the one
+        before (their pieces and digests were of other pieces); they say it again."""
+        if (task.content_length, task.piece_size) == (content_length, piece_size):
+            return
+        if task.content_length is not None:
+            log.info(
+                "task %s is now %d bytes in pieces of %d (was %d in pieces of %s)",
+                short(task.task_id),
+                content_length,
+                piece_size,
+                task.content_length,
+                task.piece_size,
+            )
+            for other in task.peers.values():
+                task.set_pieces(other, None)
+            task.digests = []
+        task.content_length = content_length
+        task.piece_size = piece_size
 
     def _size_bitmap(self, task: Task, peer: PeerTask) -> None:
         layout = task.layout
@@ -742,8 +803,9 @@ class Scheduler:
     def _trigger(self, task: Task, seed_id: str, now: float) -> SeedTrigger:
         """What a woken seed is told: the blob, and what an earlier seed left with peers."""
         layout = task.layout
+        floor = self.min_piece_size_sent()
         if not task.digests or layout is None or not task.size_from_seed:
-            return SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers)
+            return SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers, min_piece_size=floor)
         verifiable = task.verifiable()
         holders = [
             h
@@ -766,6 +828,8 @@ class Scheduler:
             content_length=task.content_length,
             piece_digests=list(task.digests),
             parents=parents,
+            piece_size=piece_size_sent(layout.blob_size, layout.piece_size),
+            min_piece_size=floor,
         )
 
     def _reply(self, task: Task, peer: PeerTask, *, have_digests: int, now: float) -> SyncReply:

@@ -101,7 +101,9 @@ class SeedDaemon(Node[SeedConfig]):
     def preheat(self, message: wire.PreheatBlob) -> None:
         # The same fetch a wake-up starts, under the same check: one origin fetch per blob
         # whoever asked first, and only of a blob a peer could ask for.
-        trigger = wire.SeedTrigger(task_id=message.task_id, url=message.url, headers=message.headers)
+        trigger = wire.SeedTrigger(
+            task_id=message.task_id, url=message.url, headers=message.headers, min_piece_size=message.min_piece_size
+        )
         self.check_trigger(trigger)
         self.start(trigger)
 

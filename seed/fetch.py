@@ -20,7 +20,7 @@ import trio
 
 from p2pdist import wire
 from p2pdist.content.digest import PieceHasher, short
-from p2pdist.content.pieces import bits_from_bytes
+from p2pdist.content.pieces import OLD_MIN_PIECE_SIZE, bits_from_bytes, piece_size_for, piece_size_read, piece_size_sent
 from p2pdist.errors import IntegrityError, OriginError, P2PError, UpstreamError
 from p2pdist.node.intake import PieceIntake, RunningHash
 from p2pdist.registry.retry import ORIGIN_RETRY
@@ -227,8 +227,17 @@ class SeedFetch:
         self._changed()
         return True
 
+    def _piece_size(self, blob_size: int) -> int:
+        """The piece size to cut the blob at: the task's, when the trigger gives its size (a
+        resumed fetch), else the scheduler's rule with the floor it sent. A trigger leaving
+        them out comes from a scheduler that cut every blob by the old rule."""
+        trigger = self.trigger
+        if trigger.content_length == blob_size:
+            return piece_size_read(blob_size, trigger.piece_size)
+        return piece_size_for(blob_size, trigger.min_piece_size or OLD_MIN_PIECE_SIZE)
+
     def _open_store(self, blob_size: int) -> TaskStore:
-        store = self.store = self.seed.store.open(self.task_id, blob_size, self.url)
+        store = self.store = self.seed.store.open(self.task_id, blob_size, self.url, self._piece_size(blob_size))
         # Pieces left by an earlier, unfinished fetch have no digests this fetch computed, nor
         # a place in its sha256: fetch them again.
         for number in list(store.pieces):
@@ -251,7 +260,7 @@ class SeedFetch:
             if self.store is not None and (len(self.digests) > self.reported or self.done or self.reported == 0):
                 first = self.reported
                 digests = self.digests[first:]
-                if await self._report(self.store.layout.blob_size, first, digests):
+                if await self._report(self.store.layout.blob_size, first, digests, self.store.layout.piece_size):
                     self.reported = first + len(digests)
                 else:
                     await trio.sleep(0.5)
@@ -261,7 +270,7 @@ class SeedFetch:
                     return
             elif self.done:
                 if self.error:
-                    await self._report(0, 0, [])  # failed before the size was known
+                    await self._report(0, 0, [], None)  # failed before the size was known
                 return
             with trio.move_on_after(REPORT_INTERVAL_S):
                 await self.changed.wait()
@@ -278,7 +287,7 @@ class SeedFetch:
             return b""
         return attester.sign(self.task_id, self.store.layout.blob_size, self.digests)
 
-    async def _report(self, content_length: int, first: int, digests: list[bytes]) -> bool:
+    async def _report(self, content_length: int, first: int, digests: list[bytes], piece_size: int | None) -> bool:
         """One SeedProgress to the scheduler; False (logged) if it did not take it."""
         ending = self.done
         progress = wire.SeedProgress(
@@ -290,6 +299,7 @@ class SeedFetch:
             done=self.done and not self.error,
             error=self.error,
             attestation=self._attestation(),
+            piece_size=None if piece_size is None else piece_size_sent(content_length, piece_size),
         )
         try:
             _, answered = await self.seed.scheduler.call_task(self.task_id, "/v1/tasks/seed", progress, wire.Empty)

@@ -9,18 +9,53 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 MiB = 1 << 20
-MIN_PIECE_SIZE = 4 * MiB
+# The piece sizes any node accepts, from a scheduler or a store: powers of two within these.
+MIN_PIECE_SIZE = 1 * MiB
 MAX_PIECE_SIZE = 64 * MiB
 PIECES_TARGET = 500
+# The floor of the piece size rule: 2 MiB pieces for blobs up to 1,000 MiB (a 4 MiB piece took
+# 0.5 s to cross one 8 MiB/s upload, and every hop of a rollout's ramp-up and tail paid it);
+# 1 GiB and larger get what they got before. The scheduler's `min_piece_bytes` sets it.
+DEFAULT_MIN_PIECE_SIZE = 2 * MiB
+# The floor before the piece size travelled with the task: what a field left out of a message,
+# or a store's meta without one, means (written by a version that cut every blob this way).
+OLD_MIN_PIECE_SIZE = 4 * MiB
 
 
-def piece_size_for(blob_size: int) -> int:
-    """Dragonfly's rule: next power of two of size/500, clamped to [4 MiB, 64 MiB]."""
+def piece_size_problem(piece_size: object) -> str | None:
+    """Why `piece_size` is not a piece size any node accepts (None: it is one)."""
+    if isinstance(piece_size, bool) or not isinstance(piece_size, int):
+        return "piece size must be an integer"
+    if not MIN_PIECE_SIZE <= piece_size <= MAX_PIECE_SIZE or piece_size & (piece_size - 1):
+        return f"piece size {piece_size} is not a power of two from {MIN_PIECE_SIZE} to {MAX_PIECE_SIZE} bytes"
+    return None
+
+
+def piece_size_for(blob_size: int, min_piece_size: int = DEFAULT_MIN_PIECE_SIZE) -> int:
+    """The piece size rule (Dragonfly's, with our floor): the next power of two of size/500,
+    clamped to [min_piece_size, 64 MiB]. The scheduler decides a task's piece size with it;
+    a node without one (back to source, no scheduler) uses it with the default floor."""
     if blob_size < 0:
         raise ValueError(f"blob size must not be negative: {blob_size}")
     want = max(1, -(-blob_size // PIECES_TARGET))
     size = 1 << (want - 1).bit_length()
-    return min(MAX_PIECE_SIZE, max(MIN_PIECE_SIZE, size))
+    return min(MAX_PIECE_SIZE, max(min_piece_size, size))
+
+
+def old_piece_size(blob_size: int) -> int:
+    """The piece size a version from before the piece size travelled gave `blob_size`."""
+    return piece_size_for(blob_size, OLD_MIN_PIECE_SIZE)
+
+
+def piece_size_sent(blob_size: int, piece_size: int) -> int | None:
+    """A piece size as messages carry it: left out (None) when it is the old rule's, so an older
+    reader, which refuses unknown fields, reads every message that agrees with it."""
+    return None if piece_size == old_piece_size(blob_size) else piece_size
+
+
+def piece_size_read(blob_size: int, sent: int | None) -> int:
+    """The piece size a message or a store's meta means: the old rule's when left out."""
+    return old_piece_size(blob_size) if sent is None else sent
 
 
 @dataclass(frozen=True)
@@ -31,8 +66,9 @@ class PieceLayout:
     piece_size: int
 
     @classmethod
-    def for_blob(cls, blob_size: int) -> PieceLayout:
-        return cls(blob_size, piece_size_for(blob_size))
+    def for_blob(cls, blob_size: int, min_piece_size: int = DEFAULT_MIN_PIECE_SIZE) -> PieceLayout:
+        """The layout the piece size rule gives a blob of `blob_size` bytes."""
+        return cls(blob_size, piece_size_for(blob_size, min_piece_size))
 
     def __post_init__(self) -> None:
         if self.blob_size < 0:

@@ -20,6 +20,7 @@ import trio
 
 from p2pdist import wire
 from p2pdist.config import NodeConfig, parse_hostport
+from p2pdist.content.pieces import piece_size_sent
 from p2pdist.errors import NotFound, P2PError, StartupError, StoreError, UpstreamError
 from p2pdist.node.endpoints import open_endpoint
 from p2pdist.node.metrics import DaemonMetrics
@@ -222,6 +223,7 @@ class Node(Generic[ConfigT]):
                 pieces=t.pieces.to_bytes(),
                 url=t.url,
                 piece_digests=self.piece_digests(t),
+                piece_size=piece_size_sent(t.layout.blob_size, t.layout.piece_size),
             )
             for t in self.store.tasks.values()
             if len(t.pieces)

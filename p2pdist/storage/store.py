@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2pdist.content.digest import digest_hex, parse_digest, piece_digest
-from p2pdist.content.pieces import Bitmap, PieceLayout
+from p2pdist.content.pieces import Bitmap, PieceLayout, piece_size_for, piece_size_problem, piece_size_read
 from p2pdist.errors import StoreError
 
 log = logging.getLogger("p2pdist.store")
@@ -217,23 +217,32 @@ class Store:
     def in_use(self, task_id: str) -> bool:
         return task_id in self._pins
 
-    def open(self, task_id: str, content_length: int, url: str = "") -> TaskStore:
-        """The task's store, created if new. A size different from the one on disk starts afresh."""
+    def open(self, task_id: str, content_length: int, url: str = "", piece_size: int | None = None) -> TaskStore:
+        """The task's store, created if new, cut at `piece_size` (None: the rule's, for a node
+        no scheduler told). A size or piece size different from the one on disk starts afresh:
+        pieces cut otherwise are not the task's."""
+        layout = PieceLayout(content_length, piece_size or piece_size_for(content_length))
         task = self.tasks.get(task_id)
-        if task is not None and task.layout.blob_size == content_length:
+        if task is not None and task.layout == layout:
             return task
         root = self.root / digest_hex(task_id)
         if task is not None:
+            log.info(
+                "task %s: starting afresh: held as %d bytes in pieces of %d, now %d in pieces of %d",
+                task_id[:19],
+                task.layout.blob_size,
+                task.layout.piece_size,
+                layout.blob_size,
+                layout.piece_size,
+            )
             shutil.rmtree(root, ignore_errors=True)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _store_error(exc, "cannot create task directory") from None
-        layout = PieceLayout.for_blob(content_length)
         task = TaskStore(task_id, root, layout, Bitmap(layout.count), url, time.time(), self._piece_stored)
-        _atomic_write(
-            root / _META, json.dumps({"task_id": task_id, "content_length": content_length, "url": url}).encode()
-        )
+        meta = {"task_id": task_id, "content_length": content_length, "piece_size": layout.piece_size, "url": url}
+        _atomic_write(root / _META, json.dumps(meta).encode())
         self.tasks[task_id] = task
         return task
 
@@ -261,11 +270,15 @@ class Store:
                 meta = json.loads((root / _META).read_text())
                 task_id = parse_digest(meta["task_id"])
                 content_length = int(meta["content_length"])
+                # Written before the piece size travelled with the task: cut by the old rule.
+                piece_size = piece_size_read(content_length, meta.get("piece_size"))
+                if (problem := piece_size_problem(piece_size)) is not None:
+                    raise ValueError(problem)
+                layout = PieceLayout(content_length, piece_size)
             except (OSError, ValueError, KeyError, TypeError, Exception):
                 log.warning("discarding unreadable task directory %s", root.name)
                 shutil.rmtree(root, ignore_errors=True)
                 continue
-            layout = PieceLayout.for_blob(content_length)
             task = TaskStore(
                 task_id,
                 root,

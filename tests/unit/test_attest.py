@@ -94,6 +94,7 @@ def _progress(done: bool, attestation: bytes, *, error: str = "") -> SeedProgres
         piece_digests=DIGESTS,
         done=done,
         error=error,
+        piece_size=PieceLayout.for_blob(SIZE).piece_size,  # as a seed cutting by the rule says
         attestation=attestation,
     )
 

@@ -252,3 +252,19 @@ def test_schedulers_come_as_one_url_a_yaml_list_or_repeated_flags(tmp_path: Path
     for bad in ([], "sched:8002", ["http://a:8002", 5], {"a": 1}):
         with pytest.raises(ConfigError, match="scheduler"):
             from_mapping(PeerConfig, {"scheduler": bad})
+
+
+def test_min_piece_bytes_from_yaml_and_flag(tmp_path: Path) -> None:
+    assert SchedulerConfig().min_piece_bytes == 2 * 1024 * 1024
+    path = write(tmp_path, "min_piece_bytes: 4MiB\n")  # the rolling upgrade's line
+    assert load(SchedulerConfig, path).min_piece_bytes == 4 * 1024 * 1024
+    parser = argparse.ArgumentParser()
+    add_flags(parser, SchedulerConfig)
+    overrides = flag_overrides(parser.parse_args(["--min-piece-bytes", "1MiB"]), SchedulerConfig)
+    assert load(SchedulerConfig, path, overrides).min_piece_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize("value", ["3MiB", "512KiB", "128MiB", "0", "two"])
+def test_min_piece_bytes_must_be_a_piece_size(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match="min_piece_bytes"):
+        load(SchedulerConfig, write(tmp_path, f"min_piece_bytes: {value}\n"))

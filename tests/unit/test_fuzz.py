@@ -37,9 +37,9 @@ from p2pdist.storage.store import Store
 from tests.support.inprocess import InProcessCluster, start_cluster
 
 MiB = 1 << 20
-BLOB = random.Random(5).randbytes(5 * MiB)  # two pieces: 4 MiB and 1 MiB
+BLOB = random.Random(5).randbytes(3 * MiB)  # two pieces: 2 MiB and 1 MiB
 BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-PIECE_LENGTHS = (4 * MiB, 1 * MiB)
+PIECE_LENGTHS = (2 * MiB, 1 * MiB)
 # The only address a fuzzed message may point a service at: nothing listens on port 1.
 SAFE_URL = "http://127.0.0.1:1/v2/a/blobs/" + "sha256:" + "cd" * 32
 FUZZ = settings(

@@ -16,7 +16,7 @@ import trio
 
 from p2pdist.config import SeedConfig
 from p2pdist.content.digest import piece_digest
-from p2pdist.content.pieces import MiB
+from p2pdist.content.pieces import MiB, PieceLayout
 from p2pdist.errors import OriginError
 from p2pdist.node.intake import PieceIntake
 from p2pdist.node.metrics import DaemonMetrics
@@ -54,7 +54,7 @@ def span(number: int) -> bytes:
 
 @pytest.fixture
 def task(tmp_path: Path) -> TaskStore:
-    return Store(tmp_path).open(TASK, len(BLOB), URL)
+    return Store(tmp_path).open(TASK, len(BLOB), URL, PIECE)
 
 
 def tmp_files(task: TaskStore) -> list[str]:
@@ -255,3 +255,26 @@ async def test_a_site_seed_resumes_from_its_upstream_by_range_after_a_cut(
 async def test_seed_fetch_gives_up_after_the_policy_s_attempts(tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     fetch, origin = await seed_fetch(tmp_path, [503] * 10)
     assert len(origin.starts) == ORIGIN_RETRY.attempts and fetch.error
+
+
+@pytest.mark.parametrize(
+    ("trigger", "piece_size"),
+    [
+        # From a scheduler before the piece size travelled (or one at min_piece_bytes 4 MiB): the old rule.
+        (SeedTrigger(task_id=TASK, url=URL), 4 * MiB),
+        (SeedTrigger(task_id=TASK, url=URL, min_piece_size=2 * MiB), 2 * MiB),
+        (SeedTrigger(task_id=TASK, url=URL, min_piece_size=MiB), MiB),
+        # Resuming: the task's own piece size, whatever the floor.
+        (SeedTrigger(task_id=TASK, url=URL, content_length=len(BLOB), piece_size=MiB, min_piece_size=2 * MiB), MiB),
+    ],
+)
+async def test_a_seed_cuts_the_blob_as_the_scheduler_says(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, trigger: SeedTrigger, piece_size: int
+) -> None:
+    fetch = SeedFetch(cast(Any, FakeSeed(tmp_path, FakeOrigin(BLOB, []))), trigger)
+    await fetch.run()
+    assert fetch.error == "" and fetch.store is not None and fetch.store.complete()
+    assert fetch.store.layout == PieceLayout(len(BLOB), piece_size)
+    assert fetch.digests == [
+        piece_digest(BLOB[n * piece_size : (n + 1) * piece_size]) for n in range(fetch.store.layout.count)
+    ]

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 
@@ -101,7 +102,7 @@ def sent(n: RecordingNode, path: str) -> list[Any]:
 
 def test_holdings_announce_tasks_with_verified_pieces_only(tmp_path: Path) -> None:
     n = node(tmp_path)
-    task = n.store.open(OLD, 9 * MiB, "http://registry/v2/a/blobs/" + OLD)  # pieces of 4, 4, 1 MiB
+    task = n.store.open(OLD, 9 * MiB, "http://registry/v2/a/blobs/" + OLD)  # 5 pieces: 2 MiB each, 1 MiB
     put(task, 0)
     put(task, 2)
     n.store.open(EMPTY, 1 * MiB)
@@ -110,6 +111,16 @@ def test_holdings_announce_tasks_with_verified_pieces_only(tmp_path: Path) -> No
     assert holding.url == "http://registry/v2/a/blobs/" + OLD
     assert holding.pieces == task.pieces.to_bytes()
     assert holding.piece_digests == []  # a peer's digests are not trusted
+    assert holding.piece_size == 2 * MiB
+
+
+def test_a_holding_cut_by_the_old_rule_announces_no_piece_size(tmp_path: Path) -> None:
+    """What an older scheduler, which refuses unknown fields, reads: the field is left out."""
+    n = node(tmp_path)
+    put(n.store.open(OLD, 9 * MiB, piece_size=4 * MiB), 0)
+    [holding] = n.holdings()
+    assert holding.piece_size is None
+    assert "piece_size" not in msgpack.unpackb(wire.encode(holding))
 
 
 def test_a_seed_announces_its_piece_digests(tmp_path: Path) -> None:
@@ -123,7 +134,7 @@ def test_a_seed_announces_its_piece_digests(tmp_path: Path) -> None:
 
 async def test_quota_evicts_the_least_recently_used_and_tells_the_scheduler(tmp_path: Path) -> None:
     n = node(tmp_path, cache_quota_bytes=6 * MiB)
-    old, new = n.store.open(OLD, 4 * MiB), n.store.open(NEW, 4 * MiB)
+    old, new = n.store.open(OLD, 4 * MiB, piece_size=4 * MiB), n.store.open(NEW, 4 * MiB, piece_size=4 * MiB)
     put(old, 0)
     put(new, 0)
     old.last_used, new.last_used = 1.0, 2.0
@@ -135,7 +146,7 @@ async def test_quota_evicts_the_least_recently_used_and_tells_the_scheduler(tmp_
 
 async def test_quota_keeps_a_task_the_role_is_busy_with(tmp_path: Path) -> None:
     n = node(tmp_path, cache_quota_bytes=6 * MiB)
-    old, new = n.store.open(OLD, 4 * MiB), n.store.open(NEW, 4 * MiB)
+    old, new = n.store.open(OLD, 4 * MiB, piece_size=4 * MiB), n.store.open(NEW, 4 * MiB, piece_size=4 * MiB)
     put(old, 0)
     put(new, 0)
     old.last_used, new.last_used = 1.0, 2.0

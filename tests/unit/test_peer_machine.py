@@ -4,6 +4,9 @@ and back-to-source decisions out, on a clock the test sets."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+
+import pytest
 
 from p2pdist.content.pieces import Bitmap, MiB
 from p2pdist.wire import Parent, SyncReply
@@ -271,3 +274,48 @@ def test_a_new_owner_is_registered_with_and_told_everything_while_the_parents_ke
     assert third.host_id == "a" and third.number not in (first.number, second.number)
     m.sync_answered(report, running(parent("a")), 0.6)
     assert not m.take_report().register
+
+
+def test_the_scheduler_decides_the_piece_size() -> None:
+    m = TaskMachine("me", Limits(), random.Random(1), 0.0)
+    m.register_answered(replace(running(), content_length=SIZE // 2, piece_size=2 * MiB), 0.0)
+    assert (m.content_length, m.piece_size, m.count) == (SIZE // 2, 2 * MiB, PIECES)
+    m.store_opened(SIZE // 2, 0, [])
+    assert m.take_report().piece_size == 2 * MiB
+
+
+def test_a_reply_without_a_piece_size_means_the_old_rule() -> None:
+    m = TaskMachine("me", Limits(), random.Random(1), 0.0)
+    m.register_answered(replace(running(), piece_size=None), 0.0)  # an older scheduler's or site holder's
+    assert m.piece_size == 4 * MiB and m.count == PIECES and m.back_to_source is None
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"piece_size": 3 * MiB}, "not a power of two"),
+        ({"piece_size": 128 * MiB}, "not a power of two from"),
+        ({"piece_size": 512 * 1024}, "not a power of two from"),
+        ({"piece_size": 8 * MiB}, "8 piece digests for 4 pieces"),  # the digests are of smaller pieces
+        ({"first_digest": 1}, "9 piece digests for 8 pieces"),
+    ],
+)
+def test_a_reply_with_an_unusable_layout_is_refused_not_a_crash(change: dict[str, int], why: str) -> None:
+    m = TaskMachine("me", Limits(), random.Random(1), 0.0)
+    m.register_answered(replace(running(parent("a")), **change), 0.0)  # type: ignore[arg-type]
+    assert m.back_to_source is not None and m.back_to_source.reason is BackToSourceReason.BAD_REPLY
+    assert why in m.back_to_source.detail
+    assert not m.wants_store and m.poll(1.0) == []
+
+
+def test_a_reply_cutting_the_blob_otherwise_than_the_store_is_refused() -> None:
+    """The store was cut before this scheduler answered (another scheduler, or the rule while
+    going to the origin): fetching its pieces from parents cut otherwise would fail at each."""
+    m = machine(parent("a"))
+    m.sync_answered(m.take_report(), replace(running(parent("a")), piece_size=2 * MiB, piece_digests=[]), 1.0)
+    assert m.back_to_source is not None and m.back_to_source.reason is BackToSourceReason.BAD_REPLY
+    assert "cut as" in m.back_to_source.detail
+    later = TaskMachine("me", Limits(), random.Random(1), 0.0)
+    later.store_opened(SIZE, 0, [], 2 * MiB)  # back to source first
+    later.register_answered(running(parent("a")), 1.0)
+    assert later.back_to_source is not None and later.back_to_source.reason is BackToSourceReason.BAD_REPLY

@@ -9,10 +9,15 @@ from hypothesis import strategies as st
 from p2pdist.content.pieces import (
     MAX_PIECE_SIZE,
     MIN_PIECE_SIZE,
+    OLD_MIN_PIECE_SIZE,
     Bitmap,
     MiB,
     PieceLayout,
+    old_piece_size,
     piece_size_for,
+    piece_size_problem,
+    piece_size_read,
+    piece_size_sent,
 )
 
 GiB = 1 << 30
@@ -21,11 +26,14 @@ GiB = 1 << 30
 @pytest.mark.parametrize(
     ("blob_size", "expected"),
     [
-        (0, 4 * MiB),
-        (1, 4 * MiB),
-        (4 * MiB, 4 * MiB),
-        (500 * 4 * MiB, 4 * MiB),  # exactly 500 pieces of 4 MiB
-        (500 * 4 * MiB + 1, 8 * MiB),  # one byte more needs the next power of two
+        (0, 2 * MiB),
+        (1, 2 * MiB),
+        (128 * MiB, 2 * MiB),  # the 16-host rollout's blob: 64 pieces
+        (500 * 2 * MiB, 2 * MiB),  # exactly 500 pieces of 2 MiB
+        (500 * 2 * MiB + 1, 4 * MiB),  # one byte more needs the next power of two
+        (GiB - 1, 4 * MiB),
+        (GiB, 4 * MiB),  # 1 GiB and larger: as before the floor moved
+        (500 * 4 * MiB + 1, 8 * MiB),
         (500 * 8 * MiB, 8 * MiB),
         (500 * 8 * MiB + 1, 16 * MiB),
         (10 * GiB, 32 * MiB),  # 10 GiB / 500 = 20.48 MiB -> 32 MiB
@@ -36,6 +44,36 @@ GiB = 1 << 30
 )
 def test_piece_size_for(blob_size: int, expected: int) -> None:
     assert piece_size_for(blob_size) == expected
+
+
+@pytest.mark.parametrize(
+    ("blob_size", "expected"),
+    [(0, 4 * MiB), (4 * MiB, 4 * MiB), (128 * MiB, 4 * MiB), (500 * 4 * MiB, 4 * MiB), (500 * 4 * MiB + 1, 8 * MiB)],
+)
+def test_a_floor_of_4_mib_is_the_old_rule(blob_size: int, expected: int) -> None:
+    assert piece_size_for(blob_size, OLD_MIN_PIECE_SIZE) == old_piece_size(blob_size) == expected
+
+
+@given(st.integers(min_value=GiB, max_value=1 << 45))
+def test_blobs_of_1_gib_and_more_keep_their_old_piece_size(size: int) -> None:
+    assert piece_size_for(size) == old_piece_size(size)
+
+
+def test_a_piece_size_left_out_of_a_message_means_the_old_rule() -> None:
+    size = 128 * MiB
+    assert piece_size_sent(size, 4 * MiB) is None  # what an older reader assumes anyway
+    assert piece_size_sent(size, 2 * MiB) == 2 * MiB
+    assert piece_size_read(size, None) == 4 * MiB
+    assert piece_size_read(size, 2 * MiB) == 2 * MiB
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [(MiB, True), (2 * MiB, True), (64 * MiB, True), (MiB // 2, False), (128 * MiB, False), (3 * MiB, False)]
+    + [(0, False), (-2 * MiB, False), (True, False), ("2097152", False), (2.0 * MiB, False)],
+)
+def test_only_powers_of_two_from_1_to_64_mib_are_piece_sizes(value: object, accepted: bool) -> None:
+    assert (piece_size_problem(value) is None) is accepted
 
 
 def test_piece_size_negative() -> None:

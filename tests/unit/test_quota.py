@@ -71,7 +71,7 @@ def test_quota_on_a_real_store_removes_lru_blobs_but_not_pinned_or_busy_ones(tmp
     store.tasks[ids[0]].last_used = 0.0
     assert quota.enforce() == []  # 8 MiB is under the high watermark
     # What is left still loads and verifies after a restart.
-    assert Store(tmp_path).load() == 2
+    assert Store(tmp_path).load() == 4  # the two blobs, each in two pieces of 2 MiB
 
 
 def test_cache_flags_exist_and_watermarks_are_checked() -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 
+import msgpack
 import pytest
 
 from p2pdist import wire
 from p2pdist.config import SchedulerConfig
-from p2pdist.content.pieces import Bitmap, MiB, PieceLayout
+from p2pdist.content.pieces import Bitmap, MiB, PieceLayout, piece_size_sent
 from p2pdist.wire import (
     TASK_STATES,
     AnnounceHost,
@@ -25,8 +26,9 @@ from scheduler.state import Scheduler, WakeSeed
 TASK = "sha256:" + "ab" * 32
 TASK2 = "sha256:" + "cd" * 32
 URL = "http://origin:5000/v2/lib/x/blobs/" + TASK
-SIZE = 10 * MiB  # 3 pieces of 4 MiB
+SIZE = 10 * MiB  # 5 pieces of 2 MiB
 LAYOUT = PieceLayout.for_blob(SIZE)
+PIECE = LAYOUT.piece_size  # as a node says it (not the old rule's: it is not left out)
 DIGESTS = [bytes([i]) * 32 for i in range(LAYOUT.count)]
 
 
@@ -71,6 +73,7 @@ def progress(
             piece_digests=digests,
             done=done,
             error=error,
+            piece_size=piece_size_sent(size, PieceLayout.for_blob(size).piece_size),
         ),
         now,
     )
@@ -128,7 +131,7 @@ def test_running_after_seed_progress() -> None:
     assert wake is None
     assert reply.state == "running"
     assert reply.content_length == SIZE
-    assert reply.piece_size == 4 * MiB
+    assert reply.piece_size == 2 * MiB
     assert reply.first_digest == 0
     assert reply.piece_digests == DIGESTS[:1]
     assert parent_ids(reply) == ["seed1"]
@@ -196,7 +199,7 @@ def test_peer_without_pieces_not_useful_when_done_peer_present() -> None:
     register(s, "p1", 1.0)
     progress(s, "seed1", 2.0, done=True)
     register(s, "p1", 2.5)
-    sync(s, "p1", 3.0, new_pieces=[0, 1, 2], done=True)
+    sync(s, "p1", 3.0, new_pieces=list(range(LAYOUT.count)), done=True)
     # p1 is a complete non-seed peer with free slots: preferred over the seed.
     reply, _ = register(s, "p2", 4.0)
     assert parent_ids(reply) == ["p1"]
@@ -477,11 +480,25 @@ def test_restart_rebuild_from_announcements() -> None:
         "seed1",
         "seed",
         now=0.0,
-        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), url=URL, piece_digests=DIGESTS)],
+        tasks=[
+            TaskHolding(
+                task_id=TASK,
+                content_length=SIZE,
+                piece_size=PIECE,
+                pieces=full_bitmap(),
+                url=URL,
+                piece_digests=DIGESTS,
+            )
+        ],
     )
     partial = Bitmap(LAYOUT.count)
     partial.add(1)
-    announce(s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=partial.to_bytes())])
+    announce(
+        s,
+        "p1",
+        now=0.0,
+        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=partial.to_bytes())],
+    )
     announce(s, "p2", now=0.0)
     reply, wake = register(s, "p2", 1.0)
     assert wake is None  # a complete seed holds it already
@@ -498,7 +515,11 @@ def test_restart_peer_cannot_inject_digests() -> None:
         s,
         "p1",
         now=0.0,
-        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=DIGESTS)],
+        tasks=[
+            TaskHolding(
+                task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=full_bitmap(), piece_digests=DIGESTS
+            )
+        ],
     )
     assert s.tasks[TASK].digests == []
     announce(
@@ -506,7 +527,11 @@ def test_restart_peer_cannot_inject_digests() -> None:
         "seed1",
         "seed",
         now=0.0,
-        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=DIGESTS)],
+        tasks=[
+            TaskHolding(
+                task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=full_bitmap(), piece_digests=DIGESTS
+            )
+        ],
     )
     assert s.tasks[TASK].digests == DIGESTS
     # A seed that later announces different digests does not replace them.
@@ -517,7 +542,11 @@ def test_restart_peer_cannot_inject_digests() -> None:
         now=0.0,
         tasks=[
             TaskHolding(
-                task_id=TASK, content_length=SIZE, pieces=full_bitmap(), piece_digests=[b"\xee" * 32] * LAYOUT.count
+                task_id=TASK,
+                content_length=SIZE,
+                piece_size=PIECE,
+                pieces=full_bitmap(),
+                piece_digests=[b"\xee" * 32] * LAYOUT.count,
             )
         ],
     )
@@ -526,7 +555,9 @@ def test_restart_peer_cannot_inject_digests() -> None:
 
 def test_announce_with_bad_bitmap_ignored() -> None:
     s = make()
-    announce(s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=b"\x00\x00")])
+    announce(
+        s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=b"\x00\x00")]
+    )
     assert "p1" not in s.tasks[TASK].peers
 
 
@@ -620,3 +651,135 @@ def test_restarted_scheduler_waits_for_seeds_before_sending_peers_to_the_origin(
     lonely.announce(AnnounceHost(host_id="p1", url="http://p1", kind="peer", upload_slots=2), 6.0)
     reply, _ = lonely.register(Register(host_id="p1", task_id=task, url=url), 6.0)
     assert reply.state == "back_to_source"
+
+
+def test_the_scheduler_decides_the_piece_size_by_its_rule_and_min_piece_bytes() -> None:
+    for floor, piece_size in ((None, 2 * MiB), (4 * MiB, 4 * MiB), (MiB, MiB)):
+        s = make() if floor is None else make(min_piece_bytes=floor)
+        announce(s, "seed1", "seed")
+        announce(s, "p1")
+        register(s, "p1", 1.0)
+        # A back-to-source peer tells the size: the scheduler cuts the task by its own rule.
+        sync(s, "p1", 2.0, content_length=SIZE)
+        reply, _ = register(s, "p2", 3.0)
+        assert (reply.content_length, reply.piece_size) == (SIZE, piece_size), floor
+    for size in (1024 * MiB, 10 * 1024 * MiB):  # 1 GiB and up: as before the floor moved
+        assert make().piece_size(size) == PieceLayout.for_blob(size, 4 * MiB).piece_size
+
+
+def test_a_seed_is_told_the_floor_and_an_older_seed_gets_the_trigger_it_knows() -> None:
+    for floor, sent in ((None, 2 * MiB), (4 * MiB, None)):
+        s = make() if floor is None else make(min_piece_bytes=floor)
+        announce(s, "seed1", "seed")
+        _, wake = register(s, "p1", 1.0)
+        assert wake is not None
+        assert wake.trigger.min_piece_size == sent and wake.trigger.piece_size is None
+        if sent is None:  # min_piece_bytes 4 MiB: exactly what a scheduler before it sent
+            assert set(msgpack.unpackb(wire.encode(wake.trigger))) == {
+                "task_id",
+                "url",
+                "headers",
+                "content_length",
+                "piece_digests",
+                "parents",
+            }
+
+
+def test_a_seed_resuming_a_task_is_told_its_piece_size() -> None:
+    s = make(seed_retry_s=1.0)
+    announce(s, "seed1", "seed")
+    announce(s, "seed2", "seed")
+    announce(s, "p1")
+    register(s, "p1", 0.0)
+    first = s.tasks[TASK].seed
+    assert first is not None
+    progress(s, first, 0.5, digests=DIGESTS[:2])
+    sync(s, "p1", 0.6, new_pieces=[0, 1])
+    _, wake = sync(s, "p1", 5.0)  # the first seed stalled
+    assert wake is not None and wake.seed_id != first
+    assert wake.trigger.content_length == SIZE and wake.trigger.piece_size == PIECE
+    assert wake.trigger.piece_digests == DIGESTS[:2]
+
+
+def test_a_restarted_scheduler_ignores_holders_cut_otherwise() -> None:
+    """After a restart the task is rebuilt from announcements: a holder whose pieces are cut
+    otherwise (a partial blob left by an older version, 4 MiB pieces) is no parent of it."""
+    s = make()
+    old_cut = PieceLayout(SIZE, 4 * MiB)
+    stale = Bitmap(old_cut.count)
+    stale.add(0)
+    announce(s, "old", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=stale.to_bytes())])
+    assert s.tasks[TASK].piece_size == PIECE and "old" not in s.tasks[TASK].peers
+    announce(
+        s,
+        "seed1",
+        "seed",
+        tasks=[
+            TaskHolding(
+                task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=full_bitmap(), piece_digests=DIGESTS
+            )
+        ],
+    )
+    reply, wake = register(s, "p2", 1.0)
+    assert wake is None and reply.piece_size == PIECE and parent_ids(reply) == ["seed1"]
+
+
+def test_a_seeds_holding_brings_its_layout_to_a_rebuilt_task() -> None:
+    """A scheduler restarted with another min_piece_bytes keeps the swarm of a blob its seed cut
+    the earlier way, and its peers' holdings of that layout, rather than refetching it."""
+    s = make()
+    old_cut = PieceLayout(SIZE, 4 * MiB)
+    whole = Bitmap(old_cut.count)
+    for n in range(old_cut.count):
+        whole.add(n)
+    digests = DIGESTS[: old_cut.count]
+    announce(s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=whole.to_bytes())])
+    assert "p1" not in s.tasks[TASK].peers  # the rule says 2 MiB: not yet
+    old_seed = TaskHolding(task_id=TASK, content_length=SIZE, pieces=whole.to_bytes(), piece_digests=digests)
+    announce(s, "seed1", "seed", tasks=[old_seed])
+    announce(s, "p1", now=0.5, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=whole.to_bytes())])
+    reply, _ = register(s, "p2", 1.0)
+    assert reply.piece_size == 4 * MiB and reply.piece_digests == digests
+    assert set(parent_ids(reply)) == {"seed1", "p1"}
+
+
+def test_pieces_of_a_store_cut_otherwise_are_not_taken() -> None:
+    s = make()
+    announce(s, "seed1", "seed")
+    register(s, "p1", 1.0)
+    progress(s, "seed1", 2.0, done=True)
+    register(s, "p2", 2.0)
+    # p2 went to the origin before any answer and cut the blob by the old rule.
+    sync(s, "p2", 3.0, new_pieces=[0, 1, 2], content_length=SIZE, done=True)
+    assert not s.tasks[TASK].peers["p2"].bits and "p2" not in s.tasks[TASK].done_peers
+    reply, _ = register(s, "p1", 4.0)
+    assert parent_ids(reply) == ["seed1"]
+    sync(s, "p2", 5.0, new_pieces=[0, 1], content_length=SIZE, piece_size=PIECE)
+    assert s.tasks[TASK].peers["p2"].bits == 0b11
+
+
+def test_a_seed_cutting_otherwise_than_the_rule_is_followed() -> None:
+    """Its digests are of its pieces: as with the size, a seed's word on the layout wins over
+    what the scheduler had before any seed spoke, and once one spoke, another is ignored."""
+    s = make()
+    announce(s, "seed1", "seed")
+    announce(s, "seed2", "seed")
+    register(s, "p1", 1.0)
+    sync(s, "p1", 1.5, content_length=SIZE)  # sized by the rule: 2 MiB
+    old_cut = PieceLayout(SIZE, 4 * MiB)
+    s.seed_progress(
+        SeedProgress(
+            host_id="seed1",
+            task_id=TASK,
+            content_length=SIZE,
+            first_digest=0,
+            piece_digests=DIGESTS[: old_cut.count],
+            done=True,
+        ),
+        2.0,
+    )
+    reply, _ = register(s, "p2", 3.0)
+    assert reply.piece_size == 4 * MiB and len(reply.piece_digests) == old_cut.count
+    progress(s, "seed2", 4.0, done=True)  # 2 MiB pieces: another seed already spoke
+    reply, _ = register(s, "p3", 5.0)
+    assert reply.piece_size == 4 * MiB and parent_ids(reply) == ["seed1"]

@@ -69,6 +69,38 @@ def test_a_malformed_answer_is_no_holder(body: bytes) -> None:
     assert parse_holding("http://10.0.0.2:4000", TASK, body) is None
 
 
+def test_an_answer_carries_its_piece_size_and_the_digests_are_counted_against_it() -> None:
+    five = ["aa" * 32, "bb" * 32, "cc" * 32, "dd" * 32, "ee" * 32]
+    holder = parse_holding("http://10.0.0.2:4000", TASK, answer(piece_size=2 * MiB, piece_digests=five))
+    assert holder is not None and holder.piece_size == 2 * MiB and len(holder.piece_digests) == 5
+    # Without it, a holder from before the piece size travelled: the old rule (4 MiB here).
+    old = parse_holding("http://10.0.0.2:4000", TASK, answer())
+    assert old is not None and old.piece_size == 4 * MiB
+    for body in (
+        answer(piece_size=2 * MiB),  # 3 digests: the count of 4 MiB pieces, not of 2 MiB ones
+        answer(piece_digests=five),  # 5 digests, no piece size: not the old rule's count
+        answer(piece_size=3 * MiB),
+        answer(piece_size=128 * MiB),
+        answer(piece_size="2MiB"),
+        answer(piece_size=True),
+    ):
+        assert parse_holding("http://10.0.0.2:4000", TASK, body) is None
+
+
+def test_holders_cut_otherwise_do_not_agree() -> None:
+    same = ["aa" * 32, "bb" * 32, "cc" * 32]
+    four = parse_holding("http://10.0.0.2:4000", TASK, answer(host_id="p2", piece_digests=same))
+    eight = parse_holding(
+        "http://10.0.0.3:4000", TASK, answer(host_id="p3", piece_digests=same[:2], piece_size=8 * MiB)
+    )
+    eight_too = parse_holding(
+        "http://10.0.0.4:4000", TASK, answer(host_id="p4", piece_digests=same[:2], piece_size=8 * MiB)
+    )
+    holders = [h for h in (four, eight, eight_too) if h is not None]
+    assert len(holders) == 3
+    assert {h.host_id for h in agreeing(holders)} == {"p3", "p4"}
+
+
 def test_the_holders_that_agree_most_win() -> None:
     good = [parse_holding(f"http://10.0.0.{i}:4000", TASK, answer(host_id=f"p{i}")) for i in (2, 3)]
     liar = parse_holding("http://10.0.0.9:4000", TASK, answer(host_id="p9", piece_digests=["dd" * 32] * 3))

@@ -71,7 +71,7 @@ def test_with_sites_in_use_a_small_blob_still_goes_through_p2p() -> None:
 
 
 def test_a_range_requests_pieces_are_asked_for_first_whatever_their_rarity() -> None:
-    size = 8 * 4 * MiB
+    size = 8 * 2 * MiB
     layout = PieceLayout.for_blob(size)
     assert layout.count == 8
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
 from p2pdist.content.digest import piece_digest
-from p2pdist.content.pieces import MiB
+from p2pdist.content.pieces import MiB, PieceLayout
 from p2pdist.errors import BadRequest, StoreError
 from p2pdist.storage.store import PieceWriter, Store, TaskStore
 
 TASK = "sha256:" + "ab" * 32
 TASK2 = "sha256:" + "cd" * 32
-SIZE = 9 * MiB  # pieces of 4, 4, 1 MiB
+SIZE = 5 * MiB  # pieces of 2, 2, 1 MiB
+PIECE = 2 * MiB
 
 
 def piece_bytes(task: TaskStore, number: int) -> bytes:
@@ -110,12 +113,12 @@ def test_exception_path_leaves_nothing(store: Store) -> None:
     assert not task.has(0) and tmp_files(task) == [] and not task.path(0).exists()
 
 
-@pytest.mark.parametrize("length", [0, 1 << 20, 4 * MiB - 1])
+@pytest.mark.parametrize("length", [0, 1 << 20, PIECE - 1])
 def test_commit_wrong_length(store: Store, length: int) -> None:
     task = store.open(TASK, SIZE)
     writer = task.new_piece(0)
     writer.write(b"z" * length)
-    with pytest.raises(StoreError, match=f"{length} of {4 * MiB} bytes"):
+    with pytest.raises(StoreError, match=f"{length} of {PIECE} bytes"):
         writer.commit()
     assert not task.has(0)
     assert not task.path(0).exists()
@@ -163,6 +166,66 @@ def test_open_with_other_size_starts_afresh(store: Store) -> None:
     assert fresh is not task
     assert not fresh.has(0)
     assert not fresh.path(0).exists()
+
+
+def test_open_with_another_piece_size_starts_afresh(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """A scheduler that cuts the task otherwise than the store holds it: the pieces held are
+    not the task's pieces, so none is kept (they would fail at every child)."""
+    task = store.open(TASK, SIZE, piece_size=4 * MiB)
+    put(task, 0)
+    assert store.open(TASK, SIZE, piece_size=4 * MiB) is task
+    with caplog.at_level(logging.INFO, logger="p2pdist.store"):
+        fresh = store.open(TASK, SIZE, piece_size=PIECE)
+    assert fresh is not task and fresh.layout.piece_size == PIECE and fresh.layout.count == 3
+    assert not fresh.has(0) and not fresh.path(0).exists()
+    assert "starting afresh" in caplog.text
+    # No piece size: the rule's (a node no scheduler told, back to source).
+    assert store.open(TASK, SIZE) is fresh
+
+
+def test_the_piece_size_is_kept_in_the_meta_and_reloaded(tmp_path: Path) -> None:
+    first = Store(tmp_path)
+    task = first.open(TASK, SIZE, piece_size=MiB)
+    put(task, 4)
+    task.save_digests(digests_of(task))
+    assert json.loads((task.root / "meta.json").read_text())["piece_size"] == MiB
+
+    again = Store(tmp_path)
+    assert again.load() == 1
+    loaded = again.get(TASK)
+    assert loaded is not None and loaded.layout == PieceLayout(SIZE, MiB) and sorted(loaded.pieces) == [4]
+    assert fed(loaded, 4) == piece_bytes(task, 4)
+
+
+def test_a_meta_without_piece_size_reloads_with_the_old_rule(tmp_path: Path) -> None:
+    """A store written by a version from before the piece size travelled with the task: its
+    pieces were cut by the old rule (4 MiB for this blob), and they are reused as such."""
+    first = Store(tmp_path)
+    task = first.open(TASK, SIZE, "http://o/blob", piece_size=4 * MiB)
+    put(task, 0)
+    put(task, 1)
+    task.save_digests(digests_of(task))
+    (task.root / "meta.json").write_text(json.dumps({"task_id": TASK, "content_length": SIZE, "url": "http://o/blob"}))
+
+    again = Store(tmp_path)
+    assert again.load() == 2
+    loaded = again.get(TASK)
+    assert loaded is not None and loaded.layout == PieceLayout(SIZE, 4 * MiB)
+    assert fed(loaded, 1) == piece_bytes(task, 1)
+    # The scheduler now cuts it in 2 MiB pieces: those 4 MiB pieces are not reused.
+    assert not again.open(TASK, SIZE, piece_size=PIECE).pieces.to_int()
+
+
+@pytest.mark.parametrize("piece_size", [3 * MiB, 0, "2MiB", 128 * MiB])
+def test_a_meta_with_a_bad_piece_size_is_discarded(tmp_path: Path, piece_size: object) -> None:
+    first = Store(tmp_path)
+    task = first.open(TASK, SIZE)
+    put(task, 0)
+    task.save_digests(digests_of(task))
+    meta = {"task_id": TASK, "content_length": SIZE, "piece_size": piece_size}
+    (task.root / "meta.json").write_text(json.dumps(meta))
+    again = Store(tmp_path)
+    assert again.load() == 0 and again.get(TASK) is None and not task.root.exists()
 
 
 def digests_of(task: TaskStore) -> list[bytes]:

@@ -8,6 +8,7 @@ import msgpack
 import pytest
 
 from p2pdist import wire
+from p2pdist.content.pieces import piece_size_read, piece_size_sent
 from p2pdist.errors import BadRequest
 from p2pdist.wire import (
     AnnounceHost,
@@ -277,3 +278,81 @@ def test_attestation_is_encoded_only_when_there_is_one() -> None:
     progress = SeedProgress(host_id="seed", task_id=TASK, content_length=5, first_digest=0, piece_digests=[])
     assert "attestation" not in msgpack.unpackb(encode(progress), raw=False)
     assert decode(SeedProgress, encode(progress)) == progress
+
+
+def _older_reader(cls: type, body: bytes) -> dict[str, Any]:
+    """What a reader from before the piece size travelled sees: it refuses any field its
+    message class does not have, here every field named *piece_size."""
+    raw = msgpack.unpackb(body, raw=False)
+    unknown = [key for key in raw if key in ("piece_size", "min_piece_size")]
+    if unknown:
+        raise BadRequest(f"{cls.__name__}: unknown field {unknown[0]!r}")
+    for holding in raw.get("tasks", []):
+        if "piece_size" in holding:
+            raise BadRequest("TaskHolding: unknown field 'piece_size'")
+    return raw  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        TaskHolding(task_id=TASK, content_length=9 << 20, pieces=b"\xe0", piece_size=2 << 20),
+        Sync(host_id="h", task_id=TASK, content_length=9 << 20, piece_size=2 << 20),
+        SeedProgress(
+            host_id="s", task_id=TASK, content_length=9 << 20, first_digest=0, piece_digests=[D], piece_size=2 << 20
+        ),
+        SeedTrigger(task_id=TASK, url="http://o/b", content_length=9 << 20, piece_size=2 << 20),
+        SeedTrigger(task_id=TASK, url="http://o/b", min_piece_size=2 << 20),
+        wire.PreheatBlob(task_id=TASK, url="http://o/b", min_piece_size=1 << 20),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_a_piece_size_round_trips_and_an_older_reader_refuses_it(message: Any) -> None:
+    body = encode(message)
+    assert decode(type(message), body) == message
+    with pytest.raises(BadRequest, match="piece_size"):
+        _older_reader(type(message), body)
+
+
+def test_a_piece_size_of_the_old_rule_is_left_out_for_older_readers() -> None:
+    """A node or scheduler cutting by the old rule (min_piece_bytes 4 MiB during an upgrade)
+    sends what an older version sends, byte for byte: the field left out."""
+    size = 9 << 20
+    sent = piece_size_sent(size, 4 << 20)
+    messages: list[Any] = [
+        AnnounceHost(
+            host_id="s1",
+            url="http://s:1",
+            kind="seed",
+            upload_slots=4,
+            tasks=[TaskHolding(task_id=TASK, content_length=size, pieces=b"\xe0", piece_size=sent)],
+        ),
+        Sync(host_id="h", task_id=TASK, content_length=size, piece_size=sent),
+        SeedProgress(host_id="s", task_id=TASK, content_length=size, first_digest=0, piece_digests=[], piece_size=sent),
+        SeedTrigger(task_id=TASK, url="http://o/b", content_length=size, piece_size=sent, min_piece_size=None),
+        wire.PreheatBlob(task_id=TASK, url="http://o/b"),
+    ]
+    for message in messages:
+        body = encode(message)
+        _older_reader(type(message), body)  # no unknown field
+        decoded = decode(type(message), body)
+        assert decoded == message
+    assert piece_size_read(size, decode(Sync, encode(messages[1])).piece_size) == 4 << 20
+    # And what an older sender sends reads as the old rule.
+    old = decode(Sync, pack({"host_id": "h", "task_id": TASK, "content_length": size}))
+    assert old.piece_size is None and piece_size_read(size, old.piece_size) == 4 << 20
+
+
+@pytest.mark.parametrize("value", [3 << 20, 1 << 19, 128 << 20, 0])
+@pytest.mark.parametrize("cls", [Sync, SeedProgress, SyncReply, SeedTrigger, TaskHolding])
+def test_a_piece_size_that_is_not_one_is_refused(cls: type, value: int) -> None:
+    fields: dict[type, dict[str, Any]] = {
+        Sync: {"host_id": "h", "task_id": TASK},
+        SeedProgress: {"host_id": "s", "task_id": TASK, "content_length": 5, "first_digest": 0, "piece_digests": []},
+        SyncReply: {"task_id": TASK, "state": "running"},
+        SeedTrigger: {"task_id": TASK, "url": "http://o/b"},
+        TaskHolding: {"task_id": TASK, "content_length": 5, "pieces": b"\x80"},
+    }
+    bad(cls, pack({**fields[cls], "piece_size": value}), f"{cls.__name__}.piece_size: piece size {value} is not")
+    if cls is SeedTrigger:
+        bad(cls, pack({**fields[cls], "min_piece_size": value}), "SeedTrigger.min_piece_size: piece size")
