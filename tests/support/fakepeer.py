@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 
 from p2pdist import wire
-from p2pdist.content.pieces import Bitmap, PieceLayout
+from p2pdist.content.pieces import Bitmap, PieceLayout, piece_size_sent
 
 
 class FakePeer:
@@ -74,6 +74,8 @@ class FakePeer:
                     content_length=self.layout.blob_size,
                     pieces=everything.to_bytes(),
                     piece_digests=[os.urandom(32) for _ in range(self.layout.count)],
+                    # Cut as the scheduler cuts the task (its default rule): a liar in its layout.
+                    piece_size=piece_size_sent(self.layout.blob_size, self.layout.piece_size),
                 )
             ],
         )
