@@ -24,7 +24,7 @@ import select
 import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -173,7 +173,20 @@ class PieceResponse:
     def _cut_short(self, filled: int) -> UpstreamError:
         return UpstreamError(f"server closed the connection after {self.received + filled} of {self.length} bytes")
 
+    def take_buffered_body(self) -> bytes | None:
+        """The whole body when it all came with the head (a refusal, a scheduler reply): taken
+        without the async generator, the buffer and the event-loop round of `chunks()`;
+        None when some of it is still on the wire."""
+        if self.received or len(self._buffered) < self.length:
+            return None
+        body = bytes(self._buffered[: self.length])
+        self._buffered.clear()
+        self.received = self.length
+        return body
+
     async def read(self) -> bytes:
+        if (body := self.take_buffered_body()) is not None:
+            return body
         out = bytearray()
         async for chunk in self.chunks():
             out += chunk
@@ -190,6 +203,42 @@ class _Conn:
             self.buffer = bytearray(RECV_BYTES)
         return self.buffer
 
+    async def send(self, data: bytes) -> None:
+        """send_all, with the write tried first straight on the socket when it is plain TCP: a
+        request head nearly always fits the socket buffer, and trio's send_all (its conflict
+        detector, a checkpoint before and after) cost several times the write, on every piece
+        request, busy answer and scheduler call."""
+        if isinstance(self.stream, trio.SocketStream):
+            try:
+                sent = os.write(self.stream.socket.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        await self.stream.send_all(data)
+
+    async def receive(self, max_bytes: int) -> bytes:
+        """receive_some, read straight from the socket when it is plain TCP (waiting until it is
+        readable), as `send` writes."""
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            return bytes(await stream.receive_some(max_bytes))
+        sock = stream.socket
+        try:
+            data = os.read(sock.fileno(), max_bytes)
+        except BlockingIOError:
+            pass
+        else:
+            await trio.lowlevel.checkpoint()  # the answer was there at once: still let others run
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return os.read(sock.fileno(), max_bytes)
+            except BlockingIOError:
+                continue
+
 
 class PieceClient:
     def __init__(
@@ -200,10 +249,8 @@ class PieceClient:
         self.ssl_context = ssl_context
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
 
-    @asynccontextmanager
-    async def get(self, url: str, headers: dict[str, str] | None = None) -> AsyncIterator[PieceResponse]:
-        async with self.request("GET", url, headers) as response:
-            yield response
+    def get(self, url: str, headers: dict[str, str] | None = None) -> AbstractAsyncContextManager[PieceResponse]:
+        return self.request("GET", url, headers)
 
     @asynccontextmanager
     async def request(
@@ -238,7 +285,9 @@ class PieceClient:
                 conn, reused = await self._connect(key, fresh=True)
                 response = await self._exchange(conn, head, body)
             yield response
-            if method != "HEAD" and response.received < response.length <= response.received + DRAIN_BYTES:
+            unread = method != "HEAD" and response.received < response.length <= response.received + DRAIN_BYTES
+            # A refusal's text nearly always came with its head: taken at once, no wait.
+            if unread and response.take_buffered_body() is None:
                 with trio.move_on_after(1.0):
                     async for _ in response.chunks():
                         pass
@@ -264,7 +313,7 @@ class PieceClient:
                 data += protocol.send(h11.Data(data=body))
             data += protocol.send(h11.EndOfMessage())
         try:
-            await conn.stream.send_all(data)
+            await conn.send(data)
             if head.lean is None:
                 return await self._read_head(conn, protocol)
             return await self._read_lean_head(conn, head)
@@ -278,7 +327,7 @@ class PieceClient:
         while (end := received.find(b"\r\n\r\n")) < 0:
             if len(received) > MAX_HEAD_BYTES:
                 break
-            data = bytes(await conn.stream.receive_some(HEAD_RECEIVE_BYTES))
+            data = await conn.receive(HEAD_RECEIVE_BYTES)
             if not data:
                 break
             received += data
@@ -327,7 +376,7 @@ class PieceClient:
             while True:
                 event = protocol.next_event()
                 if event is h11.NEED_DATA:
-                    protocol.receive_data(bytes(await conn.stream.receive_some(HEAD_RECEIVE_BYTES)))
+                    protocol.receive_data(await conn.receive(HEAD_RECEIVE_BYTES))
                 elif isinstance(event, h11.Response):
                     break
                 elif not isinstance(event, h11.InformationalResponse):  # a 100 Continue: the answer follows
