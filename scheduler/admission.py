@@ -10,6 +10,7 @@ Pure: messages, counts and `now` in, a refusal (an error carrying its status) ou
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -17,6 +18,11 @@ from p2pdist.config import SchedulerConfig
 from p2pdist.errors import BadRequest, Forbidden, TooManyRequests
 from p2pdist.registry.allowlist import check_seed_url
 from p2pdist.wire import Register
+
+# Every registration's URL is checked, and a pull's burst of them names the same few blobs:
+# a URL that passed is remembered (one that failed is checked again and refused again, as
+# lru_cache keeps no exception). Few entries: URLs may be 8 KiB long.
+_check_seed_url = functools.lru_cache(maxsize=256)(check_seed_url)
 
 
 @dataclass
@@ -47,7 +53,7 @@ class Admission:
             rate = self.config.host_registrations_per_s
             raise TooManyRequests(f"{who} registers more than {rate:g} tasks/s; try again later")
         try:
-            check_seed_url(msg.url, msg.task_id, self.config.allowed_registries)
+            _check_seed_url(msg.url, msg.task_id, self.config.allowed_registries)
         except Forbidden:
             self.refused["registry"] += 1
             raise

@@ -83,7 +83,12 @@ _layout_for = functools.lru_cache(maxsize=4096)(PieceLayout.for_blob)
 def _draw(ids: list[str], count: int, rng: random.Random) -> list[str]:
     """`count` random members of `ids` (all of them if no more), repeats possible: cheaper
     than random.sample, and a repeat is weighed once."""
-    return ids if len(ids) <= count else rng.choices(ids, k=count)
+    if len(ids) <= count:
+        return ids
+    # rng.choices(ids, k=count) written out, the same draws (floor(random() * n) each; int()
+    # is floor for these) without its call layers: it runs for every decision.
+    random, n = rng.random, float(len(ids))
+    return [ids[int(random() * n)] for _ in range(count)]
 
 
 @dataclass
