@@ -23,6 +23,7 @@ from lab.procs import Service
 from lab.registry import Origin
 from p2pdist.cli.get import get
 from p2pdist.cluster.rendezvous import owner
+from p2pdist.content.pieces import PieceLayout
 from tests.support.cluster import Cluster, ClusterFactory, MiB, restart, sha256_file, wait_until
 from tests.support.metrics import metric
 from tests.support.origin import PushToOrigin
@@ -164,7 +165,10 @@ def test_seed_fetching_the_largest_layer_killed_mid_blob_is_replaced_and_resumed
     survivor = next(seed for seed in cluster.seeds if seed is not found[0])
     resumed = re.search(r"resumed with (\d+) of \d+ pieces from peers", survivor.log_path.read_text())
     assert resumed is not None and int(resumed.group(1)) >= 1, "the new seed started from byte 0"
-    assert metric(survivor.url, "p2pdist_seed_download_bytes_total", 'source="peer"') >= int(resumed.group(1)) * 4 * MiB
+    piece_size = PieceLayout.for_blob(max(layer.size for layer in image.layers)).piece_size
+    assert (
+        metric(survivor.url, "p2pdist_seed_download_bytes_total", 'source="peer"') >= int(resumed.group(1)) * piece_size
+    )
     print(
         f"seed killed: new seed took {resumed.group(1)} pieces from peers; origin sent {killed.origin_bytes / total:.3f} F"
     )
