@@ -247,10 +247,16 @@ class SchedulerService:
         before = self._counted
         if now == before:
             return
-        self.metrics.decisions.inc(now[0] - before[0])
-        self.metrics.seeds_woken.inc(now[1] - before[1])
-        self.metrics.back_to_source.inc(now[2] - before[2])
-        self.metrics.bad_reports.inc(now[3] - before[3])
+        # Only the counters that moved: an inc() takes a lock even to add nothing.
+        metrics = self.metrics
+        if now[0] != before[0]:
+            metrics.decisions.inc(now[0] - before[0])
+        if now[1] != before[1]:
+            metrics.seeds_woken.inc(now[1] - before[1])
+        if now[2] != before[2]:
+            metrics.back_to_source.inc(now[2] - before[2])
+        if now[3] != before[3]:
+            metrics.bad_reports.inc(now[3] - before[3])
         self._counted = now
 
     def _refresh_gauges(self) -> None:
