@@ -228,6 +228,9 @@ class ServerProtocol:
         # Set once a request body was refused as too large: what is left of it is no body.
         self._body_refused = False
         self._discarded = 0  # bytes of an unread request body skipped so far
+        # h11 has been given bytes (or the close): until then it is idle with nothing
+        # trailing, which the lean lane takes for granted instead of asking it every request.
+        self._h11_fed = False
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the client; b"" when it closed its side."""
@@ -235,22 +238,22 @@ class ServerProtocol:
             self._lean_buffer += data
             return
         self._to_h11()
+        self._h11_fed = True
         self._h11.receive_data(data)
 
     def _lean_between_requests(self) -> bool:
+        if not self._lean or self._lean_request:
+            return False
+        if not self._h11_fed:
+            return True
         h = self._h11
-        return (
-            self._lean
-            and not self._lean_request
-            and h.our_state is h11.IDLE
-            and h.their_state is h11.IDLE
-            and not h.trailing_data[0]
-        )
+        return h.our_state is h11.IDLE and h.their_state is h11.IDLE and not h.trailing_data[0]
 
     def _to_h11(self) -> None:
         """Hand the lean lane's bytes to h11, which serves the request they start."""
         if self._lean_buffer:
             data, self._lean_buffer = self._lean_buffer, b""
+            self._h11_fed = True
             self._h11.receive_data(data)
 
     # --- requests -------------------------------------------------------------------------
@@ -262,7 +265,7 @@ class ServerProtocol:
             if (lean := self._lean_next()) is not None:
                 return lean
             self._to_h11()
-        elif self._lean_between_requests() and not self._h11.trailing_data[1]:
+        elif self._lean_between_requests() and not (self._h11_fed and self._h11.trailing_data[1]):
             return NeedData(idle=True)  # what h11 would say (nothing received, not closed), without asking it
         try:
             event = self._h11.next_event()
