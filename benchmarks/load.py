@@ -182,9 +182,10 @@ async def pull_through_mirror(proxy_url: str, origin_host: str, digest: str, cli
     return result
 
 
-def _layout(blob_size: int) -> PieceLayout:
-    """The blob cut as the scheduler under test cuts it: the rule with its default min_piece_bytes."""
-    return PieceLayout.for_blob(blob_size, SchedulerConfig().min_piece_bytes)
+def _layout(blob_size: int, min_piece_bytes: int | None = None) -> PieceLayout:
+    """The blob cut as the scheduler under test cuts it: the rule with its min_piece_bytes
+    (the default when None)."""
+    return PieceLayout.for_blob(blob_size, min_piece_bytes or SchedulerConfig().min_piece_bytes)
 
 
 async def simulate_peers(
@@ -195,11 +196,12 @@ async def simulate_peers(
     syncs: int = 3,
     concurrency: int = 200,
     secret: str | None = None,
+    min_piece_bytes: int | None = None,
 ) -> LoadResult:
     """`peers` simulated hosts against one scheduler: announce, register, `syncs` syncs that
     report pieces, a last sync that says done. A simulated seed holds the whole task first."""
     result = LoadResult(f"{peers} simulated peers registering and syncing over {concurrency} connections")
-    layout = _layout(blob_size)
+    layout = _layout(blob_size, min_piece_bytes)
     task_id = "sha256:" + hashlib.sha256(b"p2pdist load task").hexdigest()
     # On an allowed registry (the lab's loopback), or the scheduler refuses the registrations;
     # the simulated seed holds the task, so nothing is ever fetched from it.
@@ -300,13 +302,14 @@ async def cost_by_type(
     syncs: int = 3,
     concurrency: int = 200,
     secret: str | None = None,
+    min_piece_bytes: int | None = None,
 ) -> list[TypeCost]:
     """The scheduler's CPU per request of each type, one type at a time: `peers` hosts
     announce, then register one task (held by a simulated seed), then sync it `syncs` times
     with new pieces and once more as done, then leave it; besides, the seed reports the
     digests of peers/16 other tasks 8 pieces at a time (seed progress). Each phase's CPU is
     the scheduler process's user+system time across it."""
-    layout = _layout(blob_size)
+    layout = _layout(blob_size, min_piece_bytes)
     task_id = "sha256:" + hashlib.sha256(b"p2pdist load task").hexdigest()
     blob_url = f"http://127.0.0.1:9/v2/{REPO}/blobs/{task_id}"
     headers = {"content-type": wire.CONTENT_TYPE, **({"authorization": f"Bearer {secret}"} if secret else {})}
@@ -603,6 +606,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="with --peers: send each request type in its own phase and print the scheduler's CPU per request of each",
     )
+    parser.add_argument(
+        "--min-piece-bytes",
+        default=None,
+        help="with --peers: the scheduler's min_piece_bytes, and the layout the simulated peers use "
+        "(4MiB: the layout before pieces became 2 MiB, to compare with figures taken then)",
+    )
     parser.add_argument("--flood", type=int, default=0, help="bogus registrations during a real pull (0: skip)")
     parser.add_argument("--flood-seconds", type=float, default=30.0, help="time the flood is spread over")
     parser.add_argument(
@@ -647,12 +656,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(report.summary())
         services: list[Service] = []
         try:
-            scheduler = start_scheduler(workdir)
+            min_piece_bytes = parse_size(args.min_piece_bytes) if args.min_piece_bytes else None
+            scheduler = start_scheduler(
+                workdir, extra_args=["--min-piece-bytes", str(min_piece_bytes)] if min_piece_bytes else []
+            )
             services.append(scheduler)
             if args.peers and args.by_type:
                 log(f"{args.peers} simulated peers against scheduler pid {scheduler.pid}, one request type at a time")
                 costs = trio.run(
-                    lambda: cost_by_type(scheduler.url, scheduler.pid, args.peers, concurrency=args.connections)
+                    lambda: cost_by_type(
+                        scheduler.url,
+                        scheduler.pid,
+                        args.peers,
+                        concurrency=args.connections,
+                        min_piece_bytes=min_piece_bytes,
+                    )
                 )
                 for cost in costs:
                     print(cost.line())
@@ -662,7 +680,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.peers:
                 log(f"{args.peers} simulated peers against scheduler pid {scheduler.pid}")
                 before = cpu_seconds(scheduler.pid)
-                regs = trio.run(lambda: simulate_peers(scheduler.url, args.peers, concurrency=args.connections))
+                regs = trio.run(
+                    lambda: simulate_peers(
+                        scheduler.url, args.peers, concurrency=args.connections, min_piece_bytes=min_piece_bytes
+                    )
+                )
                 regs.measure(scheduler.pid, before)
                 print(regs.summary())
             if args.pulls:
