@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -550,9 +551,10 @@ class TaskDownload:
             if response.length != length:
                 raise IntegrityError(f"{request.host_id} offered {response.length} bytes for a {length}-byte piece")
             writer = store.new_piece(number)
+            expected = self.digests[number]  # known: the machine asks only for pieces it can verify
             try:
-                hasher = await self._receive_body(response, writer, source)
-                if hasher.digest() != self.digests[number]:
+                hasher = await self._receive_body(response, writer, source, expected)
+                if hasher.digest() != expected:
                     raise IntegrityError(f"piece {number} from {request.host_id} failed verification")
             except BaseException:
                 writer.abort()
@@ -560,11 +562,18 @@ class TaskDownload:
             writer.commit()
             return PieceOutcome.VERIFIED
 
-    async def _receive_body(self, response: PieceResponse, writer: PieceWriter, source: str) -> PieceHasher:
+    async def _receive_body(
+        self, response: PieceResponse, writer: PieceWriter, source: str, expected: bytes
+    ) -> PieceHasher:
+        """The body hashed and written; received in a worker thread, the piece is also renamed
+        into place there if its digest is `expected` (the caller checks it again, and counts it
+        held or removes it)."""
         hasher = PieceHasher()
         bucket = self.daemon.download_bucket
         if bucket is None and response.can_drain_in_thread:
-            await response.drain_in_thread(_verify_and_write(hasher, writer))
+            await response.drain_in_thread(
+                _verify_and_write(hasher, writer), then=partial(_place_if_verified, hasher, writer, expected)
+            )
         else:
             async for chunk in response.chunks():
                 if bucket is not None:
@@ -698,6 +707,13 @@ class TaskDownload:
         self._save_digests()
         self.daemon.metrics.pieces.labels("origin", "verified").inc()
         self._notify()
+
+
+def _place_if_verified(hasher: PieceHasher, writer: PieceWriter, expected: bytes) -> None:
+    """In the receiving thread, after the last byte: a piece whose digest matches is renamed
+    into place there, off the event loop."""
+    if hasher.digest() == expected:
+        writer.place()
 
 
 def _verify_and_write(hasher: PieceHasher, writer: PieceWriter) -> Callable[[memoryview], None]:

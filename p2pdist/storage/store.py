@@ -98,7 +98,10 @@ class TaskStore:
 
 
 class PieceWriter:
-    """Writes one piece to a temporary file; `commit` verifies and renames it into place."""
+    """Writes one piece to a temporary file; `place` renames it to its final name once the
+    caller has verified it, and `commit` counts it as held. The file is created at the first
+    write: a download receiving in a worker thread creates, writes and renames it there, off
+    the event loop (a loaded loop paid for those file operations on every piece)."""
 
     def __init__(self, task: TaskStore, number: int) -> None:
         self.task = task
@@ -106,51 +109,80 @@ class PieceWriter:
         self.expected = task.layout.length(number)
         self.written = 0
         self.tmp = task.root / f".{number:06d}.{secrets.token_hex(4)}.tmp"
-        try:
-            self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as exc:
-            raise _store_error(exc, f"cannot create piece {number}") from None
+        self._fd: int | None = None
+        self._aborted = False
+        self._placed = False  # renamed to its final name, not yet counted as held
+        self._committed = False
+
+    def _open(self) -> int:
+        if self._fd is None:
+            if self._aborted:
+                raise StoreError(f"piece {self.number} was abandoned")
+            try:
+                self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as exc:
+                raise _store_error(exc, f"cannot create piece {self.number}") from None
+        return self._fd
 
     def write(self, data: bytes | memoryview) -> None:
         if self.written + len(data) > self.expected:
             raise StoreError(f"piece {self.number} longer than {self.expected} bytes")
-        assert self._fd is not None
+        fd = self._open()
         view = memoryview(data)
         try:
             while view:
-                n = os.write(self._fd, view)
+                n = os.write(fd, view)
                 view = view[n:]
         except OSError as exc:
             self.abort()
             raise _store_error(exc, f"cannot write piece {self.number}") from None
         self.written += len(data)
 
-    def commit(self) -> None:
-        """Rename the finished piece into place. The caller has verified its digest."""
+    def place(self) -> None:
+        """Close the finished piece and rename it to its final name; the caller has verified its
+        digest. Touches only the file (a worker thread may call it); `commit` then counts it."""
+        if self._placed or self._committed:
+            return
         if self.written != self.expected:
             self.abort()
             raise StoreError(f"piece {self.number} has {self.written} of {self.expected} bytes")
-        assert self._fd is not None
+        fd = self._open()  # an empty piece was never written to: its empty file
+        self._fd = None
         try:
-            os.close(self._fd)
-            self._fd = None
+            os.close(fd)
             os.replace(self.tmp, self.task.path(self.number))
         except OSError as exc:
             self.abort()
             raise _store_error(exc, f"cannot store piece {self.number}") from None
+        self._placed = True
+
+    def commit(self) -> None:
+        """Rename the finished piece into place (unless `place` did) and count it as held. The
+        caller has verified its digest."""
+        self.place()
+        self._placed = False
+        self._committed = True
         self.task.pieces.add(self.number)
         if self.task.on_piece is not None:
             self.task.on_piece(self.task.task_id)
 
     def abort(self) -> None:
+        if self._committed:
+            return  # a held piece is the store's now
+        self._aborted = True
         if self._fd is not None:
             try:
                 os.close(self._fd)
             except OSError:
                 pass
             self._fd = None
+        # Placed but never counted as held (the caller gave up after the rename): not a piece,
+        # unless the same piece came in whole another way meanwhile.
+        placed, self._placed = self._placed, False
+        if placed and self.task.has(self.number):
+            return
         try:
-            self.tmp.unlink()
+            (self.task.path(self.number) if placed else self.tmp).unlink()
         except FileNotFoundError:
             pass
 

@@ -122,21 +122,32 @@ class PieceResponse:
     def can_drain_in_thread(self) -> bool:
         return not isinstance(self._conn.stream, trio.SSLStream)
 
-    async def drain_in_thread(self, sink: Callable[[memoryview], None]) -> None:
+    async def drain_in_thread(self, sink: Callable[[memoryview], None], then: Callable[[], None] | None = None) -> None:
         """Receive the rest of the body in a worker thread, handing `sink` (called in that
-        thread) each filled buffer, up to RECV_BYTES at a time. Plain TCP only.
+        thread) each filled buffer, up to RECV_BYTES at a time, then calling `then` there
+        (the caller's finishing work, at no second thread hop). Plain TCP only.
 
         The receive, and whatever `sink` does with the bytes (hash, write), then run beside
         the event loop and beside other pieces' threads: one peer pulling from one parent
         uses both cores, and the loop is not woken for every socket read. Cancelling the
         calling task stops the thread within POLL_MS.
         """
+        if then is None and self.received + len(self._buffered) >= self.length:
+            if (first := self._take_buffered()) is not None:  # all here: no thread needed
+                sink(first)
+            return
+        await trio.to_thread.run_sync(self._drain_blocking, sink, then)
+
+    def _drain_blocking(self, sink: Callable[[memoryview], None], then: Callable[[], None] | None) -> None:
         if (first := self._take_buffered()) is not None:
             sink(first)
-        if self.received < self.length:
-            await trio.to_thread.run_sync(self._drain_blocking, sink)
+        self._receive_blocking(sink)
+        if then is not None:
+            then()
 
-    def _drain_blocking(self, sink: Callable[[memoryview], None]) -> None:
+    def _receive_blocking(self, sink: Callable[[memoryview], None]) -> None:
+        if self.received >= self.length:
+            return
         stream = self._conn.stream
         assert isinstance(stream, trio.SocketStream)
         fd = stream.socket.fileno()

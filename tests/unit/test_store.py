@@ -361,3 +361,23 @@ def test_remove(store: Store) -> None:
     assert store.get(TASK) is None
     assert not task.root.exists()
     store.remove(TASK)  # twice is fine
+
+
+def test_a_piece_placed_then_abandoned_is_not_left_behind(store: Store) -> None:
+    """A download renames a verified piece in its receiving thread (place), then counts it on
+    the event loop (commit); cancelled in between, it must leave no piece file the store does
+    not count."""
+    task = store.open(TASK, SIZE)
+    writer = task.new_piece(0)
+    assert tmp_files(task) == []  # the file is made at the first write, where that runs
+    writer.write(b"a" * task.layout.length(0))
+    writer.place()
+    assert task.path(0).exists() and not task.has(0)
+    writer.abort()
+    assert not task.path(0).exists() and tmp_files(task) == []
+    again = task.new_piece(0)
+    again.write(b"b" * task.layout.length(0))
+    again.place()
+    again.commit()
+    again.abort()  # after commit: the piece is the store's
+    assert task.has(0) and task.path(0).read_bytes() == b"b" * task.layout.length(0)
