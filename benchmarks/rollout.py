@@ -266,7 +266,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         services: list[Service] = []
         stack.callback(lambda: [s.stop() for s in reversed(services) if s.poll() is None])
         schedulers = [
-            start_scheduler(workdir, name="scheduler" if i == 0 else f"scheduler{i}") for i in range(args.schedulers)
+            start_scheduler(
+                workdir,
+                extra_args=shlex.split(args.scheduler_args),
+                name="scheduler" if i == 0 else f"scheduler{i}",
+            )
+            for i in range(args.schedulers)
         ]
         services.extend(schedulers)
         scheduler = schedulers[0]
@@ -432,6 +437,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--origin-rate", default="32MiB")
     parser.add_argument("--peer-args", default="", help="extra flags for every peer daemon")
     parser.add_argument("--seed-args", default="", help="extra flags for every seed")
+    parser.add_argument(
+        "--scheduler-args",
+        default="",
+        help="extra flags for every scheduler (--scheduler-args='--min-piece-bytes 4MiB': the old piece layout)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated image's bytes")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--skip-direct", action="store_true")
