@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -591,6 +592,71 @@ def run_flood(
             service.stop()
 
 
+# The server of --http-floor, run as a child process: the HTTP server with the lean lane and a
+# handler that does nothing but answer (300 bytes, as a sync reply), quick or not.
+_FLOOR_SERVER = """
+import sys, trio
+from p2pdist.transport.server import Response, serve_http
+REPLY = Response(200, [("content-type", "application/msgpack")], b"\\x80" * 300)
+async def handler(request):
+    await request.body()
+    return REPLY
+def quick(request):
+    return REPLY if request.body_now() is not None else None
+async def main():
+    extra = {"quick_handler": quick} if sys.argv[1] == "quick" else {}
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(
+            lambda task_status: serve_http(handler, "127.0.0.1", 0, name="floor", lean=True, task_status=task_status, **extra)
+        )
+        print(port, flush=True)
+trio.run(main)
+"""
+
+
+def http_floor(requests: int, connections: int, *, quick: bool) -> str:
+    """The HTTP server's own CPU per request: a handler that only answers, in a child process,
+    `requests` small POSTs over `connections` kept-alive connections from this one (each waits
+    for its answer before the next, as a daemon does)."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", _FLOOR_SERVER, "quick" if quick else "handler"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        body = wire.encode(wire.Sync(host_id="load-peer-00001", task_id="sha256:" + "0" * 64, new_pieces=[1, 2, 3]))
+
+        async def run() -> float:
+            client = _Connections(f"http://127.0.0.1:{port}", connections, {"content-type": wire.CONTENT_TYPE})
+
+            async def worker(count: int) -> None:
+                for _ in range(count):
+                    status, _, _ = await client.post("/v1/tasks/sync", body)
+                    assert status == 200, status
+
+            try:
+                async with trio.open_nursery() as nursery:  # every connection opened, warm
+                    for _ in range(connections):
+                        nursery.start_soon(worker, 10)
+                before = cpu_seconds(server.pid)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(connections):
+                        nursery.start_soon(worker, requests // connections)
+                return cpu_seconds(server.pid) - before
+            finally:
+                await client.aclose()
+
+        cpu = trio.run(run)
+        sent = requests // connections * connections
+        return (
+            f"http floor ({'quick handler' if quick else 'handler'}): {sent} requests over {connections} "
+            f"connections, server {cpu:.2f} CPU-s, {cpu / sent * 1e6:.0f} us per request"
+        )
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -611,6 +677,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="with --peers: the scheduler's min_piece_bytes, and the layout the simulated peers use "
         "(4MiB: the layout before pieces became 2 MiB, to compare with figures taken then)",
+    )
+    parser.add_argument(
+        "--http-floor",
+        type=int,
+        default=0,
+        metavar="REQUESTS",
+        help="the HTTP server's CPU per request behind a handler that only answers, with and without "
+        "a quick handler (over --connections connections); nothing else runs",
     )
     parser.add_argument("--flood", type=int, default=0, help="bogus registrations during a real pull (0: skip)")
     parser.add_argument("--flood-seconds", type=float, default=30.0, help="time the flood is spread over")
@@ -633,6 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--replay-target-ms", type=float, default=100.0, help="latency and delay p99 the scheduler must stay within"
     )
     args = parser.parse_args(argv)
+    if args.http_floor:
+        for quick in (False, True):
+            print(http_floor(args.http_floor, args.connections, quick=quick))
+        return 0
     if args.replay is not None:
         with tempfile.TemporaryDirectory(prefix="p2pdist-replay-") as tmp:
             log(f"replaying {args.replay}")
