@@ -155,7 +155,7 @@ class Holder:
     size: int
     piece_digests: tuple[bytes, ...]
     public: tuple[PublicLink, ...]
-    piece_size: int = 0  # the pieces its digests are of
+    piece_size: int  # the pieces its digests are of
 
 
 def parse_holding(url: str, task_id: str, body: bytes) -> Holder | None:
