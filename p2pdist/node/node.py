@@ -167,6 +167,7 @@ class Node(Generic[ConfigT]):
                         # Piece requests, busy answers and news polls are many small
                         # exchanges: plain ones skip h11 (anything odd still goes to it).
                         lean=True,
+                        quick_handler=self.answer_now,
                     )
                 )
                 if not self.advertise:
@@ -208,6 +209,12 @@ class Node(Generic[ConfigT]):
         if self.pieces.match(request):
             return pin_piece_response(self.store, request, await self.pieces.handle(request))
         raise NotFound(f"no such endpoint {request.path[:100]}")
+
+    def answer_now(self, request: Request) -> Response | None:
+        """handle() for a piece request that needs no wait (PieceServer.answer_now), without a
+        coroutine; None for everything else, which handle() takes."""
+        response = self.pieces.answer_now(request)
+        return None if response is None else pin_piece_response(self.store, request, response)
 
     def count_upload(self, n: int) -> None:
         self.metrics.upload_bytes.inc(n)

@@ -99,14 +99,47 @@ class PieceServer:
         return request.path.startswith("/v1/tasks/")
 
     async def handle(self, request: Request) -> Response:
+        if PIECE_PATH.fullmatch(request.path) is None:
+            if (refused := refuse_unauthorized(request, self.secret)) is not None:
+                self.metrics.pieces_served.labels("401").inc()
+                return refused
+            if news := NEWS_PATH.fullmatch(request.path):
+                return await self.news.handle(request, news.group("task"))
+            raise NotFound(f"no such endpoint {request.path[:100]}")
+        checked = self._check(request)
+        if isinstance(checked, Response):
+            return checked
+        if not await self._take_slot():
+            return self._busy(checked[0])
+        return self._send(*checked)
+
+    def answer_now(self, request: Request) -> Response | None:
+        """handle() for a piece request whose answer needs no wait: the piece when an upload
+        slot is free, busy when the line is full too, or a refusal. No coroutine and no handler
+        deadline (the HTTP server's quick handler): most piece requests in a rollout are
+        answered busy at once, and the coroutine, its cancel scope and the handler chain cost
+        more than the answer. None for anything else (a news poll, a request that would wait
+        in line), which handle() takes from the start."""
+        if PIECE_PATH.fullmatch(request.path) is None:
+            return None
+        checked = self._check(request)
+        if isinstance(checked, Response):
+            return checked
+        if self.active < self.upload_slots:
+            self._take_free_slot()
+            return self._send(*checked)
+        if len(self._queue) >= self.upload_slots:
+            return self._busy(checked[0])
+        return None
+
+    def _check(self, request: Request) -> Response | tuple[TaskStore, int, tuple[int, int] | None]:
+        """Everything about a piece request before its upload slot: a refusal, not held, a bad
+        range; or (task, piece number, byte range) to send."""
         if (refused := refuse_unauthorized(request, self.secret)) is not None:
             self.metrics.pieces_served.labels("401").inc()
             return refused
         m = PIECE_PATH.fullmatch(request.path)
-        if not m:
-            if news := NEWS_PATH.fullmatch(request.path):
-                return await self.news.handle(request, news.group("task"))
-            raise NotFound(f"no such endpoint {request.path[:100]}")
+        assert m is not None
         if request.method not in ("GET", "HEAD"):
             return text_response(405, "pieces are read-only: use GET", [("allow", "GET, HEAD")])
         task_id = parse_digest(m.group("task"))
@@ -128,9 +161,14 @@ class PieceServer:
             span = parse_range(request.headers.get("range", ""), length)
         except RangeNotSatisfiable as exc:
             return text_response(416, str(exc), [("content-range", f"bytes */{exc.length}")])
-        if not await self._take_slot():
-            self.metrics.pieces_served.labels("503").inc()
-            return text_response(503, "all upload slots busy", [("retry-after", "1"), pieces_header(task)])
+        return task, number, span
+
+    def _busy(self, task: TaskStore) -> Response:
+        self.metrics.pieces_served.labels("503").inc()
+        return text_response(503, "all upload slots busy", [("retry-after", "1"), pieces_header(task)])
+
+    def _send(self, task: TaskStore, number: int, span: tuple[int, int] | None) -> Response:
+        length = task.layout.length(number)
         status, start, end = (200, 0, length) if span is None else (206, *span)
         headers = [
             ("content-type", "application/octet-stream"),
@@ -144,13 +182,16 @@ class PieceServer:
         body = FileBody(task.path(number), start, end - start, on_done=self._upload_done)
         return Response(status, headers, body)
 
+    def _take_free_slot(self) -> None:
+        self.active += 1
+        self.metrics.uploads_active.set(self.active)
+
     async def _take_slot(self) -> bool:
         """An upload slot, waiting briefly in line for one: a request already waiting when an
         upload ends starts at once, so the link does not idle while a refused child backs off.
         Past a short line, or after the wait, the answer is busy and the child asks elsewhere."""
         if self.active < self.upload_slots:
-            self.active += 1
-            self.metrics.uploads_active.set(self.active)
+            self._take_free_slot()
             return True
         if len(self._queue) >= self.upload_slots:
             return False

@@ -73,3 +73,28 @@ def test_a_pieces_header_that_is_not_one_is_ignored() -> None:
     assert parse_pieces_header("3 4A==", 3) == (3, b"\xe0")
     for bad in ("", "3", "x 4A==", "-1 4A==", "3 4A=", "3 !!!!", "3 4OA=", "\u00b2 4A==", "1234567890 4A=="):
         assert parse_pieces_header(bad, 3) is None, bad
+
+
+async def test_answers_that_need_no_wait_are_given_at_once_and_a_wait_in_line_is_left_to_handle(
+    tmp_path: Path,
+) -> None:
+    pieces = server(tmp_path, slots=1)
+    first = pieces.answer_now(get(pieces))
+    assert first is not None and first.status == 200 and isinstance(first.body, FileBody)
+    assert pieces.answer_now(get(pieces)) is None  # the line has room: handle() waits in it
+    statuses: list[int] = []
+
+    async def wait_in_line() -> None:
+        statuses.append((await pieces.handle(get(pieces))).status)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_in_line)
+        await trio.sleep(QUEUE_WAIT_S / 5)
+        busy = pieces.answer_now(get(pieces))  # slot and line full: busy, at once
+        assert busy is not None and busy.status == 503
+        assert dict(busy.headers)[PIECES_HEADER] == "1 gA=="
+        assert first.body.on_done is not None
+        first.body.on_done()
+    assert statuses == [200]
+    path = f"/v1/tasks/{TASK}/news"
+    assert pieces.answer_now(Request("GET", path, path, {}, {}, ("127.0.0.1", 1))) is None
