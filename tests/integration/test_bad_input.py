@@ -28,7 +28,7 @@ GOOD_DIGEST = "sha256:" + "ab" * 32
 def held(
     origin: Origin, push_to_origin: PushToOrigin, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Cluster, str]]:
-    """A cluster whose one peer already holds a 9 MiB blob (3 pieces)."""
+    """A cluster whose one peer already holds a 9 MiB blob (5 pieces of 2 MiB)."""
     image = push_to_origin((9 * MiB,), 21, "bad/input")
     digest = image.layers[0].digest
     cluster = Cluster(tmp_path_factory.mktemp("bad"), origin.host)
