@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
 import shutil
 import tempfile
 import time
@@ -56,6 +57,14 @@ def main() -> None:
         action="store_true",
         help="give the seed a signing key and the peers its public key (peers skip the blob's second hash)",
     )
+    parser.add_argument(
+        "--scheduler-args",
+        default="",
+        help="extra flags for the scheduler (--scheduler-args='--min-piece-bytes 4MiB': the old piece layout)",
+    )
+    parser.add_argument(
+        "--peer-args", default="", help="extra flags for every peer (--peer-args='--per-parent-pieces 2')"
+    )
     args = parser.parse_args()
     sizes = [int(s) * MiB for s in args.layers_mib.split(",")]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="p2pdist-mirror-bench-"))
@@ -68,11 +77,16 @@ def main() -> None:
             push_image(image, origin.host, REPO)
             with RelayProcess(workdir, origin.host, rate_bps=args.origin_rate) as relay:
                 seed_args, peer_args = attest_args(workdir) if args.verify_once else ([], [])
-                scheduler = start_scheduler(workdir)
+                scheduler = start_scheduler(workdir, extra_args=shlex.split(args.scheduler_args))
                 services.append(scheduler)
                 services.append(start_seed(workdir, scheduler.url, "seed0", extra_args=seed_args))
                 peers = [
-                    start_peer(workdir, scheduler.url, f"peer{i}", ("--insecure-registry", relay.host, *peer_args))
+                    start_peer(
+                        workdir,
+                        scheduler.url,
+                        f"peer{i}",
+                        ("--insecure-registry", relay.host, *peer_args, *shlex.split(args.peer_args)),
+                    )
                     for i in range(3)
                 ]
                 services.extend(peers)
