@@ -94,6 +94,18 @@ def full_bitmap() -> bytes:
     return bm.to_bytes()
 
 
+def holding(pieces: bytes | None = None, *, url: str = "", piece_digests: list[bytes] | None = None) -> TaskHolding:
+    """What a host announces of TASK in its layout: the whole blob unless `pieces` says otherwise."""
+    return TaskHolding(
+        task_id=TASK,
+        content_length=SIZE,
+        piece_size=PIECE,
+        pieces=full_bitmap() if pieces is None else pieces,
+        url=url,
+        piece_digests=piece_digests or [],
+    )
+
+
 def test_first_register_wakes_seed_once() -> None:
     s = make()
     announce(s, "seed1", "seed")
@@ -480,16 +492,7 @@ def test_restart_rebuild_from_announcements() -> None:
         "seed1",
         "seed",
         now=0.0,
-        tasks=[
-            TaskHolding(
-                task_id=TASK,
-                content_length=SIZE,
-                piece_size=PIECE,
-                pieces=full_bitmap(),
-                url=URL,
-                piece_digests=DIGESTS,
-            )
-        ],
+        tasks=[holding(url=URL, piece_digests=DIGESTS)],
     )
     partial = Bitmap(LAYOUT.count)
     partial.add(1)
@@ -497,7 +500,7 @@ def test_restart_rebuild_from_announcements() -> None:
         s,
         "p1",
         now=0.0,
-        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=partial.to_bytes())],
+        tasks=[holding(partial.to_bytes())],
     )
     announce(s, "p2", now=0.0)
     reply, wake = register(s, "p2", 1.0)
@@ -515,11 +518,7 @@ def test_restart_peer_cannot_inject_digests() -> None:
         s,
         "p1",
         now=0.0,
-        tasks=[
-            TaskHolding(
-                task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=full_bitmap(), piece_digests=DIGESTS
-            )
-        ],
+        tasks=[holding(piece_digests=DIGESTS)],
     )
     assert s.tasks[TASK].digests == []
     announce(
@@ -527,11 +526,7 @@ def test_restart_peer_cannot_inject_digests() -> None:
         "seed1",
         "seed",
         now=0.0,
-        tasks=[
-            TaskHolding(
-                task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=full_bitmap(), piece_digests=DIGESTS
-            )
-        ],
+        tasks=[holding(piece_digests=DIGESTS)],
     )
     assert s.tasks[TASK].digests == DIGESTS
     # A seed that later announces different digests does not replace them.
@@ -540,24 +535,14 @@ def test_restart_peer_cannot_inject_digests() -> None:
         "seed2",
         "seed",
         now=0.0,
-        tasks=[
-            TaskHolding(
-                task_id=TASK,
-                content_length=SIZE,
-                piece_size=PIECE,
-                pieces=full_bitmap(),
-                piece_digests=[b"\xee" * 32] * LAYOUT.count,
-            )
-        ],
+        tasks=[holding(piece_digests=[b"\xee" * 32] * LAYOUT.count)],
     )
     assert s.tasks[TASK].digests == DIGESTS
 
 
 def test_announce_with_bad_bitmap_ignored() -> None:
     s = make()
-    announce(
-        s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=b"\x00\x00")]
-    )
+    announce(s, "p1", now=0.0, tasks=[holding(b"\x00\x00")])
     assert "p1" not in s.tasks[TASK].peers
 
 
@@ -714,11 +699,7 @@ def test_a_restarted_scheduler_ignores_holders_cut_otherwise() -> None:
         s,
         "seed1",
         "seed",
-        tasks=[
-            TaskHolding(
-                task_id=TASK, content_length=SIZE, piece_size=PIECE, pieces=full_bitmap(), piece_digests=DIGESTS
-            )
-        ],
+        tasks=[holding(piece_digests=DIGESTS)],
     )
     reply, wake = register(s, "p2", 1.0)
     assert wake is None and reply.piece_size == PIECE and parent_ids(reply) == ["seed1"]
