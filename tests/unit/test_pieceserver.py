@@ -42,16 +42,17 @@ async def test_a_full_server_queues_then_answers_busy(tmp_path: Path) -> None:
     assert trio.current_time() - started >= QUEUE_WAIT_S * 0.9  # it waited in line first
 
 
+async def wait_in_line(pieces: PieceServer, statuses: list[int]) -> None:
+    """Ask for a piece and note the status of the answer, after any wait in the server's line."""
+    statuses.append((await pieces.handle(get(pieces))).status)
+
+
 async def test_a_finished_upload_hands_its_slot_to_the_next_in_line(tmp_path: Path) -> None:
     pieces = server(tmp_path, slots=1)
     first = await pieces.handle(get(pieces))
     statuses: list[int] = []
-
-    async def wait_in_line() -> None:
-        statuses.append((await pieces.handle(get(pieces))).status)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(wait_in_line)
+        nursery.start_soon(wait_in_line, pieces, statuses)
         await trio.sleep(QUEUE_WAIT_S / 5)
         assert isinstance(first.body, FileBody) and first.body.on_done is not None
         first.body.on_done()
@@ -83,12 +84,8 @@ async def test_answers_that_need_no_wait_are_given_at_once_and_a_wait_in_line_is
     assert first is not None and first.status == 200 and isinstance(first.body, FileBody)
     assert pieces.answer_now(get(pieces)) is None  # the line has room: handle() waits in it
     statuses: list[int] = []
-
-    async def wait_in_line() -> None:
-        statuses.append((await pieces.handle(get(pieces))).status)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(wait_in_line)
+        nursery.start_soon(wait_in_line, pieces, statuses)
         await trio.sleep(QUEUE_WAIT_S / 5)
         busy = pieces.answer_now(get(pieces))  # slot and line full: busy, at once
         assert busy is not None and busy.status == 503
