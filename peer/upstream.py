@@ -162,7 +162,8 @@ class UpstreamClient:
         """One request. For `down_s` after a host could not be reached it is dialled with a
         connect timeout of `probe_connect_s` only, so the requests of one pull (a manifest HEAD,
         its GET, the blobs) with the WAN link down do not each wait out the full connect
-        timeout one after the other, while a link that is back answers at once."""
+        timeout one after the other, while a link that is back answers at once. The window is
+        not extended by its own short dials: after it the full timeout is tried again."""
         host = urlsplit(url).netloc
         until = self._down_until.get(host)
         timeouts = None
@@ -171,7 +172,10 @@ class UpstreamClient:
         try:
             response = await send_streamed(self.client, method, url, headers, who="registry", timeouts=timeouts)
         except OriginError as exc:
-            if exc.upstream_status is None:
+            if exc.upstream_status is None and timeouts is None:
+                # Only a dial with the full timeout opens the window: were short dials to extend
+                # it, a link whose connect takes over probe_connect_s (a long round trip, a
+                # loaded host) would fail every request for as long as requests keep coming.
                 self._down_until[host] = trio.current_time() + self.down_s
             raise
         self._down_until.pop(host, None)
