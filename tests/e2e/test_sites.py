@@ -25,6 +25,7 @@ HOSTS_PER_SITE = 3
 UPLINK_BPS = 16 * MiB
 LAYERS = [16 * MiB, 12 * MiB]  # each over 4 MiB: blobs that small skip P2P
 PULL_TIMEOUT_S = 120.0
+LINK_BACK_LIMIT_S = 20.0  # two of the peer's 10 s windows of short dials after a failure
 
 
 def test_each_layer_crosses_each_sites_uplink_about_once(tmp_path: Path) -> None:
@@ -187,7 +188,19 @@ def test_with_its_wan_link_down_a_site_serves_what_its_hosts_hold_and_fails_the_
         assert not (tmp_path / "missing").exists()
 
         lab.set_uplink(site, up=True)
-        job = lab.get(fifth, url, tmp_path / "back")
-        _, err = job.communicate(timeout=PULL_TIMEOUT_S)
-        assert job.returncode == 0, f"after the link came back: {err.strip()}"
+        # For DOWN_S (10 s) after a failed dial a peer dials the registry with a 0.5 s connect
+        # timeout (peer/upstream.py), and on this shared 2-core machine the first dial after the
+        # link returns has at times overrun it: that pull fails with one line, as a cut
+        # link's would, and the runtime's retry gets through. So this pulls again until one
+        # works, within a bound, and restarts nothing.
+        deadline = time.monotonic() + LINK_BACK_LIMIT_S
+        errors = []
+        while True:
+            job = lab.get(fifth, url, tmp_path / "back")
+            _, err = job.communicate(timeout=PULL_TIMEOUT_S)
+            if job.returncode == 0 or time.monotonic() > deadline:
+                break
+            errors.append(err.strip())
+        print(f"link back: a pull worked after {len(errors)} failed ({errors})")
+        assert job.returncode == 0, f"after the link came back, {len(errors) + 1} pulls failed: {err.strip()}"
         assert sha256_file(tmp_path / "back") == missing.digest
