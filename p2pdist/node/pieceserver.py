@@ -125,12 +125,10 @@ class PieceServer:
         checked = self._check(request)
         if isinstance(checked, Response):
             return checked
-        if self.active < self.upload_slots:
-            self._take_free_slot()
-            return self._send(*checked)
-        if len(self._queue) >= self.upload_slots:
-            return self._busy(checked[0])
-        return None
+        slot = self._slot_now()
+        if slot is None:
+            return None
+        return self._send(*checked) if slot else self._busy(checked[0])
 
     def _check(self, request: Request) -> Response | tuple[TaskStore, int, tuple[int, int] | None]:
         """Everything about a piece request before its upload slot: a refusal, not held, a bad
@@ -182,19 +180,23 @@ class PieceServer:
         body = FileBody(task.path(number), start, end - start, on_done=self._upload_done)
         return Response(status, headers, body)
 
-    def _take_free_slot(self) -> None:
-        self.active += 1
-        self.metrics.uploads_active.set(self.active)
+    def _slot_now(self) -> bool | None:
+        """True: a free upload slot, taken. False: slots and line full, the answer is busy.
+        None: there is room in the line, to wait in."""
+        if self.active < self.upload_slots:
+            self.active += 1
+            self.metrics.uploads_active.set(self.active)
+            return True
+        if len(self._queue) >= self.upload_slots:
+            return False
+        return None
 
     async def _take_slot(self) -> bool:
         """An upload slot, waiting briefly in line for one: a request already waiting when an
         upload ends starts at once, so the link does not idle while a refused child backs off.
         Past a short line, or after the wait, the answer is busy and the child asks elsewhere."""
-        if self.active < self.upload_slots:
-            self._take_free_slot()
-            return True
-        if len(self._queue) >= self.upload_slots:
-            return False
+        if (slot := self._slot_now()) is not None:
+            return slot
         turn = trio.Event()
         self._queue.append(turn)
         with trio.move_on_after(QUEUE_WAIT_S):
