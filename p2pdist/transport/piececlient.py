@@ -32,6 +32,7 @@ import h11
 import trio
 
 from p2pdist.errors import UpstreamError
+from p2pdist.transport.plainsock import receive_now, write_now
 from p2pdist.transport.trust import bearer_headers
 
 MAX_HEAD_BYTES = 16 * 1024
@@ -220,13 +221,9 @@ class _Conn:
         detector, a checkpoint before and after) cost several times the write, on every piece
         request, busy answer and scheduler call."""
         if isinstance(self.stream, trio.SocketStream):
-            try:
-                sent = os.write(self.stream.socket.fileno(), data)
-            except BlockingIOError:
-                sent = 0
-            if sent == len(data):
+            data = write_now(self.stream.socket, data)
+            if not data:
                 return
-            data = data[sent:]
         await self.stream.send_all(data)
 
     async def receive(self, max_bytes: int) -> bytes:
@@ -235,20 +232,7 @@ class _Conn:
         stream = self.stream
         if not isinstance(stream, trio.SocketStream):
             return bytes(await stream.receive_some(max_bytes))
-        sock = stream.socket
-        try:
-            data = os.read(sock.fileno(), max_bytes)
-        except BlockingIOError:
-            pass
-        else:
-            await trio.lowlevel.checkpoint()  # the answer was there at once: still let others run
-            return data
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                return os.read(sock.fileno(), max_bytes)
-            except BlockingIOError:
-                continue
+        return await receive_now(stream.socket, max_bytes)
 
 
 class PieceClient:

@@ -7,6 +7,7 @@ sent as bytes. Handlers are `async def handler(Request) -> Response`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -24,6 +25,7 @@ import trio
 from p2pdist.errors import BodyTooLarge, P2PError, StartupError
 from p2pdist.transport.drain import Drain
 from p2pdist.transport.drain import current as current_drain
+from p2pdist.transport.plainsock import receive_now, write_now
 from p2pdist.transport.protocol import (
     NEED_DATA,
     Answer,
@@ -361,20 +363,15 @@ class _Connection:
         """Send a quick answer: with the lean lane and a bytes body, framed whole and written
         at once; only what does not fit the socket buffer waits (counted by the drain)."""
         data = self.protocol.lean_answer(response)
+        counted = drain.request() if drain is not None else contextlib.nullcontext()
         if data is None:
-            if drain is None:
+            with counted:
                 await self._send_response(response)
-            else:
-                with drain.request():
-                    await self._send_response(response)
             return
         try:
             rest = self._write_now(data)
-            if rest and drain is None:
-                await self._send_bytes(rest)
-            elif rest:
-                assert drain is not None
-                with drain.request():
+            if rest:
+                with counted:
                     await self._send_bytes(rest)
         except BaseException:
             self.protocol.response_failed()
@@ -385,12 +382,9 @@ class _Connection:
         if self.stream is not self.socket_stream:
             return data
         try:
-            sent = os.write(self.socket_stream.socket.fileno(), data)
-        except BlockingIOError:
-            return data
+            return write_now(self.socket_stream.socket, data)
         except OSError as exc:
             raise _ClientGone(str(exc) or type(exc).__name__) from exc
-        return data[sent:] if sent < len(data) else b""
 
     async def _call_handler(self, request: Request) -> Response:
         try:
@@ -561,20 +555,13 @@ class _Connection:
     async def _send_bytes(self, data: bytes) -> None:
         if not data:
             return
-        if self.stream is self.socket_stream:
-            # Without TLS, try the write first, straight on the socket: a small response
-            # nearly always fits the socket buffer, and trio's send_all (its conflict
-            # detector, its try-then-wait helper and our deadline around it) cost several
-            # times the write itself. Only what did not fit waits, bounded as before.
-            try:
-                sent = os.write(self.socket_stream.socket.fileno(), data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise _ClientGone(str(exc) or type(exc).__name__) from exc
-            if sent == len(data):
-                return
-            data = data[sent:]
+        # Without TLS, try the write first, straight on the socket: a small response nearly
+        # always fits the socket buffer, and trio's send_all (its conflict detector, its
+        # try-then-wait helper and our deadline around it) cost several times the write
+        # itself. Only what did not fit waits, bounded as before.
+        data = self._write_now(data)
+        if not data:
+            return
         try:
             with _deadline(self.server.request_timeout_s) as scope:
                 await self.stream.send_all(data)
@@ -599,26 +586,10 @@ class _Connection:
         readable, then read. Bytes that were there at once (a client sending its next request
         before reading our answer) are taken after a checkpoint, so one connection cannot
         keep the others from running."""
-        sock = self.socket_stream.socket
-        fd = sock.fileno()
-        if ready:
-            try:
-                data = os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _ClientGone(str(exc) or type(exc).__name__) from exc
-            else:
-                await trio.lowlevel.checkpoint()
-                return data
-        while True:
-            try:
-                await trio.lowlevel.wait_readable(sock)
-                return os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                continue
-            except (OSError, trio.ClosedResourceError) as exc:
-                raise _ClientGone(str(exc) or type(exc).__name__) from exc
+        try:
+            return await receive_now(self.socket_stream.socket, RECEIVE_BYTES, ready=ready)
+        except (OSError, trio.ClosedResourceError) as exc:
+            raise _ClientGone(str(exc) or type(exc).__name__) from exc
 
     async def _send_pieces(self, pieces: list[Piece]) -> None:
         small: list[bytes] = []
