@@ -178,7 +178,9 @@ class Simulation:
         self.all_pieces = (1 << self.layout.count) - 1
         self.piece_size_sent = piece_size_sent(self.layout.blob_size, self.layout.piece_size)
         n = config.peers
-        limits = dataclasses.replace(Limits.from_config(config.peer), peer_news=config.peer_news)
+        # The daemon's limits at the simulated upload rate (its slots set its pieces in flight).
+        peer = dataclasses.replace(config.peer, upload_rate_bps=int(config.peer_upload_bps))
+        limits = self.limits = dataclasses.replace(Limits.from_config(peer), peer_news=config.peer_news)
         self.peers = [
             SimPeer(i + 1, rng.uniform(0, config.start_spread_s), random.Random(rng.random()), limits) for i in range(n)
         ]
@@ -197,7 +199,7 @@ class Simulation:
         self.queues: list[collections.deque[list[Any]]] = [collections.deque() for _ in range(hosts)]
         self.expiring: collections.deque[list[Any]] = collections.deque()
         # Flows: fixed-size arrays indexed by slot; a free list hands slots out.
-        cap = n * config.peer.concurrent_pieces + 16
+        cap = n * limits.concurrent_pieces + 16
         self.f_parent = np.zeros(cap, dtype=np.int64)
         self.f_child = np.zeros(cap, dtype=np.int64)
         self.f_left = np.zeros(cap)
@@ -221,6 +223,9 @@ class Simulation:
             "scheduler_timeouts": 0,
         }
         self.utilization: list[tuple[float, float]] = []
+        # Where the idle upload is, sampled with `utilization` (see _idle_upload): the share of all
+        # hosts' upload idle for each reason, and what the downloading hosts' requests are doing.
+        self.idle: list[dict[str, float]] = []
         self.origin_start = 0.0
         # Sites: host index -> site number (-1: the core, where the seed is); the WAN links'
         # capacities with one more entry of unlimited capacity for transfers that cross none.
@@ -618,6 +623,98 @@ class Simulation:
                 break
         return rate
 
+    # -- where the upload goes idle ----------------------------------------------------------
+
+    def _idle_upload(self, now: float, live: np.ndarray, rate: np.ndarray, up_total: float) -> dict[str, float]:
+        """Each host's unused upload, as a share of all hosts' upload, by the first reason that
+        holds for it, and what the downloading hosts' requests are doing:
+        - not_started / holds_nothing: it has not started, or holds no piece yet;
+        - slots_full: every upload slot busy, and its children's download is the limit;
+        - no_children: no downloading host has it as a parent;
+        - nothing_wanted: its children hold every piece it holds (or have them in flight);
+        - children_full: a child lacks one of its pieces but has concurrent_pieces in flight;
+        - child_avoids: such a child has it marked busy, or does not know it holds the piece;
+        - no_digests: such a child lacks the seed's digests of the pieces (it cannot verify them);
+        - per_parent: such a child has per_parent_pieces in flight to it already;
+        - other: a child could ask it and has not (yet: the next poll).
+        """
+        hosts = len(self.up_cap)
+        up = np.bincount(self.f_parent[live], rate, minlength=hosts)
+        spare = np.maximum(self.up_cap - up, 0.0) / up_total
+        children: list[list[SimPeer]] = [[] for _ in range(hosts)]
+        index = self.index
+        flights = queued = downloading = 0
+        for p in self.peers:
+            if p.done_s is not None or p.gone or p.start_s > now:
+                continue
+            downloading += 1
+            flights += len(p.machine.inflight)
+            for h in p.machine.parents:
+                children[index[h]].append(p)
+        for q in self.queues:
+            queued += len(q)
+        out = dict.fromkeys(
+            (
+                "not_started",
+                "holds_nothing",
+                "slots_full",
+                "no_children",
+                "nothing_wanted",
+                "children_full",
+                "child_avoids",
+                "no_digests",
+                "per_parent",
+                "other",
+            ),
+            0.0,
+        )
+        limit = self.limits.concurrent_pieces
+        per_parent = self.limits.per_parent_pieces
+        for host in range(hosts):
+            idle = float(spare[host])
+            if idle < 1e-6:
+                continue
+            if host and self.peers[host - 1].start_s > now:
+                out["not_started"] += idle
+                continue
+            held = self._bits_of(host, now)
+            if not held:
+                reason = "holds_nothing"
+            elif self.uploads[host] >= self.slots[host]:
+                reason = "slots_full"
+            elif not children[host]:
+                reason = "no_children"
+            else:
+                host_id = self._host_id(host)
+                wanting = [c for c in children[host] if held & ~c.machine.have & ~c.machine.inflight_bits]
+                if not wanting:
+                    reason = "nothing_wanted"
+                elif all(len(c.machine.inflight) >= limit for c in wanting):
+                    reason = "children_full"
+                else:
+                    reason = "other"
+                    for c in wanting:
+                        machine = c.machine
+                        view = machine.parents.get(host_id)
+                        if len(machine.inflight) >= limit:
+                            continue
+                        if view is None or view.busy_until > now or not view.pieces & ~machine.have & held:
+                            reason = "child_avoids"
+                        elif not held & ~machine.have & ~machine.inflight_bits & ((1 << len(machine.digests)) - 1):
+                            reason = "no_digests"
+                        elif view.inflight >= per_parent:
+                            reason = "per_parent"
+                        else:
+                            continue
+                        break
+            out[reason] += idle
+        out = {k: round(v, 4) for k, v in out.items()}
+        out["t"] = round(now, 3)
+        out["downloading"] = downloading
+        out["in_flight_per_host"] = round(flights / max(1, downloading), 2)
+        out["queued_per_host"] = round(queued / max(1, downloading), 2)
+        return out
+
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -704,6 +801,7 @@ class Simulation:
                 self.f_left[live] = left - moved
                 if now >= next_sample:
                     self.utilization.append((round(now, 3), float(rate.sum()) / up_total))
+                    self.idle.append(self._idle_upload(now, live, rate, up_total))
                     next_sample += 0.25
                 if over.any():
                     done = live[over]
@@ -752,8 +850,8 @@ class Simulation:
                 **counters,
             },
             "peer_limits": {
-                "concurrent_pieces": cfg.peer.concurrent_pieces,
-                "per_parent_pieces": cfg.peer.per_parent_pieces,
+                "concurrent_pieces": self.limits.concurrent_pieces,
+                "per_parent_pieces": self.limits.per_parent_pieces,
                 "upload_slots": cfg.peer_slots(),
                 "seed_upload_slots": cfg.seed_slots(),
             },
@@ -765,6 +863,7 @@ class Simulation:
             "peer_news": cfg.peer_news,
             "news_latency_s": NEWS_LATENCY_S if cfg.peer_news else None,
             "upload_utilization": self.utilization,
+            "idle_upload": self.idle,
             "runtime_s": round(runtime_s, 1),
             "machine": machine(),
         }
@@ -1030,6 +1129,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="children learn parents' pieces only from syncs every 0.2 s (the policy before peer news)",
     )
+    parser.add_argument("--concurrent-pieces", type=int, default=None, help="the peers' (default: PeerConfig's)")
+    parser.add_argument("--per-parent-pieces", type=int, default=None, help="the peers' (default: PeerConfig's)")
+    parser.add_argument("--upload-slots", type=int, default=0, help="each peer's (0: from its upload rate)")
+    parser.add_argument("--seed-upload-slots", type=int, default=0, help="the seed's (0: from the origin rate)")
+    parser.add_argument("--candidate-parents", type=int, default=None, help="the scheduler's (default: its config's)")
     parser.add_argument("--max-time", type=float, default=3600.0, help="stop the simulation at this simulated time")
     parser.add_argument("--out", type=Path, required=True, help="directory for result.json, report.md, cdf.png")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -1047,6 +1151,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         log.setLevel(logging.INFO)
     rate = parse_size(args.peer_rate)
+    peer_limits = {
+        k: v
+        for k, v in (
+            ("concurrent_pieces", args.concurrent_pieces),
+            ("per_parent_pieces", args.per_parent_pieces),
+            ("upload_slots", args.upload_slots or None),
+        )
+        if v is not None
+    }
+    scheduler = SchedulerConfig(site_wan_fetchers=args.site_wan_fetchers)
+    if args.candidate_parents is not None:
+        scheduler = dataclasses.replace(scheduler, candidate_parents=args.candidate_parents)
     config = SimConfig(
         peers=args.peers,
         blob_bytes=parse_size(args.blob_size),
@@ -1057,7 +1173,9 @@ def main(argv: list[str] | None = None) -> int:
         tick_s=args.tick,
         seed=args.seed,
         max_time_s=args.max_time,
-        scheduler=SchedulerConfig(site_wan_fetchers=args.site_wan_fetchers),
+        scheduler=scheduler,
+        peer=PeerConfig(**peer_limits),
+        seed_upload_slots=args.seed_upload_slots,
         sites=args.sites,
         site_uplink_bps=parse_size(args.site_uplink_rate) if args.sites else float("inf"),
         site_aware=not args.no_site_aware,
