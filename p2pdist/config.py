@@ -363,7 +363,8 @@ def upload_slots_for(rate_bps: int | None, *, per_slot_bps: int, lowest: int, hi
     piece is of use to others only once complete), enough to fill the link. Tuned with
     benchmarks/simulate.py and benchmarks/rollout.py: 16 hosts at 8 MiB/s did best with 1 per
     peer (a 4 MiB piece out in 0.5 s, not two in 1 s; the piece server's queue keeps the link
-    busy between pieces) and 4 per seed, 500 hosts at 100 MiB/s with 4 per peer."""
+    busy between pieces) and 4 per seed; 1,000 hosts at 100 MiB/s with 8 per peer (4 left an
+    eighth of the swarm's upload idle: benchmarks/README.md, issue 17)."""
     if rate_bps is None:
         return highest
     return max(lowest, min(highest, round(rate_bps / per_slot_bps)))
@@ -383,7 +384,7 @@ class NodeConfig(ServiceConfig):
     peer's; SeedConfig moves the address and data dir."""
 
     # (bytes/s one upload slot is worth, fewest slots, most slots): see upload_slots_for.
-    slot_tuning: ClassVar[tuple[int, int, int]] = (25 << 20, 1, 8)
+    slot_tuning: ClassVar[tuple[int, int, int]] = (25 << 19, 1, 8)
 
     listen: str = _listen_opt("127.0.0.1:4000")
     scheduler: tuple[str, ...] = opt(
@@ -473,7 +474,9 @@ class PeerConfig(NodeConfig):
     download_rate_bps: int | None = opt(
         None, parse_rate, "cap on bytes/s fetched from peers and origin", flag="--download-rate"
     )
-    concurrent_pieces: int = opt(8, _int, "pieces in flight per task")
+    concurrent_pieces: int = opt(
+        0, _int, "pieces in flight per task; 0: 8, or 1.5 × the upload slots where that is more"
+    )
     per_parent_pieces: int = opt(1, _int, "pieces in flight per parent")
     piece_timeout_s: float = opt(4.0, _float, "base time allowed for one piece")
     piece_timeout_per_mib_s: float = opt(2.0, _float, "extra time allowed per MiB of piece")

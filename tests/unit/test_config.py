@@ -231,7 +231,10 @@ def test_a_seed_gets_more_upload_slots_than_a_peer_at_the_same_rate() -> None:
     assert (SeedConfig().effective_upload_slots(), PeerConfig().effective_upload_slots()) == (16, 8)
     rate = 64 << 20
     assert SeedConfig(upload_rate_bps=rate).effective_upload_slots() == 8
-    assert PeerConfig(upload_rate_bps=rate).effective_upload_slots() == 3
+    assert PeerConfig(upload_rate_bps=rate).effective_upload_slots() == 5
+    # The 16-host rollout's peers keep one slot; a 100 MiB/s link gets eight (issue 17).
+    assert PeerConfig(upload_rate_bps=8 << 20).effective_upload_slots() == 1
+    assert PeerConfig(upload_rate_bps=100 << 20).effective_upload_slots() == 8
     assert PeerConfig(upload_rate_bps=rate, upload_slots=5).effective_upload_slots() == 5
 
 

@@ -8,12 +8,14 @@ from dataclasses import replace
 
 import pytest
 
+from p2pdist.config import PeerConfig
 from p2pdist.content.pieces import Bitmap, MiB
 from p2pdist.wire import Parent, SyncReply
 from peer.machine import (
     BLOCK_S,
     BUSY_S,
     IDLE_SYNC_INTERVAL_S,
+    MIN_CONCURRENT_PIECES,
     PARENT_ABSENT,
     PARENT_FAILURES,
     STALL_S,
@@ -22,6 +24,7 @@ from peer.machine import (
     Limits,
     PieceOutcome,
     TaskMachine,
+    concurrent_pieces_for,
 )
 from peer.selection import SOLE_PARENT_PIECES
 
@@ -319,3 +322,15 @@ def test_a_reply_cutting_the_blob_otherwise_than_the_store_is_refused() -> None:
     later.store_opened(SIZE, 0, [], 2 * MiB)  # back to source first
     later.register_answered(running(parent("a")), 1.0)
     assert later.back_to_source is not None and later.back_to_source.reason is BackToSourceReason.BAD_REPLY
+
+
+def test_pieces_in_flight_follow_the_upload_slots_unless_configured() -> None:
+    # Slow links keep the 8 the 16-host rollout runs with; a link with 8 upload slots asks for
+    # 12 at once: about as many flows as its parents split their uploads into, and half again
+    # for requests waiting in a busy parent's line (issue 17).
+    assert concurrent_pieces_for(1) == concurrent_pieces_for(4) == MIN_CONCURRENT_PIECES == 8
+    assert concurrent_pieces_for(8) == 12
+    assert Limits.from_config(PeerConfig(upload_rate_bps=8 << 20)).concurrent_pieces == 8
+    assert Limits.from_config(PeerConfig(upload_rate_bps=100 << 20)).concurrent_pieces == 12
+    assert Limits.from_config(PeerConfig(upload_rate_bps=100 << 20, concurrent_pieces=5)).concurrent_pieces == 5
+    assert Limits.from_config(PeerConfig(upload_slots=2)).concurrent_pieces == 8
