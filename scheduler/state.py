@@ -951,24 +951,17 @@ class Scheduler:
         lacks = ~peer.bits & task.verifiable()
         me, current = peer.host_id, peer.parents
 
-        def eligible(host_id: str) -> tuple[Host, PeerTask] | None:
-            """The host and its task record if it may be a parent now: announced, its pieces
-            known, not blocked as bad."""
-            host = hosts.get(host_id)
-            if host is None:
-                return None
-            other = peers[host_id]
-            if other.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
-                return None
-            return host, other
-
         # Most syncs change nothing: every current parent is still worth keeping (worth_keeping).
+        # A parent may be one now if announced, its pieces known and not blocked as bad (the
+        # checks of the weighing loop below).
         chosen = []
         for host_id in current:
-            found = eligible(host_id)
-            if found is None:
+            parent_host = hosts.get(host_id)
+            if parent_host is None:
                 continue
-            parent_host, parent = found
+            parent = peers[host_id]
+            if parent.pieces is None or (bad_until and bad_until.get(host_id, 0.0) > now):
+                continue
             if parent.bits & lacks and child_count.get(host_id, 0) - 1 < parent_host.upload_slots:
                 chosen.append(host_id)
         if len(chosen) >= want:
@@ -990,10 +983,13 @@ class Scheduler:
         # The key of `rank` as one number: a parent with something useful scores at least
         # 0.95, one without at most 0.6; a random part far below any real difference breaks ties.
         scale = 0.4 / max(1, total)
+        # A set: asked for each peer weighed, and a list of up to candidate_parents names
+        # compared one by one cost more than the rest of the score.
+        is_current = set(current)
         scored: list[tuple[float, str]] = []
         for host_id in weighed:
-            # eligible(), written out: this loop runs for every peer weighed (~45 a decision),
-            # and the call with its tuple was a fifth of it.
+            # The eligibility checks, written out: this loop runs for every peer weighed (~45
+            # a decision), and a call with its tuple was a fifth of it.
             host = hosts.get(host_id)
             if host is None:
                 continue
@@ -1007,7 +1003,7 @@ class Scheduler:
                 continue  # complete, and nothing we lack: never a parent
             else:
                 value = -host.seed_penalty
-            free = 1.0 - (child_count.get(host_id, 0) - (host_id in current)) * host.per_child
+            free = 1.0 - (child_count.get(host_id, 0) - (host_id in is_current)) * host.per_child
             if free > 0.0:
                 value += 0.6 * free
             scored.append((value + random() * TIE_BREAK, host_id))
