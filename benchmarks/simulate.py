@@ -77,7 +77,7 @@ from benchmarks.report import (
 )
 from benchmarks.trace import TraceWriter, TracingScheduler
 from p2pdist.config import PeerConfig, SchedulerConfig, SeedConfig, parse_size
-from p2pdist.content.pieces import PieceLayout, piece_size_sent
+from p2pdist.content.pieces import PieceLayout, piece_floor_for_upload, piece_size_sent
 from p2pdist.node.pieceserver import QUEUE_WAIT_S
 from p2pdist.wire import AnnounceHost, Register, SeedProgress, Sync
 from peer.machine import Limits, PieceOutcome, Report, TaskMachine
@@ -172,8 +172,10 @@ class Simulation:
             self.sched: Scheduler = TracingScheduler(sched_config, rng=random.Random(rng.random()), writer=self.trace)
         else:
             self.sched = Scheduler(sched_config, rng=random.Random(rng.random()))
-        # Cut as the scheduler decides (its rule and min_piece_bytes), as a real seed is told.
-        self.layout = PieceLayout(config.blob_bytes, self.sched.piece_size(config.blob_bytes))
+        # Cut as the scheduler decides for a task its peers ask for first (its rule, with the
+        # floor their upload cap asks for: they announce it), as a real seed is told.
+        floor = piece_floor_for_upload(int(config.peer_upload_bps), sched_config.min_piece_bytes)
+        self.layout = PieceLayout.for_blob(config.blob_bytes, floor)
         self.lengths = [self.layout.length(n) for n in range(self.layout.count)]
         self.all_pieces = (1 << self.layout.count) - 1
         self.piece_size_sent = piece_size_sent(self.layout.blob_size, self.layout.piece_size)
@@ -312,6 +314,7 @@ class Simulation:
                     kind="peer",
                     upload_slots=self.config.peer_slots(),
                     site=self.site_name(p.index),
+                    upload_rate_bps=int(self.config.peer_upload_bps),
                 ),
                 0.0,
             )

@@ -80,6 +80,9 @@ class AnnounceHost:
     tasks: list[TaskHolding] = field(default_factory=list)
     site: str = ""  # the site (WAN link) it is behind; "" is the one site of an unconfigured cluster
     location: str = ""  # "eu/fr/paris-3": hosts sharing a longer prefix are nearer
+    # Its upload cap in bytes/s (None: none): the scheduler cuts the blobs it asks for first
+    # into pieces that cross its upload in about a quarter second (pieces.piece_floor_for_upload).
+    upload_rate_bps: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from p2pdist.cluster.rendezvous import owner
 from p2pdist.config import SchedulerConfig
 from p2pdist.content.digest import short
-from p2pdist.content.pieces import OLD_MIN_PIECE_SIZE, Bitmap, PieceLayout, piece_size_read, piece_size_sent
+from p2pdist.content.pieces import (
+    OLD_MIN_PIECE_SIZE,
+    Bitmap,
+    PieceLayout,
+    piece_floor_for_upload,
+    piece_size_read,
+    piece_size_sent,
+)
 from p2pdist.site import nearness
 from p2pdist.wire import (
     AnnounceHost,
@@ -45,6 +52,7 @@ class Host:
     last_seen: float
     site: str = ""
     location: str = ""
+    upload_rate_bps: int | None = None  # its upload cap (None: none)
     # For parent choice, worked out once: the share of its capacity one child takes
     # (1 / parents.capacity), and what being a seed takes off its score.
     per_child: float = field(init=False)
@@ -114,6 +122,9 @@ class Task:
     url: str = ""
     content_length: int | None = None
     piece_size: int | None = None  # set with content_length (Scheduler._size_task)
+    # The floor of the piece size rule for this task, from the upload cap of the host that
+    # first asked for it (Scheduler._task); None: min_piece_bytes.
+    min_piece_size: int | None = None
     digests: list[bytes] = field(default_factory=list)  # from seeds only
     peers: dict[str, PeerTask] = field(default_factory=dict)
     size_from_seed: bool = False
@@ -292,7 +303,14 @@ class Scheduler:
         if before is not None:
             self._count_site(before, -1)
         self.hosts[msg.host_id] = Host(
-            msg.host_id, msg.url, msg.kind, max(1, msg.upload_slots), now, site=msg.site, location=msg.location
+            msg.host_id,
+            msg.url,
+            msg.kind,
+            max(1, msg.upload_slots),
+            now,
+            site=msg.site,
+            location=msg.location,
+            upload_rate_bps=msg.upload_rate_bps,
         )
         self._count_site(self.hosts[msg.host_id], +1)
         if before is None:
@@ -316,7 +334,7 @@ class Scheduler:
                 msg.location or "(no location)",
             )
         for holding in msg.tasks:
-            task = self.tasks.setdefault(holding.task_id, Task(holding.task_id))
+            task = self._task(holding.task_id, msg.host_id)
             if holding.url and not task.url:
                 task.url = holding.url
             size = holding.content_length
@@ -331,7 +349,7 @@ class Scheduler:
                 and not any(h != msg.host_id and h in task.holders for h in task.seeds)
             )
             if task.content_length is None:
-                self._size_task(task, size, held.piece_size if seed_word else self.piece_size(size))
+                self._size_task(task, size, held.piece_size if seed_word else self.piece_size(size, task))
             elif task.layout != held and seed_word:
                 self._size_task(task, size, held.piece_size)
             if task.layout != held:
@@ -363,7 +381,7 @@ class Scheduler:
 
     def register(self, msg: Register, now: float) -> tuple[SyncReply, WakeSeed | None]:
         self._touch(msg.host_id, now)
-        task = self.tasks.setdefault(msg.task_id, Task(msg.task_id))
+        task = self._task(msg.task_id, msg.host_id)
         if not task.url:
             task.url = msg.url
         if msg.headers:
@@ -406,7 +424,7 @@ class Scheduler:
         peer.last_seen = now
         size = msg.content_length
         if task.content_length is None and size is not None:
-            self._size_task(task, size, self.piece_size(size))  # learnt by a back-to-source peer
+            self._size_task(task, size, self.piece_size(size, task))  # learnt by a back-to-source peer
         self._size_bitmap(task, peer)
         # Pieces of a store cut otherwise (by the rule, before any answer) are not the task's.
         same_layout = size is None or (size, piece_size_read(size, msg.piece_size)) == (
@@ -626,15 +644,33 @@ class Scheduler:
         host = self.hosts.get(host_id)
         return host is not None and host.kind == "seed"
 
-    def piece_size(self, content_length: int) -> int:
-        """The piece size this scheduler gives a task of `content_length` bytes when it learns
-        the size: the rule, with min_piece_bytes as its floor."""
-        return _layout_for(content_length, self.config.min_piece_bytes).piece_size
+    def _task(self, task_id: str, host_id: str | None) -> Task:
+        """The task, made if new: its piece floor then follows the upload cap of `host_id`, the
+        host asking for it first (small pieces where a hop is slow, the old floor where there
+        is no cap; min_piece_bytes for a host not announced yet, or a preheat)."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            task = self.tasks[task_id] = Task(task_id)
+            host = self.hosts.get(host_id) if host_id is not None else None
+            if host is not None:
+                task.min_piece_size = piece_floor_for_upload(host.upload_rate_bps, self.config.min_piece_bytes)
+        return task
 
-    def min_piece_size_sent(self) -> int | None:
-        """min_piece_bytes as a seed is told it (left out when it is the old floor, so that an
+    def piece_size(self, content_length: int, task: Task | None = None) -> int:
+        """The piece size this scheduler gives a task of `content_length` bytes when it learns
+        the size: the rule, with the task's floor (min_piece_bytes unless its first host said
+        otherwise, see `_task`)."""
+        return _layout_for(content_length, self._floor(task)).piece_size
+
+    def _floor(self, task: Task | None) -> int:
+        if task is not None and task.min_piece_size is not None:
+            return task.min_piece_size
+        return self.config.min_piece_bytes
+
+    def min_piece_size_sent(self, task: Task | None = None) -> int | None:
+        """The task's floor as a seed is told it (left out when it is the old floor, so that an
         older seed takes the trigger)."""
-        floor = self.config.min_piece_bytes
+        floor = self._floor(task)
         return None if floor == OLD_MIN_PIECE_SIZE else floor
 
     def _size_task(self, task: Task, content_length: int, piece_size: int) -> None:
@@ -808,7 +844,7 @@ class Scheduler:
     def _trigger(self, task: Task, seed_id: str, now: float) -> SeedTrigger:
         """What a woken seed is told: the blob, and what an earlier seed left with peers."""
         layout = task.layout
-        floor = self.min_piece_size_sent()
+        floor = self.min_piece_size_sent(task)
         if not task.digests or layout is None or not task.size_from_seed:
             return SeedTrigger(task_id=task.task_id, url=task.url, headers=task.headers, min_piece_size=floor)
         verifiable = task.verifiable()

@@ -20,6 +20,11 @@ DEFAULT_MIN_PIECE_SIZE = 2 * MiB
 # The floor before the piece size travelled with the task: what a field left out of a message,
 # or a store's meta without one, means (written by a version that cut every blob this way).
 OLD_MIN_PIECE_SIZE = 4 * MiB
+# Small pieces pay on slow uploads only: a piece should cross one hop in about this long at the
+# upload cap of the host that first asks for the blob. A host with no cap gets the old floor
+# (on a fast link a 4 MiB piece crosses in milliseconds, and every extra piece costs both ends
+# CPU: about 3 ms per piece measured on loopback, benchmarks/README.md, issue 18).
+PIECE_HOP_S = 0.25
 
 
 def piece_size_problem(piece_size: object) -> str | None:
@@ -29,6 +34,16 @@ def piece_size_problem(piece_size: object) -> str | None:
     if not MIN_PIECE_SIZE <= piece_size <= MAX_PIECE_SIZE or piece_size & (piece_size - 1):
         return f"piece size {piece_size} is not a power of two from {MIN_PIECE_SIZE} to {MAX_PIECE_SIZE} bytes"
     return None
+
+
+def piece_floor_for_upload(upload_rate_bps: int | None, min_piece_size: int) -> int:
+    """The floor of the piece size rule for a blob first asked for by a host that uploads at
+    most `upload_rate_bps` (None: no cap): a piece takes about PIECE_HOP_S at that rate, a power
+    of two between `min_piece_size` and the old floor (never under `min_piece_size`)."""
+    if min_piece_size >= OLD_MIN_PIECE_SIZE or upload_rate_bps is None:
+        return max(min_piece_size, OLD_MIN_PIECE_SIZE)
+    want = max(1, int(upload_rate_bps * PIECE_HOP_S))
+    return min(OLD_MIN_PIECE_SIZE, max(min_piece_size, 1 << (want - 1).bit_length()))
 
 
 def piece_size_for(blob_size: int, min_piece_size: int = DEFAULT_MIN_PIECE_SIZE) -> int:

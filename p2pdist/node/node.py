@@ -258,6 +258,7 @@ class Node(Generic[ConfigT]):
             tasks=self.holdings(),
             site=self.config.site,
             location=self.config.location,
+            upload_rate_bps=self.config.upload_rate_bps,
         )
 
     async def announce(self) -> None:

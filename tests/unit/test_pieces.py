@@ -14,6 +14,7 @@ from p2pdist.content.pieces import (
     MiB,
     PieceLayout,
     old_piece_size,
+    piece_floor_for_upload,
     piece_size_for,
     piece_size_problem,
     piece_size_read,
@@ -57,6 +58,25 @@ def test_a_floor_of_4_mib_is_the_old_rule(blob_size: int, expected: int) -> None
 @given(st.integers(min_value=GiB, max_value=1 << 45))
 def test_blobs_of_1_gib_and_more_keep_their_old_piece_size(size: int) -> None:
     assert piece_size_for(size) == old_piece_size(size)
+
+
+@pytest.mark.parametrize(
+    ("upload_rate", "min_piece", "expected"),
+    [
+        (None, 2 * MiB, 4 * MiB),  # no cap: a hop is fast, pieces as before
+        (None, 1 * MiB, 4 * MiB),
+        (None, 8 * MiB, 8 * MiB),  # never under min_piece_bytes
+        (8 * MiB, 2 * MiB, 2 * MiB),  # 0.25 s of 8 MiB/s
+        (4 * MiB, 1 * MiB, 1 * MiB),
+        (4 * MiB, 2 * MiB, 2 * MiB),
+        (5 * MiB, 1 * MiB, 2 * MiB),  # rounded up to a power of two
+        (1 << 30, 2 * MiB, 4 * MiB),  # never over the old floor
+        (0, 2 * MiB, 2 * MiB),
+        (-5, 1 * MiB, 1 * MiB),  # nonsense from the wire: the floor
+    ],
+)
+def test_the_floor_follows_an_upload_cap(upload_rate: int | None, min_piece: int, expected: int) -> None:
+    assert piece_floor_for_upload(upload_rate, min_piece) == expected
 
 
 def test_a_piece_size_left_out_of_a_message_means_the_old_rule() -> None:

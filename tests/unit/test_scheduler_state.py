@@ -32,6 +32,11 @@ PIECE = LAYOUT.piece_size  # as a node says it (not the old rule's: it is not le
 DIGESTS = [bytes([i]) * 32 for i in range(LAYOUT.count)]
 
 
+# Hosts announced here upload at most this: a quarter second of it is 1 MiB, so the tasks they
+# ask for first are cut with min_piece_bytes as the floor (a host with no cap gets 4 MiB).
+SLOW_UPLOAD = 4 * MiB
+
+
 def make(**cfg: object) -> Scheduler:
     return Scheduler(SchedulerConfig(**cfg), rng=random.Random(7))  # type: ignore[arg-type]
 
@@ -43,9 +48,18 @@ def announce(
     now: float = 0.0,
     slots: int = 4,
     tasks: list[TaskHolding] | None = None,
+    upload_rate: int | None = SLOW_UPLOAD,
 ) -> None:
     s.announce(
-        AnnounceHost(host_id=host, url=f"http://{host}:4000", kind=kind, upload_slots=slots, tasks=tasks or []), now
+        AnnounceHost(
+            host_id=host,
+            url=f"http://{host}:4000",
+            kind=kind,
+            upload_slots=slots,
+            tasks=tasks or [],
+            upload_rate_bps=upload_rate,
+        ),
+        now,
     )
 
 
@@ -650,6 +664,28 @@ def test_the_scheduler_decides_the_piece_size_by_its_rule_and_min_piece_bytes() 
         assert (reply.content_length, reply.piece_size) == (SIZE, piece_size), floor
     for size in (1024 * MiB, 10 * 1024 * MiB):  # 1 GiB and up: as before the floor moved
         assert make().piece_size(size) == PieceLayout.for_blob(size, 4 * MiB).piece_size
+
+
+def test_the_floor_follows_the_upload_cap_of_the_host_asking_first() -> None:
+    """Small pieces pay only where a hop is slow: a task first asked for by a host with no
+    upload cap is cut with the old 4 MiB floor (and its seed told nothing new), one first asked
+    for by a capped host with a quarter second of its upload (never under min_piece_bytes),
+    one first asked for by a host not announced yet with min_piece_bytes."""
+    for rate, floor in ((None, 4 * MiB), (4 * MiB, 2 * MiB), (16 * MiB, 4 * MiB), (64 * MiB, 4 * MiB)):
+        s = make()
+        announce(s, "seed1", "seed", upload_rate=None)
+        announce(s, "p1", upload_rate=rate)
+        _, wake = register(s, "p1", 1.0)
+        assert wake is not None
+        assert wake.trigger.min_piece_size == (None if floor == 4 * MiB else floor), rate
+        announce(s, "p2", upload_rate=None if rate else 4 * MiB)  # a later host changes nothing
+        sync(s, "p1", 2.0, content_length=SIZE)
+        reply, _ = register(s, "p2", 3.0)
+        assert reply.piece_size == floor, rate
+    s = make()
+    announce(s, "seed1", "seed", upload_rate=None)
+    _, wake = register(s, "stranger", 1.0)
+    assert wake is not None and wake.trigger.min_piece_size == 2 * MiB
 
 
 def test_a_seed_is_told_the_floor_and_an_older_seed_gets_the_trigger_it_knows() -> None:

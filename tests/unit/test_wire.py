@@ -224,6 +224,17 @@ def test_reply_state_is_one_the_scheduler_sends(state: object) -> None:
     )
 
 
+def test_an_announce_carries_an_upload_cap_only_when_there_is_one() -> None:
+    """A host with no cap sends what a host from before the field sent (a scheduler from
+    before reads it); a capped one sends its cap, which must be an integer."""
+    plain = AnnounceHost(host_id="h", url="http://h:1", kind="peer", upload_slots=1)
+    assert "upload_rate_bps" not in msgpack.unpackb(encode(plain))
+    capped = AnnounceHost(host_id="h", url="http://h:1", kind="peer", upload_slots=1, upload_rate_bps=8 << 20)
+    assert decode(AnnounceHost, encode(capped)).upload_rate_bps == 8 << 20
+    body = pack({"host_id": "h", "url": "http://h:1", "kind": "peer", "upload_slots": 1, "upload_rate_bps": "fast"})
+    bad(AnnounceHost, body, "upload_rate_bps")
+
+
 def test_decoded_kind_and_state_are_plain_strings() -> None:
     """msgpack carries plain strings both ways: nothing but the value crosses the wire."""
     host = decode(AnnounceHost, encode(AnnounceHost(host_id="s", url="http://s:1", kind="seed", upload_slots=1)))
