@@ -1,6 +1,7 @@
 """The piece size travels with the task, on real processes: the scheduler's min_piece_bytes
-reaches the seed it wakes and every peer's store (and is kept in it), and a scheduler that
-restarts with another min_piece_bytes keeps serving a blob its seed cut the earlier way."""
+reaches the seed it wakes and every peer's store (and is kept in it) for peers whose upload is
+capped, peers with no cap get the old 4 MiB floor, and a scheduler that restarts with another
+min_piece_bytes keeps serving a blob its seed cut the earlier way."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import pytest
 from lab.registry import Origin
 from p2pdist.content.digest import digest_hex
 from p2pdist.content.pieces import PieceLayout
-from tests.support.cluster import Cluster, restart, sha256_file
+from tests.support.cluster import Cluster, restart, sha256_file, wait_until
 from tests.support.metrics import metric
 from tests.support.origin import PushToOrigin
 
 MiB = 1 << 20
 BLOB = 6 * MiB + 12345  # 1 MiB pieces: 7; 2 MiB: 4; 4 MiB (the old rule): 2
+# Peers capped at this upload ask for pieces of a quarter second's upload: 1 MiB, so the
+# scheduler's min_piece_bytes is what decides.
+SLOW_UPLOAD = ("--upload-rate", "4MiB")
 
 
 def held_layout(data_dir: Path, digest: str) -> tuple[int, list[int]]:
@@ -36,7 +40,7 @@ def test_the_schedulers_piece_size_reaches_the_seed_and_every_peers_store(
     layer = image.layers[0]
     cluster = Cluster(tmp_path, origin.host, scheduler_args=("--min-piece-bytes", str(min_piece)))
     try:
-        peers = cluster.add_peers(2)
+        peers = cluster.add_peers(2, SLOW_UPLOAD)
         outs = cluster.pull_all(peers, cluster.blob_url("pieces/size", layer.digest), "size")
         assert all(sha256_file(out) == layer.digest for out in outs)
         expected = PieceLayout.for_blob(layer.size, min_piece)
@@ -60,7 +64,7 @@ def test_a_scheduler_restarted_with_another_min_piece_bytes_keeps_the_swarm_of_a
     url_path = ("pieces/upgrade", layer.digest)
     cluster = Cluster(tmp_path, origin.host, scheduler_args=("--min-piece-bytes", "4MiB"))
     try:
-        first, second = cluster.add_peers(2)
+        first, second = cluster.add_peers(2, SLOW_UPLOAD)
         (out,) = cluster.pull_all([first], cluster.blob_url(*url_path), "before")
         assert sha256_file(out) == layer.digest
         from_origin = cluster.relay.downstream_bytes()
@@ -79,5 +83,37 @@ def test_a_scheduler_restarted_with_another_min_piece_bytes_keeps_the_swarm_of_a
         (out,) = cluster.pull_all([second], cluster.blob_url("pieces/upgrade", fresh.digest), "fresh")
         assert sha256_file(out) == fresh.digest
         assert held_layout(tmp_path / f"{second.name}-data", fresh.digest)[0] == 2 * MiB
+    finally:
+        cluster.stop()
+
+
+def test_a_blob_first_asked_for_by_a_peer_with_no_upload_cap_gets_the_old_floor(
+    origin: Origin, push_to_origin: PushToOrigin, tmp_path: Path
+) -> None:
+    """On a fast network a small piece saves no time and costs CPU at both ends: a blob first
+    asked for by an uncapped peer is cut into 4 MiB pieces, one first asked for by a capped
+    peer into the scheduler's 1 MiB; a later peer of either kind takes the blob as it is cut."""
+    first = push_to_origin((BLOB,), 60, "pieces/fast").layers[0]
+    second = push_to_origin((BLOB,), 61, "pieces/fast").layers[0]
+    cluster = Cluster(tmp_path, origin.host, scheduler_args=("--min-piece-bytes", "1MiB"))
+    try:
+        (fast,) = cluster.add_peers(1)
+        (slow,) = cluster.add_peers(1, SLOW_UPLOAD)
+        # The floor follows an announced cap: pull once the scheduler has heard both peers.
+        wait_until(
+            lambda: metric(cluster.scheduler.url, "p2pdist_scheduler_hosts", 'kind="peer"') == 2, 20, "two peers"
+        )
+        for peer, layer, by in ((fast, first, "fast"), (slow, second, "slow")):
+            (out,) = cluster.pull_all([peer], cluster.blob_url("pieces/fast", layer.digest), by)
+            assert sha256_file(out) == layer.digest
+        for peer, layer, by in ((slow, first, "slow-late"), (fast, second, "fast-late")):
+            (out,) = cluster.pull_all([peer], cluster.blob_url("pieces/fast", layer.digest), by)
+            assert sha256_file(out) == layer.digest
+        for node in (*cluster.seeds, fast, slow):
+            data = tmp_path / f"{node.name}-data"
+            assert held_layout(data, first.digest)[0] == 4 * MiB, node.name
+            assert held_layout(data, second.digest)[0] == 1 * MiB, node.name
+        assert metric(fast.url, "p2pdist_peer_back_to_source_total") == 0
+        assert metric(slow.url, "p2pdist_peer_back_to_source_total") == 0
     finally:
         cluster.stop()
