@@ -339,8 +339,9 @@ class SchedulerConfig(ServiceConfig):
     min_piece_bytes: int = opt(
         DEFAULT_MIN_PIECE_SIZE,
         _piece_size,
-        "the smallest piece a task is cut into (a power of two, 1MiB to 64MiB); set 4MiB while a fleet "
-        "upgrades from a version whose peers cut pieces themselves: that is their layout",
+        "the smallest piece a task is cut into (a power of two, 1MiB to 64MiB), for tasks first asked for by a "
+        "host with an upload cap (no cap: 4MiB); set 4MiB while a fleet upgrades from a version whose peers "
+        "cut pieces themselves: that is their layout",
     )
     preheat_jobs: int = opt(2, _int, "preheat jobs running at once; later ones wait as PENDING")
     preheat_job_blobs: int = opt(
