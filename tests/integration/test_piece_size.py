@@ -13,7 +13,7 @@ import pytest
 from lab.registry import Origin
 from p2pdist.content.digest import digest_hex
 from p2pdist.content.pieces import PieceLayout
-from tests.support.cluster import Cluster, restart, sha256_file, wait_until
+from tests.support.cluster import Cluster, restart, sha256_file
 from tests.support.metrics import metric
 from tests.support.origin import PushToOrigin
 
@@ -99,10 +99,7 @@ def test_a_blob_first_asked_for_by_a_peer_with_no_upload_cap_gets_the_old_floor(
     try:
         (fast,) = cluster.add_peers(1)
         (slow,) = cluster.add_peers(1, SLOW_UPLOAD)
-        # The floor follows an announced cap: pull once the scheduler has heard both peers.
-        wait_until(
-            lambda: metric(cluster.scheduler.url, "p2pdist_scheduler_hosts", 'kind="peer"') == 2, 20, "two peers"
-        )
+        cluster.wait_announced()  # the floor follows an announced cap
         for peer, layer, by in ((fast, first, "fast"), (slow, second, "slow")):
             (out,) = cluster.pull_all([peer], cluster.blob_url("pieces/fast", layer.digest), by)
             assert sha256_file(out) == layer.digest

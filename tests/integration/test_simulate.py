@@ -64,7 +64,7 @@ def test_every_simulated_peer_holds_every_piece() -> None:
             seed=3,
         )
     )
-    assert sim.layout.count == 11  # 2 MiB pieces, a short last piece too
+    assert sim.layout.count == 6  # 4 MiB pieces (50 MiB/s uploads), a short last piece too
     assert all(p.have == sim.all_pieces and p.done_s is not None for p in sim.peers)
     assert not any(sim.f_live)  # no transfer left running
     task = next(iter(sim.sched.tasks.values()))
@@ -94,8 +94,8 @@ def test_sites_each_piece_crosses_each_sites_uplink_about_once() -> None:
     aware, sim = simulate(SimConfig(**common))  # type: ignore[arg-type]
     sites = aware["sites"]
     assert aware["p2p"]["hosts_complete"] == 40 and aware["p2p"]["back_to_source"] == 0
-    # bound = max(F/u_wan, ...) + P/d = 48/50 + 2/100 s (pieces of 2 MiB)
-    assert abs(sites["site_lower_bound_s"] - 0.98) < 1e-9
+    # bound = max(F/u_wan, ...) + P/d = 48/50 + 4/100 s (pieces of 4 MiB: hosts at 100 MiB/s)
+    assert abs(sites["site_lower_bound_s"] - 1.0) < 1e-9
     # staged = max(F/u_wan, F/u_core) + max(F/d, N_s·F/(u_wan + N_s·u)) = 0.96 + max(0.48, 480/1050) s
     assert abs(sites["site_staged_bound_s"] - 1.44) < 1e-9
     assert [s["site"] for s in sites["per_site"]] == ["site-000", "site-001", "site-002", "site-003"]

@@ -12,8 +12,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import httpx
+
 from lab import Stoppable, procs
 from lab.procs import RelayProcess, Service
+from tests.support.metrics import sample
 
 MiB = 1 << 20
 
@@ -78,6 +81,17 @@ class Cluster(Stoppable):
         ]
         self.peers.extend(new)
         return new
+
+    def wait_announced(self, timeout: float = 20) -> None:
+        """Until the first scheduler knows every peer: the piece size of a blob follows the
+        upload cap of the host asking first, which the scheduler learns from its announce."""
+        want = len(self.peers)
+
+        def known() -> bool:
+            text = httpx.get(f"{self.scheduler.url}/metrics", timeout=5).text
+            return sample(text, 'p2pdist_scheduler_hosts{kind="peer"}') >= want
+
+        wait_until(known, timeout, f"the scheduler to know {want} peer(s)")
 
     def blob_url(self, repo: str, digest: str) -> str:
         return f"{self.relay.url}/v2/{repo}/blobs/{digest}"
