@@ -349,7 +349,13 @@ class Scheduler:
                 and not any(h != msg.host_id and h in task.holders for h in task.seeds)
             )
             if task.content_length is None:
-                self._size_task(task, size, held.piece_size if seed_word else self.piece_size(size, task))
+                if seed_word or self._could_cut(size, held.piece_size):
+                    # Rebuilding after a restart: the floor was the first asker's, which this
+                    # scheduler cannot know, so a layout it could have given is the task's.
+                    self._size_task(task, size, held.piece_size)
+                    task.min_piece_size = held.piece_size
+                else:
+                    self._size_task(task, size, self.piece_size(size, task))
             elif task.layout != held and seed_word:
                 self._size_task(task, size, held.piece_size)
             if task.layout != held:
@@ -661,6 +667,13 @@ class Scheduler:
         the size: the rule, with the task's floor (min_piece_bytes unless its first host said
         otherwise, see `_task`)."""
         return _layout_for(content_length, self._floor(task)).piece_size
+
+    def _could_cut(self, content_length: int, piece_size: int) -> bool:
+        """Whether this scheduler gives some task of this size pieces of `piece_size` (with
+        min_piece_bytes as its floor, or the old one)."""
+        floor = self.config.min_piece_bytes
+        smallest = _layout_for(content_length, floor).piece_size
+        return smallest <= piece_size <= _layout_for(content_length, max(floor, OLD_MIN_PIECE_SIZE)).piece_size
 
     def _floor(self, task: Task | None) -> int:
         if task is not None and task.min_piece_size is not None:

@@ -723,13 +723,20 @@ def test_a_seed_resuming_a_task_is_told_its_piece_size() -> None:
 
 
 def test_a_restarted_scheduler_ignores_holders_cut_otherwise() -> None:
-    """After a restart the task is rebuilt from announcements: a holder whose pieces are cut
-    otherwise (a partial blob left by an older version, 4 MiB pieces) is no parent of it."""
+    """After a restart the task is rebuilt from announcements: a holder whose pieces are cut in
+    a way this scheduler never cuts (1 MiB pieces, under its min_piece_bytes of 2 MiB: left by
+    a scheduler configured otherwise) is no parent of it."""
     s = make()
-    old_cut = PieceLayout(SIZE, 4 * MiB)
-    stale = Bitmap(old_cut.count)
+    other_cut = PieceLayout(SIZE, 1 * MiB)
+    stale = Bitmap(other_cut.count)
     stale.add(0)
-    announce(s, "old", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=stale.to_bytes())])
+    cut = piece_size_sent(SIZE, MiB)
+    announce(
+        s,
+        "old",
+        now=0.0,
+        tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=stale.to_bytes(), piece_size=cut)],
+    )
     assert s.tasks[TASK].piece_size == PIECE and "old" not in s.tasks[TASK].peers
     announce(
         s,
@@ -751,13 +758,34 @@ def test_a_seeds_holding_brings_its_layout_to_a_rebuilt_task() -> None:
         whole.add(n)
     digests = DIGESTS[: old_cut.count]
     announce(s, "p1", now=0.0, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=whole.to_bytes())])
-    assert "p1" not in s.tasks[TASK].peers  # the rule says 2 MiB: not yet
+    # A layout this scheduler could have given (the old floor, for a host with no upload cap):
+    # the task's, at once.
+    assert "p1" in s.tasks[TASK].peers and s.tasks[TASK].piece_size == 4 * MiB
     old_seed = TaskHolding(task_id=TASK, content_length=SIZE, pieces=whole.to_bytes(), piece_digests=digests)
     announce(s, "seed1", "seed", tasks=[old_seed])
     announce(s, "p1", now=0.5, tasks=[TaskHolding(task_id=TASK, content_length=SIZE, pieces=whole.to_bytes())])
     reply, _ = register(s, "p2", 1.0)
     assert reply.piece_size == 4 * MiB and reply.piece_digests == digests
     assert set(parent_ids(reply)) == {"seed1", "p1"}
+
+
+def test_a_rebuilt_task_takes_a_holders_layout_this_scheduler_could_have_given() -> None:
+    """The floor was the first asker's upload cap, which a restarted scheduler cannot know: the
+    first holder to announce a layout it gives some task brings it (and the floor its seed is
+    told), so a blob cut in 2 MiB pieces for a capped host is not cut again in 4 MiB ones."""
+    s = make()
+    count = PieceLayout(SIZE, PIECE).count
+    whole = Bitmap(count)
+    for n in range(count):
+        whole.add(n)
+    cut = piece_size_sent(SIZE, PIECE)
+    held = TaskHolding(task_id=TASK, content_length=SIZE, pieces=whole.to_bytes(), piece_size=cut)
+    announce(s, "p1", upload_rate=None, tasks=[held])
+    assert s.tasks[TASK].piece_size == PIECE and "p1" in s.tasks[TASK].done_peers
+    announce(s, "seed1", "seed", upload_rate=None)
+    reply, wake = register(s, "p2", 1.0)
+    # The seed woken for the digests cuts as p1 did.
+    assert reply.piece_size == PIECE and wake is not None and wake.trigger.min_piece_size == PIECE
 
 
 def test_pieces_of_a_store_cut_otherwise_are_not_taken() -> None:
