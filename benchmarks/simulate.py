@@ -1031,6 +1031,49 @@ def plot_utilisation(path: Path, series: list[tuple[float, float]], service: str
     plt.close(fig)
 
 
+IDLE_REASONS = (
+    "slots_full",
+    "children_full",
+    "per_parent",
+    "nothing_wanted",
+    "no_children",
+    "holds_nothing",
+    "not_started",
+    "child_avoids",
+    "no_digests",
+    "other",
+)
+
+
+def plot_idle(path: Path, idle: list[dict[str, float]], title: str) -> None:
+    """The swarm's upload over time: in use, and idle by reason (Simulation._idle_upload)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not idle:
+        return
+    times = [row["t"] for row in idle]
+    reasons = [r for r in IDLE_REASONS if any(row.get(r, 0.0) for row in idle)]
+    used = [max(0.0, 1.0 - sum(row.get(r, 0.0) for r in IDLE_REASONS)) for row in idle]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.stackplot(
+        times,
+        [used, *[[row.get(r, 0.0) for row in idle] for r in reasons]],
+        labels=["in use", *[r.replace("_", " ") for r in reasons]],
+        step="post",
+    )
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("share of all hosts' upload")
+    ax.set_ylim(0, 1.0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def plot_before_after(path: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
     """Completion-time CDFs of two runs' P2P pulls, in units of their T_min."""
     import matplotlib
@@ -1225,6 +1268,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"p99 {figures['latency_p99_ms']:.1f} ms"
             )
         plot_utilisation(args.out / "scheduler.png", server["utilisation"], service)
+    limits = result["peer_limits"]
+    plot_idle(
+        args.out / "idle.png",
+        result["idle_upload"],
+        f"{config.peers} hosts, {limits['upload_slots']} upload slots, {limits['concurrent_pieces']} pieces in flight: "
+        "where the upload goes",
+    )
     if args.before is not None:
         plot_before_after(args.out / "cdf-before-after.png", json.loads(args.before.read_text()), result)
     print(

@@ -51,6 +51,12 @@ def test_small_swarm_every_host_completes_with_all_pieces(tmp_path: Path) -> Non
     assert result["p2p"]["p99_s"] < result["direct"]["p50_s"]
     assert (out / "report.md").read_text().count("| p2p |") == 1
     assert (out / "cdf.png").stat().st_size > 1000
+    # Where the upload went: every sample's idle shares and the share in use make up the whole.
+    assert (out / "idle.png").stat().st_size > 1000
+    samples = dict(result["upload_utilization"])
+    for row in result["idle_upload"]:
+        idle = sum(v for k, v in row.items() if k not in ("t", "downloading", "in_flight_per_host", "queued_per_host"))
+        assert abs(samples[row["t"]] + idle - 1.0) < 0.01, row
 
 
 def test_every_simulated_peer_holds_every_piece() -> None:
