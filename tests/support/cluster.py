@@ -12,11 +12,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
 from lab import Stoppable, procs
 from lab.procs import RelayProcess, Service
-from tests.support.metrics import sample
+from tests.support.metrics import metric
 
 MiB = 1 << 20
 
@@ -86,12 +84,11 @@ class Cluster(Stoppable):
         """Until the first scheduler knows every peer: the piece size of a blob follows the
         upload cap of the host asking first, which the scheduler learns from its announce."""
         want = len(self.peers)
-
-        def known() -> bool:
-            text = httpx.get(f"{self.scheduler.url}/metrics", timeout=5).text
-            return sample(text, 'p2pdist_scheduler_hosts{kind="peer"}') >= want
-
-        wait_until(known, timeout, f"the scheduler to know {want} peer(s)")
+        wait_until(
+            lambda: metric(self.scheduler.url, "p2pdist_scheduler_hosts", 'kind="peer"') >= want,
+            timeout,
+            f"the scheduler to know {want} peer(s)",
+        )
 
     def blob_url(self, repo: str, digest: str) -> str:
         return f"{self.relay.url}/v2/{repo}/blobs/{digest}"
