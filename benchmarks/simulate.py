@@ -656,21 +656,7 @@ class Simulation:
                 children[index[h]].append(p)
         for q in self.queues:
             queued += len(q)
-        out = dict.fromkeys(
-            (
-                "not_started",
-                "holds_nothing",
-                "slots_full",
-                "no_children",
-                "nothing_wanted",
-                "children_full",
-                "child_avoids",
-                "no_digests",
-                "per_parent",
-                "other",
-            ),
-            0.0,
-        )
+        out = dict.fromkeys(IDLE_REASONS, 0.0)
         limit = self.limits.concurrent_pieces
         per_parent = self.limits.per_parent_pieces
         for host in range(hosts):
