@@ -672,8 +672,12 @@ class Scheduler:
         """Whether this scheduler gives some task of this size pieces of `piece_size` (with
         min_piece_bytes as its floor, or the old one)."""
         floor = self.config.min_piece_bytes
-        smallest = _layout_for(content_length, floor).piece_size
-        return smallest <= piece_size <= _layout_for(content_length, max(floor, OLD_MIN_PIECE_SIZE)).piece_size
+        largest = piece_floor_for_upload(None, floor)  # the floor of a host with no upload cap
+        return (
+            _layout_for(content_length, floor).piece_size
+            <= piece_size
+            <= _layout_for(content_length, largest).piece_size
+        )
 
     def _floor(self, task: Task | None) -> int:
         if task is not None and task.min_piece_size is not None:

@@ -42,8 +42,7 @@ def piece_floor_for_upload(upload_rate_bps: int | None, min_piece_size: int) -> 
     of two between `min_piece_size` and the old floor (never under `min_piece_size`)."""
     if min_piece_size >= OLD_MIN_PIECE_SIZE or upload_rate_bps is None:
         return max(min_piece_size, OLD_MIN_PIECE_SIZE)
-    want = max(1, int(upload_rate_bps * PIECE_HOP_S))
-    return min(OLD_MIN_PIECE_SIZE, max(min_piece_size, 1 << (want - 1).bit_length()))
+    return min(OLD_MIN_PIECE_SIZE, max(min_piece_size, _power_of_two_at_least(int(upload_rate_bps * PIECE_HOP_S))))
 
 
 def piece_size_for(blob_size: int, min_piece_size: int = DEFAULT_MIN_PIECE_SIZE) -> int:
@@ -52,9 +51,13 @@ def piece_size_for(blob_size: int, min_piece_size: int = DEFAULT_MIN_PIECE_SIZE)
     a node without one (back to source, no scheduler) uses it with the default floor."""
     if blob_size < 0:
         raise ValueError(f"blob size must not be negative: {blob_size}")
-    want = max(1, -(-blob_size // PIECES_TARGET))
-    size = 1 << (want - 1).bit_length()
+    size = _power_of_two_at_least(-(-blob_size // PIECES_TARGET))
     return min(MAX_PIECE_SIZE, max(min_piece_size, size))
+
+
+def _power_of_two_at_least(n: int) -> int:
+    """The smallest power of two not under `n` (1 for n <= 1)."""
+    return 1 << (max(1, n) - 1).bit_length()
 
 
 def old_piece_size(blob_size: int) -> int:
