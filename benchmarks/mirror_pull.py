@@ -4,11 +4,19 @@ through a peer whose neighbours already hold it.
 Real parts only: the Distribution registry as origin (optionally behind a rate-capped relay),
 separate scheduler/seed/peer processes, and a fresh private containerd per pull (nothing
 cached), so each time includes resolving, fetching every blob and unpacking it. Each line gives the
-pull's ratio to the direct pull of the same run and the CPU-seconds each part used meanwhile
+pull's ratio to the direct pulls beside it and the CPU-seconds each part used meanwhile
 (the seed, the peer pulled through, the other peers, containerd with ctr), so a slow pull can
 be told from a busy one on a shared machine.
 
-    .venv/bin/python -m benchmarks.mirror_pull --layers-mib 200,150,100,50
+A run has `--rounds` rounds, each with its own image (so every round has a cold peer): a
+direct pull, then the four pulls through peers; one more direct pull closes the run. A pull's
+ratio is to the mean of the direct pulls before and after its round. containerd's own time
+varies by about 0.15x from one pull to the next on this 2-core machine (it spends 6-7
+CPU-seconds per pull), so one direct pull is a noisy yardstick: the summary pools each kind of
+pull over the rounds (the sum of its times over the sum of its yardsticks) and gives the
+range of the rounds' ratios beside it.
+
+    .venv/bin/python -m benchmarks.mirror_pull --layers-mib 200,150,100,50 --rounds 3
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import os
 import resource
 import shlex
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +39,13 @@ from lab.runtimes import Containerd, write_hosts_toml
 
 MiB = 1 << 20
 REPO = "bench/mirror"
+# The pulls of a round through peers, in order, and the peer each goes through.
+THROUGH = (
+    ("through a cold peer", 0),
+    ("through a peer, neighbours warm", 1),
+    ("again, third host", 2),
+    ("through the first peer again", 0),
+)
 
 
 def cpu_s(pid: int) -> float:
@@ -50,6 +66,7 @@ def children_cpu_s() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers-mib", default="200,150,100,50", help="layer sizes in MiB (default: 500 MiB in 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of pulls, each with its own image (default: 3)")
     parser.add_argument("--origin-rate", type=int, default=None, help="cap the origin at this many bytes/s")
     parser.add_argument("--workdir", help="keep everything here (default: a temporary dir, removed)")
     parser.add_argument(
@@ -67,19 +84,23 @@ def main() -> None:
     )
     args = parser.parse_args()
     sizes = [int(s) * MiB for s in args.layers_mib.split(",")]
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="p2pdist-mirror-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     services: list[Service] = []
     try:
-        print(f"generating a {sum(sizes) // MiB} MiB image ({len(sizes)} layers)...", flush=True)
-        image = make_oci_layout(workdir / "image", sizes, seed=500)
+        print(f"generating {args.rounds} image(s) of {sum(sizes) // MiB} MiB ({len(sizes)} layers)...", flush=True)
+        images = [make_oci_layout(workdir / f"image{r}", sizes, seed=500 + r, tag=f"r{r}") for r in range(args.rounds)]
         with Origin(workdir=workdir / "origin") as origin:
-            push_image(image, origin.host, REPO)
+            for image in images:
+                push_image(image, origin.host, REPO)
             with RelayProcess(workdir, origin.host, rate_bps=args.origin_rate) as relay:
                 seed_args, peer_args = attest_args(workdir) if args.verify_once else ([], [])
                 scheduler = start_scheduler(workdir, extra_args=shlex.split(args.scheduler_args))
                 services.append(scheduler)
-                services.append(start_seed(workdir, scheduler.url, "seed0", extra_args=seed_args))
+                seed = start_seed(workdir, scheduler.url, "seed0", extra_args=seed_args)
+                services.append(seed)
                 peers = [
                     start_peer(
                         workdir,
@@ -90,41 +111,61 @@ def main() -> None:
                     for i in range(3)
                 ]
                 services.extend(peers)
-                ref = f"{relay.host}/{REPO}:latest"
+                pulls = 0
 
-                seed = services[1]
-                direct: list[float] = []
-
-                def pull(label: str, mirror: str | None, through: Service | None = None) -> float:
-                    slug = "-".join(label.split()[:4]).replace(",", "")
-                    hosts_dir = workdir / f"certs-{slug}"
-                    write_hosts_toml(hosts_dir, relay.host, relay.url, mirror)
+                def pull(ref: str, through: Service | None) -> tuple[float, str]:
+                    """One pull into a fresh containerd: its seconds, and the rest of its line."""
+                    nonlocal pulls
+                    pulls += 1
+                    hosts_dir = workdir / f"certs-{pulls}"
+                    write_hosts_toml(hosts_dir, relay.host, relay.url, through.proxy_url if through else None)
                     before = relay.downstream_bytes()
-                    with Containerd(workdir, f"containerd-{slug}") as containerd:
+                    with Containerd(workdir, f"containerd-{pulls}") as containerd:
                         cpu = {s.name: cpu_s(s.pid) for s in (seed, *peers)}
                         client = cpu_s(containerd.service.pid) + children_cpu_s()
                         took = containerd.pull(ref, hosts_dir, timeout=1200)
                         client = cpu_s(containerd.service.pid) + children_cpu_s() - client
                         used = {s.name: cpu_s(s.pid) - cpu[s.name] for s in (seed, *peers)}
                     sent = relay.downstream_bytes() - before
-                    if mirror is None:
-                        direct.append(took)
-                    ratio = took / direct[0]
                     mine = used[through.name] if through else 0.0
                     others = sum(used[p.name] for p in peers if p is not through)
-                    print(
-                        f"{label:<34} {took:7.2f} s {ratio:5.2f}x direct   origin sent {sent / MiB:6.1f} MiB   "
-                        f"CPU-s: seed {used[seed.name]:.2f}, this peer {mine:.2f}, other peers {others:.2f}, "
-                        f"containerd+ctr {client:.2f}   load {os.getloadavg()[0]:.1f}",
-                        flush=True,
+                    rest = (
+                        f"origin sent {sent / MiB:6.1f} MiB   CPU-s: seed {used[seed.name]:.2f}, this peer {mine:.2f}, "
+                        f"other peers {others:.2f}, containerd+ctr {client:.2f}   load {os.getloadavg()[0]:.1f}"
                     )
+                    return took, rest
+
+                def direct(r: int) -> float:
+                    took, rest = pull(f"{relay.host}/{REPO}:r{r}", None)
+                    print(f"{'direct from the origin':<34} {took:7.2f} s                {rest}", flush=True)
                     return took
 
-                pull("direct from the origin", None)
-                pull("through a cold peer", peers[0].proxy_url, peers[0])
-                pull("through a peer, neighbours warm", peers[1].proxy_url, peers[1])
-                pull("again, third host", peers[2].proxy_url, peers[2])
-                pull("through the first peer again", peers[0].proxy_url, peers[0])
+                directs = [direct(0)]
+                times: dict[str, list[float]] = {label: [] for label, _ in THROUGH}
+                for r in range(args.rounds):
+                    round_times = []
+                    for label, peer in THROUGH:
+                        took, rest = pull(f"{relay.host}/{REPO}:r{r}", peers[peer])
+                        round_times.append((label, took, rest))
+                    directs.append(direct((r + 1) % args.rounds))
+                    yardstick = (directs[r] + directs[r + 1]) / 2
+                    for label, took, rest in round_times:
+                        times[label].append(took)
+                        print(f"{label:<34} {took:7.2f} s {took / yardstick:5.2f}x direct   {rest}", flush=True)
+                    print(f"  round {r + 1}: direct {directs[r]:.2f} and {directs[r + 1]:.2f} s", flush=True)
+                yardsticks = [(directs[r] + directs[r + 1]) / 2 for r in range(args.rounds)]
+                print(
+                    f"\nover {args.rounds} round(s): direct pulls {min(directs):.2f}-{max(directs):.2f} s "
+                    f"(median {statistics.median(directs):.2f})",
+                    flush=True,
+                )
+                for label, _ in THROUGH:
+                    ratios = [t / y for t, y in zip(times[label], yardsticks, strict=True)]
+                    print(
+                        f"{label:<34} {sum(times[label]) / sum(yardsticks):5.2f}x direct, pooled   "
+                        f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)",
+                        flush=True,
+                    )
     finally:
         for service in reversed(services):
             service.stop()
