@@ -69,6 +69,21 @@ class Metrics:
         self.bad_reports = Counter(
             "p2pdist_scheduler_bad_parent_reports", "Parents reported for bad pieces", registry=r
         )
+        self.cycle_searches_refused = Counter(
+            "p2pdist_scheduler_cycle_searches_refused",
+            "Parents passed over because ruling out a cycle through them cost too much",
+            registry=r,
+        )
+        self.children_shed = Counter(
+            "p2pdist_scheduler_children_shed",
+            "Child-to-parent links dropped so that a peer that fell behind could catch up",
+            registry=r,
+        )
+        self.small_direct = Counter(
+            "p2pdist_scheduler_small_blobs_direct",
+            "Registrations of blobs under the small-blob threshold, sent straight to the origin",
+            registry=r,
+        )
         self.latency = Histogram(
             "p2pdist_scheduler_request_duration_seconds",
             "API request handling time",
@@ -118,7 +133,18 @@ class SchedulerService:
         self._wake_send: trio.MemorySendChannel[WakeSeed]
         self._wake_recv: trio.MemoryReceiveChannel[WakeSeed]
         self._wake_send, self._wake_recv = trio.open_memory_channel(1000)
-        self._counted = (0, 0, 0, 0)
+        # Counters.<field> -> its metric, in the order _count compares them.
+        m = self.metrics
+        self._counted_into = (
+            m.decisions,
+            m.seeds_woken,
+            m.back_to_source,
+            m.bad_reports,
+            m.cycle_searches_refused,
+            m.children_shed,
+            m.small_direct,
+        )
+        self._counted = (0,) * len(self._counted_into)
         self.jobs = JobService(config, self.state)
         self._last_tick = trio.current_time()
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -251,20 +277,22 @@ class SchedulerService:
 
     def _count(self) -> None:
         c = self.state.counters
-        now = (c.decisions, c.seeds_woken, c.back_to_source, c.bad_reports)
+        now = (
+            c.decisions,
+            c.seeds_woken,
+            c.back_to_source,
+            c.bad_reports,
+            c.cycle_searches_refused,
+            c.children_shed,
+            c.small_direct,
+        )
         before = self._counted
         if now == before:
             return
         # Only the counters that moved: an inc() takes a lock even to add nothing.
-        metrics = self.metrics
-        if now[0] != before[0]:
-            metrics.decisions.inc(now[0] - before[0])
-        if now[1] != before[1]:
-            metrics.seeds_woken.inc(now[1] - before[1])
-        if now[2] != before[2]:
-            metrics.back_to_source.inc(now[2] - before[2])
-        if now[3] != before[3]:
-            metrics.bad_reports.inc(now[3] - before[3])
+        for metric, new, old in zip(self._counted_into, now, before, strict=True):
+            if new != old:
+                metric.inc(new - old)
         self._counted = now
 
     def _refresh_gauges(self) -> None:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import random
 
+import trio
+from prometheus_client import generate_latest
+
 from p2pdist.config import SchedulerConfig
 from p2pdist.content.pieces import Bitmap, MiB, PieceLayout
 from p2pdist.wire import AnnounceHost, Parent, Register, SeedProgress, SyncReply
 from peer.machine import Limits, TaskMachine
+from scheduler.service import SchedulerService
 from scheduler.state import Scheduler
 
 TASK = "sha256:" + "ab" * 32
@@ -32,6 +36,18 @@ def test_a_small_blob_nobody_has_goes_straight_to_the_origin_and_wakes_no_seed()
     reply, wake = register(s, "p1", 200_000)
     assert reply.state == "back_to_source" and "small blob" in reply.reason
     assert wake is None and s.counters.seeds_woken == 0
+
+
+async def test_the_small_blobs_sent_to_the_origin_are_counted_in_the_metrics() -> None:
+    service = SchedulerService(SchedulerConfig(allowed_registries=("origin:5000",)))
+    service.state.announce(AnnounceHost(host_id="p1", url="http://p1:4000", kind="peer", upload_slots=4), 0.0)
+    for n in range(2):
+        task = f"sha256:{n:064x}"
+        message = Register(host_id="p1", task_id=task, url=URL.replace(TASK, task), content_length=200_000)
+        assert service._dispatch(message).state == "back_to_source"  # type: ignore[attr-defined]
+    service._count()
+    assert "p2pdist_scheduler_small_blobs_direct_total 2.0" in generate_latest(service.metrics.registry).decode()
+    await trio.lowlevel.checkpoint()
 
 
 def test_a_blob_at_the_threshold_or_of_unknown_size_goes_through_p2p() -> None:
