@@ -8,9 +8,10 @@ pull's ratio to the direct pulls beside it and the CPU-seconds each part used me
 (the seed, the peer pulled through, the other peers, containerd with ctr), so a slow pull can
 be told from a busy one on a shared machine.
 
-A run has `--rounds` rounds, each with its own image (so every round has a cold peer): a
-direct pull, then the four pulls through peers; one more direct pull closes the run. A pull's
-ratio is to the mean of the direct pulls before and after its round. containerd's own time
+A run has `--rounds` rounds, each with its own image (so every round has a cold peer) and its
+own scheduler, seed and peers, removed with their stores at the round's end: a direct pull,
+the four pulls through peers, and a direct pull again. A pull's ratio is to the mean of its
+round's two direct pulls. containerd's own time
 varies by about 0.15x from one pull to the next on this 2-core machine (it spends 6-7
 CPU-seconds per pull), so one direct pull is a noisy yardstick: the summary pools each kind of
 pull over the rounds (the sum of its times over the sum of its yardsticks) and gives the
@@ -88,87 +89,100 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="p2pdist-mirror-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    services: list[Service] = []
     try:
-        print(f"generating {args.rounds} image(s) of {sum(sizes) // MiB} MiB ({len(sizes)} layers)...", flush=True)
-        images = [make_oci_layout(workdir / f"image{r}", sizes, seed=500 + r, tag=f"r{r}") for r in range(args.rounds)]
-        with Origin(workdir=workdir / "origin") as origin:
-            for image in images:
+        with (
+            Origin(workdir=workdir / "origin") as origin,
+            RelayProcess(workdir, origin.host, rate_bps=args.origin_rate) as relay,
+        ):
+            pulls = 0
+
+            def pull(ref: str, through: Service | None, watched: list[Service]) -> tuple[float, str]:
+                """One pull into a fresh containerd: its seconds, and the rest of its line."""
+                nonlocal pulls
+                pulls += 1
+                hosts_dir = workdir / f"certs-{pulls}"
+                write_hosts_toml(hosts_dir, relay.host, relay.url, through.proxy_url if through else None)
+                before = relay.downstream_bytes()
+                with Containerd(workdir, f"containerd-{pulls}") as containerd:
+                    cpu = {s.name: cpu_s(s.pid) for s in watched}
+                    client = cpu_s(containerd.service.pid) + children_cpu_s()
+                    took = containerd.pull(ref, hosts_dir, timeout=1200)
+                    client = cpu_s(containerd.service.pid) + children_cpu_s() - client
+                    used = {s.name: cpu_s(s.pid) - cpu[s.name] for s in watched}
+                sent = relay.downstream_bytes() - before
+                seed = used.get("seed0", 0.0)
+                mine = used[through.name] if through else 0.0
+                others = sum(
+                    v for name, v in used.items() if name.startswith("peer") and through and name != through.name
+                )
+                rest = (
+                    f"origin sent {sent / MiB:6.1f} MiB   CPU-s: seed {seed:.2f}, this peer {mine:.2f}, "
+                    f"other peers {others:.2f}, containerd+ctr {client:.2f}   load {os.getloadavg()[0]:.1f}"
+                )
+                return took, rest
+
+            directs: list[tuple[float, float]] = []
+            times: dict[str, list[float]] = {label: [] for label, _ in THROUGH}
+            for r in range(args.rounds):
+                print(f"round {r + 1}: generating a {sum(sizes) // MiB} MiB image ({len(sizes)} layers)...", flush=True)
+                image = make_oci_layout(workdir / "image", sizes, seed=500 + r, tag=f"r{r}")
                 push_image(image, origin.host, REPO)
-            with RelayProcess(workdir, origin.host, rate_bps=args.origin_rate) as relay:
-                seed_args, peer_args = attest_args(workdir) if args.verify_once else ([], [])
-                scheduler = start_scheduler(workdir, extra_args=shlex.split(args.scheduler_args))
-                services.append(scheduler)
-                seed = start_seed(workdir, scheduler.url, "seed0", extra_args=seed_args)
-                services.append(seed)
-                peers = [
-                    start_peer(
-                        workdir,
-                        scheduler.url,
-                        f"peer{i}",
-                        ("--insecure-registry", relay.host, *peer_args, *shlex.split(args.peer_args)),
-                    )
-                    for i in range(3)
-                ]
-                services.extend(peers)
-                pulls = 0
-
-                def pull(ref: str, through: Service | None) -> tuple[float, str]:
-                    """One pull into a fresh containerd: its seconds, and the rest of its line."""
-                    nonlocal pulls
-                    pulls += 1
-                    hosts_dir = workdir / f"certs-{pulls}"
-                    write_hosts_toml(hosts_dir, relay.host, relay.url, through.proxy_url if through else None)
-                    before = relay.downstream_bytes()
-                    with Containerd(workdir, f"containerd-{pulls}") as containerd:
-                        cpu = {s.name: cpu_s(s.pid) for s in (seed, *peers)}
-                        client = cpu_s(containerd.service.pid) + children_cpu_s()
-                        took = containerd.pull(ref, hosts_dir, timeout=1200)
-                        client = cpu_s(containerd.service.pid) + children_cpu_s() - client
-                        used = {s.name: cpu_s(s.pid) - cpu[s.name] for s in (seed, *peers)}
-                    sent = relay.downstream_bytes() - before
-                    mine = used[through.name] if through else 0.0
-                    others = sum(used[p.name] for p in peers if p is not through)
-                    rest = (
-                        f"origin sent {sent / MiB:6.1f} MiB   CPU-s: seed {used[seed.name]:.2f}, this peer {mine:.2f}, "
-                        f"other peers {others:.2f}, containerd+ctr {client:.2f}   load {os.getloadavg()[0]:.1f}"
-                    )
-                    return took, rest
-
-                def direct(r: int) -> float:
-                    took, rest = pull(f"{relay.host}/{REPO}:r{r}", None)
-                    print(f"{'direct from the origin':<34} {took:7.2f} s                {rest}", flush=True)
-                    return took
-
-                directs = [direct(0)]
-                times: dict[str, list[float]] = {label: [] for label, _ in THROUGH}
-                for r in range(args.rounds):
-                    round_times = []
+                shutil.rmtree(workdir / "image")
+                ref = f"{relay.host}/{REPO}:r{r}"
+                # Each round on a new cluster, whose stores are removed after it: what the
+                # stores hold is page cache, and on this machine pulls slow down by up to 2x
+                # once three rounds' blobs fill the free memory.
+                here = workdir / f"round{r}"
+                here.mkdir()
+                services: list[Service] = []
+                try:
+                    seed_args, peer_args = attest_args(here) if args.verify_once else ([], [])
+                    scheduler = start_scheduler(here, extra_args=shlex.split(args.scheduler_args))
+                    services.append(scheduler)
+                    services.append(start_seed(here, scheduler.url, "seed0", extra_args=seed_args))
+                    peers = [
+                        start_peer(
+                            here,
+                            scheduler.url,
+                            f"peer{i}",
+                            ("--insecure-registry", relay.host, *peer_args, *shlex.split(args.peer_args)),
+                        )
+                        for i in range(3)
+                    ]
+                    services.extend(peers)
+                    lines = []
+                    first, rest = pull(ref, None, services)
+                    lines.append(("direct from the origin", first, rest))
                     for label, peer in THROUGH:
-                        took, rest = pull(f"{relay.host}/{REPO}:r{r}", peers[peer])
-                        round_times.append((label, took, rest))
-                    directs.append(direct((r + 1) % args.rounds))
-                    yardstick = (directs[r] + directs[r + 1]) / 2
-                    for label, took, rest in round_times:
+                        took, rest = pull(ref, peers[peer], services)
                         times[label].append(took)
-                        print(f"{label:<34} {took:7.2f} s {took / yardstick:5.2f}x direct   {rest}", flush=True)
-                    print(f"  round {r + 1}: direct {directs[r]:.2f} and {directs[r + 1]:.2f} s", flush=True)
-                yardsticks = [(directs[r] + directs[r + 1]) / 2 for r in range(args.rounds)]
+                        lines.append((label, took, rest))
+                    last, rest = pull(ref, None, services)
+                    lines.append(("direct from the origin, again", last, rest))
+                finally:
+                    for service in reversed(services):
+                        service.stop()
+                    shutil.rmtree(here, ignore_errors=True)
+                directs.append((first, last))
+                yardstick = (first + last) / 2
+                for label, took, rest in lines:
+                    ratio = "" if label.startswith("direct") else f"{took / yardstick:5.2f}x direct"
+                    print(f"{label:<34} {took:7.2f} s {ratio:<13}   {rest}", flush=True)
+            yardsticks = [(a + b) / 2 for a, b in directs]
+            every = [t for pair in directs for t in pair]
+            print(
+                f"\nover {args.rounds} round(s): direct pulls {min(every):.2f}-{max(every):.2f} s "
+                f"(median {statistics.median(every):.2f})",
+                flush=True,
+            )
+            for label, _ in THROUGH:
+                ratios = [t / y for t, y in zip(times[label], yardsticks, strict=True)]
                 print(
-                    f"\nover {args.rounds} round(s): direct pulls {min(directs):.2f}-{max(directs):.2f} s "
-                    f"(median {statistics.median(directs):.2f})",
+                    f"{label:<34} {sum(times[label]) / sum(yardsticks):5.2f}x direct, pooled   "
+                    f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)",
                     flush=True,
                 )
-                for label, _ in THROUGH:
-                    ratios = [t / y for t, y in zip(times[label], yardsticks, strict=True)]
-                    print(
-                        f"{label:<34} {sum(times[label]) / sum(yardsticks):5.2f}x direct, pooled   "
-                        f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)",
-                        flush=True,
-                    )
     finally:
-        for service in reversed(services):
-            service.stop()
         if not args.workdir:
             time.sleep(0.1)
             shutil.rmtree(workdir, ignore_errors=True)
