@@ -11,11 +11,10 @@ be told from a busy one on a shared machine.
 A run has `--rounds` rounds, each with its own image (so every round has a cold peer) and its
 own scheduler, seed and peers, removed with their stores at the round's end: a direct pull,
 the four pulls through peers, and a direct pull again. A pull's ratio is to the mean of its
-round's two direct pulls. containerd's own time
-varies by about 0.15x from one pull to the next on this 2-core machine (it spends 6-7
-CPU-seconds per pull), so one direct pull is a noisy yardstick: the summary pools each kind of
-pull over the rounds (the sum of its times over the sum of its yardsticks) and gives the
-range of the rounds' ratios beside it.
+round's two direct pulls. containerd's own time varies by about 0.15x from one pull to the
+next on this 2-core machine (it spends 6-7 CPU-seconds per pull), so one direct pull is a
+noisy yardstick: the summary pools each kind of pull over the rounds (the sum of its times
+over the sum of its yardsticks) and gives the range of the rounds' ratios beside it.
 
     .venv/bin/python -m benchmarks.mirror_pull --layers-mib 200,150,100,50 --rounds 3
 """
@@ -112,9 +111,7 @@ def main() -> None:
                 sent = relay.downstream_bytes() - before
                 seed = used.get("seed0", 0.0)
                 mine = used[through.name] if through else 0.0
-                others = sum(
-                    v for name, v in used.items() if name.startswith("peer") and through and name != through.name
-                )
+                others = sum(v for name, v in used.items() if name.startswith("peer")) - mine
                 rest = (
                     f"origin sent {sent / MiB:6.1f} MiB   CPU-s: seed {seed:.2f}, this peer {mine:.2f}, "
                     f"other peers {others:.2f}, containerd+ctr {client:.2f}   load {os.getloadavg()[0]:.1f}"
