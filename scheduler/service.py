@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import json
 import logging
+import operator
 import time
 from typing import Any
 
@@ -133,18 +134,20 @@ class SchedulerService:
         self._wake_send: trio.MemorySendChannel[WakeSeed]
         self._wake_recv: trio.MemoryReceiveChannel[WakeSeed]
         self._wake_send, self._wake_recv = trio.open_memory_channel(1000)
-        # Counters.<field> -> its metric, in the order _count compares them.
+        # Counters.<field> -> its metric; _count reads the fields in this order.
         m = self.metrics
-        self._counted_into = (
-            m.decisions,
-            m.seeds_woken,
-            m.back_to_source,
-            m.bad_reports,
-            m.cycle_searches_refused,
-            m.children_shed,
-            m.small_direct,
-        )
-        self._counted = (0,) * len(self._counted_into)
+        counted = {
+            "decisions": m.decisions,
+            "seeds_woken": m.seeds_woken,
+            "back_to_source": m.back_to_source,
+            "bad_reports": m.bad_reports,
+            "cycle_searches_refused": m.cycle_searches_refused,
+            "children_shed": m.children_shed,
+            "small_direct": m.small_direct,
+        }
+        self._read_counters = operator.attrgetter(*counted)
+        self._counted_into = tuple(counted.values())
+        self._counted: tuple[int, ...] = (0,) * len(counted)
         self.jobs = JobService(config, self.state)
         self._last_tick = trio.current_time()
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -276,16 +279,7 @@ class SchedulerService:
         return dataclasses.replace(message, tasks=holdings)
 
     def _count(self) -> None:
-        c = self.state.counters
-        now = (
-            c.decisions,
-            c.seeds_woken,
-            c.back_to_source,
-            c.bad_reports,
-            c.cycle_searches_refused,
-            c.children_shed,
-            c.small_direct,
-        )
+        now = self._read_counters(self.state.counters)
         before = self._counted
         if now == before:
             return
