@@ -650,14 +650,14 @@ class Scheduler:
         host = self.hosts.get(host_id)
         return host is not None and host.kind == "seed"
 
-    def _task(self, task_id: str, host_id: str | None) -> Task:
+    def _task(self, task_id: str, host_id: str) -> Task:
         """The task, made if new: its piece floor then follows the upload cap of `host_id`, the
         host asking for it first (small pieces where a hop is slow, the old floor where there
         is no cap; min_piece_bytes for a host not announced yet, or a preheat)."""
         task = self.tasks.get(task_id)
         if task is None:
             task = self.tasks[task_id] = Task(task_id)
-            host = self.hosts.get(host_id) if host_id is not None else None
+            host = self.hosts.get(host_id)
             if host is not None:
                 task.min_piece_size = piece_floor_for_upload(host.upload_rate_bps, self.config.min_piece_bytes)
         return task
