@@ -484,12 +484,11 @@ class PeerConfig(NodeConfig):
     schedule_rounds: int = opt(4, _int, "failed scheduling rounds before going back to source")
     scheduler_timeout_s: float = opt(3.0, _float, "time allowed for one scheduler call")
     wait_for_seed_s: float = opt(60.0, _float, "time to wait for the first piece before going back to source")
-    # Off by default for now: it no longer costs the peers more CPU than syncing every 0.2 s (a
-    # child polls only parents it does not hear on piece answers), but a pull started before the
-    # seed holds anything reached its first byte later in one test (benchmarks/README.md, issue
-    # 18); at fleet scale it is what keeps the scheduler out of the per-piece path (issue 17).
+    # On by default: at fleet scale it is what keeps the scheduler out of the per-piece path
+    # (issue 17), and it costs the peers no more CPU than syncing every 0.2 s (a child polls only
+    # parents it does not hear on piece answers). Off: the old 0.2 s clock, for comparison.
     peer_news: bool = opt(
-        False,
+        True,
         _bool,
         "learn what parents hold from the parents (a long-poll per parent; a dead parent is noticed at once) "
         "and ask the scheduler only to join, for parents, digests and about 10 times per pull; off: sync every 0.2 s",

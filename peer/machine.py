@@ -51,6 +51,9 @@ PARENT_ABSENT = 3  # 404s for pieces a parent claims before it is treated as fai
 BLOCK_S = 30.0  # a blocked parent is not asked again, nor taken from the scheduler, this long
 # With peer news, the scheduler's request rate per task is bounded by a token bucket: at most
 # SYNC_BURST syncs at once, refilled at SYNC_RATE_PER_S, never two within SYNC_INTERVAL_S.
+# Syncs while the blob's size is unknown are not charged: until the seed's first answer from the
+# origin a child has no parent to hear news from, and asks every SYNC_INTERVAL_S as without news
+# (a bucket emptied there held a pull's first byte back by up to a second under load).
 SYNC_BURST = 3
 SYNC_RATE_PER_S = 1.0
 STEADY_SYNC_INTERVAL_S = 5.0  # nothing to ask: tell the scheduler what we hold this often
@@ -229,16 +232,21 @@ class TaskMachine:
         - else every STEADY_SYNC_INTERVAL_S, to tell what we hold.
         "At once" is still at least SYNC_INTERVAL_S after the last answer and within the token
         bucket, so a task sends at most SYNC_BURST + SYNC_RATE_PER_S·T syncs in any T seconds,
-        besides its first register and its last `done` sync."""
+        besides its first register, its last `done` sync, and one every SYNC_INTERVAL_S while
+        the blob's size is unknown (until the seed's first answer from the origin)."""
         if self.finished:
             return float("inf")
         base = self._answered_at
-        if not self.limits.peer_news:
+        if not self.limits.peer_news or self._sizing():
             return base + self.sync_delay()
         soonest = max(base + self.sync_delay(), self._tokens_ready_at())
         if self._sync_failures or self._urgent():
             return soonest
         return max(min(base + STEADY_SYNC_INTERVAL_S, self._short_at()), soonest)
+
+    def _sizing(self) -> bool:
+        """Registered, and waiting for the scheduler to learn the blob's size."""
+        return self.registered and self.content_length is None
 
     def _short_at(self) -> float:
         """When the average of pieces in flight since the last answer falls under half the
@@ -325,7 +333,7 @@ class TaskMachine:
     def take_report(self, now: float | None = None) -> Report:
         """The next sync's contents; answer with `sync_answered` or `sync_failed`. `now` counts
         it against the sync bucket (the last `done` sync, sent without, is not counted)."""
-        if now is not None:
+        if now is not None and not self._sizing():
             tokens = min(float(SYNC_BURST), self._tokens + (now - self._tokens_at) * SYNC_RATE_PER_S)
             self._tokens = tokens - 1.0
             self._tokens_at = now

@@ -314,4 +314,5 @@ def test_blob_streams_as_pieces_arrive_so_the_first_byte_does_not_wait_for_the_w
     finally:
         cluster.stop()
     assert "sha256:" + sha.hexdigest() == layer.digest
+    print(f"first byte after {first_byte:.2f}s of {total:.2f}s")
     assert first_byte is not None and first_byte < 0.5 * total, (first_byte, total)

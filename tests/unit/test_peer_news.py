@@ -140,6 +140,31 @@ def test_syncs_are_bounded_by_the_bucket_however_urgent() -> None:
     assert all(b - a >= SYNC_INTERVAL_S - 1e-9 for a, b in zip(sent, sent[1:], strict=False))
 
 
+def test_while_the_seed_learns_the_size_the_child_asks_every_interval_and_keeps_its_bucket() -> None:
+    m = TaskMachine("me", Limits(peer_news=True), random.Random(1), 0.0)
+    waiting = SyncReply(task_id=TASK, state="waiting", reason="waiting for the seed to learn the blob's size")
+    m.register_answered(waiting, 0.0)
+    sent = []
+    now = 0.0
+    while now < 2.0:
+        now = m.next_sync_at(now)
+        sent.append(now)
+        m.sync_answered(m.take_report(now), waiting, now)
+    # Every SYNC_INTERVAL_S, not SYNC_BURST then one a second: no parent to hear news from yet.
+    assert len(sent) >= 2.0 / SYNC_INTERVAL_S - 1
+    assert all(abs((b - a) - SYNC_INTERVAL_S) < 1e-9 for a, b in zip(sent, sent[1:], strict=False))
+    m.sync_answered(m.take_report(now + SYNC_INTERVAL_S), running(parent("a", [])), now + SYNC_INTERVAL_S)
+    m.store_opened(SIZE, 0, [])
+    # Sized now: the bucket was not spent on the wait, so the next urgent syncs go out at once.
+    at = now + SYNC_INTERVAL_S
+    m.parent_lost("a", at)
+    for _ in range(SYNC_BURST):
+        due = m.next_sync_at(at)
+        assert due == at + SYNC_INTERVAL_S
+        at = due
+        m.sync_answered(m.take_report(at), running(), at)
+
+
 def test_without_peer_news_the_child_syncs_every_sync_interval() -> None:
     m = TaskMachine("me", Limits(), random.Random(1), 0.0)
     m.register_answered(running(parent("a")), 0.0)
@@ -163,6 +188,6 @@ def test_a_finished_download_asks_nothing_more() -> None:
     assert m.complete and m.next_sync_at(0.5) == float("inf")
 
 
-def test_the_daemon_has_piece_news_only_when_configured() -> None:
-    assert Limits.from_config(PeerConfig()).peer_news is False
-    assert Limits.from_config(PeerConfig(peer_news=True)).peer_news is True
+def test_the_daemon_has_piece_news_unless_configured_off() -> None:
+    assert Limits.from_config(PeerConfig()).peer_news is True
+    assert Limits.from_config(PeerConfig(peer_news=False)).peer_news is False
