@@ -398,6 +398,12 @@ class NodeConfig(ServiceConfig):
     scheduler_backoff_s: float = opt(
         10.0, _float, "a scheduler that failed a call gets no task for this long (unless it answers an announce)"
     )
+    scheduler_patience_s: float = opt(
+        30.0,
+        _float,
+        "a scheduler call past its timeout waits on while the scheduler answers its liveness probe "
+        "(busy, not frozen), up to this long in all; 0: fail over at the timeout",
+    )
     scheduler_dns_interval_s: float = opt(
         30.0, _float, "how often scheduler host names are resolved again (each address is one scheduler)"
     )

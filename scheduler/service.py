@@ -19,6 +19,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from p2pdist import wire
+from p2pdist.cluster.liveness import LivenessResponder
 from p2pdist.config import SchedulerConfig, parse_hostport
 from p2pdist.errors import BadRequest, NotFound, UpstreamError
 from p2pdist.memory import ShrinkWatch, release_freed_memory
@@ -151,6 +152,7 @@ class SchedulerService:
         self.jobs = JobService(config, self.state)
         self._last_tick = trio.current_time()
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self.liveness: LivenessResponder | None = None  # set once the API port is bound
 
     async def handle(self, request: Request) -> Response:
         if request.path == "/healthz" and request.method in ("GET", "HEAD"):
@@ -226,6 +228,8 @@ class SchedulerService:
         children[1].observe(seconds)
 
     def _tick(self, now: float) -> None:
+        if self.liveness is not None:
+            self.liveness.beat()  # the loop runs: the probe's thread may say so
         gap = now - self._last_tick
         if gap > PAUSE_S:
             self.state.paused(gap - EXPIRE_INTERVAL_S)
@@ -396,8 +400,15 @@ async def _serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any]) 
                 task_status=task_status,
             )
         )
-        nursery.start_soon(service.wake_seeds)
-        nursery.start_soon(service.expire_loop)
-        nursery.start_soon(service.jobs.run)
-        log.info("scheduler listening on %s://%s:%d", "https" if tls else "http", *bound)
-        task_status.started(bound)
+        # Busy or frozen (p2pdist/cluster/liveness.py): probes answered on UDP at the API port.
+        service.liveness = LivenessResponder(host, bound[1])
+        service.liveness.start()
+        try:
+            nursery.start_soon(service.wake_seeds)
+            nursery.start_soon(service.expire_loop)
+            nursery.start_soon(service.jobs.run)
+            log.info("scheduler listening on %s://%s:%d (liveness probe on udp)", "https" if tls else "http", *bound)
+            task_status.started(bound)
+            await trio.sleep_forever()
+        finally:
+            service.liveness.close()

@@ -63,6 +63,13 @@ class DaemonMetrics:
             f"{p}_piece_duration_seconds", "Time to fetch one piece", ["source"], registry=r, buckets=_SECONDS
         )
         self.scheduler_errors = Counter(f"{p}_scheduler_errors", "Failed calls to the scheduler", registry=r)
+        self.scheduler_probes = Counter(
+            f"{p}_scheduler_probes",
+            "Liveness probes of a scheduler that had not answered a call in its timeout: "
+            "busy (answered; the call waits on) or silent (it fails over)",
+            ["outcome"],
+            registry=r,
+        )
         self.uploads_active = Gauge(f"{p}_uploads_active", "Piece uploads in progress", registry=r)
         self.tasks_active = Gauge(f"{p}_tasks_active", "Tasks downloading now", registry=r)
         self.upload_slots = Gauge(f"{p}_upload_slots", "Concurrent piece uploads allowed", registry=r)

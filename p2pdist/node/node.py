@@ -64,8 +64,10 @@ class Node(Generic[ConfigT]):
             config.scheduler,
             timeout_s=scheduler_timeout_s,
             backoff_s=config.scheduler_backoff_s,
+            patience_s=config.scheduler_patience_s,
             secret=config.cluster_secret,
             verify=self.tls_client,
+            on_wait=lambda outcome: self.metrics.scheduler_probes.labels(outcome).inc(),
         )
         # A scheduler that is new or answers again hears what this host holds at once: it may
         # own tasks now whose holders it would otherwise learn only at the next announce.

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import trio
 
 from p2pdist import wire
+from p2pdist.cluster.liveness import PROBE_TIMEOUT_S, probe
 from p2pdist.cluster.membership import Membership
 from p2pdist.errors import UpstreamError
 from p2pdist.transport.piececlient import PieceClient
@@ -29,30 +30,77 @@ MAX_REPLY_BYTES = 16 << 20
 
 
 class SchedulerClient:
+    """One scheduler. A call that waited out `timeout_s` probes the scheduler's liveness
+    (p2pdist/cluster/liveness.py): while the probe is answered (busy, not frozen) the call keeps
+    waiting, `timeout_s` at a time, for up to `patience_s` in all; with no answer it fails as
+    not answering. `on_wait(outcome)` counts each probe: "busy" or "silent"."""
+
     def __init__(
-        self, url: str, *, timeout_s: float = 3.0, secret: str | None = None, verify: ssl.SSLContext | None = None
+        self,
+        url: str,
+        *,
+        timeout_s: float = 3.0,
+        patience_s: float = 0.0,
+        secret: str | None = None,
+        verify: ssl.SSLContext | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self.patience_s = patience_s
+        self.on_wait = on_wait
         self.client = PieceClient(connect_timeout_s=timeout_s, secret=secret, ssl_context=verify)
 
     async def call(self, path: str, message: object, reply: type[R]) -> R:
         """POST a message; raise UpstreamError with a one-line reason on any failure."""
         headers = {"content-type": wire.CONTENT_TYPE, "x-p2pdist": "1"}
-        try:
-            with trio.fail_after(self.timeout_s):
-                async with self.client.request("POST", self.url + path, headers, wire.encode(message)) as response:
-                    if response.length > MAX_REPLY_BYTES:
-                        raise UpstreamError(f"scheduler sent a {response.length}-byte reply")
-                    body = await response.read()
-        except UpstreamError as exc:
-            raise UpstreamError(f"scheduler {self.url} unreachable: {exc}") from None
-        except trio.TooSlowError:
-            raise UpstreamError(f"scheduler {self.url} unreachable: no answer in {self.timeout_s:g}s") from None
-        if response.status != 200:
+        started = trio.current_time()
+        scope = trio.CancelScope(deadline=started + self.timeout_s)
+        got: list[tuple[int, bytes]] = []
+        failed: list[Exception] = []
+
+        async def attempt(watching: trio.CancelScope) -> None:
+            try:
+                with scope:
+                    async with self.client.request("POST", self.url + path, headers, wire.encode(message)) as response:
+                        if response.length > MAX_REPLY_BYTES:
+                            raise UpstreamError(f"scheduler sent a {response.length}-byte reply")
+                        got.append((response.status, await response.read()))
+            except Exception as exc:  # raised below, outside the nursery (no exception group)
+                failed.append(exc)
+            finally:
+                watching.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, nursery.cancel_scope)
+            if self.patience_s > self.timeout_s:
+                nursery.start_soon(self._watch, scope, started + self.patience_s)
+        if failed:
+            if isinstance(failed[0], UpstreamError):
+                raise UpstreamError(f"scheduler {self.url} unreachable: {failed[0]}") from None
+            raise failed[0]
+        if not got:
+            waited = trio.current_time() - started
+            raise UpstreamError(f"scheduler {self.url} unreachable: no answer in {waited:.3g}s")
+        status, body = got[0]
+        if status != 200:
             text = body.decode("utf-8", "replace").strip()
-            raise UpstreamError(f"scheduler answered {response.status}: {text[:200]}", upstream_status=response.status)
+            raise UpstreamError(f"scheduler answered {status}: {text[:200]}", upstream_status=status)
         return wire.decode(reply, body)
+
+    async def _watch(self, scope: trio.CancelScope, give_up_at: float) -> None:
+        """Probe just before the call's deadline; a live scheduler moves it on by timeout_s."""
+        lead = min(PROBE_TIMEOUT_S, self.timeout_s / 2)
+        while True:
+            await trio.sleep_until(scope.deadline - lead)
+            if scope.deadline >= give_up_at:
+                return  # out of patience: the deadline stands
+            alive = await probe(self.url, lead)
+            if self.on_wait is not None:
+                self.on_wait("busy" if alive else "silent")
+            if not alive:
+                return
+            scope.deadline = min(give_up_at, scope.deadline + self.timeout_s)
 
     async def say_goodbye(self, host_id: str) -> None:
         """Best effort, on shutdown: tell the scheduler to stop offering this host."""
@@ -84,12 +132,16 @@ class SchedulerPool:
         *,
         timeout_s: float = 3.0,
         backoff_s: float = 10.0,
+        patience_s: float = 0.0,
         secret: str | None = None,
         verify: ssl.SSLContext | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.configured = tuple(u.rstrip("/") for u in urls)
         self.membership = Membership(self.configured, backoff_s=backoff_s)
         self.timeout_s = timeout_s
+        self.patience_s = patience_s
+        self.on_wait = on_wait
         self._secret = secret
         self._verify = verify
         self._clients: dict[str, SchedulerClient] = {}
@@ -103,7 +155,12 @@ class SchedulerPool:
         client = self._clients.get(url)
         if client is None:
             client = self._clients[url] = SchedulerClient(
-                url, timeout_s=self.timeout_s, secret=self._secret, verify=self._verify
+                url,
+                timeout_s=self.timeout_s,
+                patience_s=self.patience_s,
+                secret=self._secret,
+                verify=self._verify,
+                on_wait=self.on_wait,
             )
         return client
 

@@ -152,11 +152,13 @@ def test_kubernetes_commands_configs_and_ports_match_the_cli(k8s: list[dict[str,
     assert configs["peer"].registry_mirror == mirrorconfig.DOCKER_HUB_API
 
     scheduler_service = find(k8s, "Service", "p2pdist-scheduler")
-    (port,) = scheduler_service["spec"]["ports"]
+    port, probe = scheduler_service["spec"]["ports"]
     sched_pod, sched = roles["scheduler"]
-    assert {p["name"]: p["containerPort"] for p in sched["ports"]}[port["targetPort"]] == port_of(
-        configs["scheduler"].listen
-    )
+    container_ports = {p["name"]: p["containerPort"] for p in sched["ports"]}
+    assert container_ports[port["targetPort"]] == port_of(configs["scheduler"].listen)
+    # The liveness probe (p2pdist/cluster/liveness.py) is UDP at the API's port.
+    assert probe["protocol"] == "UDP" and probe["port"] == port["port"]
+    assert container_ports[probe["targetPort"]] == port_of(configs["scheduler"].listen)
     for role in ("seed", "peer"):
         url = urlsplit(configs[role].scheduler[0])
         assert url.hostname == "p2pdist-scheduler.p2pdist.svc.cluster.local" and url.port == port["port"], role

@@ -117,5 +117,11 @@ def test_the_peer_removes_its_hosts_toml_on_the_way_out_and_checks_containerds_c
 
 def test_the_network_policies_limit_the_seed_and_scheduler_ports() -> None:
     policies = {d["metadata"]["name"]: d for _, d in resources() if d["kind"] == "NetworkPolicy"}
-    ports = {name: [p["port"] for rule in d["spec"]["ingress"] for p in rule["ports"]] for name, d in policies.items()}
-    assert ports == {"p2pdist-seed-pieces": [4010], "p2pdist-scheduler-api": [8002]}
+    ports = {
+        name: [(p["protocol"], p["port"]) for rule in d["spec"]["ingress"] for p in rule["ports"]]
+        for name, d in policies.items()
+    }
+    assert ports == {
+        "p2pdist-seed-pieces": [("TCP", 4010)],
+        "p2pdist-scheduler-api": [("TCP", 8002), ("UDP", 8002)],  # the API and its liveness probe
+    }
