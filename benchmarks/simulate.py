@@ -28,9 +28,12 @@ peer's register and syncs, the seed's progress reports) waits its turn in one FI
 takes MS of service, and its answer (and its effect on the scheduler's state) comes when that
 service ends; a peer sends its next sync only after the answer, as the daemon does. The report
 adds the scheduler's utilisation over time and the requests' latency. A peer stops waiting
-after PeerConfig.scheduler_timeout_s, as the daemon does: a register answered later sends it
-back to source (counted, and the host stops there: origin pulls are not modelled), a sync
-answered later is a failed sync; the scheduler still handles either in its turn. Without it (the default,
+after PeerConfig.scheduler_timeout_s, as the daemon does, unless it has patience
+(PeerConfig.scheduler_patience_s, `--scheduler-patience-s`): the modelled scheduler is busy,
+never frozen, so it answers the daemon's liveness probe (p2pdist/cluster/liveness.py) and the
+peer waits on up to its patience. A register answered later than that sends it back to source
+(counted, and the host stops there: origin pulls are not modelled), a sync answered later is
+a failed sync; the scheduler still handles either in its turn. Without it (the default,
 0) the scheduler answers at once, for free. Per request type, as `benchmarks.load --by-type`
 measures it: `--scheduler-service-ms register=0.4,sync=0.25,seed=0.2`.
 
@@ -125,6 +128,11 @@ class SimConfig:
 
     def service_s(self, request_type: str) -> float:
         return self.scheduler_service_s_by_type.get(request_type, self.scheduler_service_s)
+
+    def peer_waits_s(self) -> float:
+        """How long a peer waits for a scheduler answer: its timeout, or its patience where that
+        is longer (the modelled scheduler is busy, never frozen, so the probe is answered)."""
+        return max(self.peer.scheduler_timeout_s, self.peer.scheduler_patience_s)
 
     def server_modelled(self) -> bool:
         return self.scheduler_service_s > 0 or any(v > 0 for v in self.scheduler_service_s_by_type.values())
@@ -277,13 +285,14 @@ class Simulation:
             edge = min(end, (b + 1) * SCHED_BIN_S)
             self.sched_busy[b] += edge - t
             t = edge
-        if index and kind in ("registered", "synced") and end - when > self.config.peer.scheduler_timeout_s:
-            # The daemon stops waiting after scheduler_timeout_s and takes it as a failure; the
-            # scheduler still handles the request when its turn comes.
+        waits = self.config.peer_waits_s()
+        if index and kind in ("registered", "synced") and end - when > waits:
+            # The daemon stops waiting after its timeout (or its patience: the probe is answered)
+            # and takes it as a failure; the scheduler still handles the request in its turn.
             answer = self._at(end, kind, index)
             self.late.add(answer)
             self.pending[answer] = payload
-            self.pending[self._at(when + self.config.peer.scheduler_timeout_s, "timed_out", index)] = (kind, *payload)
+            self.pending[self._at(when + waits, "timed_out", index)] = (kind, *payload)
             return True
         self.pending[self._at(end, kind, index)] = payload
         return True
@@ -376,7 +385,7 @@ class Simulation:
         sync is a failed sync, retried by the machine's rules."""
         self.stats["scheduler_timeouts"] += 1
         if kind == "registered":
-            p.machine.register_failed(f"timed out after {self.config.peer.scheduler_timeout_s:g} s")
+            p.machine.register_failed(f"timed out after {self.config.peer_waits_s():g} s")
             self._gone(p)
             return
         report, done = payload
@@ -850,6 +859,7 @@ class Simulation:
             "registers": self.stats["registers"],
             "scheduler_timeouts": self.stats["scheduler_timeouts"],
             "peer_news": cfg.peer_news,
+            "scheduler_patience_s": cfg.peer.scheduler_patience_s,
             "news_latency_s": NEWS_LATENCY_S if cfg.peer_news else None,
             "upload_utilization": self.utilization,
             "idle_upload": self.idle,
@@ -1161,6 +1171,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="children learn parents' pieces only from syncs every 0.2 s (the policy before peer news)",
     )
+    parser.add_argument(
+        "--scheduler-patience-s",
+        type=float,
+        default=None,
+        help="how long a peer waits for a scheduler that answers its liveness probe (default: PeerConfig's; "
+        "0: it gives up at scheduler_timeout_s, the policy before the probe)",
+    )
     parser.add_argument("--concurrent-pieces", type=int, default=None, help="the peers' (default: PeerConfig's)")
     parser.add_argument("--per-parent-pieces", type=int, default=None, help="the peers' (default: PeerConfig's)")
     parser.add_argument("--upload-slots", type=int, default=0, help="each peer's (0: from its upload rate)")
@@ -1189,6 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
             ("concurrent_pieces", args.concurrent_pieces),
             ("per_parent_pieces", args.per_parent_pieces),
             ("upload_slots", args.upload_slots or None),
+            ("scheduler_patience_s", args.scheduler_patience_s),
         )
         if v is not None
     }
@@ -1267,7 +1285,7 @@ def main(argv: list[str] | None = None) -> int:
         f"scheduler asked {result['registers'] + result['syncs']} times by the peers "
         f"({(result['registers'] + result['syncs']) / config.peers:.2f} per host: "
         f"{result['registers']} registers, {result['syncs']} syncs); "
-        f"{result['scheduler_timeouts']} timed out (after {config.peer.scheduler_timeout_s:g} s), "
+        f"{result['scheduler_timeouts']} timed out (after {config.peer_waits_s():g} s), "
         f"{result['p2p']['back_to_source']} hosts back to source"
     )
     print(

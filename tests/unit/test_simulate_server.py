@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.simulate import SimConfig, simulate
+from p2pdist.config import PeerConfig
 
 MiB = 1 << 20
 
@@ -61,14 +62,30 @@ def test_service_times_per_request_type_are_charged_per_type() -> None:
 def test_a_register_answered_after_the_daemons_timeout_sends_the_host_back_to_source() -> None:
     import dataclasses
 
-    # 30 registers at 150 ms each: the 21st waits over 3 s (scheduler_timeout_s), where the
-    # daemon stops waiting and goes to the origin; the scheduler still handles it in its turn.
-    result, sim = simulate(dataclasses.replace(config(0.0), scheduler_service_s_by_type={"register": 0.150}))
+    # 30 registers at 150 ms each: the 21st waits over 3 s (scheduler_timeout_s), where a
+    # daemon without patience stops waiting and goes to the origin; the scheduler still handles
+    # it in its turn.
+    impatient = PeerConfig(scheduler_patience_s=0.0)
+    result, sim = simulate(
+        dataclasses.replace(config(0.0), scheduler_service_s_by_type={"register": 0.150}, peer=impatient)
+    )
     late = [t for t in sim.sched_latency_by_type["register"] if t > 3.0]
     assert late
     assert result["p2p"]["back_to_source"] == len(late) <= result["scheduler_timeouts"]  # syncs behind them too
     assert result["p2p"]["hosts_complete"] == 30 - len(late)
     assert len(sim.sched.tasks[next(iter(sim.sched.tasks))].peers) == 31  # every host and the seed joined
+
+
+def test_with_patience_a_busy_scheduler_is_waited_for_and_nobody_goes_to_the_origin() -> None:
+    import dataclasses
+
+    # The same line of registers: the modelled scheduler is busy, never frozen, so it answers the
+    # daemon's liveness probe and a patient peer (the default, 30 s) waits past its 3 s timeout.
+    result, sim = simulate(dataclasses.replace(config(0.0), scheduler_service_s_by_type={"register": 0.150}))
+    assert max(sim.sched_latency_by_type["register"]) > 3.0
+    assert result["p2p"]["back_to_source"] == 0 and result["scheduler_timeouts"] == 0
+    assert result["p2p"]["hosts_complete"] == 30
+    assert result["scheduler_patience_s"] == PeerConfig().scheduler_patience_s
 
 
 def test_the_service_flag_takes_one_time_or_one_per_type() -> None:
