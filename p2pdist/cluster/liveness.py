@@ -21,7 +21,6 @@ authenticated; someone who can forge the answer can only make a host wait its pa
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -29,8 +28,6 @@ import time
 from urllib.parse import urlsplit
 
 import trio
-
-log = logging.getLogger("p2pdist.liveness")
 
 PROBE = b"p2pdist alive? "
 ANSWER = b"p2pdist alive "
@@ -53,7 +50,6 @@ class LivenessResponder:
             raise OSError(f"cannot bind the liveness probe to udp {host}:{port}: {exc.strerror or exc}") from None
         self.sock.settimeout(1.0)  # to notice close()
         self.beat_at = time.monotonic()
-        self.answered = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
 
@@ -77,7 +73,6 @@ class LivenessResponder:
                 continue  # the loop is stuck: say nothing, as a stopped process would
             try:
                 self.sock.sendto(ANSWER + data[len(PROBE) :], address)
-                self.answered += 1
             except OSError:
                 continue
 
