@@ -56,33 +56,30 @@ class SchedulerClient:
         headers = {"content-type": wire.CONTENT_TYPE, "x-p2pdist": "1"}
         started = trio.current_time()
         scope = trio.CancelScope(deadline=started + self.timeout_s)
-        got: list[tuple[int, bytes]] = []
-        failed: list[Exception] = []
-
-        async def attempt(watching: trio.CancelScope) -> None:
+        answer: tuple[int, bytes] | None = None
+        async with trio.open_nursery() as nursery:
+            if self.patience_s > self.timeout_s:
+                nursery.start_soon(self._watch, scope, started + self.patience_s)
             try:
                 with scope:
                     async with self.client.request("POST", self.url + path, headers, wire.encode(message)) as response:
                         if response.length > MAX_REPLY_BYTES:
                             raise UpstreamError(f"scheduler sent a {response.length}-byte reply")
-                        got.append((response.status, await response.read()))
-            except Exception as exc:  # raised below, outside the nursery (no exception group)
-                failed.append(exc)
-            finally:
-                watching.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(attempt, nursery.cancel_scope)
-            if self.patience_s > self.timeout_s:
-                nursery.start_soon(self._watch, scope, started + self.patience_s)
-        if failed:
-            if isinstance(failed[0], UpstreamError):
-                raise UpstreamError(f"scheduler {self.url} unreachable: {failed[0]}") from None
-            raise failed[0]
-        if not got:
+                        answer = (response.status, await response.read())
+            except Exception as exc:
+                # Raised below, not out of the nursery, which would wrap it in an exception group.
+                failed: Exception | None = exc
+            else:
+                failed = None
+            nursery.cancel_scope.cancel()  # the watch
+        if isinstance(failed, UpstreamError):
+            raise UpstreamError(f"scheduler {self.url} unreachable: {failed}") from None
+        if failed is not None:
+            raise failed
+        if answer is None:
             waited = trio.current_time() - started
             raise UpstreamError(f"scheduler {self.url} unreachable: no answer in {waited:.3g}s")
-        status, body = got[0]
+        status, body = answer
         if status != 200:
             text = body.decode("utf-8", "replace").strip()
             raise UpstreamError(f"scheduler answered {status}: {text[:200]}", upstream_status=status)
