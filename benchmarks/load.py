@@ -604,7 +604,7 @@ async def handler(request):
 def quick(request):
     return REPLY if request.body_now() is not None else None
 async def main():
-    extra = {"quick_handler": quick} if sys.argv[1] == "quick" else {}
+    extra = {"quick_handler": quick, "lane": sys.argv[2] == "lane"} if sys.argv[1] == "quick" else {}
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(
             lambda task_status: serve_http(handler, "127.0.0.1", 0, name="floor", lean=True, task_status=task_status, **extra)
@@ -614,12 +614,14 @@ trio.run(main)
 """
 
 
-def http_floor(requests: int, connections: int, *, quick: bool) -> str:
+def http_floor(requests: int, connections: int, *, quick: bool, lane: bool = False) -> str:
     """The HTTP server's own CPU per request: a handler that only answers, in a child process,
     `requests` small POSTs over `connections` kept-alive connections from this one (each waits
     for its answer before the next, as a daemon does)."""
     server = subprocess.Popen(
-        [sys.executable, "-c", _FLOOR_SERVER, "quick" if quick else "handler"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _FLOOR_SERVER, "quick" if quick else "handler", "lane" if lane else "no-lane"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stdout is not None
@@ -649,7 +651,8 @@ def http_floor(requests: int, connections: int, *, quick: bool) -> str:
         cpu = trio.run(run)
         sent = requests // connections * connections
         return (
-            f"http floor ({'quick handler' if quick else 'handler'}): {sent} requests over {connections} "
+            f"http floor ({'quick handler' if quick else 'handler'}{' in the lane' if lane else ''}): "
+            f"{sent} requests over {connections} "
             f"connections, server {cpu:.2f} CPU-s, {cpu / sent * 1e6:.0f} us per request"
         )
     finally:
@@ -683,8 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=0,
         metavar="REQUESTS",
-        help="the HTTP server's CPU per request behind a handler that only answers, with and without "
-        "a quick handler (over --connections connections); nothing else runs",
+        help="the HTTP server's CPU per request behind a handler that only answers: a handler, a quick "
+        "handler, a quick handler with parked connections (lane=True, as the scheduler serves), over "
+        "--connections connections; nothing else runs",
     )
     parser.add_argument("--flood", type=int, default=0, help="bogus registrations during a real pull (0: skip)")
     parser.add_argument("--flood-seconds", type=float, default=30.0, help="time the flood is spread over")
@@ -708,8 +712,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.http_floor:
-        for quick in (False, True):
-            print(http_floor(args.http_floor, args.connections, quick=quick))
+        for quick, lane in ((False, False), (True, False), (True, True)):
+            print(http_floor(args.http_floor, args.connections, quick=quick, lane=lane))
         return 0
     if args.replay is not None:
         with tempfile.TemporaryDirectory(prefix="p2pdist-replay-") as tmp:

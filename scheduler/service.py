@@ -397,6 +397,7 @@ async def _serve(config: SchedulerConfig, *, task_status: trio.TaskStatus[Any]) 
                 max_connections=config.max_connections,
                 lean=True,
                 quick_handler=service.answer_now,
+                lane=True,
                 task_status=task_status,
             )
         )

@@ -25,6 +25,7 @@ import trio
 from p2pdist.errors import BodyTooLarge, P2PError, StartupError
 from p2pdist.transport.drain import Drain
 from p2pdist.transport.drain import current as current_drain
+from p2pdist.transport.lane import RESUME, Answered, Declined, Gone, Lane
 from p2pdist.transport.plainsock import receive_now, write_now
 from p2pdist.transport.protocol import (
     NEED_DATA,
@@ -106,6 +107,7 @@ async def serve_http(
     ssl_context: ssl.SSLContext | None = None,
     lean: bool = False,
     quick_handler: QuickHandler | None = None,
+    lane: bool = False,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `handler` on host:port until cancelled; reports the bound (host, port).
@@ -124,7 +126,10 @@ async def serve_http(
     `quick_handler` is asked first for each request: it answers at once, awaiting nothing
     (so no deadline can apply), or returns None to leave the request to `handler`. With the
     lean lane, its bytes answer goes out in one write: the scheduler's API calls take this
-    path, a coroutine and a cancel scope per call cost about a tenth of serving it.
+    path, a coroutine and a cancel scope per call cost about a tenth of serving it. `lane`
+    (with `lean` and a quick handler): plain connections wait between requests in one
+    shared epoll set, and what the quick handler answers is served there without waking
+    each connection's task (see lane.py).
     """
     server = _Server(
         handler=handler,
@@ -139,6 +144,7 @@ async def serve_http(
         ssl_context=ssl_context,
         lean=lean,
         quick_handler=quick_handler,
+        lane=Lane(idle_timeout_s) if lane and lean and quick_handler is not None else None,
     )
     try:
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=LISTEN_BACKLOG)
@@ -154,7 +160,12 @@ async def serve_http(
     log.info("%s: serving %s on %s:%d", name, "HTTPS" if ssl_context else "HTTP", bound_host, bound_port)
     task_status.started((bound_host, bound_port))
     try:
-        await trio.serve_listeners(server.serve_connection, listeners)
+        if server.lane is None:
+            await trio.serve_listeners(server.serve_connection, listeners)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.lane.run)
+                await trio.serve_listeners(server.serve_connection, listeners)
     finally:
         log.info("%s: HTTP server on %s:%d stopped", name, bound_host, bound_port)
 
@@ -173,6 +184,7 @@ class _Server:
     ssl_context: ssl.SSLContext | None = None
     lean: bool = False
     quick_handler: QuickHandler | None = None
+    lane: Lane | None = None
     open_connections: int = 0
     refused_connections: int = 0
     _cap_logged_at: float = -CAP_LOG_INTERVAL_S
@@ -294,11 +306,13 @@ class _Connection:
                 await self._close_gracefully()
                 return
             drain = current_drain()
-            if isinstance(event, Answer):
+            if isinstance(event, Answered):
+                await self._finish_quick(event, drain)
+            elif isinstance(event, Answer):
                 await self._send_response(event.response)
             elif drain is not None and drain.refuses(event.request.path):
                 await self._send_response(text_response(503, "draining: shutting down", [("connection", "close")]))
-            elif (quick := self._answer_now(event.request)) is not None:
+            elif type(event) is not Declined and (quick := self._answer_now(event.request)) is not None:
                 await self._send_quick(quick, drain)
             elif drain is not None:
                 with drain.request():  # the daemon waits for this response before it exits
@@ -308,21 +322,32 @@ class _Connection:
             if not await self._finish_cycle():
                 return
 
-    async def _next_request(self) -> RequestReceived | Answer | Refusal | ClientClosed:
+    async def _next_request(self) -> RequestReceived | Answer | Refusal | ClientClosed | Answered:
         """The next request, or what to do instead. On a kept-alive connection the wait for its
         first byte is bounded by idle_timeout_s (then the connection just closes); the head is
         bounded by head_timeout_s from its first byte, or from the accept for a connection's
-        first request (then a 408)."""
+        first request (then a 408). With the server's lane, a plain connection waits there
+        between requests, and what the lane answered comes back as `Answered` only when it
+        is left to finish."""
         deadline: float | None = None
         if self.requests == 0:
             deadline = trio.current_time() + self.server.head_timeout_s
+        lane = self.server.lane if self.stream is self.socket_stream else None
         while True:
             event = self.protocol.next_request(self._read_body)
             if not isinstance(event, NeedData):
                 if not isinstance(event, ClientClosed):
                     self.requests += 1
                 return event
-            if event.idle and deadline is None:
+            if event.idle and deadline is None and lane is not None:
+                handed = await lane.park(self)  # the lane counts the requests it takes
+                if isinstance(handed, Gone):
+                    raise _ClientGone(handed.why)
+                if handed is not RESUME:
+                    return handed  # type: ignore[return-value]  # never NeedData
+                deadline = trio.current_time() + self.server.head_timeout_s
+                continue  # the lane fed the protocol what it read
+            elif event.idle and deadline is None:
                 scope = self._scope
                 scope.deadline = trio.current_time() + self.server.idle_timeout_s
                 try:
@@ -373,6 +398,20 @@ class _Connection:
             if rest:
                 with counted:
                     await self._send_bytes(rest)
+        except BaseException:
+            self.protocol.response_failed()
+            raise
+
+    async def _finish_quick(self, answered: Answered, drain: Drain | None) -> None:
+        """The end of a quick answer the lane began: the rest of it, or all of it."""
+        if answered.rest is None:
+            await self._send_quick(answered.response, drain)
+            return
+        if not answered.rest:
+            return
+        try:
+            with drain.request() if drain is not None else contextlib.nullcontext():
+                await self._send_bytes(answered.rest)
         except BaseException:
             self.protocol.response_failed()
             raise

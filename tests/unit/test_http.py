@@ -29,7 +29,20 @@ from p2pdist.transport.server import (
 MiB = 1024 * 1024
 
 
+# Every test here runs twice: as given, and with its kept-alive connections parked in the lane
+# between requests (lean parsing, and a quick handler that leaves every request it is not
+# given to the handler), so that the lane hands each case back to the usual path unchanged.
+_LANE: dict[str, bool] = {"on": False}
+
+
+@pytest.fixture(autouse=True, params=["tasks", "lane"])
+def lane_or_not(request: pytest.FixtureRequest) -> None:
+    _LANE["on"] = request.param == "lane"
+
+
 async def start(nursery: trio.Nursery, handler: Handler, **options: Any) -> str:
+    if _LANE["on"]:
+        options = {"lean": True, "quick_handler": lambda request: None, **options, "lane": True}
     host, port = await nursery.start(partial(serve_http, handler, "127.0.0.1", 0, name="test", **options))
     return f"http://{host}:{port}"
 
