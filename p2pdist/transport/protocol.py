@@ -11,7 +11,7 @@ import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import cast
+from typing import Literal, cast
 from urllib.parse import parse_qsl, unquote
 
 import h11
@@ -196,6 +196,54 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+# A lean head as parsed: method, target, path, query (or the BadRequest its target makes),
+# headers, Content-Length; False if it is not one for the lean lane (h11 reads it).
+_LeanHead = tuple[str, str, str, dict[str, str] | BadRequest, dict[str, str], int]
+# Heads parsed, by their bytes (see _lean_next): up to this many, of up to this size each.
+LEAN_PARSED_KEPT = 1024
+LEAN_PARSED_HEAD_BYTES = 1024
+_LEAN_PARSED: dict[bytes, _LeanHead | Literal[False]] = {}
+
+
+def _parse_lean_head(raw: bytes) -> _LeanHead | Literal[False]:
+    """A request head without its blank line, if the lean lane takes it: a GET or POST of
+    HTTP/1.1 with a plain target, well-formed header lines, a Host, each header once, at
+    most a Content-Length for framing (up to LEAN_BODY_BYTES) and nothing that changes
+    framing or the connection."""
+    try:
+        head = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    request_line, crlf, lines = head.partition("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in LEAN_METHODS:
+        return False
+    method, target, _ = parts
+    if not _LEAN_TARGET.fullmatch(target):
+        return False
+    # Every header line checked in one match, then split in one pass (both at C speed):
+    # a line by line loop of regex calls was most of the cost of reading a request.
+    lines += crlf
+    if not _LEAN_HEADER_LINES.fullmatch(lines):
+        return False
+    pairs = _LEAN_HEADER_PAIRS.findall(lines)
+    headers = {name.lower(): value for name, value in pairs}
+    if len(headers) < len(pairs) or not _LEAN_REFUSED_HEADERS.isdisjoint(headers):
+        return False  # a repeated header, or one that changes framing or the connection
+    length = headers.get("content-length", "0")
+    if "host" not in headers or not length.isdigit() or int(length) > LEAN_BODY_BYTES:
+        return False
+    query: dict[str, str] | BadRequest
+    if "%" in target or "?" in target or "#" in target:
+        try:
+            path, query = parse_target(target)
+        except BadRequest as exc:
+            path, query = target, exc
+    else:
+        path, query = target, {}  # what parse_target makes of a plain path, without its work
+    return method, target, path, query, headers, int(length)
+
+
 class ServerProtocol:
     """One connection's requests and responses as bytes, with h11. The transport feeds it
     `receive_data`, asks `next_request`, and writes what `respond_*` return.
@@ -292,31 +340,22 @@ class ServerProtocol:
         end = buffer.find(b"\r\n\r\n", 0, LEAN_HEAD_BYTES)
         if end < 0 or end + 4 > self.max_header_bytes:
             return None
-        try:
-            head = buffer[:end].decode("ascii")
-        except UnicodeDecodeError:
+        # A daemon's calls repeat the same few heads (its path, host, types, secret, a length):
+        # what a head says is kept by its bytes, so most calls skip the parse. What a head
+        # says depends on nothing else, so a kept answer is the parse's answer.
+        key = buffer[:end]
+        head = _LEAN_PARSED.get(key)
+        if head is None:
+            head = _parse_lean_head(key)
+            if end <= LEAN_PARSED_HEAD_BYTES:
+                if len(_LEAN_PARSED) >= LEAN_PARSED_KEPT:
+                    _LEAN_PARSED.clear()
+                _LEAN_PARSED[key] = head
+        if head is False:
             return None
-        request_line, crlf, lines = head.partition("\r\n")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or parts[2] != "HTTP/1.1" or parts[0] not in LEAN_METHODS:
-            return None
-        method, target, _ = parts
-        if not _LEAN_TARGET.fullmatch(target):
-            return None
-        # Every header line checked in one match, then split in one pass (both at C speed):
-        # a line by line loop of regex calls was most of the cost of reading a request.
-        lines += crlf
-        if not _LEAN_HEADER_LINES.fullmatch(lines):
-            return None
-        pairs = _LEAN_HEADER_PAIRS.findall(lines)
-        headers = {name.lower(): value for name, value in pairs}
-        if len(headers) < len(pairs) or not _LEAN_REFUSED_HEADERS.isdisjoint(headers):
-            return None  # a repeated header, or one that changes framing or the connection
-        length = headers.get("content-length", "0")
-        if "host" not in headers or not length.isdigit() or int(length) > LEAN_BODY_BYTES:
-            return None
+        method, target, path, query, headers, length = head
         start = end + 4
-        stop = start + int(length)
+        stop = start + length
         if len(buffer) < stop:
             return None  # the body is still on its way: h11 reads it
         self._lean_buffer = buffer[stop:]
@@ -324,20 +363,15 @@ class ServerProtocol:
         self._lean_state = "head"
         self._method = method
         self._body_refused = False
-        if "%" in target or "?" in target or "#" in target:
-            try:
-                path, query = parse_target(target)
-            except BadRequest as exc:
-                return Answer(text_response(exc.status, str(exc)))
-        else:
-            path, query = target, {}  # what parse_target makes of a plain path, without its work
+        if isinstance(query, BadRequest):
+            return Answer(text_response(query.status, str(query)))
         return RequestReceived(
             Request(
                 method=method,
                 target=target,
                 path=path,
-                query=query,
-                headers=headers,
+                query=dict(query),
+                headers=dict(headers),
                 client=self.client,
                 _body=buffer[start:stop],
             )
