@@ -61,6 +61,10 @@ STEADY_SYNC_INTERVAL_S = 5.0  # nothing to ask: tell the scheduler what we hold 
 # scheduler offers others parents by what they hold now: about REPORT_SHARES syncs per download.
 REPORT_SHARES = 8
 SHORT_S = 1.0  # on average under half the concurrent pieces in flight this long: ask for parents
+# ...give or take this share of it, drawn at each answer: hosts that registered together (a
+# rollout) are all short of pieces together at first, and asked the scheduler for parents in
+# the same tenth of a second (850 of 1,000 hosts in 0.3 s, a second after the registrations).
+SHORT_JITTER = 0.25
 
 
 class BackToSourceReason(StrEnum):
@@ -191,6 +195,7 @@ class TaskMachine:
         self._tokens_at = now
         self._flight_area = 0.0  # integral of pieces in flight over time since _answered_at
         self._flight_at = now
+        self.short_s = SHORT_S  # SHORT_S with its jitter, drawn at each answer
 
     # -- state ----------------------------------------------------------------------------
 
@@ -226,7 +231,7 @@ class TaskMachine:
         - at once: to register again; while the blob's size is unknown; to report a bad or
           failed parent (and get another); when no parent is left, or every parent holds the
           whole blob yet nothing we lack; when a parent holds pieces whose digests we lack;
-        - when, at least SHORT_S after the last answer, fewer than half of `concurrent_pieces`
+        - when, at least SHORT_S (± SHORT_JITTER) after the last answer, fewer than half of `concurrent_pieces`
           were in flight on average since it, and pieces not in flight are left (its parents
           are busy, or hold nothing we lack; news from parents still downloading comes first);
         - else every STEADY_SYNC_INTERVAL_S, to tell what we hold.
@@ -260,7 +265,7 @@ class TaskMachine:
         # area + flying·(t - at) < half·(t - since)  <=>  t > (area - flying·at + half·since) / (half - flying)
         start = self._answered_at
         t = (self._flight_area - flying * self._flight_at + half * start) / (half - flying)
-        return max(start + SHORT_S, t)
+        return max(start + self.short_s, t)
 
     def _account(self, now: float) -> None:
         """Add the pieces in flight since the last call to the average's area."""
@@ -269,8 +274,11 @@ class TaskMachine:
             self._flight_at = now
 
     def _reset_average(self, now: float) -> None:
+        """A new answer (or failure): the average of pieces in flight starts again, and so does
+        SHORT_S, with a new jitter."""
         self._flight_area = 0.0
         self._flight_at = now
+        self.short_s = SHORT_S * (1.0 - SHORT_JITTER + 2.0 * SHORT_JITTER * self.rng.random())
 
     def _tokens_ready_at(self) -> float:
         return self._tokens_at + max(0.0, (1.0 - self._tokens) / SYNC_RATE_PER_S)

@@ -9,6 +9,7 @@ from p2pdist.config import PeerConfig
 from p2pdist.content.pieces import Bitmap, MiB
 from p2pdist.wire import Parent, SyncReply
 from peer.machine import (
+    SHORT_JITTER,
     SHORT_S,
     STEADY_SYNC_INTERVAL_S,
     SYNC_BURST,
@@ -102,16 +103,33 @@ def test_a_busy_child_with_parents_that_serve_it_syncs_only_to_report_progress()
 def test_a_child_short_of_pieces_in_flight_for_short_s_asks_for_parents() -> None:
     m = machine(parent("a", []), concurrent_pieces=8)
     assert m.poll(0.0) == []
-    # Nothing on offer: news from a parent still downloading gets SHORT_S first.
-    assert m.next_sync_at(0.0) == SHORT_S
+    # Nothing on offer: news from a parent still downloading gets SHORT_S (give or take) first.
+    short = m.short_s
+    assert SHORT_S * (1 - SHORT_JITTER) <= short <= SHORT_S * (1 + SHORT_JITTER)
+    assert m.next_sync_at(0.0) == short
     m.parent_news("a", 0b10, 0.5)
     assert len(m.poll(0.5)) == 1  # one of 8 in flight: still short
-    assert m.next_sync_at(0.5) == SHORT_S
+    assert m.next_sync_at(0.5) == short
     m.parent_news("a", WHOLE, 0.6)
     assert len(m.poll(0.6)) == 2  # a sole parent gets a few at a time
     m.sync_answered(m.take_report(0.7), running(*(parent(p) for p in "abcdefgh")), 0.7)
     assert len(m.poll(0.7)) == 5  # half or more in flight: no longer short
     assert m.next_sync_at(0.7) == 0.7 + STEADY_SYNC_INTERVAL_S
+
+
+def test_hosts_registered_together_do_not_all_ask_for_parents_in_the_same_instant() -> None:
+    """A rollout registers every host at once, and at first none has pieces in flight: each
+    asks for parents SHORT_S after its answer, give or take SHORT_JITTER, not all at 1.0 s."""
+    due = []
+    for seed in range(200):
+        m = TaskMachine(f"host-{seed}", Limits(peer_news=True), random.Random(seed), 0.0)
+        m.register_answered(running(parent("a", [])), 0.0)
+        m.store_opened(SIZE, 0, [])
+        assert m.poll(0.0) == []
+        due.append(m.next_sync_at(0.0))
+    assert min(due) >= SHORT_S * (1 - SHORT_JITTER) and max(due) <= SHORT_S * (1 + SHORT_JITTER)
+    in_a_tenth = max(sum(1 for u in due if t <= u < t + 0.1) for t in due)
+    assert in_a_tenth <= 60, f"{in_a_tenth} of 200 hosts ask within 0.1 s"
 
 
 def test_pieces_a_parent_offers_without_known_digests_make_a_sync_due() -> None:
