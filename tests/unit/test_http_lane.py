@@ -4,7 +4,9 @@ case it cannot finish handed back to the connection's own task with the same byt
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -66,6 +68,16 @@ class Served:
         return text_response(200, "slow " + (await request.body()).decode())
 
 
+@contextlib.asynccontextmanager
+async def parked(host: str, port: int) -> AsyncIterator[tuple[trio.SocketStream, bytearray]]:
+    """A connection whose first call was answered, so that it now waits in the lane."""
+    async with await trio.open_tcp_stream(host, port) as stream:
+        buffer = bytearray()
+        await stream.send_all(post("/echo", b"first"))
+        assert (await read_answer(stream, buffer))[1] == b"quick:first"
+        yield stream, buffer
+
+
 async def start(nursery: trio.Nursery, served: Served, **options: Any) -> tuple[str, int]:
     host, port = await nursery.start(
         partial(
@@ -118,10 +130,7 @@ async def test_pipelined_requests_in_one_write_are_all_answered_in_order(nursery
     with trio.fail_after(10):
         served = Served()
         host, port = await start(nursery, served)
-        async with await trio.open_tcp_stream(host, port) as stream:
-            buffer = bytearray()
-            await stream.send_all(post("/echo", b"first"))
-            assert (await read_answer(stream, buffer))[1] == b"quick:first"  # now parked
+        async with parked(host, port) as (stream, buffer):
             await stream.send_all(b"".join(post("/echo", b"%d" % n) for n in range(50)) + post("/slow", b"x"))
             for n in range(50):
                 assert (await read_answer(stream, buffer))[1] == b"quick:%d" % n
@@ -136,10 +145,7 @@ async def test_an_answer_bigger_than_the_socket_buffer_is_finished_by_the_connec
     with trio.fail_after(10):
         served = Served()
         host, port = await start(nursery, served)
-        async with await trio.open_tcp_stream(host, port) as stream:
-            buffer = bytearray()
-            await stream.send_all(post("/echo", b"1"))
-            await read_answer(stream, buffer)
+        async with parked(host, port) as (stream, buffer):
             await stream.send_all(post("/big"))
             await trio.sleep(0.1)  # the lane writes what fits, and hands the rest over
             head, body = await read_answer(stream, buffer)
@@ -152,10 +158,7 @@ async def test_a_head_split_across_writes_is_read_on_by_the_connections_task(nur
     with trio.fail_after(10):
         served = Served()
         host, port = await start(nursery, served)
-        async with await trio.open_tcp_stream(host, port) as stream:
-            buffer = bytearray()
-            await stream.send_all(post("/echo", b"1"))
-            await read_answer(stream, buffer)
+        async with parked(host, port) as (stream, buffer):
             whole = post("/echo", b"split")
             await stream.send_all(whole[:10])
             await trio.sleep(0.05)
@@ -170,10 +173,7 @@ async def test_a_trickled_head_on_a_parked_connection_still_gets_408(nursery: tr
     with trio.fail_after(10):
         served = Served()
         host, port = await start(nursery, served, head_timeout_s=0.3)
-        async with await trio.open_tcp_stream(host, port) as stream:
-            buffer = bytearray()
-            await stream.send_all(post("/echo", b"1"))
-            await read_answer(stream, buffer)
+        async with parked(host, port) as (stream, buffer):
             await stream.send_all(b"POST /echo HTTP/1.1\r\nHo")
             head, _ = await read_answer(stream, buffer)
             assert head.startswith("HTTP/1.1 408 ")
@@ -183,10 +183,7 @@ async def test_garbage_on_a_parked_connection_gets_a_400_and_the_server_serves_o
     with trio.fail_after(10):
         served = Served()
         host, port = await start(nursery, served)
-        async with await trio.open_tcp_stream(host, port) as stream:
-            buffer = bytearray()
-            await stream.send_all(post("/echo", b"1"))
-            await read_answer(stream, buffer)
+        async with parked(host, port) as (stream, buffer):
             await stream.send_all(b"\x00\x01 not http at all\r\n\r\n")
             head, _ = await read_answer(stream, buffer)
             assert head.startswith("HTTP/1.1 400 ")
@@ -232,10 +229,7 @@ async def test_while_draining_a_parked_connection_gets_503_from_the_usual_path(n
             host, port = await start(nursery, served)
         finally:
             CURRENT.reset(token)
-        async with await trio.open_tcp_stream(host, port) as stream:
-            buffer = bytearray()
-            await stream.send_all(post("/echo", b"1"))
-            assert (await read_answer(stream, buffer))[1] == b"quick:1"
+        async with parked(host, port) as (stream, buffer):
             drain.draining = True
             await stream.send_all(post("/echo", b"2"))
             head, body = await read_answer(stream, buffer)
