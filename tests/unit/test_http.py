@@ -40,6 +40,11 @@ def lane_or_not(request: pytest.FixtureRequest) -> None:
     _LANE["on"] = request.param == "lane"
 
 
+# For the slow cases with one request per connection: a connection joins the lane only after
+# its first answer, so they would run the same code twice.
+one_request_per_connection = pytest.mark.parametrize("lane_or_not", ["tasks"], indirect=True)
+
+
 async def start(nursery: trio.Nursery, handler: Handler, **options: Any) -> str:
     if _LANE["on"]:
         options = {"lean": True, "quick_handler": lambda request: None, **options, "lane": True}
@@ -357,6 +362,7 @@ async def test_body_iterator_failing_midway_truncates_the_response(
         assert any("disk vanished" in str(error) for error in errors)
 
 
+@one_request_per_connection
 async def test_client_leaving_mid_response_is_cleaned_up_quietly(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -392,6 +398,7 @@ async def test_client_leaving_mid_response_is_cleaned_up_quietly(
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+@one_request_per_connection
 async def test_client_that_stops_reading_a_file_body_is_dropped_after_the_request_timeout(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -421,6 +428,7 @@ async def test_client_that_stops_reading_a_file_body_is_dropped_after_the_reques
         assert response.status_code == 200 and len(response.content) == 32 * MiB
 
 
+@one_request_per_connection
 async def test_upload_bucket_limits_file_throughput(nursery: trio.Nursery, blob: tuple[Path, bytes]) -> None:
     with trio.fail_after(10):
         path, data = blob
@@ -458,6 +466,7 @@ async def test_cancelling_the_server_closes_idle_connections_promptly() -> None:
                 await client.get(f"{url}/")
 
 
+@one_request_per_connection
 async def test_a_trickled_request_head_gets_408_after_the_head_timeout_even_with_a_long_handler_budget(
     nursery: trio.Nursery,
 ) -> None:
