@@ -98,7 +98,6 @@ class Lane:
         # How often idle connections are looked for: often enough that none outstays its
         # timeout by more than a quarter of it, or a second.
         self._sweep_every = min(1.0, idle_timeout_s / 4)
-        self.served = 0  # requests answered in the lane (for tests and curiosity)
 
     async def run(self) -> None:
         """Serve the parked connections until cancelled."""
@@ -199,8 +198,5 @@ class Lane:
             except OSError as exc:
                 protocol.response_failed()
                 return Gone(exc.strerror or type(exc).__name__)
-            self.served += 1
-            if rest or protocol.must_close or not protocol.response_complete:
-                return Answered(response, rest)
-            if protocol.discard_body() is not True or not protocol.start_next_cycle():
-                return Answered(response, b"")  # the task's end of cycle decides
+            if rest or connection._next_cycle_now() is not True:
+                return Answered(response, rest)  # the rest, and the end of the cycle, are the task's

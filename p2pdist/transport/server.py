@@ -388,30 +388,32 @@ class _Connection:
         """Send a quick answer: with the lean lane and a bytes body, framed whole and written
         at once; only what does not fit the socket buffer waits (counted by the drain)."""
         data = self.protocol.lean_answer(response)
-        counted = drain.request() if drain is not None else contextlib.nullcontext()
         if data is None:
-            with counted:
+            with drain.request() if drain is not None else contextlib.nullcontext():
                 await self._send_response(response)
             return
         try:
             rest = self._write_now(data)
-            if rest:
-                with counted:
-                    await self._send_bytes(rest)
         except BaseException:
             self.protocol.response_failed()
             raise
+        await self._send_rest(rest, drain)
 
     async def _finish_quick(self, answered: Answered, drain: Drain | None) -> None:
         """The end of a quick answer the lane began: the rest of it, or all of it."""
         if answered.rest is None:
             await self._send_quick(answered.response, drain)
-            return
-        if not answered.rest:
+        else:
+            await self._send_rest(answered.rest, drain)
+
+    async def _send_rest(self, rest: bytes, drain: Drain | None) -> None:
+        """What of a quick answer did not fit the socket buffer, waiting as it must (counted
+        by the drain)."""
+        if not rest:
             return
         try:
             with drain.request() if drain is not None else contextlib.nullcontext():
-                await self._send_bytes(answered.rest)
+                await self._send_bytes(rest)
         except BaseException:
             self.protocol.response_failed()
             raise
@@ -480,18 +482,30 @@ class _Connection:
         assert isinstance(body, bytes)
         return body
 
+    def _next_cycle_now(self) -> bool | None:
+        """`_finish_cycle` when nothing in it waits (the lane asks this too): True once ready
+        for the next request, False if the connection can only be dropped, None if the rest
+        must wait (a graceful close, or a request body still arriving)."""
+        protocol = self.protocol
+        if protocol.must_close:
+            return None
+        if not protocol.response_complete:
+            return False  # the response was cut short, just drop the connection
+        drained = protocol.discard_body()  # nearly always all there
+        if drained is NEED_DATA:
+            return None
+        return bool(drained) and protocol.start_next_cycle()
+
     async def _finish_cycle(self) -> bool:
         """After a response: drain what is left of the request and get ready for the next."""
+        if (ready := self._next_cycle_now()) is not None:
+            return ready
         if self.protocol.must_close:
             await self._close_gracefully()
             return False
-        if not self.protocol.response_complete:
-            return False  # the response was cut short, just drop the connection
-        drained = self.protocol.discard_body()  # nearly always all there: no deadline needed
-        if drained is NEED_DATA:
-            with trio.fail_after(self.server.request_timeout_s):
-                while (drained := self.protocol.discard_body()) is NEED_DATA:
-                    self.protocol.receive_data(await self._receive())
+        with trio.fail_after(self.server.request_timeout_s):
+            while (drained := self.protocol.discard_body()) is NEED_DATA:
+                self.protocol.receive_data(await self._receive())
         return bool(drained) and self.protocol.start_next_cycle()
 
     # --- responses ------------------------------------------------------------------------
