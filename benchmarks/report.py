@@ -40,10 +40,29 @@ def summarize(completion_s: Sequence[float], origin_bytes: int) -> dict[str, Any
     }
 
 
+def _user_system(stat: Path) -> tuple[float, float]:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(_user_system(Path(f"/proc/{pid}/stat")))
+
+
+def cpu_by_thread(pid: int) -> dict[str, float]:
+    """A process's CPU time so far, user and system, split between its main thread (a daemon's
+    event loop) and all its other threads together, those that have exited included (the
+    kernel adds a thread's time to its process when it ends)."""
+    user, system = _user_system(Path(f"/proc/{pid}/stat"))
+    loop_user, loop_system = _user_system(Path(f"/proc/{pid}/task/{pid}/stat"))
+    return {
+        "event_loop_user": loop_user,
+        "event_loop_system": loop_system,
+        "workers_user": max(0.0, user - loop_user),
+        "workers_system": max(0.0, system - loop_system),
+    }
 
 
 def lower_bound_s(peers: int, blob_bytes: int, origin_bps: float, upload_bps: float, download_bps: float) -> float:

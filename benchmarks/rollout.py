@@ -44,7 +44,14 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import trio
 
-from benchmarks.report import cpu_seconds, lower_bound_s, preheated_lower_bound_s, summarize, write_results
+from benchmarks.report import (
+    cpu_by_thread,
+    cpu_seconds,
+    lower_bound_s,
+    preheated_lower_bound_s,
+    summarize,
+    write_results,
+)
 from lab.attest import attest_args
 from lab.image import ImageInfo, make_oci_layout, push_image
 from lab.procs import RelayProcess, Service, start_peer, start_scheduler, start_seed
@@ -239,6 +246,19 @@ class Killer:
         self._timer.cancel()
 
 
+def _peers_by_thread(before: dict[int, dict[str, float]], gone: set[int]) -> dict[str, float]:
+    """The peers' CPU seconds since `before`, summed over the peers still running and split by
+    thread (benchmarks.report.cpu_by_thread): the event loops' per-request Python against the
+    worker threads' receiving, hashing and page-cache writes."""
+    total = dict.fromkeys(next(iter(before.values()), {}), 0.0)
+    for pid, then in before.items():
+        if pid in gone:
+            continue
+        for key, value in cpu_by_thread(pid).items():
+            total[key] += value - then[key]
+    return {key: round(value, 1) for key, value in total.items()}
+
+
 def _origin_bytes(seed: Service) -> float:
     if seed.poll() is not None:
         return -1.0
@@ -351,6 +371,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         elif args.kill == "seed":
             killer = Killer(args.kill_at, lambda: max(seeds, key=_origin_bytes))
         cpu_before = {pid: cpu_seconds(pid) for pids in roles.values() for pid in pids}
+        peers_before = {p.pid: cpu_by_thread(p.pid) for p in peers}
         harness_before = time.process_time()
         with ExitStack() as sampling:
             sampler = None
@@ -369,8 +390,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for role, pids in roles.items()
         }
         cpu["clients"] = round(time.process_time() - harness_before, 1)
+        peer_threads = _peers_by_thread(peers_before, gone)
         p2p_origin = relay.downstream_bytes() - before
         log("p2p CPU seconds by role: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
+        log(
+            f"peers' CPU seconds by thread: event loops {peer_threads['event_loop_user']} user + "
+            f"{peer_threads['event_loop_system']} system, worker threads {peer_threads['workers_user']} user + "
+            f"{peer_threads['workers_system']} system"
+        )
         detail = scrape([*(s for s in seeds if s.poll() is None), *peers])
         attested = sum(detail[p.name].get('blob_checks_total{how="attested"}', 0.0) for p in peers)
         hashed = sum(detail[p.name].get('blob_checks_total{how="hashed"}', 0.0) for p in peers)
@@ -415,6 +442,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "verify_once": args.verify_once,
         **({"killed": killer.killed | {"kind": args.kill}} if killer is not None and killer.killed else {}),
         "p2p_cpu_s": cpu,
+        "p2p_peer_cpu_by_thread_s": peer_threads,
         **({"preheat": preheated} if preheated else {}),
         **(
             {"p2p_upload_utilization": sampler.utilization(), "p2p_upload_samples": sampler.samples}

@@ -56,5 +56,11 @@ def test_small_rollout_writes_results_and_every_blob_is_right(tmp_path: Path) ->
     attested = sum(v.get('blob_checks_total{how="attested"}', 0) for v in peers)
     hashed = sum(v.get('blob_checks_total{how="hashed"}', 0) for v in peers)
     assert attested + hashed == 3 * 2 and attested >= 1, (attested, hashed)
+    # The peers' CPU split by thread covers the same processes and phase as their role total
+    # (each figure rounded to 0.1 s).
+    by_thread = result["p2p_peer_cpu_by_thread_s"]
+    assert set(by_thread) == {"event_loop_user", "event_loop_system", "workers_user", "workers_system"}
+    assert all(v >= 0 for v in by_thread.values())
+    assert abs(sum(by_thread.values()) - result["p2p_cpu_s"]["peers"]) <= 0.25, by_thread
     assert (out / "report.md").read_text().startswith("# Rollout")
     assert (out / "cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
