@@ -16,12 +16,17 @@ import pytest
 from lab.faultrelay import FaultPlan, FaultRelayProcess
 from lab.registry import Origin
 from p2pdist.content.digest import digest_hex
+from p2pdist.content.pieces import DEFAULT_MIN_PIECE_SIZE, piece_size_for
 from tests.support.cluster import Cluster, ClusterFactory, MiB, sha256_file, wait_until
 from tests.support.fakepeer import FakePeer
 from tests.support.metrics import metric
 from tests.support.origin import PushToOrigin
 
-PIECE = 4 * MiB  # the piece size of every blob below (small blobs get the 4 MiB minimum)
+# The piece size of every blob below: the rule's floor, which blobs this small get (2 MiB since
+# the scheduler's min_piece_bytes default; a resume checked against 4 MiB failed whenever it
+# landed on an odd 2 MiB boundary).
+PIECE = piece_size_for(32 * MiB)
+assert PIECE == piece_size_for(8 * MiB) == DEFAULT_MIN_PIECE_SIZE
 
 
 def resumed_at(range_header: str, *, at_most: int) -> int:
