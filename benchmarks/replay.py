@@ -173,9 +173,9 @@ class ReplayResult:
         return "\n".join(lines)
 
 
-def _request_bytes(host: str, extra_headers: str, record: TraceRecord) -> bytes:
-    head = f"POST {record.path} HTTP/1.1\r\nhost: {host}\r\n{extra_headers}content-length: {len(record.body)}\r\n\r\n"
-    return head.encode() + record.body
+def _request_bytes(host: str, extra_headers: str, path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n{extra_headers}content-length: {len(body)}\r\n\r\n"
+    return head.encode() + body
 
 
 def _answer(buffered: bytearray) -> int | None:
@@ -299,17 +299,9 @@ class _HostConnection:
     async def post(self, path: str, body: bytes) -> int:
         if self.stream is None:
             self.stream = await trio.open_tcp_stream(self.host, self.port)
-        head = f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\n{self.extra}content-length: {len(body)}\r\n\r\n"
-        await self.stream.send_all(head.encode() + body)
-        while (end := self.buffered.find(b"\r\n\r\n")) < 0:
+        await self.stream.send_all(_request_bytes(self.host, self.extra, path, body))
+        while (status := _answer(self.buffered)) is None:
             await self._more()
-        lines = bytes(self.buffered[:end]).decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        length = next(int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:"))
-        del self.buffered[: end + 4]
-        while len(self.buffered) < length:
-            await self._more()
-        del self.buffered[:length]
         return status
 
     async def _more(self) -> None:
@@ -386,7 +378,8 @@ async def send_trace(
                 connection.stream = await trio.open_tcp_stream(host, port)
             sockets[host_id] = socket.socket(fileno=os.dup(connection.stream.socket.fileno()))
         requests = {
-            host_id: [_request_bytes(host, extra, sent.record) for sent in sents] for host_id, sents in per_host.items()
+            host_id: [_request_bytes(host, extra, sent.record.path, sent.record.body) for sent in sents]
+            for host_id, sents in per_host.items()
         }
         before = cpu_seconds(scheduler_pid)
         try:

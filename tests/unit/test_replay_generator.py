@@ -46,7 +46,10 @@ def test_every_request_is_sent_in_its_hosts_order_after_its_time_and_answered() 
         h: [Sent(TraceRecord(t, h, "sync", "/v1/tasks/sync", b"x" * 10), scheduled_s=t) for t in (0.0, 0.0, 0.02, 0.05)]
         for h in hosts
     }
-    requests = {h: [_request_bytes("127.0.0.1", "", s.record) for s in sents] for h, sents in per_host.items()}
+    requests = {
+        h: [_request_bytes("127.0.0.1", "", s.record.path, s.record.body) for s in sents]
+        for h, sents in per_host.items()
+    }
     try:
         wall = _drive(sockets, per_host, requests, address)
     finally:
